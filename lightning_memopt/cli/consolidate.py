@@ -1,0 +1,27 @@
+"""``lightning-memopt consolidate CKPT_DIR OUT.pt``: one fp32 state dict from a sharded DeepSpeed checkpoint."""
+
+import argparse
+
+__all__ = ["add_parser", "run_consolidate"]
+
+
+def add_parser(subparsers: "argparse._SubParsersAction") -> None:
+    """Register the ``consolidate`` subcommand."""
+    parser = subparsers.add_parser(
+        "consolidate",
+        help="merge a MemOptStrategy checkpoint directory into one fp32 state-dict file",
+        description="Merge the per-rank shards of a MemOptStrategy (DeepSpeed) checkpoint directory into one file "
+        "whose `state_dict` holds fp32 weights; load it with `LightningModule.load_from_checkpoint(OUT)`.",
+    )
+    parser.add_argument("checkpoint_dir", help="the checkpoint path the run saved (a directory)")
+    parser.add_argument("output_file", help="where to write the consolidated checkpoint, e.g. model.pt")
+    parser.set_defaults(handler=run_consolidate)
+
+
+def run_consolidate(args: argparse.Namespace) -> int:
+    """Consolidate and report the number of tensors written."""
+    from lightning_memopt.utilities.consolidate import consolidate_checkpoint
+
+    checkpoint = consolidate_checkpoint(args.checkpoint_dir, args.output_file)
+    print(f"wrote {len(checkpoint['state_dict'])} fp32 tensors to {args.output_file}")
+    return 0

@@ -1,0 +1,246 @@
+"""``estimate_memory``: the per-rank memory of one training step, before the run."""
+
+from typing import Any
+
+from lightning_memopt.predictor.activations import ATTENTIONS, Activations, activation_bytes, describe
+from lightning_memopt.predictor.estimate import MemoryEstimate
+from lightning_memopt.predictor.model_spec import ModelSpec, resolve_model
+from lightning_memopt.predictor.model_states import ENGINES, EngineMemory, Phase, engine_memory, resolve_optimizer
+from lightning_memopt.predictor.precision import Precision, resolve_precision
+
+METHODS = ("analytic", "trace")
+_OFFLOAD = (False, "cpu", "nvme")
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Expected `{name}` to be a positive int, got {value!r}.")
+    return value
+
+
+def _offload(name: str, value: Any) -> "bool | str":
+    if value is True:
+        return "cpu"
+    if value in (None, False):
+        return False
+    if isinstance(value, str) and value.lower() in ("cpu", "nvme"):
+        return value.lower()
+    raise ValueError(f"Expected `{name}` to be False, 'cpu' or 'nvme', got {value!r}.")
+
+
+def _validate(zero: Any, engine: str, method: str, attention: str, offload_opt: Any, offload_par: Any,
+              deepspeed_config: Any) -> None:
+    if isinstance(zero, bool) or not isinstance(zero, int) or not 0 <= zero <= 3:
+        raise ValueError(f"Expected `zero` (the ZeRO stage) in 0..3, got {zero!r}.")
+    if engine not in ENGINES:
+        raise ValueError(f"Expected `engine` in {ENGINES}, got {engine!r}.")
+    if method not in METHODS:
+        raise ValueError(f"Expected `method` in {METHODS}, got {method!r}.")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"Expected `attention` in {ATTENTIONS}, got {attention!r}. Fix: e.g. attention='sdpa'.")
+    if engine == "torch" and (zero or offload_opt or offload_par):
+        raise ValueError(
+            f"Expected zero=0 and no offload with engine='torch' (plain Lightning), got zero={zero},"
+            f" offload_optimizer={offload_opt!r}, offload_parameters={offload_par!r}. Fix: use engine='deepspeed'."
+        )
+    if offload_opt and zero == 0:
+        raise ValueError("Expected zero >= 1 with `offload_optimizer` (DeepSpeed offloads ZeRO partitions). Fix: zero=1..3.")
+    if offload_par and zero != 3:
+        raise ValueError(f"Expected zero=3 with `offload_parameters` (ZeRO-Infinity), got zero={zero}.")
+    if deepspeed_config is not None:
+        if not isinstance(deepspeed_config, dict):
+            raise TypeError(f"Expected `deepspeed_config` to be a dict, got {type(deepspeed_config).__name__}.")
+        stage = (deepspeed_config.get("zero_optimization") or {}).get("stage")
+        if stage is not None and stage != zero:
+            raise ValueError(f"Expected deepspeed_config's zero_optimization.stage ({stage}) to equal zero={zero}.")
+
+
+def estimate_memory(
+    model: Any,
+    *,
+    world_size: int = 1,
+    zero: int = 0,
+    micro_batch_size: int = 1,
+    seq_len: "int | None" = None,
+    precision: "str | int" = "bf16-mixed",
+    optimizer: str = "adamw",
+    offload_optimizer: "bool | str" = False,
+    offload_parameters: "bool | str" = False,
+    activation_checkpointing: "bool | float | int" = False,
+    attention: str = "sdpa",
+    liger: "bool | dict[str, bool]" = False,
+    engine: str = "deepspeed",
+    method: str = "analytic",
+    deepspeed_config: "dict[str, Any] | None" = None,
+    example_batch: Any = None,
+) -> MemoryEstimate:
+    """Predict one rank's peak memory of a training step (forward, backward, optimizer step).
+
+    The peak is the largest of the step's moments: the start of backward (model states + gathered ZeRO-3
+    parameters + all saved activations + the loss' gradients), each block's backward (fewer activations, more
+    gradients), the gradient reduction at the end of backward (ZeRO 0/1) and the optimizer step (fp32 gradients and
+    the optimizer's temporaries). The six categories are those of the winning moment.
+
+    Args:
+        model: preset name, Hugging Face config (object, dict, ``config.json`` path), ``nn.Module`` or parameter
+            count (``8e9``, ``"8B"``: model states only, activations 0).
+        world_size: data-parallel ranks.
+        zero: ZeRO stage 0-3 (``engine="deepspeed"``/``"zero-paper"``).
+        micro_batch_size: samples per forward/backward.
+        seq_len: tokens per sample (default: the config's ``max_position_embeddings``).
+        precision: Lightning precision name.
+        optimizer: ``adamw``/``adam`` (torch single-tensor path, the CPU default), ``*-foreach`` (CUDA default),
+            ``*-fused``, ``sgd``, ``sgd-momentum``.
+        offload_optimizer: False, ``"cpu"`` or ``"nvme"`` (ZeRO-Offload / ZeRO-Infinity).
+        offload_parameters: False, ``"cpu"`` or ``"nvme"`` (ZeRO-3 only).
+        activation_checkpointing: bool, a fraction of blocks in (0, 1], or a number of blocks.
+        attention: ``sdpa``, ``eager``, ``flash_attention_2`` or ``flex_attention``.
+        liger: bool or a dict of Liger kernel switches (rms_norm, rope, swiglu, cross_entropy,
+            fused_linear_cross_entropy).
+        engine: ``"deepspeed"`` (what DeepSpeed 0.19.8 allocates), ``"torch"`` (plain Lightning: single device or
+            DDP) or ``"zero-paper"`` (the ZeRO paper's 2 + 2 + K accounting, Figure 1).
+        method: ``"analytic"`` or ``"trace"`` (fake-tensor step of ``model``, an ``nn.Module``, on
+            ``example_batch``).
+        deepspeed_config: the DeepSpeed config the strategy uses (bucket sizes, thresholds).
+        example_batch: one micro-batch for ``method="trace"``.
+
+    Raises:
+        ValueError / TypeError: for any invalid argument, with the fix.
+
+    Example:
+        >>> est = estimate_memory("7.5e9", world_size=64, zero=1, precision="16-mixed", engine="zero-paper")
+        >>> round(est.model_states / 1e9, 1)
+        31.4
+        >>> est = estimate_memory("llama-3-8b", world_size=8, zero=3, micro_batch_size=1, seq_len=4096)
+        >>> est.fits("80GiB", margin=0.1)
+        True
+    """
+    world_size = _positive_int("world_size", world_size)
+    micro_batch_size = _positive_int("micro_batch_size", micro_batch_size)
+    if seq_len is not None:
+        seq_len = _positive_int("seq_len", seq_len)
+    offload_opt = _offload("offload_optimizer", offload_optimizer)
+    offload_par = _offload("offload_parameters", offload_parameters)
+    _validate(zero, engine, method, attention, offload_opt, offload_par, deepspeed_config)
+    prec = resolve_precision(precision)
+    resolve_optimizer(optimizer)
+    spec = resolve_model(model)
+    if method == "trace" and example_batch is None:
+        raise ValueError("Expected `example_batch` with method='trace'. Fix: pass one micro-batch of the real inputs.")
+    if method == "trace" and not _is_module(model):
+        raise TypeError(f"Expected an nn.Module with method='trace', got {type(model).__name__}.")
+    if seq_len is None:
+        seq_len = spec.max_position_embeddings or 2048
+    em = engine_memory(
+        spec, world_size=world_size, zero=zero, precision=prec, optimizer=optimizer,
+        offload_optimizer=offload_opt, offload_parameters=offload_par, engine=engine,
+        deepspeed_config=deepspeed_config,
+    )
+    details: "dict[str, Any]" = {
+        "model": spec.name, "num_parameters": spec.num_parameters, "world_size": world_size, "zero": zero,
+        "precision": prec.name, "engine": engine, "method": method, "seq_len": seq_len,
+        "micro_batch_size": micro_batch_size, **em.details,
+    }
+    if em.nvme_offloaded:
+        details["nvme_offloaded"] = em.nvme_offloaded
+    act_engine = "deepspeed" if engine == "zero-paper" else engine
+    half_copies = _half_copies(spec, prec, act_engine)
+    if method == "trace":
+        from lightning_memopt.predictor.trace import trace_step
+
+        res = trace_step(model, example_batch, prec, engine=act_engine,
+                         activation_checkpointing=activation_checkpointing, attention=attention)
+        b = prec.param_bytes(act_engine)
+        timeline = [(live, g // b, live if g == 0 and i <= res.forward_end + 50 else 0)
+                    for i, (live, g) in enumerate(zip(res.live, res.grads))]
+        logits_cap = 3 * res.logits_bytes
+        timeline = [(live, g, min(live, logits_cap) if g == 0 else 0) for live, g, _ in timeline]
+        half_copies = 0  # autocast's copies are live tensors of the trace
+        details.update(saved_bytes=res.saved_bytes, logits_bytes=res.logits_bytes)
+    elif spec.has_structure:
+        act = activation_bytes(spec, micro_batch_size=micro_batch_size, seq_len=seq_len,
+                               compute_bytes=prec.compute_bytes, attention=attention,
+                               activation_checkpointing=activation_checkpointing, liger=liger)
+        timeline = _analytic_timeline(spec, act)
+        details.update(describe(act))
+    else:
+        timeline = [(0, 0, 0)]
+        details["activations"] = "not estimated: the model is a parameter count (model states only)"
+    phases = _phases(em, timeline, half_copies)
+    best = max(phases, key=lambda p: p[0].total + p[1] + p[2])
+    phase, act_bytes, logit_bytes = best
+    details["peak_phase"] = phase.name
+    details["phases"] = {p.name: p.total + a + lg for p, a, lg in phases}
+    return MemoryEstimate(
+        parameters=int(phase.parameters),
+        gradients=int(phase.gradients),
+        optimizer_states=int(phase.optimizer_states),
+        activations=int(act_bytes),
+        logits=int(logit_bytes),
+        buffers=int(phase.buffers),
+        total=int(phase.total + act_bytes + logit_bytes),
+        cpu_offloaded=int(em.cpu_offloaded),
+        details=details,
+    )
+
+
+def _is_module(model: Any) -> bool:
+    from torch import nn
+
+    return isinstance(model, nn.Module)
+
+
+def _half_copies(spec: ModelSpec, prec: Precision, engine: str) -> int:
+    """Autocast's half-precision copies of the matmul weights (plain torch ``*-mixed``), live into backward."""
+    if engine != "torch" or not prec.mixed:
+        return 0
+    if not spec.module_params:
+        return prec.compute_bytes * spec.num_parameters
+    total = 0
+    for name, numels in spec.module_params:
+        low = name.lower()
+        if "norm" in low or low.split(".")[-1].startswith("ln"):
+            continue
+        if any(key in low for key in ("embed", "wte", "wpe")) and not spec.tied_embeddings:
+            continue
+        total += sum(numels)
+    return prec.compute_bytes * total
+
+
+def _analytic_timeline(spec: ModelSpec, act: Activations) -> "list[tuple[int, int, int]]":
+    """(activation bytes, gradient elements produced, of which logits bytes) through backward."""
+    modules = spec.module_params
+    per_layer = [0] * spec.num_layers
+    head = 0
+    for name, numels in modules:
+        parts = name.split(".")
+        idx = next((int(p) for p in parts if p.isdigit()), None)
+        if idx is not None and idx < spec.num_layers:
+            per_layer[idx] += sum(numels)
+        elif not any(key in name for key in ("embed", "wte", "wpe")):
+            head += sum(numels)
+    out = []
+    for live, block in act.backward_timeline():
+        if block < 0:
+            out.append((live, 0, act.logits + act.logits_backward))
+        else:
+            out.append((live, head + sum(per_layer[block + 1:]), 0))
+    out.append((act.saved - act.logits, 0, 0))  # end of forward
+    return out
+
+
+def _phases(em: EngineMemory, timeline: "list[tuple[int, int, int]]", half: int) -> "list[tuple[Phase, int, int]]":
+    """Every moment as (model-state phase, activation bytes, logits bytes)."""
+    base = em.base
+    out = []
+    best = None
+    for live, grads, logits in timeline:
+        g, buf = em.backward_extra(grads)
+        phase = Phase("backward", base.parameters + em.gathered + half, base.gradients + g, base.optimizer_states,
+                      base.buffers + buf)
+        item = (phase, live - logits, logits)
+        if best is None or phase.total + live > best[0].total + best[1] + best[2]:
+            best = item
+    out.append(best)
+    out.extend((p, 0, 0) for p in em.phases)
+    return out

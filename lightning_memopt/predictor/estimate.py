@@ -1,0 +1,109 @@
+"""The predictor's output: per-rank bytes by category, with a table for people and a dict for machines."""
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from lightning_memopt.utilities.units import format_bytes, parse_bytes
+
+#: Categories that add up to the predicted peak, in table order.
+CATEGORIES = ("parameters", "gradients", "optimizer_states", "activations", "logits", "buffers")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted memory of one rank, in bytes.
+
+    The six categories are the components *at the predicted peak* (the moment of the step where the rank's
+    accelerator memory is highest), so they add up to ``total``. ``cpu_offloaded`` is host memory taken by
+    offloaded model states (not part of ``total``). ``details`` holds the inputs and intermediate numbers
+    (e.g. the phase of the peak, bytes per parameter) for the curious and for debugging.
+
+    Attributes:
+        parameters: parameter bytes on the device (all copies the engine keeps on it: half-precision working
+            copy, fp32 master where it lives on the device, gathered ZeRO-3 parameters are in ``buffers``).
+        gradients: gradient bytes on the device at the peak.
+        optimizer_states: optimizer state bytes on the device (Adam's m and v, ...).
+        activations: bytes saved for backward (and recomputed during backward under checkpointing).
+        logits: logits, their fp32 upcast and the loss' intermediates.
+        buffers: communication buckets, gathered ZeRO-3 parameters, optimizer-step temporaries.
+        total: the predicted peak.
+        cpu_offloaded: host bytes of offloaded parameters / optimizer states.
+        details: free-form extra information (JSON-serialisable).
+
+    Example:
+        >>> est = MemoryEstimate(parameters=2, gradients=2, optimizer_states=12, activations=4, logits=0,
+        ...                      buffers=0, total=20)
+        >>> est.fits("1KiB")
+        True
+        >>> est.to_dict()["total"]
+        20
+    """
+
+    parameters: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    logits: int
+    buffers: int
+    total: int
+    cpu_offloaded: int = 0
+    details: "dict[str, Any] | None" = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.name == "details":
+                continue
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"Expected `{f.name}` to be a non-negative int of bytes, got {value!r}.")
+        parts = sum(getattr(self, name) for name in CATEGORIES)
+        if self.total < parts:
+            raise ValueError(f"Expected `total` >= the sum of the categories ({parts}), got {self.total}.")
+
+    @property
+    def model_states(self) -> int:
+        """Parameters + gradients + optimizer states (the ZeRO paper's "model states")."""
+        return self.parameters + self.gradients + self.optimizer_states
+
+    def fits(self, device_bytes: "int | float | str", margin: float = 0.0) -> bool:
+        """Whether the predicted peak fits in ``device_bytes`` with a relative ``margin`` kept free.
+
+        Args:
+            device_bytes: the device's memory (bytes, or a string like ``"80GiB"``).
+            margin: fraction of the device kept free, in [0, 1).
+        """
+        if not 0.0 <= margin < 1.0:
+            raise ValueError(f"Expected `margin` in [0, 1), got {margin!r}.")
+        return self.total <= parse_bytes(device_bytes) * (1.0 - margin)
+
+    def to_dict(self) -> "dict[str, Any]":
+        """All fields as a JSON-serialisable dict (bytes as ints)."""
+        return asdict(self)
+
+    def table(self, unit: str = "GiB") -> str:
+        """A per-category breakdown like the lecture's table.
+
+        Example:
+            >>> print(MemoryEstimate(parameters=2**30, gradients=2**30, optimizer_states=0, activations=0,
+            ...                      logits=0, buffers=0, total=2**31).table())
+            category          |     memory | share
+            ------------------+------------+------
+            parameters        |   1.00 GiB |  50 %
+            gradients         |   1.00 GiB |  50 %
+            optimizer_states  |   0.00 GiB |   0 %
+            activations       |   0.00 GiB |   0 %
+            logits            |   0.00 GiB |   0 %
+            buffers           |   0.00 GiB |   0 %
+            ------------------+------------+------
+            total (peak)      |   2.00 GiB | 100 %
+        """
+        rows = ["category          |     memory | share", "------------------+------------+------"]
+        for name in CATEGORIES:
+            value = getattr(self, name)
+            share = 100 * value / self.total if self.total else 0.0
+            rows.append(f"{name:<18}| {format_bytes(value, unit):>10} | {share:3.0f} %")
+        rows.append("------------------+------------+------")
+        rows.append(f"{'total (peak)':<18}| {format_bytes(self.total, unit):>10} | 100 %")
+        if self.cpu_offloaded:
+            rows.append(f"{'cpu offloaded':<18}| {format_bytes(self.cpu_offloaded, unit):>10} |")
+        return "\n".join(rows)

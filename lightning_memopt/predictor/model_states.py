@@ -1,0 +1,329 @@
+"""Per-rank model-state bytes: what DeepSpeed 0.19.8 (ZeRO 0-3) or plain torch really keeps, and when.
+
+Sources (DeepSpeed 0.19.8, ``deepspeed/runtime``):
+
+* ``engine.py`` ``_do_optimizer_sanity_check``: with fp16/bf16 and no ZeRO, a torch optimizer is wrapped in
+  ``FP16_UnfusedOptimizer`` (``fp16/unfused_optimizer.py``): per-tensor fp32 master copies, Adam states created at
+  construction by a zero-gradient step, fp32 copies of *all* gradients made at the step. fp32 without ZeRO: the
+  torch optimizer runs as is (states created lazily at the first step). After backward, ``allreduce_gradients``
+  flattens the gradients in chunks of ``MEMORY_OPT_ALLREDUCE_SIZE`` = 5e8 elements (``torch.cat``: a copy).
+* ``zero/stage_1_and_2.py`` (``DeepSpeedZeroOptimizer``): a flat 16-bit (or fp32) copy of all parameters, the fp32
+  master partition (``single_partition_of_fp32_groups``, a clone even for fp32), the optimizer states of that
+  partition (torch Adam: lazily at the first step), an IPG bucket of ``reduce_bucket_size`` elements in the
+  parameter dtype from the start of backward (two with ``overlap_comm``), ``grads_in_partition`` (the 16-bit
+  gradients of the parameters overlapping the rank's partition) after the first bucket reduction, and at the step
+  an fp32 gradient partition. Stage 1 keeps full gradients in ``param.grad`` until the end of backward.
+* ``zero/stage3.py`` + ``partitioned_param_coordinator.py``: 16-bit parameter partitions, a persistent 16-bit
+  gradient partition (``grad_partitions_flat_buffer``), one IPG bucket of ``reduce_bucket_size`` allocated at
+  init, full copies of parameters below ``stage3_param_persistence_threshold``, and gathered parameters that are
+  kept when reused within ``stage3_max_reuse_distance`` elements (so small models stay gathered from forward to
+  backward).
+* Optimizer step temporaries (``torch/optim/adam.py``): the single-tensor path (the CPU default) makes two
+  temporaries per tensor (``exp_avg_sq.sqrt()`` and its division), the foreach path (CUDA default) one for the
+  whole list, the fused path none.
+
+The ZeRO paper's accounting (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion
+Parameter Models", section 3.1 and Figure 1: 2 + 2 + K bytes per parameter, K = 12 for mixed-precision Adam) is
+``engine="zero-paper"``.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning_memopt.predictor.model_spec import ModelSpec
+from lightning_memopt.predictor.precision import Precision
+
+#: name -> (fp32 state bytes per parameter, step temporaries: "single" | "foreach" | "fused" | "none").
+OPTIMIZERS = {
+    "adamw": (8, "single"),
+    "adam": (8, "single"),
+    "adamw-foreach": (8, "foreach"),
+    "adam-foreach": (8, "foreach"),
+    "adamw-fused": (8, "fused"),
+    "adam-fused": (8, "fused"),
+    "sgd": (0, "none"),
+    "sgd-momentum": (4, "none"),
+}
+ENGINES = ("deepspeed", "torch", "zero-paper")
+#: DeepSpeed 0.19.8 ``runtime/zero/config.py`` defaults.
+DEEPSPEED_DEFAULTS = {
+    "reduce_bucket_size": 500_000_000,
+    "allgather_bucket_size": 500_000_000,
+    "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_param_persistence_threshold": 100_000,
+    "stage3_max_live_parameters": 1_000_000_000,
+    "stage3_max_reuse_distance": 1_000_000_000,
+    "sub_group_size": 1_000_000_000,
+    "contiguous_gradients": True,
+}
+#: ``engine.py`` ``MEMORY_OPT_ALLREDUCE_SIZE``: the stage-0 gradient all-reduce flattens this many elements at once.
+ALLREDUCE_CHUNK = 500_000_000
+
+
+def resolve_optimizer(optimizer: str) -> "tuple[int, str]":
+    """(state bytes per parameter, temporaries kind) of an optimizer name.
+
+    Example:
+        >>> resolve_optimizer("AdamW")
+        (8, 'single')
+    """
+    key = str(optimizer).strip().lower()
+    if key not in OPTIMIZERS:
+        raise ValueError(f"Expected optimizer in {sorted(OPTIMIZERS)}, got {optimizer!r}. Fix: e.g. 'adamw'.")
+    return OPTIMIZERS[key]
+
+
+def zero_settings(deepspeed_config: "dict[str, Any] | None") -> "dict[str, Any]":
+    """Bucket and threshold settings of a DeepSpeed config, DeepSpeed's defaults where absent.
+
+    Example:
+        >>> zero_settings({"zero_optimization": {"reduce_bucket_size": 2e8}})["reduce_bucket_size"]
+        200000000
+    """
+    zero = dict((deepspeed_config or {}).get("zero_optimization", {}) or {})
+    out = dict(DEEPSPEED_DEFAULTS)
+    aliases = {"prefetch_bucket_size": "stage3_prefetch_bucket_size",
+               "param_persistence_threshold": "stage3_param_persistence_threshold",
+               "max_live_parameters": "stage3_max_live_parameters",
+               "max_reuse_distance": "stage3_max_reuse_distance"}
+    for key, value in zero.items():
+        key = aliases.get(key, key)
+        if key in out and value is not None:
+            if isinstance(value, str):
+                raise ValueError(f"Expected a number for zero_optimization.{key}, got {value!r} ('auto' is unresolved).")
+            out[key] = bool(value) if key == "contiguous_gradients" else int(value)
+    out["overlap_comm"] = zero.get("overlap_comm")
+    return out
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Device bytes of one moment of the step, by category (activations added by the caller)."""
+
+    name: str
+    parameters: int
+    gradients: int
+    optimizer_states: int
+    buffers: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer_states + self.buffers
+
+
+@dataclass(frozen=True)
+class EngineMemory:
+    """Model-state accounting of one rank.
+
+    ``base`` holds what is on the device for the whole step (steady state, after the first optimizer step);
+    ``phases`` the moments without activations (end of backward, optimizer step). During forward/backward the
+    engine adds ``backward_extra(grad_elements)`` on top of ``base`` + ``gathered`` + activations.
+    """
+
+    base: Phase
+    gathered: int
+    phases: "tuple[Phase, ...]"
+    cpu_offloaded: int
+    nvme_offloaded: int
+    grad_keep_bytes: float
+    bucket_bytes: int
+    partition_alloc_after: int
+    partition_bytes: int
+    details: "dict[str, Any]" = field(default_factory=dict)
+
+    def backward_extra(self, grad_elements: int) -> "tuple[int, int]":
+        """(gradient bytes, buffer bytes) the engine holds once ``grad_elements`` gradients were produced."""
+        if grad_elements <= 0:
+            return 0, 0
+        grads = int(self.grad_keep_bytes * grad_elements)
+        partition = self.partition_bytes if grad_elements > self.partition_alloc_after else 0
+        return grads + partition, self.bucket_bytes
+
+
+def _partition(n: int, world: int) -> int:
+    return math.ceil(n / world)
+
+
+def _temporaries(kind: str, tensors: "list[int]") -> int:
+    """fp32 bytes of Adam's step temporaries over the tensors the optimizer loops over."""
+    if kind == "single":
+        return 2 * 4 * max(tensors, default=0)
+    if kind == "foreach":
+        return 4 * sum(tensors)
+    return 0
+
+
+def _gathered_stage3(spec: ModelSpec, threshold: int, reuse: int, bytes_: int) -> "tuple[int, int]":
+    """(gathered bytes kept from forward into backward, persistent full-copy bytes) at ZeRO-3.
+
+    ``partitioned_param_coordinator.__params_to_release``: after a module's forward, its parameters stay gathered
+    when they are used again within ``max_reuse_distance`` elements of the trace (forward rest + backward).
+    """
+    modules = [numels for _, numels in spec.module_params] or [(spec.num_parameters,)]
+    sizes = [sum(n for n in numels) for numels in modules]
+    persistent = sum(n for numels in modules for n in numels if n <= threshold)
+    after = 0
+    kept = 0
+    for numels, size in zip(reversed(modules), reversed(sizes)):
+        if 2 * after < reuse:
+            kept += sum(n for n in numels if n > threshold)
+        after += size
+    return kept * bytes_, persistent * bytes_
+
+
+def _partition_grad_elements(spec: ModelSpec, world: int, rank: int) -> "tuple[int, int]":
+    """(elements of the parameters overlapping ``rank``'s flat partition, gradient elements produced in
+    backward before the first of them) for ZeRO-1/2's ``grads_in_partition``."""
+    numels = spec.param_numels
+    total = sum(numels)
+    size = _partition(total, world)
+    lo, hi = rank * size, min((rank + 1) * size, total)
+    offset, inside, last_end = 0, 0, 0
+    for n in numels:
+        if offset < hi and offset + n > lo:
+            inside += n
+            last_end = offset + n
+        offset += n
+    return inside, total - last_end
+
+
+def engine_memory(
+    spec: ModelSpec,
+    *,
+    world_size: int,
+    zero: int,
+    precision: Precision,
+    optimizer: str,
+    offload_optimizer: "bool | str",
+    offload_parameters: "bool | str",
+    engine: str,
+    deepspeed_config: "dict[str, Any] | None",
+    rank: "int | None" = None,
+) -> EngineMemory:
+    """Model-state bytes of one rank (the worst rank when ``rank`` is None) for the given engine.
+
+    Example:
+        >>> from lightning_memopt.predictor.model_spec import resolve_model
+        >>> from lightning_memopt.predictor.precision import resolve_precision
+        >>> em = engine_memory(resolve_model(7.5e9), world_size=64, zero=1, precision=resolve_precision("16-mixed"),
+        ...                    optimizer="adam", offload_optimizer=False, offload_parameters=False,
+        ...                    engine="zero-paper", deepspeed_config=None)
+        >>> em.base.total / 1e9
+        31.40625
+    """
+    state_bytes, temp_kind = resolve_optimizer(optimizer)
+    P = spec.num_parameters
+    W = world_size
+    Pp = _partition(P, W)
+    if engine == "zero-paper":
+        return _zero_paper(P, W, zero, precision, state_bytes)
+    if engine == "torch":
+        return _torch_engine(spec, W, precision, state_bytes, temp_kind)
+    b = precision.param_bytes("deepspeed")
+    cfg = zero_settings(deepspeed_config)
+    opt_dev = offload_optimizer is False
+    par_dev = offload_parameters is False
+    where = {"cpu": 0, "nvme": 0}
+    details: "dict[str, Any]" = {"bytes_per_param_dtype": b, "zero_settings": cfg}
+    if zero == 0:
+        master = 4 * P if precision.half else 0
+        states = state_bytes * P
+        base = Phase("steady", b * P, 0, master + states, 0)
+        grads_fp32 = 4 * P if precision.half else 0
+        temps = _temporaries(temp_kind, spec.param_numels)
+        chunk = b * min(P, ALLREDUCE_CHUNK + spec.largest_param) if W > 1 else 0
+        phases = (
+            Phase("allreduce", b * P, b * P, master + states, chunk),
+            Phase("step", b * P, b * P, master + states, grads_fp32 + temps),
+        )
+        return EngineMemory(base, 0, phases, 0, 0, b, 0, 0, 0, details)
+    temps = _temporaries(temp_kind, [min(Pp, cfg["sub_group_size"])] if zero == 3 else [Pp])
+    opt_bytes = (4 + state_bytes) * Pp
+    if not opt_dev:
+        where[offload_optimizer] += opt_bytes + 4 * Pp
+        opt_bytes, temps = 0, 0
+    grad32 = 4 * Pp if opt_dev else 0
+    overlap = cfg["overlap_comm"] if cfg["overlap_comm"] is not None else zero == 3
+    if zero in (1, 2):
+        bucket = b * cfg["reduce_bucket_size"] * (2 if overlap and zero == 2 else 1)
+        bucket = bucket if cfg["contiguous_gradients"] or zero == 1 else 0
+        ranks = range(W) if rank is None else [rank]
+        best = None
+        for r in ranks:
+            inside, before = _partition_grad_elements(spec, W, r)
+            gip = b * inside if opt_dev else 0
+            if best is None or gip > best[0] or (gip == best[0] and before < best[1]):
+                best = (gip, before, r)
+        gip, before, worst = best
+        details["rank"] = worst
+        base = Phase("steady", b * P, 0, opt_bytes, 0)
+        if not opt_dev:
+            bucket += b * spec.largest_param  # temp_grad_buffer_for_gpu_offload
+        if zero == 1:
+            first = _first_bucket_elements(spec, cfg["reduce_bucket_size"])
+            phases = (
+                Phase("reduce", b * P, b * (P - first) + gip, opt_bytes, bucket),
+                Phase("step", b * P, 0, opt_bytes, grad32 + temps),
+            )
+            return EngineMemory(base, 0, phases, where["cpu"], where["nvme"], b, bucket, 0, 0, details)
+        after = max(before, cfg["reduce_bucket_size"])
+        phases = (Phase("step", b * P, 0, opt_bytes, grad32 + temps),)
+        return EngineMemory(base, 0, phases, where["cpu"], where["nvme"], 0, bucket, after, gip, details)
+    # ZeRO-3
+    gathered, persistent = _gathered_stage3(
+        spec, cfg["stage3_param_persistence_threshold"], cfg["stage3_max_reuse_distance"], b
+    )
+    params = b * Pp + persistent
+    if not par_dev:
+        where[offload_parameters] += b * Pp
+        params = persistent
+    grad_part = b * Pp if opt_dev else 0
+    if not opt_dev:
+        where[offload_optimizer] += b * Pp
+    bucket = b * cfg["reduce_bucket_size"] if cfg["contiguous_gradients"] else 0
+    base = Phase("steady", params, grad_part, opt_bytes, bucket)
+    details["persistent_param_bytes"] = persistent
+    phases = (Phase("step", params, grad_part, opt_bytes, bucket + grad32 + temps),)
+    return EngineMemory(base, gathered, phases, where["cpu"], where["nvme"], 0, 0, 0, 0, details)
+
+
+def _first_bucket_elements(spec: ModelSpec, bucket: int) -> int:
+    """Gradient elements freed by ZeRO-1's first bucket reduction (parameters in flat order)."""
+    total = 0
+    for n in spec.param_numels:
+        if total and total + n > bucket:
+            break
+        total += n
+    return total
+
+
+def _torch_engine(spec: ModelSpec, world: int, precision: Precision, state_bytes: int, kind: str) -> EngineMemory:
+    """Plain Lightning (single device or DDP): parameters, gradients and optimizer states in the parameter dtype.
+
+    ``*-mixed``: fp32 parameters, gradients and states (Micikevicius et al. 2018, section 3); autocast's
+    half-precision weight copies live from their first use in forward to their use in backward (counted with
+    activations by the trace, and by :func:`half_weight_copies` analytically). DDP (``world > 1``) adds its
+    gradient buckets, a second copy of all gradients (``gradient_as_bucket_view=False``, Lightning's default).
+    """
+    b = precision.param_bytes("torch")
+    P = spec.num_parameters
+    states = state_bytes * P * b // 4
+    ddp = b * P if world > 1 else 0
+    temps = _temporaries(kind, spec.param_numels) * b // 4
+    base = Phase("steady", b * P, 0, states, ddp)
+    phases = (Phase("step", b * P, b * P, states, ddp + temps),)
+    return EngineMemory(base, 0, phases, 0, 0, b, 0, 0, 0, {"ddp_bucket_bytes": ddp})
+
+
+def _zero_paper(P: int, W: int, zero: int, precision: Precision, state_bytes: int) -> EngineMemory:
+    """ZeRO paper, section 3.1 / Figure 1: 2Ψ parameters + 2Ψ gradients + KΨ optimizer states (K = 4 + states),
+    partitioned over N_d ranks from stage 1 (optimizer), 2 (+ gradients), 3 (+ parameters)."""
+    half = precision.half
+    b = 2 if half else 4
+    k = (4 if half else 0) + state_bytes
+    params = b * P if zero < 3 else b * P // W
+    grads = b * P if zero < 2 else b * P // W
+    opt = k * P if zero < 1 else k * P // W
+    base = Phase("steady", params, grads, opt, 0)
+    return EngineMemory(base, 0, (), 0, 0, 0, 0, 0, 0, {"K": k})
