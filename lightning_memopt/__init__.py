@@ -1,8 +1,20 @@
 """lightning_memopt: make large models fit in Lightning, and know where the memory goes."""
 
-from lightning_memopt.predictor.estimate import MemoryEstimate
+from lightning_memopt.callbacks import ActivationCheckpointing, FlashAttention, LigerKernel
+from lightning_memopt.predictor import MemoryEstimate, estimate_memory
 from lightning_memopt.strategies import MemOptStrategy
+from lightning_memopt.transforms import apply_activation_checkpointing, apply_attention, apply_liger
 
 __version__ = "0.1.0"
 
-__all__ = ["MemOptStrategy", "MemoryEstimate"]
+__all__ = [
+    "ActivationCheckpointing",
+    "FlashAttention",
+    "LigerKernel",
+    "MemOptStrategy",
+    "MemoryEstimate",
+    "apply_activation_checkpointing",
+    "apply_attention",
+    "apply_liger",
+    "estimate_memory",
+]

@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_memopt._imports import _DEEPSPEED_AVAILABLE, requires
+from lightning_memopt.strategies.transforms import apply_transforms, validate_transforms
 from lightning_memopt.strategies.deepspeed_config import (
     BUCKET_KNOBS,
     apply_bucket_sizes,
@@ -76,6 +77,16 @@ class MemOptStrategy(DeepSpeedStrategy):
         max_live_parameters: ZeRO-3 upper bound of gathered parameters alive at once, in elements.
         contiguous_gradients: copy gradients into one contiguous buffer as they are produced.
         overlap_comm: overlap gradient reduction with backward (``None``: DeepSpeed's default for the stage).
+        activation_checkpointing: ``True`` checkpoints every transformer block, a float in (0, 1] the first
+            fraction of them (see :func:`~lightning_memopt.transforms.apply_activation_checkpointing`); applied
+            before DeepSpeed wraps the model, non-reentrant, and working under ZeRO-3.
+        checkpointing_policy: which blocks: ``"auto"`` (Hugging Face ``_no_split_modules``, else the largest
+            ``ModuleList`` of same-class blocks) or class names.
+        attention: ``None`` (keep the model's), ``"auto"``, ``"flash_attention_2"``, ``"sdpa"`` or ``"eager"``
+            (see :func:`~lightning_memopt.transforms.apply_attention`).
+        liger: ``True`` for Liger-Kernel's default kernels, or a dict of switches (``rms_norm``, ``rope``,
+            ``swiglu``, ``cross_entropy``, ``fused_linear_cross_entropy``, ``strict``); needs CUDA
+            (see :func:`~lightning_memopt.transforms.apply_liger`).
         config: a DeepSpeed config dict or JSON path used instead of the arguments above (which must then be
             left at their defaults). ``gradient_accumulation_steps`` and ``train_micro_batch_size_per_gpu`` in it
             must agree with the Trainer.
@@ -118,6 +129,10 @@ class MemOptStrategy(DeepSpeedStrategy):
         max_live_parameters: int = 1_000_000_000,
         contiguous_gradients: bool = True,
         overlap_comm: Optional[bool] = None,
+        activation_checkpointing: Union[bool, float] = False,
+        checkpointing_policy: Union[str, list[str]] = "auto",
+        attention: Optional[str] = None,
+        liger: Union[bool, dict[str, bool]] = False,
         config: Optional[Union[str, Path, dict[str, Any]]] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -130,6 +145,7 @@ class MemOptStrategy(DeepSpeedStrategy):
         exclude_frozen_parameters: bool = False,
     ) -> None:
         requires(_DEEPSPEED_AVAILABLE, "MemOptStrategy")
+        self._transforms = validate_transforms(activation_checkpointing, checkpointing_policy, attention, liger)
         buckets = {
             "reduce_bucket_size": reduce_bucket_size,
             "allgather_bucket_size": allgather_bucket_size,
@@ -237,6 +253,13 @@ class MemOptStrategy(DeepSpeedStrategy):
                 " Fix: set the environment variable `DS_ACCELERATOR=cpu` before starting, or train on the GPU."
             )
 
+    # ------------------------------------------------------------------ transforms
+    @override
+    def setup(self, trainer: "pl.Trainer") -> None:
+        # After `configure_model` (and ZeRO-3's `zero.Init`), before DeepSpeed wraps the model.
+        apply_transforms(self.lightning_module, self._transforms, self.root_device, trainer.precision)
+        super().setup(trainer)
+
     # ------------------------------------------------------------------ config
     @override
     def _format_config(self) -> None:
@@ -340,12 +363,13 @@ class MemOptStrategy(DeepSpeedStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        strategy_registry.register("memopt_zero1", cls, description="MemOptStrategy, ZeRO stage 1", zero=1)
-        strategy_registry.register("memopt_zero2", cls, description="MemOptStrategy, ZeRO stage 2", zero=2)
-        strategy_registry.register("memopt_zero3", cls, description="MemOptStrategy, ZeRO stage 3", zero=3)
+        strategy_registry.register("memopt_zero1", cls, override=True, description="MemOptStrategy, ZeRO stage 1", zero=1)
+        strategy_registry.register("memopt_zero2", cls, override=True, description="MemOptStrategy, ZeRO stage 2", zero=2)
+        strategy_registry.register("memopt_zero3", cls, override=True, description="MemOptStrategy, ZeRO stage 3", zero=3)
         strategy_registry.register(
             "memopt_zero3_offload",
             cls,
+            override=True,
             description="MemOptStrategy, ZeRO stage 3 with optimizer and parameters offloaded to CPU",
             zero=3,
             offload_optimizer="cpu",

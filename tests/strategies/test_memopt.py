@@ -134,3 +134,34 @@ def test_auto_buckets_follow_the_model_width(tmp_path):
     assert zero_config["reduce_bucket_size"] == max(32 * 32, embedding)
     assert zero_config["stage3_param_persistence_threshold"] == 320
     assert zero_config["reduce_bucket_size"] < 200_000_000
+
+
+def test_transform_options_are_applied_before_deepspeed_wraps_the_model(tmp_path):
+    from lightning_memopt.transforms import applied_transforms
+
+    trainer = _fit(MemOptStrategy(zero=1, activation_checkpointing=True, attention="eager"), tmp_path)
+    applied = applied_transforms(trainer.lightning_module)
+    assert applied["attention"] == "eager"
+    assert applied["activation_checkpointing"]["fraction"] == 1.0
+    assert len(applied["activation_checkpointing"]["blocks"]) == 1  # the one decoder layer
+    assert trainer.lightning_module.model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"activation_checkpointing": 1.5}, ValueError, r"Expected `fraction` in \(0, 1\]"),
+        ({"attention": "flash3"}, ValueError, "Expected `attention` to be None or one of"),
+        ({"liger": {"cross_entropy": True}}, ValueError, "Expected at most one of `cross_entropy`"),
+        ({"liger": {"swiglu2": True}}, ValueError, "Expected Liger switches among"),
+        ({"liger": "yes"}, TypeError, "Expected `liger` to be a bool or a dict"),
+    ],
+)
+def test_bad_transform_options_raise_at_construction(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        MemOptStrategy(**kwargs)
+
+
+def test_liger_on_cpu_is_refused_at_setup(tmp_path):
+    with pytest.raises(ValueError, match="Expected a CUDA device for Liger"):
+        _fit(MemOptStrategy(zero=1, liger=True), tmp_path)

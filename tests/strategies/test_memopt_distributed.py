@@ -25,12 +25,22 @@ def _launch(tmp_path_factory, name: str, *args: str) -> tuple[Path, list[dict]]:
     return out, [json.loads(path.read_text()) for path in ranks]
 
 
+_RUNS: dict = {}
+
+
+def _stage(zero: int, tmp_path_factory) -> tuple:
+    """The 2-rank run of a stage and its single-process reference, launched once per test session."""
+    if zero not in _RUNS:
+        out, ranks = _launch(tmp_path_factory, f"zero{zero}", "--zero", str(zero))
+        _, single = _launch(tmp_path_factory, f"single{zero}", "--zero", str(zero), "--devices", "1",
+                            "--batch-size", "8", "--no-resume")
+        _RUNS[zero] = (zero, out, ranks, single[0])
+    return _RUNS[zero]
+
+
 @pytest.fixture(scope="module", params=STAGES, ids=lambda z: f"zero{z}")
 def stage_run(request, tmp_path_factory):
-    out, ranks = _launch(tmp_path_factory, f"zero{request.param}", "--zero", str(request.param))
-    _, single = _launch(tmp_path_factory, f"single{request.param}", "--zero", str(request.param), "--devices", "1",
-                        "--batch-size", "8", "--no-resume")
-    return request.param, out, ranks, single[0]
+    return _stage(request.param, tmp_path_factory)
 
 
 def test_every_rank_holds_the_same_model_and_the_loss_falls(stage_run):
@@ -95,3 +105,25 @@ def test_consolidated_state_dict_loads_strictly_and_predicts_the_same(stage_run)
             with torch.no_grad():
                 ours = model(batch).float()
             torch.testing.assert_close(ours, logits, rtol=2e-2, atol=2e-2)
+
+
+def test_fp32_training_shards_like_the_formulas(tmp_path_factory):
+    """32-true at ZeRO-3: no separate master copy is needed, but DeepSpeed keeps its fp32 flat partition."""
+    _, ranks = _launch(tmp_path_factory, "fp32", "--zero", "3", "--precision", "32-true", "--no-resume")
+    assert ranks[0]["probe"] == ranks[1]["probe"]
+    for rank in ranks:
+        n, world = rank["n_parameters"], rank["world_size"]
+        states = rank["states"]["before_step"]
+        assert states["optimizer_states"] == pytest.approx(8 * n / world, rel=0.01, abs=64)
+        assert states["master_parameters"] == pytest.approx(4 * n / world, rel=0.01, abs=64)
+        losses = [rank["straight"][str(step)] for step in range(1, 7)]
+        assert losses[-1] < losses[0] - 0.5
+
+
+def test_activation_checkpointing_under_zero3_trains_with_the_same_losses(tmp_path_factory):
+    """Checkpointing under ZeRO-3 used to raise CheckpointError (transformers #47254, DeepSpeed #4332)."""
+    _, _, plain, _ = _stage(3, tmp_path_factory)
+    _, ranks = _launch(tmp_path_factory, "zero3_ckpt", "--zero", "3", "--checkpointing", "--no-resume")
+    for rank, reference in zip(ranks, plain):
+        assert rank["straight"] == reference["straight"]
+        assert rank["probe"] == reference["probe"]

@@ -53,7 +53,7 @@ class PredictRecorder(pl.Callback):
 
 
 def trainer(args, callbacks, **kwargs) -> pl.Trainer:
-    strategy = MemOptStrategy(zero=args.zero) if args.devices > 1 or args.zero else MemOptStrategy(zero=0)
+    strategy = MemOptStrategy(zero=args.zero, activation_checkpointing=args.checkpointing)
     return pl.Trainer(
         accelerator="cpu", devices=args.devices, strategy=strategy, precision=args.precision, max_steps=6,
         limit_train_batches=3, limit_val_batches=2, limit_test_batches=2, limit_predict_batches=1, logger=False,
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--no-resume", action="store_true")
+    parser.add_argument("--checkpointing", action="store_true")
     args = parser.parse_args()
     data = TextDataModule(batch_size=args.batch_size, seq_len=32)
 

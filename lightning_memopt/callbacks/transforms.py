@@ -1,0 +1,184 @@
+"""Callbacks that apply ``lightning_memopt.transforms`` to the LightningModule under any strategy.
+
+For users who keep their own strategy (single device, DDP, Lightning's ``DeepSpeedStrategy``).
+
+Each applies its transform in ``setup``, before the strategy wraps the model. When the module builds its
+layers in ``configure_model`` (which Lightning calls after ``setup``, e.g. under ZeRO-3 initialisation), the
+transform runs right after ``configure_model`` instead, still before DeepSpeed wraps the model. What was
+applied is recorded on the module: ``lightning_memopt.transforms.applied_transforms(pl_module)``. None of them
+logs metrics.
+"""
+
+from types import MethodType
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
+
+from lightning_memopt.transforms import apply_activation_checkpointing, apply_attention, apply_liger
+from lightning_memopt.transforms._applied import applied_transforms
+from lightning_memopt.transforms.attention import IMPLEMENTATIONS
+from lightning_memopt.transforms.checkpointing import Policy, _validate_selection
+from lightning_memopt.transforms.liger import _validate as _validate_liger
+
+_PENDING = "_memopt_pending_transforms"
+
+
+class _TransformCallback(Callback):
+    _key = ""
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._apply_now_or_after_configure_model(trainer, pl_module)
+
+    def _apply_now_or_after_configure_model(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule"
+    ) -> None:
+        if self._key in applied_transforms(pl_module):
+            return  # applied in an earlier stage
+        if not is_overridden("configure_model", pl_module):
+            self._apply(trainer, pl_module)
+            return
+        pending = pl_module.__dict__.get(_PENDING)
+        if pending is None:  # the first of these callbacks wraps configure_model; the others queue behind it
+            pending = pl_module.__dict__[_PENDING] = []
+            original = pl_module.configure_model
+
+            def configure_model(module: "pl.LightningModule") -> None:
+                original()
+                del module.__dict__["configure_model"]
+                for apply in module.__dict__.pop(_PENDING):
+                    apply()
+
+            pl_module.configure_model = MethodType(configure_model, pl_module)  # type: ignore[method-assign]
+        if self not in [getattr(apply, "__self__", None) for apply in pending]:
+            pending.append(MethodType(lambda cb: cb._apply(trainer, pl_module), self))
+
+    def _apply(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        raise NotImplementedError
+
+
+class ActivationCheckpointing(_TransformCallback):
+    """Checkpoint the repeated blocks of the LightningModule (see ``apply_activation_checkpointing``).
+
+    Args:
+        policy: ``"auto"``, a class, a class name, a set of those, or a callable ``module -> bool``.
+        fraction: checkpoint the first ``ceil(fraction * n)`` blocks, ``0 < fraction <= 1``.
+        every_k: checkpoint every ``every_k``-th block.
+        reentrant: use the reentrant implementation.
+
+    Raises:
+        ValueError: a bad ``fraction``/``every_k`` here; a policy that matches nothing in ``setup``.
+
+    Example:
+        >>> ActivationCheckpointing(fraction=0.5)  # doctest: +ELLIPSIS
+        <...ActivationCheckpointing object at ...>
+    """
+
+    _key = "activation_checkpointing"
+
+    def __init__(
+        self,
+        policy: Policy = "auto",
+        fraction: float | None = None,
+        every_k: int | None = None,
+        reentrant: bool = False,
+    ) -> None:
+        _validate_selection(fraction, every_k)
+        if not isinstance(reentrant, bool):
+            raise TypeError(f"Expected `reentrant` to be a bool, got {reentrant!r}.")
+        self.policy, self.fraction, self.every_k, self.reentrant = policy, fraction, every_k, reentrant
+
+    def _apply(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        apply_activation_checkpointing(
+            pl_module, self.policy, fraction=self.fraction, every_k=self.every_k, reentrant=self.reentrant
+        )
+
+
+class FlashAttention(_TransformCallback):
+    """Switch the attention implementation of the LightningModule's models (see ``apply_attention``).
+
+    ``"auto"`` resolves against the Trainer's device and precision (flash-attn needs CUDA and bf16/fp16).
+
+    Args:
+        implementation: ``"auto"``, ``"flash_attention_2"``, ``"sdpa"`` or ``"eager"``.
+
+    Raises:
+        ValueError: an unknown name here; flash_attention_2 on CPU or without fp16/bf16 in ``setup``.
+        ModuleNotFoundError: flash_attention_2 without flash-attn, in ``setup``.
+
+    Example:
+        >>> FlashAttention("sdpa").implementation
+        'sdpa'
+    """
+
+    _key = "attention"
+
+    def __init__(self, implementation: str = "auto") -> None:
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"Expected the attention implementation to be one of {IMPLEMENTATIONS}, got"
+                f" {implementation!r}."
+            )
+        self.implementation = implementation
+
+    def _apply(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        apply_attention(
+            pl_module, self.implementation, device=trainer.strategy.root_device, dtype=_compute_dtype(trainer)
+        )
+
+
+class LigerKernel(_TransformCallback):
+    """Patch the LightningModule's models with Liger kernels (see ``apply_liger``); needs a CUDA device.
+
+    Args:
+        rms_norm: Liger RMSNorm.
+        rope: Liger rotary embedding.
+        swiglu: Liger SwiGLU MLP.
+        cross_entropy: Liger cross-entropy (exclusive with ``fused_linear_cross_entropy``).
+        fused_linear_cross_entropy: fused ``lm_head`` + cross-entropy (logits are not returned in training).
+        strict: raise for an unsupported model type (``False``: warn once on rank zero and skip it).
+
+    Raises:
+        ValueError: both cross-entropy switches here; a non-CUDA device or an unsupported model in ``setup``.
+
+    Example:
+        >>> LigerKernel(cross_entropy=True, fused_linear_cross_entropy=False).strict
+        True
+    """
+
+    _key = "liger"
+
+    def __init__(
+        self,
+        rms_norm: bool = True,
+        rope: bool = True,
+        swiglu: bool = True,
+        cross_entropy: bool = False,
+        fused_linear_cross_entropy: bool = True,
+        strict: bool = True,
+    ) -> None:
+        self.switches = {
+            "rms_norm": rms_norm,
+            "rope": rope,
+            "swiglu": swiglu,
+            "cross_entropy": cross_entropy,
+            "fused_linear_cross_entropy": fused_linear_cross_entropy,
+        }
+        _validate_liger(self.switches, "cuda", False, torch.nn.Module())
+        self.strict = strict
+
+    def _apply(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        apply_liger(pl_module, **self.switches, strict=self.strict, device=trainer.strategy.root_device)
+
+
+def _compute_dtype(trainer: "pl.Trainer") -> Any:
+    precision = str(trainer.precision)
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return None
