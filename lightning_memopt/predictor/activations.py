@@ -41,6 +41,7 @@ class Activations:
         fixed: bytes saved outside the blocks (final norm, RoPE tables, labels).
         logits: logits bytes saved for backward.
         logits_backward: extra logits bytes at the start of backward (the loss' gradients).
+        logits_forward: logits bytes live as the loss is computed (end of forward).
     """
 
     block: int
@@ -51,6 +52,7 @@ class Activations:
     fixed: int
     logits: int
     logits_backward: int
+    logits_forward: int = 0
 
     @property
     def saved(self) -> int:
@@ -124,10 +126,10 @@ def activation_bytes(
         >>> from lightning_memopt.predictor.model_spec import resolve_model
         >>> act = activation_bytes(resolve_model("llama-3-8b"), micro_batch_size=1, seq_len=4096, compute_bytes=2)
         >>> round(act.saved / 2**30, 2)
-        15.78
+        26.6
     """
     if not spec.has_structure:
-        return Activations(0, 0, 0, 0, 0, 0, 0, 0)
+        return Activations(0, 0, 0, 0, 0, 0, 0, 0, 0)
     kern = _liger(liger)
     B, S, c = micro_batch_size, seq_len, compute_bytes
     N = B * S
@@ -139,12 +141,17 @@ def activation_bytes(
         # Liger's RMSNorm saves its input and the fp32 rstd and writes one output (Liger ops/rms_norm.py).
         norm = (2 * c * N * d + 4 * N) if kern["rms_norm"] else (4 * N * d + 2 * c * N * d + 4 * N)
     elif spec.norm == "rmsnorm":
-        norm = 2 * c * N * d + 4 * N  # torch nn.RMSNorm (composite): input + output, fp32 rstd
+        # torch nn.RMSNorm (composite on CPU): fp32 input and normalised (2 x 4Nd), rsqrt (4N), output (cNd)
+        norm = (8 + c) * N * d + 4 * N
     else:
         norm = 2 * c * N * d + 8 * N  # LayerNorm: input, mean and rstd (fp32), output read by the Linear
-    if attention == "eager":
+    if spec.family == "generic":
+        # nn.MultiheadAttention-style: packed qkv projection (3cNd), scaled q (cNd), output (cNd); eager keeps the
+        # softmax in the compute dtype, SDPA its log-sum-exp
+        attn = 5 * c * N * d + (c * B * heads * S * S if attention == "eager" else 4 * N * heads)
+    elif attention == "eager":
         probs = 4 * B * heads * S * S + (c * B * heads * S * S if c < 4 else 0)
-        attn = 4 * c * N * hq + probs if spec.family != "generic" else 3 * c * N * hq + c * N * d + probs
+        attn = 4 * c * N * hq + probs
     else:
         attn = 2 * c * N * hq + 2 * c * N * hkv + 4 * N * heads
     if spec.mlp == "swiglu":
@@ -153,19 +160,29 @@ def activation_bytes(
         mlp = 2 * c * N * I
     block = 2 * norm + attn + mlp
     block_input = c * N * d
-    block_backward = 2 * c * N * max(I, d) + c * N * d
+    block_backward = c * N * (I + d)  # output gradient + the MLP's intermediate gradient
     rope = 2 * c * S * spec.head_dim if spec.position == "rope" and not kern["rope"] else 0
-    fixed = norm + rope + 8 * N
-    if kern["fused_linear_cross_entropy"]:
-        logits, logits_bwd = 0, 4 * N * d
-    elif spec.is_hf:
-        logits, logits_bwd = 4 * N * V, 8 * N * V
+    if spec.family == "generic":
+        final_norm = any(("norm" in n or n.split(".")[-1].startswith("ln")) and not any(ch.isdigit() for ch in n)
+                         for n, _ in spec.module_params)
+        fixed = (norm if final_norm else c * N * d) + rope + 8 * N
     else:
-        logits, logits_bwd = c * N * V, 2 * c * N * V
+        fixed = norm + rope + 8 * N
+    if kern["fused_linear_cross_entropy"]:
+        logits, logits_bwd, logits_fwd = 0, 4 * N * d, 4 * N * d
+    elif spec.is_hf:
+        # logits (c), their fp32 upcast (a no-op in fp32) and log_softmax's output are live as the loss ends
+        logits, logits_bwd = 4 * N * V, 8 * N * V
+        logits_fwd = 4 * N * V + (c * N * V if c < 4 else 0) + 4 * N * V
+    else:
+        # F.cross_entropy on logits[:, :-1]: the logits, their shifted copy and log_softmax's output (all c)
+        logits, logits_bwd, logits_fwd = c * N * V, 2 * c * N * V, 3 * c * N * V
     if kern["cross_entropy"] and not kern["fused_linear_cross_entropy"]:
         logits_bwd = 0  # Liger's cross-entropy writes the gradient into the logits in place
     k = num_checkpointed(activation_checkpointing, spec.num_layers)
-    return Activations(block, block_input, block_backward, k, spec.num_layers, fixed, logits, logits_bwd)
+    if k and attention == "eager" and spec.is_hf:
+        fixed += c * B * S * S  # the (B, 1, s, s) causal mask, an input the checkpointed blocks keep
+    return Activations(block, block_input, block_backward, k, spec.num_layers, fixed, logits, logits_bwd, logits_fwd)
 
 
 def describe(act: Activations) -> "dict[str, Any]":

@@ -131,11 +131,16 @@ def estimate_memory(
         raise TypeError(f"Expected an nn.Module with method='trace', got {type(model).__name__}.")
     if seq_len is None:
         seq_len = spec.max_position_embeddings or 2048
-    em = engine_memory(
+    ranks = [None]
+    if engine == "deepspeed" and zero in (1, 2) and world_size > 1:
+        ranks = list(range(world_size)) if world_size <= 16 else sorted({0, 1, world_size // 2, world_size - 2,
+                                                                          world_size - 1})
+    ems = {r: engine_memory(
         spec, world_size=world_size, zero=zero, precision=prec, optimizer=optimizer,
         offload_optimizer=offload_opt, offload_parameters=offload_par, engine=engine,
-        deepspeed_config=deepspeed_config,
-    )
+        deepspeed_config=deepspeed_config, rank=r,
+    ) for r in ranks}
+    em = ems[ranks[-1]]
     details: "dict[str, Any]" = {
         "model": spec.name, "num_parameters": spec.num_parameters, "world_size": world_size, "zero": zero,
         "precision": prec.name, "engine": engine, "method": method, "seq_len": seq_len,
@@ -143,6 +148,11 @@ def estimate_memory(
     }
     if em.nvme_offloaded:
         details["nvme_offloaded"] = em.nvme_offloaded
+    if engine == "torch" and prec.mixed:
+        # the lecture's table (section 1): every item at once, although they never coexist at the peak
+        P = spec.num_parameters
+        details["lecture_breakdown"] = {"half_weights": prec.compute_bytes * P, "fp32_parameters": 4 * P,
+                                        "adam_states": resolve_optimizer(optimizer)[0] * P, "fp32_gradients": 4 * P}
     act_engine = "deepspeed" if engine == "zero-paper" else engine
     half_copies = _half_copies(spec, prec, act_engine)
     if method == "trace":
@@ -166,9 +176,17 @@ def estimate_memory(
     else:
         timeline = [(0, 0, 0)]
         details["activations"] = "not estimated: the model is a parameter count (model states only)"
-    phases = _phases(em, timeline, half_copies)
-    best = max(phases, key=lambda p: p[0].total + p[1] + p[2])
-    phase, act_bytes, logit_bytes = best
+    per_rank = {}
+    best = None
+    for r, em_r in ems.items():
+        phases_r = _phases(em_r, timeline, half_copies)
+        top = max(phases_r, key=lambda p: p[0].total + p[1] + p[2])
+        per_rank[r] = top[0].total + top[1] + top[2]
+        if best is None or per_rank[r] > best[0][0].total + best[0][1] + best[0][2]:
+            best, phases = (top, phases_r), phases_r
+    phase, act_bytes, logit_bytes = best[0]
+    if ranks != [None]:
+        details["per_rank_total"] = per_rank
     details["peak_phase"] = phase.name
     details["phases"] = {p.name: p.total + a + lg for p, a, lg in phases}
     return MemoryEstimate(
@@ -211,12 +229,14 @@ def _analytic_timeline(spec: ModelSpec, act: Activations) -> "list[tuple[int, in
     """(activation bytes, gradient elements produced, of which logits bytes) through backward."""
     modules = spec.module_params
     per_layer = [0] * spec.num_layers
+    first = [0] * spec.num_layers  # the first gradient a block's backward produces (its MLP output projection)
     head = 0
     for name, numels in modules:
         parts = name.split(".")
         idx = next((int(p) for p in parts if p.isdigit()), None)
         if idx is not None and idx < spec.num_layers:
             per_layer[idx] += sum(numels)
+            first[idx] = max(first[idx], max(numels, default=0))
         elif not any(key in name for key in ("embed", "wte", "wpe")):
             head += sum(numels)
     out = []
@@ -224,8 +244,8 @@ def _analytic_timeline(spec: ModelSpec, act: Activations) -> "list[tuple[int, in
         if block < 0:
             out.append((live, 0, act.logits + act.logits_backward))
         else:
-            out.append((live, head + sum(per_layer[block + 1:]), 0))
-    out.append((act.saved - act.logits, 0, 0))  # end of forward
+            out.append((live, head + sum(per_layer[block + 1:]) + first[block], 0))
+    out.append((act.saved - act.logits + act.logits_forward, 0, act.logits_forward))  # end of forward
     return out
 
 

@@ -191,7 +191,7 @@ def from_hf_config(config: "dict[str, Any]", name: "str | None" = None) -> Model
     Example:
         >>> from_hf_config({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         ...                 "num_attention_heads": 4, "vocab_size": 256}).num_parameters
-        82240
+        98624
     """
     model_type = str(config.get("model_type", "") or "")
     tied = bool(config.get("tie_word_embeddings", _TIE_DEFAULT.get(model_type, True)))

@@ -137,12 +137,17 @@ class EngineMemory:
         if grad_elements <= 0:
             return 0, 0
         grads = int(self.grad_keep_bytes * grad_elements)
-        partition = self.partition_bytes if grad_elements > self.partition_alloc_after else 0
+        partition = self.partition_bytes if grad_elements >= self.partition_alloc_after else 0
         return grads + partition, self.bucket_bytes
 
 
 def _partition(n: int, world: int) -> int:
     return math.ceil(n / world)
+
+
+def _tensors(spec: ModelSpec) -> "list[int]":
+    """Parameter tensor sizes; unknown for a bare parameter count (per-tensor temporaries are then left out)."""
+    return spec.param_numels if spec.module_params else []
 
 
 def _temporaries(kind: str, tensors: "list[int]") -> int:
@@ -160,13 +165,20 @@ def _gathered_stage3(spec: ModelSpec, threshold: int, reuse: int, bytes_: int) -
     ``partitioned_param_coordinator.__params_to_release``: after a module's forward, its parameters stay gathered
     when they are used again within ``max_reuse_distance`` elements of the trace (forward rest + backward).
     """
-    modules = [numels for _, numels in spec.module_params] or [(spec.num_parameters,)]
+    if not spec.module_params:  # a bare count: modules unknown, the last reuse/2 elements stay gathered
+        return min(spec.num_parameters, reuse // 2) * bytes_, 0
+    names = [name for name, _ in spec.module_params]
+    # a module owning parameters *and* parameterised children (nn.MultiheadAttention reads its out_proj's weight
+    # itself) fetches them outside the recorded module trace: DeepSpeed releases them after use (measured)
+    owners = {n for n in names if any(o.startswith(n + ".") for o in names)}
+    fetched = [n in owners or n.rsplit(".", 1)[0] in owners for n in names]
+    modules = [numels for _, numels in spec.module_params]
     sizes = [sum(n for n in numels) for numels in modules]
     persistent = sum(n for numels in modules for n in numels if n <= threshold)
     after = 0
     kept = 0
-    for numels, size in zip(reversed(modules), reversed(sizes)):
-        if 2 * after < reuse:
+    for numels, size, outside in zip(reversed(modules), reversed(sizes), reversed(fetched)):
+        if 2 * after < reuse and not outside:
             kept += sum(n for n in numels if n > threshold)
         after += size
     return kept * bytes_, persistent * bytes_
@@ -201,7 +213,9 @@ def engine_memory(
     deepspeed_config: "dict[str, Any] | None",
     rank: "int | None" = None,
 ) -> EngineMemory:
-    """Model-state bytes of one rank (the worst rank when ``rank`` is None) for the given engine.
+    """Model-state bytes of ``rank`` (default: the last, which receives gradients first) for the given engine.
+
+    Only ZeRO-1/2 differ between ranks (which parameters overlap the rank's partition).
 
     Example:
         >>> from lightning_memopt.predictor.model_spec import resolve_model
@@ -231,7 +245,7 @@ def engine_memory(
         states = state_bytes * P
         base = Phase("steady", b * P, 0, master + states, 0)
         grads_fp32 = 4 * P if precision.half else 0
-        temps = _temporaries(temp_kind, spec.param_numels)
+        temps = _temporaries(temp_kind, _tensors(spec))
         chunk = b * min(P, ALLREDUCE_CHUNK + spec.largest_param) if W > 1 else 0
         phases = (
             Phase("allreduce", b * P, b * P, master + states, chunk),
@@ -248,15 +262,10 @@ def engine_memory(
     if zero in (1, 2):
         bucket = b * cfg["reduce_bucket_size"] * (2 if overlap and zero == 2 else 1)
         bucket = bucket if cfg["contiguous_gradients"] or zero == 1 else 0
-        ranks = range(W) if rank is None else [rank]
-        best = None
-        for r in ranks:
-            inside, before = _partition_grad_elements(spec, W, r)
-            gip = b * inside if opt_dev else 0
-            if best is None or gip > best[0] or (gip == best[0] and before < best[1]):
-                best = (gip, before, r)
-        gip, before, worst = best
-        details["rank"] = worst
+        r = W - 1 if rank is None else rank
+        inside, before = _partition_grad_elements(spec, W, r)
+        gip = b * inside if opt_dev else 0
+        details["rank"] = r
         base = Phase("steady", b * P, 0, opt_bytes, 0)
         if not opt_dev:
             bucket += b * spec.largest_param  # temp_grad_buffer_for_gpu_offload
@@ -267,7 +276,7 @@ def engine_memory(
                 Phase("step", b * P, 0, opt_bytes, grad32 + temps),
             )
             return EngineMemory(base, 0, phases, where["cpu"], where["nvme"], b, bucket, 0, 0, details)
-        after = max(before, cfg["reduce_bucket_size"])
+        after = _flush_after(spec, cfg["reduce_bucket_size"], before)
         phases = (Phase("step", b * P, 0, opt_bytes, grad32 + temps),)
         return EngineMemory(base, 0, phases, where["cpu"], where["nvme"], 0, bucket, after, gip, details)
     # ZeRO-3
@@ -288,10 +297,26 @@ def engine_memory(
     return EngineMemory(base, gathered, phases, where["cpu"], where["nvme"], 0, 0, 0, 0, details)
 
 
-def _first_bucket_elements(spec: ModelSpec, bucket: int) -> int:
-    """Gradient elements freed by ZeRO-1's first bucket reduction (parameters in flat order)."""
+def _flush_after(spec: ModelSpec, bucket: int, before: int) -> int:
+    """Gradient elements produced when ZeRO-2 first reduces a bucket holding one of the rank's parameters (and so
+    allocates ``grads_in_partition``): buckets fill in backward order and are reduced when the next gradient does
+    not fit (``reduce_independent_p_g_buckets_and_remove_grads``)."""
+    filled = total = 0
+    for n in reversed(spec.param_numels):
+        if filled and filled + n > bucket:
+            if total > before:
+                return total
+            filled = 0
+        filled += n
+        total += n
+    return total
+
+
+def _first_bucket_elements(spec: ModelSpec, bucket: int, reverse: bool = False) -> int:
+    """Gradient elements in the first IPG bucket reduced: in flat order at ZeRO-1's end-of-backward reduction,
+    in backward (reverse) order at ZeRO-2."""
     total = 0
-    for n in spec.param_numels:
+    for n in reversed(spec.param_numels) if reverse else spec.param_numels:
         if total and total + n > bucket:
             break
         total += n
@@ -310,7 +335,7 @@ def _torch_engine(spec: ModelSpec, world: int, precision: Precision, state_bytes
     P = spec.num_parameters
     states = state_bytes * P * b // 4
     ddp = b * P if world > 1 else 0
-    temps = _temporaries(kind, spec.param_numels) * b // 4
+    temps = _temporaries(kind, _tensors(spec)) * b // 4
     base = Phase("steady", b * P, 0, states, ddp)
     phases = (Phase("step", b * P, b * P, states, ddp + temps),)
     return EngineMemory(base, 0, phases, 0, 0, b, 0, 0, 0, {"ddp_bucket_bytes": ddp})
