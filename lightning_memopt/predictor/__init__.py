@@ -2,7 +2,7 @@
 
 Example:
     >>> from lightning_memopt.predictor import estimate_memory
-    >>> est = estimate_memory("llama-3-8b", engine="torch", precision="bf16-mixed", micro_batch_size=1, seq_len=2048)
+    >>> est = estimate_memory("llama-3-8b", engine="torch", precision="bf16-mixed", seq_len=2048)
     >>> est.optimizer_states / 1e9
     64.242089984
 """

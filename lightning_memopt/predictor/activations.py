@@ -1,22 +1,24 @@
 """Analytic activation and logits bytes of one micro-batch, per block, from the module structure.
 
-The counts follow what autograd saves in the Hugging Face implementations (transformers 5, ``modeling_llama.py``,
-verified against fake-tensor traces, :mod:`.trace`), in the spirit of Korthikanti et al. 2022, "Reducing
-Activation Recomputation in Large Transformer Models", section 4.1 (eq. 1: ``sbh(34 + 5as/h)`` bytes per GPT
-layer), adapted to Llama-style blocks. With N = batch x sequence tokens, d = width, c = bytes of the compute dtype:
+The counts follow what autograd saves in the Hugging Face implementations (transformers 5,
+``modeling_llama.py``, verified against fake-tensor traces, :mod:`.trace`), in the spirit of Korthikanti et
+al. 2022, "Reducing Activation Recomputation in Large Transformer Models", section 4.1 (eq. 1: ``sbh(34 +
+5as/h)`` bytes per GPT layer), adapted to Llama-style blocks. With N = batch x sequence tokens, d = width, c =
+bytes of the compute dtype:
 
-* RMSNorm (``LlamaRMSNorm``): the fp32 upcast of its input (4Nd), ``rsqrt`` (4N), the normalised tensor and the
-  weighted output read by the next Linear (2 x cNd).
-* Attention, SDPA/flash: q after RoPE (c N h_q), k and v (2 c N h_kv), output (c N h_q), log-sum-exp (4 N heads):
-  no s x s term (Dao et al. 2022, "FlashAttention", section 3.1). Eager: q, k transposed and v repeated to all
-  heads (3 c N h_q), fp32 softmax (4 B heads s^2, ``softmax(dtype=float32)``) and its cast (c B heads s^2 when
-  c < 4), the output copy (c N h_q). RoPE saves only cos/sin (2 c s head_dim, shared by all layers).
+* RMSNorm (``LlamaRMSNorm``): the fp32 upcast of its input (4Nd), ``rsqrt`` (4N), the normalised tensor and
+  the weighted output read by the next Linear (2 x cNd).
+* Attention, SDPA/flash: q after RoPE (c N h_q), k and v (2 c N h_kv), output (c N h_q), log-sum-exp (4 N
+  heads): no s x s term (Dao et al. 2022, "FlashAttention", section 3.1). Eager: q, k transposed and v
+  repeated to all heads (3 c N h_q), fp32 softmax (4 B heads s^2, ``softmax(dtype=float32)``) and its cast (c
+  B heads s^2 when c < 4), the output copy (c N h_q). RoPE saves only cos/sin (2 c s head_dim, shared by all
+  layers).
 * SwiGLU MLP: gate, up, SiLU(gate) and the product (4 c N I). GELU MLP: fc output, GELU output (2 c N I).
-* Logits: Hugging Face losses upcast logits to fp32; ``log_softmax`` saves 4NV and its backward briefly holds two
-  more 4NV tensors. Liger's fused linear cross-entropy never materialises them (Hsu et al. 2024, "Liger Kernel",
-  section 3.3): about ``N d`` fp32 gradient chunk instead.
-* Checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"): a checkpointed block keeps
-  its input (c N d); in backward one block at a time is recomputed.
+* Logits: Hugging Face losses upcast logits to fp32; ``log_softmax`` saves 4NV and its backward briefly holds
+  two more 4NV tensors. Liger's fused linear cross-entropy never materialises them (Hsu et al. 2024, "Liger
+  Kernel", section 3.3): about ``N d`` fp32 gradient chunk instead.
+* Checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"): a checkpointed block
+  keeps its input (c N d); in backward one block at a time is recomputed.
 """
 
 from dataclasses import dataclass
@@ -81,10 +83,14 @@ def _liger(liger: "bool | dict[str, bool]") -> "dict[str, bool]":
     if isinstance(liger, dict):
         unknown = set(liger) - set(LIGER_KERNELS)
         if unknown:
-            raise ValueError(f"Expected liger kernel switches among {LIGER_KERNELS}, got unknown {sorted(unknown)}.")
+            raise ValueError(
+                f"Expected liger kernel switches among {LIGER_KERNELS}, got unknown {sorted(unknown)}."
+            )
         out = {k: bool(liger.get(k, False)) for k in LIGER_KERNELS}
         return out
-    raise TypeError(f"Expected `liger` to be a bool or a dict of kernel switches, got {type(liger).__name__}.")
+    raise TypeError(
+        f"Expected `liger` to be a bool or a dict of kernel switches, got {type(liger).__name__}."
+    )
 
 
 def num_checkpointed(activation_checkpointing: "bool | float | int", num_blocks: int) -> int:
@@ -102,7 +108,9 @@ def num_checkpointed(activation_checkpointing: "bool | float | int", num_blocks:
         return int(round(activation_checkpointing * num_blocks))
     if isinstance(activation_checkpointing, int):
         if activation_checkpointing < 0:
-            raise ValueError(f"Expected a non-negative number of checkpointed blocks, got {activation_checkpointing}.")
+            raise ValueError(
+                f"Expected a non-negative number of checkpointed blocks, got {activation_checkpointing}."
+            )
         return min(activation_checkpointing, num_blocks)
     raise TypeError(
         "Expected `activation_checkpointing` to be a bool, a fraction in (0, 1] or a number of blocks, got"
@@ -124,7 +132,8 @@ def activation_bytes(
 
     Example:
         >>> from lightning_memopt.predictor.model_spec import resolve_model
-        >>> act = activation_bytes(resolve_model("llama-3-8b"), micro_batch_size=1, seq_len=4096, compute_bytes=2)
+        >>> spec = resolve_model("llama-3-8b")
+        >>> act = activation_bytes(spec, micro_batch_size=1, seq_len=4096, compute_bytes=2)
         >>> round(act.saved / 2**30, 2)
         26.6
     """
@@ -133,11 +142,12 @@ def activation_bytes(
     kern = _liger(liger)
     B, S, c = micro_batch_size, seq_len, compute_bytes
     N = B * S
-    d, I, V = spec.hidden_size, spec.intermediate_size, spec.vocab_size
+    d, I, V = spec.hidden_size, spec.intermediate_size, spec.vocab_size  # noqa: E741 (the papers' names)
     hq, hkv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     heads = spec.num_heads
     if spec.norm == "rmsnorm" and spec.is_hf:
-        # LlamaRMSNorm: x.float() (4Nd; the input itself in fp32), rsqrt (4N), normalised and weighted (2 cNd);
+        # LlamaRMSNorm: x.float() (4Nd; the input itself in fp32), rsqrt (4N), normalised and weighted (2
+        # cNd);
         # Liger's RMSNorm saves its input and the fp32 rstd and writes one output (Liger ops/rms_norm.py).
         norm = (2 * c * N * d + 4 * N) if kern["rms_norm"] else (4 * N * d + 2 * c * N * d + 4 * N)
     elif spec.norm == "rmsnorm":
@@ -146,7 +156,8 @@ def activation_bytes(
     else:
         norm = 2 * c * N * d + 8 * N  # LayerNorm: input, mean and rstd (fp32), output read by the Linear
     if spec.family == "generic":
-        # nn.MultiheadAttention-style: packed qkv projection (3cNd), scaled q (cNd), output (cNd); eager keeps the
+        # nn.MultiheadAttention-style: packed qkv projection (3cNd), scaled q (cNd), output (cNd); eager keeps
+        # the
         # softmax in the compute dtype, SDPA its log-sum-exp
         attn = 5 * c * N * d + (c * B * heads * S * S if attention == "eager" else 4 * N * heads)
     elif attention == "eager":
@@ -160,11 +171,13 @@ def activation_bytes(
         mlp = 2 * c * N * I
     block = 2 * norm + attn + mlp
     block_input = c * N * d
-    block_backward = c * N * (I + d)  # output gradient + the MLP's intermediate gradient
+    block_backward = c * N * I  # the gradient of the MLP intermediate, as the first weight gradient appears
     rope = 2 * c * S * spec.head_dim if spec.position == "rope" and not kern["rope"] else 0
     if spec.family == "generic":
-        final_norm = any(("norm" in n or n.split(".")[-1].startswith("ln")) and not any(ch.isdigit() for ch in n)
-                         for n, _ in spec.module_params)
+        final_norm = any(
+            ("norm" in n or n.split(".")[-1].startswith("ln")) and not any(ch.isdigit() for ch in n)
+            for n, _ in spec.module_params
+        )
         fixed = (norm if final_norm else c * N * d) + rope + 8 * N
     else:
         fixed = norm + rope + 8 * N
@@ -182,7 +195,9 @@ def activation_bytes(
     k = num_checkpointed(activation_checkpointing, spec.num_layers)
     if k and attention == "eager" and spec.is_hf:
         fixed += c * B * S * S  # the (B, 1, s, s) causal mask, an input the checkpointed blocks keep
-    return Activations(block, block_input, block_backward, k, spec.num_layers, fixed, logits, logits_bwd, logits_fwd)
+    return Activations(
+        block, block_input, block_backward, k, spec.num_layers, fixed, logits, logits_bwd, logits_fwd
+    )
 
 
 def describe(act: Activations) -> "dict[str, Any]":

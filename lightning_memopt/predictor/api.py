@@ -5,7 +5,13 @@ from typing import Any
 from lightning_memopt.predictor.activations import ATTENTIONS, Activations, activation_bytes, describe
 from lightning_memopt.predictor.estimate import MemoryEstimate
 from lightning_memopt.predictor.model_spec import ModelSpec, resolve_model
-from lightning_memopt.predictor.model_states import ENGINES, EngineMemory, Phase, engine_memory, resolve_optimizer
+from lightning_memopt.predictor.model_states import (
+    ENGINES,
+    EngineMemory,
+    Phase,
+    engine_memory,
+    resolve_optimizer,
+)
 from lightning_memopt.predictor.precision import Precision, resolve_precision
 
 METHODS = ("analytic", "trace")
@@ -28,8 +34,33 @@ def _offload(name: str, value: Any) -> "bool | str":
     raise ValueError(f"Expected `{name}` to be False, 'cpu' or 'nvme', got {value!r}.")
 
 
-def _validate(zero: Any, engine: str, method: str, attention: str, offload_opt: Any, offload_par: Any,
-              deepspeed_config: Any) -> None:
+def _from_config(deepspeed_config: Any, key: str, value: "bool | str") -> "bool | str":
+    """An offload device set in the DeepSpeed config is used when the argument is left False; a conflict
+    raises.
+    """
+    if not isinstance(deepspeed_config, dict):
+        return value
+    device = ((deepspeed_config.get("zero_optimization") or {}).get(key) or {}).get("device")
+    if device in (None, "none"):
+        return value
+    if value is False:
+        return _offload(key, device)
+    if value != device:
+        raise ValueError(
+            f"Expected the {key} argument ({value!r}) to match deepspeed_config's device ({device!r})."
+        )
+    return value
+
+
+def _validate(
+    zero: Any,
+    engine: str,
+    method: str,
+    attention: str,
+    offload_opt: Any,
+    offload_par: Any,
+    deepspeed_config: Any,
+) -> None:
     if isinstance(zero, bool) or not isinstance(zero, int) or not 0 <= zero <= 3:
         raise ValueError(f"Expected `zero` (the ZeRO stage) in 0..3, got {zero!r}.")
     if engine not in ENGINES:
@@ -37,22 +68,32 @@ def _validate(zero: Any, engine: str, method: str, attention: str, offload_opt: 
     if method not in METHODS:
         raise ValueError(f"Expected `method` in {METHODS}, got {method!r}.")
     if attention not in ATTENTIONS:
-        raise ValueError(f"Expected `attention` in {ATTENTIONS}, got {attention!r}. Fix: e.g. attention='sdpa'.")
+        raise ValueError(
+            f"Expected `attention` in {ATTENTIONS}, got {attention!r}. Fix: e.g. attention='sdpa'."
+        )
     if engine == "torch" and (zero or offload_opt or offload_par):
         raise ValueError(
             f"Expected zero=0 and no offload with engine='torch' (plain Lightning), got zero={zero},"
-            f" offload_optimizer={offload_opt!r}, offload_parameters={offload_par!r}. Fix: use engine='deepspeed'."
+            f" offload_optimizer={offload_opt!r}, offload_parameters={offload_par!r}."
+            " Fix: use engine='deepspeed'."
         )
     if offload_opt and zero == 0:
-        raise ValueError("Expected zero >= 1 with `offload_optimizer` (DeepSpeed offloads ZeRO partitions). Fix: zero=1..3.")
+        raise ValueError(
+            "Expected zero >= 1 with `offload_optimizer` (DeepSpeed offloads ZeRO partitions)."
+            " Fix: zero=1..3."
+        )
     if offload_par and zero != 3:
         raise ValueError(f"Expected zero=3 with `offload_parameters` (ZeRO-Infinity), got zero={zero}.")
     if deepspeed_config is not None:
         if not isinstance(deepspeed_config, dict):
-            raise TypeError(f"Expected `deepspeed_config` to be a dict, got {type(deepspeed_config).__name__}.")
+            raise TypeError(
+                f"Expected `deepspeed_config` to be a dict, got {type(deepspeed_config).__name__}."
+            )
         stage = (deepspeed_config.get("zero_optimization") or {}).get("stage")
         if stage is not None and stage != zero:
-            raise ValueError(f"Expected deepspeed_config's zero_optimization.stage ({stage}) to equal zero={zero}.")
+            raise ValueError(
+                f"Expected deepspeed_config's zero_optimization.stage ({stage}) to equal zero={zero}."
+            )
 
 
 def estimate_memory(
@@ -78,27 +119,27 @@ def estimate_memory(
 
     The peak is the largest of the step's moments: the start of backward (model states + gathered ZeRO-3
     parameters + all saved activations + the loss' gradients), each block's backward (fewer activations, more
-    gradients), the gradient reduction at the end of backward (ZeRO 0/1) and the optimizer step (fp32 gradients and
-    the optimizer's temporaries). The six categories are those of the winning moment.
+    gradients), the gradient reduction at the end of backward (ZeRO 0/1) and the optimizer step (fp32
+    gradients and the optimizer's temporaries). The six categories are those of the winning moment.
 
     Args:
-        model: preset name, Hugging Face config (object, dict, ``config.json`` path), ``nn.Module`` or parameter
-            count (``8e9``, ``"8B"``: model states only, activations 0).
+        model: preset name, Hugging Face config (object, dict, ``config.json`` path), ``nn.Module`` or
+            parameter count (``8e9``, ``"8B"``: model states only, activations 0).
         world_size: data-parallel ranks.
         zero: ZeRO stage 0-3 (``engine="deepspeed"``/``"zero-paper"``).
         micro_batch_size: samples per forward/backward.
         seq_len: tokens per sample (default: the config's ``max_position_embeddings``).
         precision: Lightning precision name.
-        optimizer: ``adamw``/``adam`` (torch single-tensor path, the CPU default), ``*-foreach`` (CUDA default),
-            ``*-fused``, ``sgd``, ``sgd-momentum``.
+        optimizer: ``adamw``/``adam`` (torch single-tensor path, the CPU default), ``*-foreach`` (CUDA
+            default), ``*-fused``, ``sgd``, ``sgd-momentum``.
         offload_optimizer: False, ``"cpu"`` or ``"nvme"`` (ZeRO-Offload / ZeRO-Infinity).
         offload_parameters: False, ``"cpu"`` or ``"nvme"`` (ZeRO-3 only).
         activation_checkpointing: bool, a fraction of blocks in (0, 1], or a number of blocks.
         attention: ``sdpa``, ``eager``, ``flash_attention_2`` or ``flex_attention``.
         liger: bool or a dict of Liger kernel switches (rms_norm, rope, swiglu, cross_entropy,
             fused_linear_cross_entropy).
-        engine: ``"deepspeed"`` (what DeepSpeed 0.19.8 allocates), ``"torch"`` (plain Lightning: single device or
-            DDP) or ``"zero-paper"`` (the ZeRO paper's 2 + 2 + K accounting, Figure 1).
+        engine: ``"deepspeed"`` (what DeepSpeed 0.19.8 allocates), ``"torch"`` (plain Lightning: single device
+            or DDP) or ``"zero-paper"`` (the ZeRO paper's 2 + 2 + K accounting, Figure 1).
         method: ``"analytic"`` or ``"trace"`` (fake-tensor step of ``model``, an ``nn.Module``, on
             ``example_batch``).
         deepspeed_config: the DeepSpeed config the strategy uses (bucket sizes, thresholds).
@@ -121,57 +162,99 @@ def estimate_memory(
         seq_len = _positive_int("seq_len", seq_len)
     offload_opt = _offload("offload_optimizer", offload_optimizer)
     offload_par = _offload("offload_parameters", offload_parameters)
+    offload_opt = _from_config(deepspeed_config, "offload_optimizer", offload_opt)
+    offload_par = _from_config(deepspeed_config, "offload_param", offload_par)
     _validate(zero, engine, method, attention, offload_opt, offload_par, deepspeed_config)
     prec = resolve_precision(precision)
     resolve_optimizer(optimizer)
     spec = resolve_model(model)
     if method == "trace" and example_batch is None:
-        raise ValueError("Expected `example_batch` with method='trace'. Fix: pass one micro-batch of the real inputs.")
+        raise ValueError(
+            "Expected `example_batch` with method='trace'. Fix: pass one micro-batch of the real inputs."
+        )
     if method == "trace" and not _is_module(model):
         raise TypeError(f"Expected an nn.Module with method='trace', got {type(model).__name__}.")
     if seq_len is None:
         seq_len = spec.max_position_embeddings or 2048
     ranks = [None]
     if engine == "deepspeed" and zero in (1, 2) and world_size > 1:
-        ranks = list(range(world_size)) if world_size <= 16 else sorted({0, 1, world_size // 2, world_size - 2,
-                                                                          world_size - 1})
-    ems = {r: engine_memory(
-        spec, world_size=world_size, zero=zero, precision=prec, optimizer=optimizer,
-        offload_optimizer=offload_opt, offload_parameters=offload_par, engine=engine,
-        deepspeed_config=deepspeed_config, rank=r,
-    ) for r in ranks}
+        ranks = (
+            list(range(world_size))
+            if world_size <= 16
+            else sorted({0, 1, world_size // 2, world_size - 2, world_size - 1})
+        )
+    ems = {
+        r: engine_memory(
+            spec,
+            world_size=world_size,
+            zero=zero,
+            precision=prec,
+            optimizer=optimizer,
+            offload_optimizer=offload_opt,
+            offload_parameters=offload_par,
+            engine=engine,
+            deepspeed_config=deepspeed_config,
+            rank=r,
+        )
+        for r in ranks
+    }
     em = ems[ranks[-1]]
     details: "dict[str, Any]" = {
-        "model": spec.name, "num_parameters": spec.num_parameters, "world_size": world_size, "zero": zero,
-        "precision": prec.name, "engine": engine, "method": method, "seq_len": seq_len,
-        "micro_batch_size": micro_batch_size, **em.details,
+        "model": spec.name,
+        "num_parameters": spec.num_parameters,
+        "world_size": world_size,
+        "zero": zero,
+        "precision": prec.name,
+        "engine": engine,
+        "method": method,
+        "seq_len": seq_len,
+        "micro_batch_size": micro_batch_size,
+        **em.details,
     }
     if em.nvme_offloaded:
         details["nvme_offloaded"] = em.nvme_offloaded
     if engine == "torch" and prec.mixed:
         # the lecture's table (section 1): every item at once, although they never coexist at the peak
         P = spec.num_parameters
-        details["lecture_breakdown"] = {"half_weights": prec.compute_bytes * P, "fp32_parameters": 4 * P,
-                                        "adam_states": resolve_optimizer(optimizer)[0] * P, "fp32_gradients": 4 * P}
+        details["lecture_breakdown"] = {
+            "half_weights": prec.compute_bytes * P,
+            "fp32_parameters": 4 * P,
+            "adam_states": resolve_optimizer(optimizer)[0] * P,
+            "fp32_gradients": 4 * P,
+        }
     act_engine = "deepspeed" if engine == "zero-paper" else engine
     half_copies = _half_copies(spec, prec, act_engine)
     if method == "trace":
         from lightning_memopt.predictor.trace import trace_step
 
-        res = trace_step(model, example_batch, prec, engine=act_engine,
-                         activation_checkpointing=activation_checkpointing, attention=attention)
+        res = trace_step(
+            model,
+            example_batch,
+            prec,
+            engine=act_engine,
+            activation_checkpointing=activation_checkpointing,
+            attention=attention,
+        )
         b = prec.param_bytes(act_engine)
-        timeline = [(live, g // b, live if g == 0 and i <= res.forward_end + 50 else 0)
-                    for i, (live, g) in enumerate(zip(res.live, res.grads))]
+        timeline = [
+            (live, g // b, live if g == 0 and i <= res.forward_end + 50 else 0)
+            for i, (live, g) in enumerate(zip(res.live, res.grads))
+        ]
         logits_cap = 3 * res.logits_bytes
         timeline = [(live, g, min(live, logits_cap) if g == 0 else 0) for live, g, _ in timeline]
         half_copies = 0  # autocast's copies are live tensors of the trace
         details.update(saved_bytes=res.saved_bytes, logits_bytes=res.logits_bytes)
     elif spec.has_structure:
-        act = activation_bytes(spec, micro_batch_size=micro_batch_size, seq_len=seq_len,
-                               compute_bytes=prec.compute_bytes, attention=attention,
-                               activation_checkpointing=activation_checkpointing, liger=liger)
-        timeline = _analytic_timeline(spec, act)
+        act = activation_bytes(
+            spec,
+            micro_batch_size=micro_batch_size,
+            seq_len=seq_len,
+            compute_bytes=prec.compute_bytes,
+            attention=attention,
+            activation_checkpointing=activation_checkpointing,
+            liger=liger,
+        )
+        timeline = _analytic_timeline(spec, act, prec.param_bytes(act_engine))
         details.update(describe(act))
     else:
         timeline = [(0, 0, 0)]
@@ -209,7 +292,9 @@ def _is_module(model: Any) -> bool:
 
 
 def _half_copies(spec: ModelSpec, prec: Precision, engine: str) -> int:
-    """Autocast's half-precision copies of the matmul weights (plain torch ``*-mixed``), live into backward."""
+    """Autocast's half-precision copies of the matmul weights (plain torch ``*-mixed``), live into
+    backward.
+    """
     if engine != "torch" or not prec.mixed:
         return 0
     if not spec.module_params:
@@ -225,11 +310,19 @@ def _half_copies(spec: ModelSpec, prec: Precision, engine: str) -> int:
     return prec.compute_bytes * total
 
 
-def _analytic_timeline(spec: ModelSpec, act: Activations) -> "list[tuple[int, int, int]]":
-    """(activation bytes, gradient elements produced, of which logits bytes) through backward."""
+def _analytic_timeline(spec: ModelSpec, act: Activations, grad_bytes: int) -> "list[tuple[int, int, int]]":
+    """(activation bytes, gradient elements produced, of which logits bytes) through backward.
+
+    With tied embeddings the output projection's weight gradient waits in autograd's input buffer until the
+    embedding's backward adds its part (one AccumulateGrad per leaf), so it is live through the blocks'
+    backward.
+    """
+    tied = grad_bytes * spec.vocab_size * spec.hidden_size if spec.tied_embeddings else 0
     modules = spec.module_params
     per_layer = [0] * spec.num_layers
-    first = [0] * spec.num_layers  # the first gradient a block's backward produces (its MLP output projection)
+    first = [
+        0
+    ] * spec.num_layers  # the first gradient a block's backward produces (its MLP output projection)
     head = 0
     for name, numels in modules:
         parts = name.split(".")
@@ -244,20 +337,27 @@ def _analytic_timeline(spec: ModelSpec, act: Activations) -> "list[tuple[int, in
         if block < 0:
             out.append((live, 0, act.logits + act.logits_backward))
         else:
-            out.append((live, head + sum(per_layer[block + 1:]) + first[block], 0))
+            out.append((live + tied, head + sum(per_layer[block + 1 :]) + first[block], 0))
     out.append((act.saved - act.logits + act.logits_forward, 0, act.logits_forward))  # end of forward
     return out
 
 
-def _phases(em: EngineMemory, timeline: "list[tuple[int, int, int]]", half: int) -> "list[tuple[Phase, int, int]]":
+def _phases(
+    em: EngineMemory, timeline: "list[tuple[int, int, int]]", half: int
+) -> "list[tuple[Phase, int, int]]":
     """Every moment as (model-state phase, activation bytes, logits bytes)."""
     base = em.base
     out = []
     best = None
     for live, grads, logits in timeline:
         g, buf = em.backward_extra(grads)
-        phase = Phase("backward", base.parameters + em.gathered + half, base.gradients + g, base.optimizer_states,
-                      base.buffers + buf)
+        phase = Phase(
+            "backward",
+            base.parameters + em.gathered + half,
+            base.gradients + g,
+            base.optimizer_states,
+            base.buffers + buf,
+        )
         item = (phase, live - logits, logits)
         if best is None or phase.total + live > best[0].total + best[1] + best[2]:
             best = item

@@ -1,8 +1,8 @@
 """Normalise the ``model`` argument of the predictor into a :class:`ModelSpec`.
 
 A model is given as a Hugging Face config (object, dict or ``config.json`` path), a preset name, an
-``nn.Module`` (a Hugging Face ``PreTrainedModel``, a LightningModule holding one, or any transformer written in
-plain PyTorch) or a parameter count (``8e9``, ``"8B"``, ``"7.5e9"``: model states only).
+``nn.Module`` (a Hugging Face ``PreTrainedModel``, a LightningModule holding one, or any transformer written
+in plain PyTorch) or a parameter count (``8e9``, ``"8B"``, ``"7.5e9"``: model states only).
 """
 
 import json
@@ -30,8 +30,9 @@ class ModelSpec:
     Attributes:
         name: where it came from (preset name, ``model_type``, class name or ``"count"``).
         num_parameters: unique trainable parameters (tied weights counted once).
-        family: ``"llama"`` (RMSNorm + SwiGLU + RoPE: Llama, Mistral, Qwen2...), ``"gpt2"`` (LayerNorm + GELU +
-            learned positions), ``"generic"`` (a plain-PyTorch transformer found structurally) or ``"count"``.
+        family: ``"llama"`` (RMSNorm + SwiGLU + RoPE: Llama, Mistral, Qwen2...), ``"gpt2"`` (LayerNorm + GELU
+            + learned positions), ``"generic"`` (a plain-PyTorch transformer found structurally) or
+            ``"count"``.
         hidden_size, num_layers, num_heads, num_kv_heads, head_dim, intermediate_size, vocab_size: the shapes
             (0 when only a count is known).
         tied_embeddings: the output projection shares the embedding matrix.
@@ -73,7 +74,9 @@ class ModelSpec:
         if self.num_parameters <= 0:
             raise ValueError(f"Expected a positive parameter count, got {self.num_parameters!r}.")
         if self.family not in ("llama", "gpt2", "generic", "count"):
-            raise ValueError(f"Expected family in ('llama', 'gpt2', 'generic', 'count'), got {self.family!r}.")
+            raise ValueError(
+                f"Expected family in ('llama', 'gpt2', 'generic', 'count'), got {self.family!r}."
+            )
         if self.has_structure and self.num_heads and self.num_kv_heads and self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"Expected num_attention_heads ({self.num_heads}) divisible by num_key_value_heads"
@@ -152,13 +155,16 @@ def _from_string(text: str) -> ModelSpec:
             try:
                 config = json.load(fh)
             except json.JSONDecodeError as err:
-                raise ValueError(f"Expected {path!r} to be a JSON config, but it does not parse: {err}.") from None
+                raise ValueError(
+                    f"Expected {path!r} to be a JSON config, but it does not parse: {err}."
+                ) from None
         return from_hf_config(config, name=os.path.basename(os.path.dirname(os.path.abspath(path))) or path)
     match = _COUNT.match(text)
     if match:
         return _from_count(float(match.group(1)) * _SUFFIX[match.group(2).lower()], repr(text))
     raise ValueError(
-        f"Expected a preset in {sorted(PRESETS)}, a config.json path or a parameter count like '8B' or '7.5e9',"
+        f"Expected a preset in {sorted(PRESETS)}, a config.json path or a parameter count like '8B' or"
+        " '7.5e9',"
         f" got {text!r}."
     )
 
@@ -175,7 +181,8 @@ def _require(config: "dict[str, Any]", keys: "dict[str, tuple[str, ...]]") -> "d
     if missing:
         raise ValueError(
             f"Expected the config to define {missing} (model_type={config.get('model_type')!r}), but they are"
-            " missing. Fix: pass a complete Hugging Face config.json, or a parameter count for model states only."
+            " missing. Fix: pass a complete Hugging Face config.json, or a parameter count for model states"
+            " only."
         )
     return out
 
@@ -183,9 +190,9 @@ def _require(config: "dict[str, Any]", keys: "dict[str, tuple[str, ...]]") -> "d
 def from_hf_config(config: "dict[str, Any]", name: "str | None" = None) -> ModelSpec:
     """Build a :class:`ModelSpec` from a Hugging Face config dict (``PretrainedConfig.to_dict()``).
 
-    GPT-2-style configs (``n_embd``/``n_layer``/``n_head``) get LayerNorm + GELU + learned positions; all others
-    the Llama-style decoder (RMSNorm, SwiGLU, RoPE, grouped-query attention) that Llama, Mistral, Qwen2 and most
-    recent decoders share. Parameter shapes follow ``modeling_llama.py`` / ``modeling_qwen2.py`` /
+    GPT-2-style configs (``n_embd``/``n_layer``/``n_head``) get LayerNorm + GELU + learned positions; all
+    others the Llama-style decoder (RMSNorm, SwiGLU, RoPE, grouped-query attention) that Llama, Mistral, Qwen2
+    and most recent decoders share. Parameter shapes follow ``modeling_llama.py`` / ``modeling_qwen2.py`` /
     ``modeling_gpt2.py`` of transformers.
 
     Example:
@@ -256,8 +263,13 @@ def from_hf_config(config: "dict[str, Any]", name: "str | None" = None) -> Model
 def _gpt2_spec(config: "dict[str, Any]", tied: bool, name: str) -> ModelSpec:
     c = _require(
         config,
-        {"d": ("n_embd", "hidden_size"), "layers": ("n_layer", "num_hidden_layers"),
-         "heads": ("n_head", "num_attention_heads"), "vocab": ("vocab_size",), "pos": ("n_positions",)},
+        {
+            "d": ("n_embd", "hidden_size"),
+            "layers": ("n_layer", "num_hidden_layers"),
+            "heads": ("n_head", "num_attention_heads"),
+            "vocab": ("vocab_size",),
+            "pos": ("n_positions",),
+        },
     )
     d, vocab, pos = c["d"], c["vocab"], c["pos"]
     inter = config.get("n_inner") or 4 * d
@@ -302,7 +314,11 @@ def _find_hf_model(module: nn.Module) -> "nn.Module | None":
     while queue:
         current = queue.pop(0)
         config = getattr(current, "config", None)
-        if config is not None and callable(getattr(config, "to_dict", None)) and hasattr(config, "model_type"):
+        if (
+            config is not None
+            and callable(getattr(config, "to_dict", None))
+            and hasattr(config, "model_type")
+        ):
             return current
         queue.extend(current.children())
     return None
@@ -326,10 +342,10 @@ def _leaf_params(module: nn.Module) -> "tuple[tuple[str, tuple[int, ...]], ...]"
 def from_module(module: nn.Module) -> ModelSpec:
     """Build a :class:`ModelSpec` from an ``nn.Module``.
 
-    A Hugging Face model (or a module holding one, such as a LightningModule) is read from its config; any other
-    module is read structurally: the vocabulary and width from its largest ``nn.Embedding``, the blocks from its
-    longest ``nn.ModuleList`` of identical children, the MLP width from the block's down projection (a Linear
-    back to the width), the heads from a ``num_heads``/``n_head``/``n_heads`` attribute or an
+    A Hugging Face model (or a module holding one, such as a LightningModule) is read from its config; any
+    other module is read structurally: the vocabulary and width from its largest ``nn.Embedding``, the blocks
+    from its longest ``nn.ModuleList`` of identical children, the MLP width from the block's down projection
+    (a Linear back to the width), the heads from a ``num_heads``/``n_head``/``n_heads`` attribute or an
     ``nn.MultiheadAttention``. Parameters are counted from the module itself (shared tensors once, frozen ones
     excluded).
 
@@ -357,7 +373,9 @@ def from_module(module: nn.Module) -> ModelSpec:
     leaves = _leaf_params(module)
     total = sum(n for _, p in leaves for n in p)
     if total == 0:
-        raise ValueError(f"Expected a module with trainable parameters, got {type(module).__name__} with none.")
+        raise ValueError(
+            f"Expected a module with trainable parameters, got {type(module).__name__} with none."
+        )
     hf = _find_hf_model(module)
     if hf is not None:
         spec = from_hf_config(hf.config.to_dict(), name=getattr(hf.config, "model_type", None))
@@ -382,7 +400,8 @@ def _generic_spec(module: nn.Module, leaves: Any, total: int) -> ModelSpec:
     if not embeddings or not blocks:
         raise ValueError(
             f"Expected {type(module).__name__} to contain an nn.Embedding and an nn.ModuleList of transformer"
-            " blocks to read its shapes from. Fix: pass its Hugging Face config, use method='trace', or pass the"
+            " blocks to read its shapes from. Fix: pass its Hugging Face config, use method='trace', or pass"
+            " the"
             " parameter count for model states only."
         )
     emb = max(embeddings, key=lambda e: e.num_embeddings)

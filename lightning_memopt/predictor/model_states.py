@@ -3,28 +3,30 @@
 Sources (DeepSpeed 0.19.8, ``deepspeed/runtime``):
 
 * ``engine.py`` ``_do_optimizer_sanity_check``: with fp16/bf16 and no ZeRO, a torch optimizer is wrapped in
-  ``FP16_UnfusedOptimizer`` (``fp16/unfused_optimizer.py``): per-tensor fp32 master copies, Adam states created at
-  construction by a zero-gradient step, fp32 copies of *all* gradients made at the step. fp32 without ZeRO: the
-  torch optimizer runs as is (states created lazily at the first step). After backward, ``allreduce_gradients``
-  flattens the gradients in chunks of ``MEMORY_OPT_ALLREDUCE_SIZE`` = 5e8 elements (``torch.cat``: a copy).
-* ``zero/stage_1_and_2.py`` (``DeepSpeedZeroOptimizer``): a flat 16-bit (or fp32) copy of all parameters, the fp32
-  master partition (``single_partition_of_fp32_groups``, a clone even for fp32), the optimizer states of that
-  partition (torch Adam: lazily at the first step), an IPG bucket of ``reduce_bucket_size`` elements in the
-  parameter dtype from the start of backward (two with ``overlap_comm``), ``grads_in_partition`` (the 16-bit
-  gradients of the parameters overlapping the rank's partition) after the first bucket reduction, and at the step
-  an fp32 gradient partition. Stage 1 keeps full gradients in ``param.grad`` until the end of backward.
+  ``FP16_UnfusedOptimizer`` (``fp16/unfused_optimizer.py``): per-tensor fp32 master copies, Adam states
+  created at construction by a zero-gradient step, fp32 copies of *all* gradients made at the step. fp32
+  without ZeRO: the torch optimizer runs as is (states created lazily at the first step). After backward,
+  ``allreduce_gradients`` flattens the gradients in chunks of ``MEMORY_OPT_ALLREDUCE_SIZE`` = 5e8 elements
+  (``torch.cat``: a copy).
+* ``zero/stage_1_and_2.py`` (``DeepSpeedZeroOptimizer``): a flat 16-bit (or fp32) copy of all parameters, the
+  fp32 master partition (``single_partition_of_fp32_groups``, a clone even for fp32), the optimizer states of
+  that partition (torch Adam: lazily at the first step), an IPG bucket of ``reduce_bucket_size`` elements in
+  the parameter dtype from the start of backward (two with ``overlap_comm``), ``grads_in_partition`` (the
+  16-bit gradients of the parameters overlapping the rank's partition) after the first bucket reduction, and
+  at the step an fp32 gradient partition. Stage 1 keeps full gradients in ``param.grad`` until the end of
+  backward.
 * ``zero/stage3.py`` + ``partitioned_param_coordinator.py``: 16-bit parameter partitions, a persistent 16-bit
   gradient partition (``grad_partitions_flat_buffer``), one IPG bucket of ``reduce_bucket_size`` allocated at
-  init, full copies of parameters below ``stage3_param_persistence_threshold``, and gathered parameters that are
-  kept when reused within ``stage3_max_reuse_distance`` elements (so small models stay gathered from forward to
-  backward).
+  init, full copies of parameters below ``stage3_param_persistence_threshold``, and gathered parameters that
+  are kept when reused within ``stage3_max_reuse_distance`` elements (so small models stay gathered from
+  forward to backward).
 * Optimizer step temporaries (``torch/optim/adam.py``): the single-tensor path (the CPU default) makes two
   temporaries per tensor (``exp_avg_sq.sqrt()`` and its division), the foreach path (CUDA default) one for the
   whole list, the fused path none.
 
 The ZeRO paper's accounting (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion
-Parameter Models", section 3.1 and Figure 1: 2 + 2 + K bytes per parameter, K = 12 for mixed-precision Adam) is
-``engine="zero-paper"``.
+Parameter Models", section 3.1 and Figure 1: 2 + 2 + K bytes per parameter, K = 12 for mixed-precision Adam)
+is ``engine="zero-paper"``.
 """
 
 import math
@@ -57,7 +59,8 @@ DEEPSPEED_DEFAULTS = {
     "sub_group_size": 1_000_000_000,
     "contiguous_gradients": True,
 }
-#: ``engine.py`` ``MEMORY_OPT_ALLREDUCE_SIZE``: the stage-0 gradient all-reduce flattens this many elements at once.
+# ``engine.py`` ``MEMORY_OPT_ALLREDUCE_SIZE``: the stage-0 gradient all-reduce flattens this many elements at
+# once.
 ALLREDUCE_CHUNK = 500_000_000
 
 
@@ -83,15 +86,19 @@ def zero_settings(deepspeed_config: "dict[str, Any] | None") -> "dict[str, Any]"
     """
     zero = dict((deepspeed_config or {}).get("zero_optimization", {}) or {})
     out = dict(DEEPSPEED_DEFAULTS)
-    aliases = {"prefetch_bucket_size": "stage3_prefetch_bucket_size",
-               "param_persistence_threshold": "stage3_param_persistence_threshold",
-               "max_live_parameters": "stage3_max_live_parameters",
-               "max_reuse_distance": "stage3_max_reuse_distance"}
+    aliases = {
+        "prefetch_bucket_size": "stage3_prefetch_bucket_size",
+        "param_persistence_threshold": "stage3_param_persistence_threshold",
+        "max_live_parameters": "stage3_max_live_parameters",
+        "max_reuse_distance": "stage3_max_reuse_distance",
+    }
     for key, value in zero.items():
         key = aliases.get(key, key)
         if key in out and value is not None:
             if isinstance(value, str):
-                raise ValueError(f"Expected a number for zero_optimization.{key}, got {value!r} ('auto' is unresolved).")
+                raise ValueError(
+                    f"Expected a number for zero_optimization.{key}, got {value!r} ('auto' is unresolved)."
+                )
             out[key] = bool(value) if key == "contiguous_gradients" else int(value)
     out["overlap_comm"] = zero.get("overlap_comm")
     return out
@@ -146,7 +153,9 @@ def _partition(n: int, world: int) -> int:
 
 
 def _tensors(spec: ModelSpec) -> "list[int]":
-    """Parameter tensor sizes; unknown for a bare parameter count (per-tensor temporaries are then left out)."""
+    """Parameter tensor sizes; unknown for a bare parameter count (per-tensor temporaries are then left
+    out).
+    """
     return spec.param_numels if spec.module_params else []
 
 
@@ -162,15 +171,18 @@ def _temporaries(kind: str, tensors: "list[int]") -> int:
 def _gathered_stage3(spec: ModelSpec, threshold: int, reuse: int, bytes_: int) -> "tuple[int, int]":
     """(gathered bytes kept from forward into backward, persistent full-copy bytes) at ZeRO-3.
 
-    ``partitioned_param_coordinator.__params_to_release``: after a module's forward, its parameters stay gathered
-    when they are used again within ``max_reuse_distance`` elements of the trace (forward rest + backward).
+    ``partitioned_param_coordinator.__params_to_release``: after a module's forward, its parameters stay
+    gathered when they are used again within ``max_reuse_distance`` elements of the trace (forward rest +
+    backward).
     """
     if not spec.module_params:  # a bare count: modules unknown, the last reuse/2 elements stay gathered
         return min(spec.num_parameters, reuse // 2) * bytes_, 0
     names = [name for name, _ in spec.module_params]
-    # a module owning parameters *and* parameterised children (nn.MultiheadAttention reads its out_proj's weight
+    # a module owning parameters *and* parameterised children (nn.MultiheadAttention reads its out_proj's
+    # weight
     # itself) fetches them outside the recorded module trace: DeepSpeed releases them after use (measured)
-    owners = {n for n in names if any(o.startswith(n + ".") for o in names)}
+    parents = {name.rsplit(".", k)[0] for name in names for k in range(1, name.count(".") + 1)}
+    owners = parents.intersection(names)
     fetched = [n in owners or n.rsplit(".", 1)[0] in owners for n in names]
     modules = [numels for _, numels in spec.module_params]
     sizes = [sum(n for n in numels) for numels in modules]
@@ -186,7 +198,8 @@ def _gathered_stage3(spec: ModelSpec, threshold: int, reuse: int, bytes_: int) -
 
 def _partition_grad_elements(spec: ModelSpec, world: int, rank: int) -> "tuple[int, int]":
     """(elements of the parameters overlapping ``rank``'s flat partition, gradient elements produced in
-    backward before the first of them) for ZeRO-1/2's ``grads_in_partition``."""
+    backward before the first of them) for ZeRO-1/2's ``grads_in_partition``.
+    """
     numels = spec.param_numels
     total = sum(numels)
     size = _partition(total, world)
@@ -220,7 +233,8 @@ def engine_memory(
     Example:
         >>> from lightning_memopt.predictor.model_spec import resolve_model
         >>> from lightning_memopt.predictor.precision import resolve_precision
-        >>> em = engine_memory(resolve_model(7.5e9), world_size=64, zero=1, precision=resolve_precision("16-mixed"),
+        >>> em = engine_memory(resolve_model(7.5e9), world_size=64, zero=1,
+        ...                    precision=resolve_precision("16-mixed"),
         ...                    optimizer="adam", offload_optimizer=False, offload_parameters=False,
         ...                    engine="zero-paper", deepspeed_config=None)
         >>> em.base.total / 1e9
@@ -298,9 +312,10 @@ def engine_memory(
 
 
 def _flush_after(spec: ModelSpec, bucket: int, before: int) -> int:
-    """Gradient elements produced when ZeRO-2 first reduces a bucket holding one of the rank's parameters (and so
-    allocates ``grads_in_partition``): buckets fill in backward order and are reduced when the next gradient does
-    not fit (``reduce_independent_p_g_buckets_and_remove_grads``)."""
+    """Gradient elements produced when ZeRO-2 first reduces a bucket holding one of the rank's parameters (and
+    so allocates ``grads_in_partition``): buckets fill in backward order and are reduced when the next
+    gradient does not fit (``reduce_independent_p_g_buckets_and_remove_grads``).
+    """
     filled = total = 0
     for n in reversed(spec.param_numels):
         if filled and filled + n > bucket:
@@ -314,7 +329,8 @@ def _flush_after(spec: ModelSpec, bucket: int, before: int) -> int:
 
 def _first_bucket_elements(spec: ModelSpec, bucket: int, reverse: bool = False) -> int:
     """Gradient elements in the first IPG bucket reduced: in flat order at ZeRO-1's end-of-backward reduction,
-    in backward (reverse) order at ZeRO-2."""
+    in backward (reverse) order at ZeRO-2.
+    """
     total = 0
     for n in reversed(spec.param_numels) if reverse else spec.param_numels:
         if total and total + n > bucket:
@@ -323,8 +339,11 @@ def _first_bucket_elements(spec: ModelSpec, bucket: int, reverse: bool = False) 
     return total
 
 
-def _torch_engine(spec: ModelSpec, world: int, precision: Precision, state_bytes: int, kind: str) -> EngineMemory:
-    """Plain Lightning (single device or DDP): parameters, gradients and optimizer states in the parameter dtype.
+def _torch_engine(
+    spec: ModelSpec, world: int, precision: Precision, state_bytes: int, kind: str
+) -> EngineMemory:
+    """Plain Lightning (single device or DDP): parameters, gradients and optimizer states in the parameter
+    dtype.
 
     ``*-mixed``: fp32 parameters, gradients and states (Micikevicius et al. 2018, section 3); autocast's
     half-precision weight copies live from their first use in forward to their use in backward (counted with
@@ -342,8 +361,9 @@ def _torch_engine(spec: ModelSpec, world: int, precision: Precision, state_bytes
 
 
 def _zero_paper(P: int, W: int, zero: int, precision: Precision, state_bytes: int) -> EngineMemory:
-    """ZeRO paper, section 3.1 / Figure 1: 2Ψ parameters + 2Ψ gradients + KΨ optimizer states (K = 4 + states),
-    partitioned over N_d ranks from stage 1 (optimizer), 2 (+ gradients), 3 (+ parameters)."""
+    """ZeRO paper, section 3.1 / Figure 1: 2Ψ parameters + 2Ψ gradients + KΨ optimizer states
+    (K = 4 + states), partitioned over N_d ranks from stage 1 (optimizer), 2 (+ gradients), 3 (+ parameters).
+    """
     half = precision.half
     b = 2 if half else 4
     k = (4 if half else 0) + state_bytes

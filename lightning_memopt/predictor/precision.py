@@ -19,7 +19,8 @@ class Precision:
         name: the canonical Lightning name.
         compute_dtype: the dtype activations are computed and saved in (autocast's or the weights').
         half: whether a 16-bit format is involved (``*-mixed`` or ``*-true`` with 16 bits).
-        mixed: ``*-mixed``: fp32 master weights exist (DeepSpeed: fp32 partition; torch: fp32 params + autocast).
+        mixed: ``*-mixed``: fp32 master weights exist (DeepSpeed: fp32 partition; torch: fp32 params +
+            autocast).
     """
 
     name: str
@@ -36,8 +37,8 @@ class Precision:
         """The dtype of the parameters the forward pass reads.
 
         DeepSpeed casts the module to fp16/bf16 for every 16-bit setting and keeps an fp32 master copy in its
-        optimizer (DeepSpeed ``engine.py``, ``_configure_distributed_model``); plain torch ``*-mixed`` keeps fp32
-        parameters and autocasts (Micikevicius et al. 2018, "Mixed Precision Training", section 3).
+        optimizer (DeepSpeed ``engine.py``, ``_configure_distributed_model``); plain torch ``*-mixed`` keeps
+        fp32 parameters and autocasts (Micikevicius et al. 2018, "Mixed Precision Training", section 3).
 
         Example:
             >>> resolve_precision("bf16-mixed").param_dtype("deepspeed")

@@ -1,12 +1,13 @@
 """``method="trace"``: run one training step's forward and backward under fake tensors and account every byte.
 
-Nothing is allocated: parameters, buffers and the batch become :class:`~torch._subclasses.fake_tensor.FakeTensor`
-s (shapes, dtypes and storages without data), and a ``TorchDispatchMode`` follows every storage the step creates
-until it dies (``weakref`` on the untyped storage), so the result is the exact live-tensor timeline of the real
-eager step (the same kernels run their shape functions; SDPA and CPU autocast take their real paths, which the
-meta device does not). Gradients of parameters are reported to a post-accumulate hook and dropped, so the timeline
-says, at every op, how many bytes of activations/logits/temporaries are live and how many gradient bytes the
-engine has received so far; each engine then keeps what it keeps (:mod:`.model_states`).
+Nothing is allocated: parameters, buffers and the batch become
+:class:`~torch._subclasses.fake_tensor.FakeTensor` s (shapes, dtypes and storages without data), and a
+``TorchDispatchMode`` follows every storage the step creates until it dies (``weakref`` on the untyped
+storage), so the result is the exact live-tensor timeline of the real eager step (the same kernels run their
+shape functions; SDPA and CPU autocast take their real paths, which the meta device does not). Gradients of
+parameters are reported to a post-accumulate hook and dropped, so the timeline says, at every op, how many
+bytes of activations/logits/temporaries are live and how many gradient bytes the engine has received so far;
+each engine then keeps what it keeps (:mod:`.model_states`).
 """
 
 import contextlib
@@ -20,6 +21,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from lightning_memopt.predictor.activations import num_checkpointed
+from lightning_memopt.predictor.model_spec import _find_hf_model
 from lightning_memopt.predictor.precision import Precision
 
 
@@ -28,8 +31,8 @@ class TraceResult:
     """What one fake training step (forward + backward) did to memory, parameters excluded.
 
     Attributes:
-        live: bytes of live non-parameter tensors after each op (activations, logits, temporaries, gradients in
-            flight before they reach the engine).
+        live: bytes of live non-parameter tensors after each op (activations, logits, temporaries, gradients
+            in flight before they reach the engine).
         grads: gradient bytes handed to the engine so far, at the same moments (parameter dtype).
         forward_end: index in ``live`` where the forward pass (the loss) ended.
         saved_bytes: bytes saved for backward at the end of forward (de-duplicated by storage).
@@ -109,14 +112,6 @@ def _find_blocks(module: nn.Module) -> "list[nn.Module]":
     return blocks
 
 
-def _num_checkpointed(checkpointing: "bool | float | int", num_blocks: int) -> int:
-    if isinstance(checkpointing, bool):
-        return num_blocks if checkpointing else 0
-    if isinstance(checkpointing, float):
-        return int(round(checkpointing * num_blocks))
-    return min(int(checkpointing), num_blocks)
-
-
 @contextlib.contextmanager
 def _checkpointed(module: nn.Module, count: int):
     """Checkpoint the first ``count`` blocks (non-reentrant ``torch.utils.checkpoint``), restored on exit."""
@@ -125,7 +120,9 @@ def _checkpointed(module: nn.Module, count: int):
         return
     blocks = _find_blocks(module)
     hf_layers = [b for b in blocks if hasattr(b, "gradient_checkpointing")]
-    if hf_layers and hasattr(module, "gradient_checkpointing_enable"):
+    hf = _find_hf_model(module)
+    if hf_layers and hf is not None and hasattr(hf, "gradient_checkpointing_enable"):
+        module = hf
         # Hugging Face layers (GradientCheckpointingLayer) checkpoint themselves and switch the KV cache off.
         before = [b.gradient_checkpointing for b in hf_layers]
         was = getattr(module, "is_gradient_checkpointing", False)
@@ -160,12 +157,13 @@ def _checkpointed(module: nn.Module, count: int):
 
 @contextlib.contextmanager
 def _attention(module: nn.Module, attention: "str | None"):
-    config = getattr(module, "config", None)
+    """Set a Hugging Face model's attention implementation for the trace (plain modules keep theirs)."""
+    hf = _find_hf_model(module)
+    config = getattr(hf, "config", None)
     if attention is None or config is None or not hasattr(config, "_attn_implementation"):
         yield
         return
     before = config._attn_implementation
-    module.set_attn_implementation(attention) if hasattr(module, "set_attn_implementation") else None
     config._attn_implementation = attention
     try:
         yield
@@ -210,7 +208,8 @@ def _loss_of(module: nn.Module, batch: Any) -> torch.Tensor:
         out = out.loss
     if not isinstance(out, torch.Tensor):
         raise ValueError(
-            f"Expected the traced step to produce a loss tensor (a tensor, a dict with 'loss' or an output with"
+            "Expected the traced step to produce a loss tensor (a tensor, a dict with 'loss' or an output"
+            " with"
             f" `.loss`), got {type(out).__name__}. Fix: include labels in `example_batch` or return the loss."
         )
     if out.numel() != 1:
@@ -230,8 +229,9 @@ def trace_step(
 
     The module's parameters are replaced (for the duration of the call, through
     :func:`torch.func.functional_call`) by fake tensors in the dtype the engine trains in: DeepSpeed casts the
-    module to fp16/bf16 for 16-bit precisions; plain torch ``*-mixed`` keeps fp32 weights under CPU/CUDA autocast.
-    The module itself is not changed and no real memory is allocated for it, so a meta-device module works too.
+    module to fp16/bf16 for 16-bit precisions; plain torch ``*-mixed`` keeps fp32 weights under CPU/CUDA
+    autocast. The module itself is not changed and no real memory is allocated for it, so a meta-device module
+    works too.
 
     Args:
         module: the model; a LightningModule is stepped through its ``training_step(batch, 0)``, other modules
@@ -264,7 +264,9 @@ def trace_step(
         for name, p in originals.items():
             if id(p) not in by_id:
                 target = dtype if p.is_floating_point() else p.dtype
-                by_id[id(p)] = torch.empty(p.shape, dtype=target, device="cpu").requires_grad_(p.requires_grad)
+                by_id[id(p)] = torch.empty(p.shape, dtype=target, device="cpu").requires_grad_(
+                    p.requires_grad
+                )
             fakes[name] = by_id[id(p)]
         for name, b in buffers.items():
             target = dtype if (b.is_floating_point() and dtype != torch.float32) else b.dtype
@@ -307,7 +309,7 @@ def trace_step(
         else contextlib.nullcontext()
     )
     blocks = _find_blocks(module)
-    count = _num_checkpointed(activation_checkpointing, len(blocks))
+    count = num_checkpointed(activation_checkpointing, len(blocks))
     was_training = module.training
     module.train()
     vocab = getattr(getattr(module, "config", None), "vocab_size", None)
@@ -336,4 +338,3 @@ def trace_step(
         logits_bytes=logits_bytes,
         grad_bytes=grad_bytes,
     )
-

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from lightning_memopt.predictor.activations import activation_bytes, num_checkpointed
+from lightning_memopt.predictor.api import _analytic_timeline
 from lightning_memopt.predictor.model_spec import resolve_model
 from lightning_memopt.predictor.precision import resolve_precision
 from lightning_memopt.predictor.trace import trace_step
@@ -10,19 +11,35 @@ from transforms._models import hf_model
 
 @pytest.mark.parametrize(
     ("kind", "attn", "precision", "ckpt"),
-    [("llama", "sdpa", "bf16-mixed", False), ("llama", "eager", "32-true", False), ("qwen2", "eager", "bf16-mixed", False),
-     ("qwen2", "sdpa", "32-true", True), ("llama", "eager", "bf16-mixed", True)],
+    [
+        ("llama", "sdpa", "bf16-mixed", False),
+        ("llama", "eager", "32-true", False),
+        ("qwen2", "eager", "bf16-mixed", False),
+        ("qwen2", "sdpa", "32-true", True),
+        ("llama", "eager", "bf16-mixed", True),
+    ],
 )
 def test_analytic_start_of_backward_matches_the_fake_trace(kind, attn, precision, ckpt):
-    """The analytic peak of live activations through backward matches the fake trace: within 1 % where the start
-    of backward (saved activations + the loss' gradients) is the peak, within 6 % where a recomputed block is."""
+    """The analytic peak of live activations through backward matches the fake trace: within 1 % where the
+    start of backward (saved activations + the loss' gradients) is the peak, within 6 % where a recomputed
+    block is.
+    """
     model = hf_model(kind, layers=2, attn=attn, tie_word_embeddings=(kind == "qwen2"))
     ids = torch.randint(0, 256, (2, 48))
     prec = resolve_precision(precision)
     res = trace_step(model, {"input_ids": ids, "labels": ids}, prec, activation_checkpointing=ckpt)
-    act = activation_bytes(resolve_model(model), micro_batch_size=2, seq_len=48, compute_bytes=prec.compute_bytes,
-                           attention=attn, activation_checkpointing=ckpt)
-    assert max(live for live, _ in act.backward_timeline()) == pytest.approx(res.peak(0), rel=0.06 if ckpt else 0.01)
+    spec = resolve_model(model)
+    act = activation_bytes(
+        spec,
+        micro_batch_size=2,
+        seq_len=48,
+        compute_bytes=prec.compute_bytes,
+        attention=attn,
+        activation_checkpointing=ckpt,
+    )
+    assert max(
+        live for live, _, _ in _analytic_timeline(spec, act, prec.param_bytes("deepspeed"))
+    ) == pytest.approx(res.peak(0), rel=0.06 if ckpt else 0.01)
 
 
 def test_eager_keeps_the_scores_and_sdpa_does_not():
@@ -55,7 +72,9 @@ def test_bad_checkpointing_and_liger_values():
     with pytest.raises(TypeError):
         num_checkpointed("all", 4)
     with pytest.raises(ValueError, match="rms_norm"):
-        activation_bytes(resolve_model("gpt2"), micro_batch_size=1, seq_len=8, compute_bytes=2, liger={"rmsnorm": True})
+        activation_bytes(
+            resolve_model("gpt2"), micro_batch_size=1, seq_len=8, compute_bytes=2, liger={"rmsnorm": True}
+        )
 
 
 def test_parameter_count_has_no_activations():

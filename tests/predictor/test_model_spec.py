@@ -28,7 +28,9 @@ def test_gpt2_config_and_tied_embeddings():
 
 def test_config_json_path_and_directory(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf_config("llama").to_dict()))
-    assert resolve_model(tmp_path).num_parameters == resolve_model(str(tmp_path / "config.json")).num_parameters
+    assert (
+        resolve_model(tmp_path).num_parameters == resolve_model(str(tmp_path / "config.json")).num_parameters
+    )
 
 
 def test_lightning_module_holding_a_hf_model_is_read_from_its_config():
@@ -46,11 +48,18 @@ def test_lightning_module_holding_a_hf_model_is_read_from_its_config():
 def test_plain_module_is_read_structurally():
     spec = resolve_model(plain_model(layers=3))
     assert (spec.family, spec.num_layers, spec.hidden_size, spec.intermediate_size, spec.num_heads) == (
-        "generic", 3, 64, 256, 4)
+        "generic",
+        3,
+        64,
+        256,
+        4,
+    )
     assert spec.norm == "rmsnorm" and spec.mlp == "gelu" and spec.vocab_size == 256
 
 
-@pytest.mark.parametrize(("text", "count"), [("8B", 8_000_000_000), ("7.5e9", 7_500_000_000), ("125M", 125_000_000)])
+@pytest.mark.parametrize(
+    ("text", "count"), [("8B", 8_000_000_000), ("7.5e9", 7_500_000_000), ("125M", 125_000_000)]
+)
 def test_parameter_counts(text, count):
     spec = resolve_model(text)
     assert spec.num_parameters == count and not spec.has_structure
@@ -59,8 +68,15 @@ def test_parameter_counts(text, count):
 
 def test_bad_models_raise_clear_errors():
     with pytest.raises(ValueError, match="intermediate_size"):
-        resolve_model({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                       "vocab_size": 10})
+        resolve_model(
+            {
+                "model_type": "llama",
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "vocab_size": 10,
+            }
+        )
     with pytest.raises(ValueError, match="positive"):
         resolve_model(-5)
     with pytest.raises(TypeError):

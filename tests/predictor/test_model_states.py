@@ -7,8 +7,9 @@ from lightning_memopt.predictor.model_states import DEEPSPEED_DEFAULTS, resolve_
 @pytest.mark.parametrize(("stage", "gb"), [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
 def test_zero_paper_figure_1(stage, gb):
     """Rajbhandari et al. 2020, Figure 1: 7.5B parameters, 64 GPUs, mixed-precision Adam (K = 12)."""
-    est = estimate_memory("7.5e9", world_size=64, zero=stage, precision="16-mixed", optimizer="adam",
-                          engine="zero-paper")
+    est = estimate_memory(
+        "7.5e9", world_size=64, zero=stage, precision="16-mixed", optimizer="adam", engine="zero-paper"
+    )
     assert round(est.model_states / 1e9, 1) == gb
     assert est.details["K"] == 12 and est.activations == 0
 
@@ -17,7 +18,11 @@ def test_lecture_8b_breakdown_for_plain_mixed_precision_adam():
     """Lecture, section 1: 16 GB half weights, 32 GB fp32 parameters, 64 GB Adam, 32 GB fp32 gradients."""
     est = estimate_memory("8B", engine="torch", precision="bf16-mixed", optimizer="adamw")
     assert est.details["lecture_breakdown"] == {
-        "half_weights": 16e9, "fp32_parameters": 32e9, "adam_states": 64e9, "fp32_gradients": 32e9}
+        "half_weights": 16e9,
+        "fp32_parameters": 32e9,
+        "adam_states": 64e9,
+        "fp32_gradients": 32e9,
+    }
     # at the peak (the optimizer step) the autocast copies are gone: fp32 params + grads + Adam + temporaries
     assert (est.parameters, est.gradients, est.optimizer_states) == (32e9, 32e9, 64e9)
     assert est.details["peak_phase"] == "step"
@@ -27,26 +32,48 @@ def _tiny(family="llama"):
     from transformers import LlamaConfig, Qwen2Config
 
     if family == "qwen2":
-        return Qwen2Config(vocab_size=1200, hidden_size=128, intermediate_size=320, num_hidden_layers=2,
-                           num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
+        return Qwen2Config(
+            vocab_size=1200,
+            hidden_size=128,
+            intermediate_size=320,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
     if family == "plain":
         from transforms._models import PlainLM
 
         return PlainLM(vocab=500, d=64, heads=4, layers=3)
-    return LlamaConfig(vocab_size=1000, hidden_size=96, intermediate_size=256, num_hidden_layers=3,
-                       num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512)
+    return LlamaConfig(
+        vocab_size=1000,
+        hidden_size=96,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
 
 
-DS = {"zero_optimization": {"reduce_bucket_size": 100000, "allgather_bucket_size": 100000,
-                            "stage3_prefetch_bucket_size": 100000, "stage3_param_persistence_threshold": 1000}}
+DS = {
+    "zero_optimization": {
+        "reduce_bucket_size": 100000,
+        "allgather_bucket_size": 100000,
+        "stage3_prefetch_bucket_size": 100000,
+        "stage3_param_persistence_threshold": 1000,
+    }
+}
 
 
 def _ds(stage):
     return {"zero_optimization": {**DS["zero_optimization"], "stage": stage}}
 
 
-# Peak live-tensor bytes per step of each rank measured with DeepSpeed 0.19.8, 2 ranks (gloo, CPU), torch AdamW,
-# steady-state step, by a TorchDispatchMode that follows every storage (seeded with all tensors alive at the step's
+# Peak live-tensor bytes per step of each rank measured with DeepSpeed 0.19.8, 2 ranks (gloo, CPU), torch
+# AdamW,
+# steady-state step, by a TorchDispatchMode that follows every storage (seeded with all tensors alive at the
+# step's
 # start): tiny Llama (487,584 parameters), Qwen2 with tied embeddings (482,304) and tests/transforms' PlainLM
 # (nn.MultiheadAttention + nn.RMSNorm + GELU MLP, 214,068).
 MEASURED = [
@@ -70,9 +97,17 @@ MEASURED = [
 
 @pytest.mark.parametrize(("family", "stage", "precision", "b", "s", "attn", "ckpt", "measured"), MEASURED)
 def test_analytic_matches_measured_deepspeed_peaks(family, stage, precision, b, s, attn, ckpt, measured):
-    est = estimate_memory(_tiny(family), world_size=2, zero=stage, micro_batch_size=b, seq_len=s,
-                          precision=precision, attention=attn, activation_checkpointing=ckpt,
-                          deepspeed_config=_ds(stage))
+    est = estimate_memory(
+        _tiny(family),
+        world_size=2,
+        zero=stage,
+        micro_batch_size=b,
+        seq_len=s,
+        precision=precision,
+        attention=attn,
+        activation_checkpointing=ckpt,
+        deepspeed_config=_ds(stage),
+    )
     per_rank = est.details.get("per_rank_total", {0: est.total, 1: est.total})
     for rank in (0, 1):
         assert abs(per_rank[rank] - measured[rank]) / measured[rank] < 0.02
@@ -80,13 +115,15 @@ def test_analytic_matches_measured_deepspeed_peaks(family, stage, precision, b, 
 
 def test_deepspeed_bf16_step_bytes_per_parameter():
     """bf16 + torch Adam at the step, per parameter: ZeRO-0 2 + 4 + 8 (+ 2 grads + 4 fp32 grads);
-    ZeRO-1/2: 2 + 24/N (master, m, v, fp32 gradient partition, two Adam temporaries)."""
+    ZeRO-1/2: 2 + 24/N (master, m, v, fp32 gradient partition, two Adam temporaries).
+    """
     P = 1e9
     s0 = estimate_memory(P, world_size=2, zero=0)
     assert s0.details["phases"]["step"] >= 20 * P
     for stage in (1, 2):
-        est = estimate_memory(P, world_size=4, zero=stage, deepspeed_config={"zero_optimization": {
-            "reduce_bucket_size": 1}})
+        est = estimate_memory(
+            P, world_size=4, zero=stage, deepspeed_config={"zero_optimization": {"reduce_bucket_size": 1}}
+        )
         assert est.details["phases"]["step"] == pytest.approx(2 * P + 24 * P / 4, rel=1e-6)
 
 
@@ -99,8 +136,9 @@ def test_zero_settings_defaults_and_overrides():
 
 
 def test_bucket_size_is_read_from_the_deepspeed_config():
-    small = estimate_memory("1e8", world_size=2, zero=3, deepspeed_config={"zero_optimization": {
-        "reduce_bucket_size": 1_000_000}})
+    small = estimate_memory(
+        "1e8", world_size=2, zero=3, deepspeed_config={"zero_optimization": {"reduce_bucket_size": 1_000_000}}
+    )
     default = estimate_memory("1e8", world_size=2, zero=3)
     assert default.buffers - small.buffers == 2 * (500_000_000 - 1_000_000)
 

@@ -14,7 +14,8 @@ def test_trace_of_a_linear_stack_is_exact():
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     res = trace_step(net, torch.zeros(5, 8), resolve_precision("32-true"))
     assert res.grad_bytes == 4 * sum(p.numel() for p in net.parameters())
-    # saved: the input (5x8, read by the first Linear) and ReLU's output (5x16, read by ReLU and the 2nd Linear)
+    # saved: the input (5x8, read by the first Linear) and ReLU's output (5x16, read by ReLU and the 2nd
+    # Linear)
     assert res.saved_bytes == 4 * (5 * 8 + 5 * 16)
     assert all(p.device.type == "cpu" and p.grad is None for p in net.parameters())
 
@@ -23,8 +24,13 @@ def test_trace_does_not_touch_the_module():
     model = hf_model("llama", attn="eager")
     before = {n: p.clone() for n, p in model.state_dict().items()}
     ids = torch.randint(0, 256, (2, 16))
-    trace_step(model, {"input_ids": ids, "labels": ids}, resolve_precision("bf16-mixed"), activation_checkpointing=True,
-               attention="sdpa")
+    trace_step(
+        model,
+        {"input_ids": ids, "labels": ids},
+        resolve_precision("bf16-mixed"),
+        activation_checkpointing=True,
+        attention="sdpa",
+    )
     assert model.config._attn_implementation == "eager" and not model.is_gradient_checkpointing
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
 
@@ -49,8 +55,15 @@ def test_trace_of_a_7b_shape_model_is_fast_and_allocates_nothing():
         model = LlamaForCausalLM(cfg)
     ids = torch.zeros(1, 256, dtype=torch.long)
     start = time.perf_counter()
-    traced = estimate_memory(model, world_size=8, zero=3, micro_batch_size=1, seq_len=256, method="trace",
-                             example_batch={"input_ids": ids, "labels": ids})
+    traced = estimate_memory(
+        model,
+        world_size=8,
+        zero=3,
+        micro_batch_size=1,
+        seq_len=256,
+        method="trace",
+        example_batch={"input_ids": ids, "labels": ids},
+    )
     assert time.perf_counter() - start < 20
     analytic = estimate_memory(model, world_size=8, zero=3, micro_batch_size=1, seq_len=256)
     assert traced.total == pytest.approx(analytic.total, rel=0.01)
