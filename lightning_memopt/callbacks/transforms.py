@@ -10,7 +10,6 @@ logs metrics.
 """
 
 from types import MethodType
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -18,6 +17,7 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
+from lightning_memopt.predictor.precision import resolve_precision
 from lightning_memopt.transforms import apply_activation_checkpointing, apply_attention, apply_liger
 from lightning_memopt.transforms._applied import applied_transforms
 from lightning_memopt.transforms.attention import IMPLEMENTATIONS
@@ -127,7 +127,7 @@ class FlashAttention(_TransformCallback):
 
     def _apply(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         apply_attention(
-            pl_module, self.implementation, device=trainer.strategy.root_device, dtype=_compute_dtype(trainer)
+            pl_module, self.implementation, device=trainer.strategy.root_device, dtype=resolve_precision(trainer.precision).compute_dtype
         )
 
 
@@ -173,12 +173,3 @@ class LigerKernel(_TransformCallback):
 
     def _apply(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         apply_liger(pl_module, **self.switches, strict=self.strict, device=trainer.strategy.root_device)
-
-
-def _compute_dtype(trainer: "pl.Trainer") -> Any:
-    precision = str(trainer.precision)
-    if precision.startswith("bf16"):
-        return torch.bfloat16
-    if precision.startswith("16"):
-        return torch.float16
-    return None

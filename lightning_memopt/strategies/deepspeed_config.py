@@ -24,8 +24,8 @@ def normalize_offload(value: Union[bool, str, None], name: str) -> Optional[str]
         >>> normalize_offload(True, "offload_optimizer"), normalize_offload("nvme", "x"), normalize_offload(False, "x")
         ('cpu', 'nvme', None)
     """
-    if value is None or value is False:
-        return None
+    if value is None or value is False or (isinstance(value, str) and value.lower() == "none"):
+        return None  # DeepSpeed's own spelling of "no offload" in a config is "none"
     if value is True:
         return "cpu"
     if isinstance(value, str) and value.lower() in OFFLOAD_DEVICES:

@@ -317,7 +317,7 @@ class MemOptStrategy(DeepSpeedStrategy):
                 f" got {len(optimizers)} optimizers and {len(schedulers)} schedulers."
                 " Fix: return a single optimizer (use parameter groups for different settings)."
             )
-        return super()._init_optimizers()
+        return optimizers[0], schedulers[0] if schedulers else None
 
     # ------------------------------------------------------------------ engine
     @override

@@ -6,19 +6,12 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from lightning_memopt.predictor.precision import resolve_precision
 from lightning_memopt.transforms import apply_activation_checkpointing, apply_attention, apply_liger
 from lightning_memopt.transforms.attention import IMPLEMENTATIONS
 from lightning_memopt.transforms.checkpointing import _validate_selection
+from lightning_memopt.transforms.liger import DEFAULT_KERNELS
 from lightning_memopt.transforms.liger import _validate as _validate_liger
-
-_LIGER_DEFAULTS = {
-    "rms_norm": True,
-    "rope": True,
-    "swiglu": True,
-    "cross_entropy": False,
-    "fused_linear_cross_entropy": True,
-}
-
 
 @dataclass(frozen=True)
 class TransformSettings:
@@ -62,15 +55,15 @@ def validate_transforms(
     switches: Optional[dict[str, bool]] = None
     strict = True
     if liger is True:
-        switches = dict(_LIGER_DEFAULTS)
+        switches = dict(DEFAULT_KERNELS)
     elif isinstance(liger, dict):
-        unknown = set(liger) - set(_LIGER_DEFAULTS) - {"strict"}
+        unknown = set(liger) - set(DEFAULT_KERNELS) - {"strict"}
         if unknown:
             raise ValueError(
-                f"Expected Liger switches among {sorted(_LIGER_DEFAULTS)} and 'strict', got {sorted(unknown)}."
+                f"Expected Liger switches among {sorted(DEFAULT_KERNELS)} and 'strict', got {sorted(unknown)}."
             )
         strict = bool(liger.get("strict", True))
-        switches = {**_LIGER_DEFAULTS, **{k: v for k, v in liger.items() if k != "strict"}}
+        switches = {**DEFAULT_KERNELS, **{k: v for k, v in liger.items() if k != "strict"}}
         _validate_liger(switches, "cuda", False, nn.Module())
     elif liger is not False and liger is not None:
         raise TypeError(f"Expected `liger` to be a bool or a dict of kernel switches, got {liger!r}.")
@@ -80,7 +73,7 @@ def validate_transforms(
 def apply_transforms(module: nn.Module, settings: TransformSettings, device: torch.device, precision: str) -> None:
     """Apply ``settings`` to ``module`` (attention first, then Liger, then checkpointing of the patched blocks)."""
     if settings.attention is not None:
-        dtype = torch.bfloat16 if str(precision).startswith("bf16") else torch.float16 if str(precision).startswith("16") else None
+        dtype = resolve_precision(precision).compute_dtype
         apply_attention(module, settings.attention, device=device, dtype=dtype)
     if settings.liger is not None:
         apply_liger(module, **settings.liger, strict=settings.liger_strict, device=device)

@@ -26,6 +26,14 @@ from lightning_memopt.transforms._applied import _record
 from lightning_memopt.transforms.attention import _hf_models
 
 KERNELS = ("rms_norm", "rope", "swiglu", "cross_entropy", "fused_linear_cross_entropy")
+#: The kernel switches of :func:`apply_liger` and their defaults.
+DEFAULT_KERNELS = {
+    "rms_norm": True,
+    "rope": True,
+    "swiglu": True,
+    "cross_entropy": False,
+    "fused_linear_cross_entropy": True,
+}
 _warning_cache = WarningCache()
 
 
