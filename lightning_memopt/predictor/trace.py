@@ -137,22 +137,18 @@ def _checkpointed(module: nn.Module, count: int):
             for b, flag in zip(hf_layers, before):
                 b.gradient_checkpointing = flag
         return
-    from torch.utils.checkpoint import checkpoint
+    # The same wrapper as lightning_memopt's checkpointing transform (non-reentrant, KV cache off in recomputation),
+    # so the trace counts what a real checkpointed run keeps.
+    from lightning_memopt.transforms.checkpointing import _FLAG, _unwrap, _wrap
 
-    patched = []
-    for block in blocks[:count]:
-        original = block.forward
-
-        def wrapped(*args: Any, _f: Any = original, **kwargs: Any) -> Any:
-            return checkpoint(_f, *args, use_reentrant=False, **kwargs)
-
-        block.forward = wrapped
-        patched.append(block)
+    patched = [block for block in blocks[:count] if _FLAG not in block.__dict__]
+    for block in patched:
+        _wrap(block, reentrant=False)
     try:
         yield
     finally:
         for block in patched:
-            del block.forward
+            _unwrap(block)
 
 
 @contextlib.contextmanager

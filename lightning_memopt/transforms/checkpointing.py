@@ -147,11 +147,7 @@ def remove_activation_checkpointing(module: nn.Module) -> nn.Module:
         False
     """
     for sub in module.modules():
-        if sub.__dict__.pop(_FLAG, None) is not None:
-            original = sub.__dict__.pop("_memopt_original_forward")
-            sub.__dict__.pop("forward", None)
-            if original is not None:
-                sub.forward = original
+        _unwrap(sub)
     _forget(module, "activation_checkpointing")
     return module
 
@@ -232,6 +228,15 @@ def _wrap(block: nn.Module, reentrant: bool) -> None:
     block.__dict__["_memopt_original_forward"] = block.__dict__.get("forward")
     block.__dict__[_FLAG] = {"reentrant": reentrant}
     block.forward = MethodType(_checkpointed_forward, block)
+
+
+def _unwrap(block: nn.Module) -> None:
+    """Restore the forward of a block wrapped by :func:`_wrap` (no-op for other modules)."""
+    if block.__dict__.pop(_FLAG, None) is not None:
+        original = block.__dict__.pop("_memopt_original_forward")
+        block.__dict__.pop("forward", None)
+        if original is not None:
+            block.forward = original
 
 
 def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
