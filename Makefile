@@ -11,3 +11,7 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m pytest
+
+docs: setup
+	$(PYTHON) -m pip install --quiet -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict

@@ -191,7 +191,10 @@ def batch_shape(batch: Any) -> tuple[int, int | None] | None:
 def run_settings(
     trainer: Any, pl_module: nn.Module, shape: tuple[int, int | None], optimizer: str
 ) -> dict[str, Any]:
-    """All ``estimate_memory`` keyword arguments but ``model``, for the run of ``trainer`` at a batch ``shape``."""
+    """All ``estimate_memory`` keyword arguments but ``model``, for the run of ``trainer`` at a batch ``shape``.
+
+    ``accumulate_grad_batches`` is the Trainer's (gradient accumulation keeps gradients between micro-steps).
+    """
     settings = strategy_settings(trainer.strategy, pl_module)
     settings.update(transform_settings(pl_module))
     settings.update(
@@ -199,6 +202,7 @@ def run_settings(
         precision=str(trainer.precision),
         optimizer=optimizer,
         micro_batch_size=int(shape[0]),
+        accumulate_grad_batches=int(trainer.accumulate_grad_batches),
     )
     if shape[1] is not None:
         settings["seq_len"] = int(shape[1])

@@ -5,7 +5,8 @@ The lecture's recipe (section 3): memory depends only on the micro-batch, optimi
 then reach the global batch with gradient accumulation. Unlike Lightning's ``BatchSizeFinder`` (which refuses
 distributed runs and finds the limit by trial out-of-memory errors), this predicts
 (:func:`~lightning_memopt.predictor.api.estimate_memory`, monotone in the micro-batch, so a binary search finds the
-largest that fits) and runs nothing; every rank gets rank zero's decision.
+largest that fits) and runs nothing; every rank gets rank zero's decision. Each micro-batch is predicted with the
+accumulation it needs (accumulating keeps the gradients between micro-steps, which raises the peak).
 """
 
 import math
@@ -152,8 +153,13 @@ class BatchPlanner(Callback):
         world = kwargs["world_size"]
         budget = int(self.device_memory * (1.0 - self.margin))
 
+        cap = max(1, math.ceil(self.global_batch_tokens / (seq_len * world)))  # no accumulation needed beyond it
+
         def peak(micro: int) -> int:
-            return estimate_memory(spec, **{**kwargs, "micro_batch_size": micro}).total
+            # the accumulation this micro-batch needs: accumulating keeps gradients between micro-steps
+            accumulate = math.ceil(self.global_batch_tokens / (micro * seq_len * world))
+            change = {"micro_batch_size": micro, "accumulate_grad_batches": accumulate}
+            return estimate_memory(spec, **{**kwargs, **change}).total
 
         if peak(1) > budget:
             raise MisconfigurationException(
@@ -161,11 +167,10 @@ class BatchPlanner(Callback):
                 f" {format_bytes(peak(1))} at seq_len {seq_len}. Fix: add MemoryMonitor(device_memory=...) to see the"
                 " suggestions, or use lightning_memopt.predictor.plan.plan_batch to choose ZeRO and checkpointing."
             )
-        cap = max(
-            1, math.ceil(self.global_batch_tokens / (seq_len * world))
-        )  # no accumulation needed beyond it
-        lo, hi = 1, cap
-        while lo < hi:  # largest micro-batch in [1, cap] that fits (the peak is monotone in it)
+        # the largest micro-batch in [1, cap] that fits: the peak is monotone in the micro-batch below the cap (all
+        # accumulate), and at the cap (no accumulation) it may be lower, so the cap is tried first
+        lo, hi = (cap, cap) if peak(cap) <= budget else (1, cap - 1)
+        while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if peak(mid) <= budget else (lo, mid - 1)
         accumulate = math.ceil(self.global_batch_tokens / (lo * seq_len * world))

@@ -1,6 +1,5 @@
 """MemoryMonitor: predicted vs actual per-device memory every step, a fit check before step one, an OOM report."""
 
-import copy
 import gc
 from pathlib import Path
 from typing import Any
@@ -93,6 +92,10 @@ class MemoryMonitor(Callback):
     - ``memory/rss_bytes``, ``memory/rss_bytes_max``: the process resident set size
     - ``memory/predicted/<category>`` for ``parameters``, ``gradients``, ``optimizer_states``, ``activations``,
       ``logits``, ``buffers`` (the predicted breakdown at the peak) and ``memory/predicted/cpu_offloaded``
+
+    With ``accumulate_grad_batches > 1`` the prediction includes what the engine keeps between micro-steps; a step
+    made of a single micro-batch (the last, incomplete accumulation window of an epoch) is compared with the
+    prediction without accumulation.
 
     On a CPU device the predicted peak compared is ``total + cpu_offloaded`` (offloaded states live in the same
     memory). At the end of fit rank zero prints a summary per rank and, with matplotlib, saves
@@ -200,6 +203,7 @@ class MemoryMonitor(Callback):
         self._budget_device = 0
         self._interval: dict[str, int] = {}
         self._last_global_step = 0
+        self._micro_steps = 0  # micro-batches since the last optimizer step
         self._recording = False
         self._foreign = 0
 
@@ -345,8 +349,21 @@ class MemoryMonitor(Callback):
         est = self.estimate
         if est is None:
             return 0
+        if self._micro_steps <= 1 and self._kwargs.get("accumulate_grad_batches", 1) > 1:
+            est = self._first_micro_step_estimate()
         on_cpu = self._probe is not None and self._probe.device.type == "cpu"
         return est.total + (est.cpu_offloaded if on_cpu else 0)
+
+    def _first_micro_step_estimate(self) -> MemoryEstimate:
+        """The estimate of a micro-step that holds no earlier micro-step's gradients: the first of an accumulation
+        window, or a lone one (the last, incomplete window of an epoch steps after one micro-batch)."""
+        from lightning_memopt.predictor.api import estimate_memory
+
+        key = (self._shape, self._optimizer_name, "first micro-step")
+        if key not in self._estimates:
+            kwargs = dict(self._kwargs, accumulate_grad_batches=1)
+            self._estimates[key] = (estimate_memory(**kwargs), kwargs)
+        return self._estimates[key][0]
 
     def _suggestions(self, trainer: "pl.Trainer") -> list:
         from lightning_memopt.predictor.plan import suggest_fixes
@@ -354,7 +371,8 @@ class MemoryMonitor(Callback):
         kwargs = {k: v for k, v in self._kwargs.items() if k != "example_batch"}
         if kwargs.get("method") == "trace":
             kwargs.update(method="analytic", model=self._spec or kwargs["model"])
-        if kwargs.get("engine") == "torch":  # a ZeRO suggestion means MemOptStrategy: predict all for it
+        zero_config = None
+        if kwargs.get("engine") == "torch":  # a ZeRO suggestion means MemOptStrategy, with its "auto" bucket sizes
             from lightning_memopt.strategies.deepspeed_config import (
                 apply_bucket_sizes,
                 auto_bucket_sizes,
@@ -363,21 +381,16 @@ class MemoryMonitor(Callback):
 
             module = trainer.lightning_module
             largest = max((p.numel() for p in module.parameters()), default=0)
-            config: dict[str, Any] = {}
-            apply_bucket_sizes(config, auto_bucket_sizes(infer_hidden_size(module), largest))
-            kwargs.update(engine="deepspeed", deepspeed_config=config)
-        if kwargs.get("deepspeed_config"):  # keep the bucket sizes; the suggestions change stage and offload
-            config = copy.deepcopy(kwargs["deepspeed_config"])
-            zero_config = config.get("zero_optimization") or {}
-            for key in ("stage", "offload_optimizer", "offload_param"):
-                zero_config.pop(key, None)
-            kwargs["deepspeed_config"] = config
-        fixes = suggest_fixes(
-            kwargs, self._budget_device, self.margin, max_suggestions=self.max_suggestions + 1
+            zero_config = {}
+            apply_bucket_sizes(zero_config, auto_bucket_sizes(infer_hidden_size(module), largest))
+        return suggest_fixes(
+            kwargs,
+            self._budget_device,
+            self.margin,
+            max_suggestions=self.max_suggestions,
+            cuda=trainer.strategy.root_device.type == "cuda",  # Liger's Triton kernels need a CUDA GPU
+            zero_config=zero_config,
         )
-        if trainer.strategy.root_device.type != "cuda":  # Liger's Triton kernels need a CUDA GPU
-            fixes = [fix for fix in fixes if not fix.kwargs_change.get("liger")]
-        return fixes[: self.max_suggestions]
 
     def _check_fit(self, trainer: "pl.Trainer") -> None:
         self._checked = True
@@ -388,8 +401,6 @@ class MemoryMonitor(Callback):
         fixes = self._suggestions(trainer)
         unit = _unit(self._budget_device)
         lines = [f"  {i}. {_describe(fix)}" for i, fix in enumerate(fixes, 1)] or ["  (none found)"]
-        if self._kwargs.get("engine") == "torch":
-            lines.append("  (predicted for lightning_memopt.MemOptStrategy, which a ZeRO stage needs)")
         message = (
             f"Expected the predicted peak per rank to fit in {format_bytes(budget, unit)} ({format_bytes(self._budget_device, unit)}"
             f" with {self.margin:.0%} kept free), got {format_bytes(est.total, unit)}.\n{est.table(unit)}\n"
@@ -425,6 +436,7 @@ class MemoryMonitor(Callback):
             self._predict(trainer, pl_module, shape, batch)
             if not self._checked:
                 self._check_fit(trainer)
+        self._micro_steps += 1
         self._probe.start_step()
 
     def _after_step(self, trainer: "pl.Trainer") -> None:
@@ -447,6 +459,7 @@ class MemoryMonitor(Callback):
         if trainer.global_step == self._last_global_step:
             return  # accumulating: no optimizer step yet
         self._last_global_step = trainer.global_step
+        self._micro_steps = 0
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if trainer.global_step % every == 0:
             self._log(trainer)

@@ -18,9 +18,11 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_memopt.predictor.precision import resolve_precision
+from lightning_memopt.strategies.transforms import checkpoint_run_to_fit
 from lightning_memopt.transforms import apply_activation_checkpointing, apply_attention, apply_liger
 from lightning_memopt.transforms._applied import applied_transforms
 from lightning_memopt.transforms.attention import IMPLEMENTATIONS
+from lightning_memopt.transforms.budget import CheckpointPlan, _parse_budget
 from lightning_memopt.transforms.checkpointing import Policy, _validate_selection
 from lightning_memopt.transforms.liger import _validate as _validate_liger
 
@@ -64,18 +66,28 @@ class _TransformCallback(Callback):
 class ActivationCheckpointing(_TransformCallback):
     """Checkpoint the repeated blocks of the LightningModule (see ``apply_activation_checkpointing``).
 
+    With ``budget``, the fewest leading blocks whose predicted step peak fits the budget are checkpointed (see
+    ``checkpoint_to_fit``), planned at ``fit`` setup for this run's strategy, precision, optimizer and the
+    micro-batch size and sequence length of the first batch of the training dataloader.
+
     Args:
         policy: ``"auto"``, a class, a class name, a set of those, or a callable ``module -> bool``.
         fraction: checkpoint the first ``ceil(fraction * n)`` blocks, ``0 < fraction <= 1``.
         every_k: checkpoint every ``every_k``-th block.
         reentrant: use the reentrant implementation.
+        budget: memory per rank (bytes or ``"24GiB"``), or ``"device"`` for the CUDA device's total memory
+            less 10 %; exclusive with ``fraction`` and ``every_k``.
 
     Raises:
-        ValueError: a bad ``fraction``/``every_k`` here; a policy that matches nothing in ``setup``.
+        ValueError: a bad ``fraction``/``every_k``/``budget`` here; a policy that matches nothing, or a budget
+            below the predicted peak with every block checkpointed, in ``setup``.
+        MisconfigurationException: ``budget="device"`` on CPU, in ``setup``.
 
     Example:
         >>> ActivationCheckpointing(fraction=0.5)  # doctest: +ELLIPSIS
         <...ActivationCheckpointing object at ...>
+        >>> ActivationCheckpointing(budget="24GiB").budget
+        25769803776
     """
 
     _key = "activation_checkpointing"
@@ -86,13 +98,30 @@ class ActivationCheckpointing(_TransformCallback):
         fraction: float | None = None,
         every_k: int | None = None,
         reentrant: bool = False,
+        budget: int | str | None = None,
     ) -> None:
         _validate_selection(fraction, every_k)
         if not isinstance(reentrant, bool):
             raise TypeError(f"Expected `reentrant` to be a bool, got {reentrant!r}.")
+        if budget is not None and (fraction is not None or every_k is not None):
+            raise ValueError(
+                f"Expected either `budget` or `fraction`/`every_k`, got budget={budget!r},"
+                f" fraction={fraction!r}, every_k={every_k!r}. Fix: drop `fraction`/`every_k`; the budget"
+                " decides how many blocks."
+            )
+        if budget is not None and budget != "device":
+            budget = _parse_budget(budget)
         self.policy, self.fraction, self.every_k, self.reentrant = policy, fraction, every_k, reentrant
+        self.budget = budget
+        self.plan: CheckpointPlan | None = None
+        if budget is not None:
+            self._key = "checkpoint_plan"  # recorded even when no block needs checkpointing
 
     def _apply(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.budget is not None:
+            budget = None if self.budget == "device" else self.budget
+            self.plan = checkpoint_run_to_fit(trainer, pl_module, budget, self.policy, self.reentrant)
+            return
         apply_activation_checkpointing(
             pl_module, self.policy, fraction=self.fraction, every_k=self.every_k, reentrant=self.reentrant
         )

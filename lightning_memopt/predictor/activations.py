@@ -44,6 +44,10 @@ class Activations:
         logits: logits bytes saved for backward.
         logits_backward: extra logits bytes at the start of backward (the loss' gradients).
         logits_forward: logits bytes live as the loss is computed (end of forward).
+        final_norm_backward: bytes the final norm's backward adds to the activations saved before it, once the
+            logits and the output projection's input were freed.
+        forward_extra: bytes live only while the loss is computed (what the model's output object holds besides
+            the logits), freed when the training step returns it.
     """
 
     block: int
@@ -55,6 +59,8 @@ class Activations:
     logits: int
     logits_backward: int
     logits_forward: int = 0
+    final_norm_backward: int = 0
+    forward_extra: int = 0
 
     @property
     def saved(self) -> int:
@@ -65,10 +71,13 @@ class Activations:
     def backward_timeline(self) -> "list[tuple[int, int]]":
         """(live activation bytes, index of the block whose backward runs; -1 = the loss) through backward.
 
-        The block index lets the caller add the gradients produced so far.
+        The block index lets the caller add the gradients produced so far; ``num_blocks`` marks the final norm's
+        backward (the output projection's gradients exist, no block's yet).
         """
         out = [(self.saved + self.logits_backward, -1)]
         remaining = self.saved - self.logits
+        if self.final_norm_backward:  # the final norm's backward, between the loss and the last block
+            out.append((remaining + self.final_norm_backward, self.num_blocks))
         for i in reversed(range(self.num_blocks)):
             ckpt = i < self.checkpointed
             live = remaining + (self.block if ckpt else 0) + self.block_backward
@@ -127,8 +136,14 @@ def activation_bytes(
     attention: str = "sdpa",
     activation_checkpointing: "bool | float | int" = False,
     liger: "bool | dict[str, bool]" = False,
+    autocast: bool = False,
 ) -> Activations:
     """Activation bytes of one micro-batch of ``spec``.
+
+    ``autocast``: fp32 parameters under ``torch.autocast`` (plain Lightning ``*-mixed``), instead of parameters in
+    the compute dtype (DeepSpeed): the residual stream stays fp32 (embeddings and additions are not autocast ops),
+    LlamaRMSNorm's upcast is a no-op and its weight product is fp32, and every Linear reading a norm's output saves
+    its own cast copy (autocast caches casts of leaf weights only; ``torch/csrc/autograd/autocast_mode``).
 
     Example:
         >>> from lightning_memopt.predictor.model_spec import resolve_model
@@ -169,18 +184,28 @@ def activation_bytes(
         mlp = 2 * c * N * I if kern["swiglu"] else 4 * c * N * I  # Liger SwiGLU recomputes SiLU in backward
     else:
         mlp = 2 * c * N * I
-    block = 2 * norm + attn + mlp
+    attn_norm = mlp_norm = final_norm = norm
     block_input = c * N * d
+    if autocast and c < 4:
+        block_input = 4 * N * d  # a checkpointed block keeps its fp32 input
+        if spec.norm == "rmsnorm" and spec.is_hf and not kern["rms_norm"]:
+            core = 8 * N * d + 4 * N  # the fp32 input and normalised tensor, rsqrt
+            attn_norm = core + 3 * c * N * d  # q, k and v projections each save a cast copy
+            mlp_norm = core + (2 if spec.mlp == "swiglu" else 1) * c * N * d  # gate and up (or fc)
+            final_norm = core + c * N * d  # the output projection
+    block = attn_norm + mlp_norm + attn + mlp
     block_backward = c * N * I  # the gradient of the MLP intermediate, as the first weight gradient appears
-    rope = 2 * c * S * spec.head_dim if spec.position == "rope" and not kern["rope"] else 0
+    # RoPE's cos/sin take the hidden states' dtype (fp32 under autocast)
+    rope_bytes = 4 if autocast else c
+    rope = 2 * rope_bytes * S * spec.head_dim if spec.position == "rope" and not kern["rope"] else 0
     if spec.family == "generic":
-        final_norm = any(
+        has_final_norm = any(
             ("norm" in n or n.split(".")[-1].startswith("ln")) and not any(ch.isdigit() for ch in n)
             for n, _ in spec.module_params
         )
-        fixed = (norm if final_norm else c * N * d) + rope + 8 * N
+        fixed = (norm if has_final_norm else c * N * d) + rope + 8 * N
     else:
-        fixed = norm + rope + 8 * N
+        fixed = final_norm + rope + 8 * N
     if kern["fused_linear_cross_entropy"]:
         logits, logits_bwd, logits_fwd = 0, 4 * N * d, 4 * N * d
     elif spec.is_hf:
@@ -192,11 +217,29 @@ def activation_bytes(
         logits, logits_bwd, logits_fwd = c * N * V, 2 * c * N * V, 3 * c * N * V
     if kern["cross_entropy"] and not kern["fused_linear_cross_entropy"]:
         logits_bwd = 0  # Liger's cross-entropy writes the gradient into the logits in place
+    # The final norm's backward runs after the logits are freed. LlamaRMSNorm's composite backward (CPU and
+    # CUDA alike: it is plain autograd of ``weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)``) upcasts the
+    # incoming gradient to fp32 (4Nd) and holds four more fp32 (N, d) temporaries at once (16Nd), after freeing
+    # the two compute-dtype tensors its weight product and the output projection saved (2cNd); measured with
+    # utilities/tensor_tracker.py. Other norms (fused LayerNorm, Liger) write one gradient (cNd).
+    if spec.norm == "rmsnorm" and spec.is_hf and not kern["rms_norm"]:
+        final_norm_bwd = 20 * N * d - 2 * c * N * d
+    else:
+        final_norm_bwd = c * N * d
     k = num_checkpointed(activation_checkpointing, spec.num_layers)
+    forward_extra = 0
+    if autocast and c < 4 and spec.is_hf:
+        # until the model returns: its fp32 final-norm output (last_hidden_state) and, with the Hugging Face default
+        # use_cache=True (turned off under gradient checkpointing), the DynamicCache's keys, fp32 after RoPE under
+        # autocast (values stay in the compute dtype and are the tensors attention saved); measured with
+        # utilities/tensor_tracker.py
+        cache = spec.num_layers * 4 * N * hkv if spec.position == "rope" and not k else 0
+        forward_extra = 4 * N * d + cache
     if k and attention == "eager" and spec.is_hf:
         fixed += c * B * S * S  # the (B, 1, s, s) causal mask, an input the checkpointed blocks keep
     return Activations(
-        block, block_input, block_backward, k, spec.num_layers, fixed, logits, logits_bwd, logits_fwd
+        block, block_input, block_backward, k, spec.num_layers, fixed, logits, logits_bwd, logits_fwd,
+        final_norm_bwd, forward_extra,
     )
 
 

@@ -2,7 +2,13 @@
 
 from typing import Any
 
-from lightning_memopt.predictor.activations import ATTENTIONS, Activations, activation_bytes, describe
+from lightning_memopt.predictor.activations import (
+    ATTENTIONS,
+    Activations,
+    activation_bytes,
+    describe,
+    num_checkpointed,
+)
 from lightning_memopt.predictor.estimate import MemoryEstimate
 from lightning_memopt.predictor.model_spec import ModelSpec, resolve_model
 from lightning_memopt.predictor.model_states import (
@@ -114,6 +120,7 @@ def estimate_memory(
     method: str = "analytic",
     deepspeed_config: "dict[str, Any] | None" = None,
     example_batch: Any = None,
+    accumulate_grad_batches: int = 1,
 ) -> MemoryEstimate:
     """Predict one rank's peak memory of a training step (forward, backward, optimizer step).
 
@@ -121,6 +128,11 @@ def estimate_memory(
     parameters + all saved activations + the loss' gradients), each block's backward (fewer activations, more
     gradients), the gradient reduction at the end of backward (ZeRO 0/1) and the optimizer step (fp32
     gradients and the optimizer's temporaries). The six categories are those of the winning moment.
+
+    With gradient accumulation (``accumulate_grad_batches > 1``) every micro-step after the first runs its forward
+    and backward while the engine still holds the previous micro-steps' gradients: all of ``param.grad`` for
+    plain torch and ZeRO-0/1 (which reduce only at the accumulation boundary) plus ZeRO-1's reduction bucket,
+    ZeRO-2's gradient partition and buckets; ZeRO-3's gradient partition is held anyway.
 
     Args:
         model: preset name, Hugging Face config (object, dict, ``config.json`` path), ``nn.Module`` or
@@ -144,6 +156,7 @@ def estimate_memory(
             ``example_batch``).
         deepspeed_config: the DeepSpeed config the strategy uses (bucket sizes, thresholds).
         example_batch: one micro-batch for ``method="trace"``.
+        accumulate_grad_batches: micro-steps per optimizer step (Lightning's ``accumulate_grad_batches``).
 
     Raises:
         ValueError / TypeError: for any invalid argument, with the fix.
@@ -158,6 +171,7 @@ def estimate_memory(
     """
     world_size = _positive_int("world_size", world_size)
     micro_batch_size = _positive_int("micro_batch_size", micro_batch_size)
+    accumulate = _positive_int("accumulate_grad_batches", accumulate_grad_batches)
     if seq_len is not None:
         seq_len = _positive_int("seq_len", seq_len)
     offload_opt = _offload("offload_optimizer", offload_optimizer)
@@ -209,6 +223,7 @@ def estimate_memory(
         "method": method,
         "seq_len": seq_len,
         "micro_batch_size": micro_batch_size,
+        "accumulate_grad_batches": accumulate,
         **em.details,
     }
     if em.nvme_offloaded:
@@ -223,7 +238,10 @@ def estimate_memory(
             "fp32_gradients": 4 * P,
         }
     act_engine = "deepspeed" if engine == "zero-paper" else engine
-    half_copies = _half_copies(spec, prec, act_engine)
+    checkpointed = (
+        num_checkpointed(activation_checkpointing, spec.num_layers) if spec.has_structure else 0
+    )
+    half_copies = _half_copies(spec, prec, act_engine, checkpointed)
     if method == "trace":
         from lightning_memopt.predictor.trace import trace_step
 
@@ -237,11 +255,11 @@ def estimate_memory(
         )
         b = prec.param_bytes(act_engine)
         timeline = [
-            (live, g // b, live if g == 0 and i <= res.forward_end + 50 else 0)
+            (live, g // b, live if g == 0 and i <= res.forward_end + 50 else 0, i <= res.forward_end)
             for i, (live, g) in enumerate(zip(res.live, res.grads))
         ]
         logits_cap = 3 * res.logits_bytes
-        timeline = [(live, g, min(live, logits_cap) if g == 0 else 0) for live, g, _ in timeline]
+        timeline = [(live, g, min(live, logits_cap) if g == 0 else 0, fwd) for live, g, _, fwd in timeline]
         half_copies = 0  # autocast's copies are live tensors of the trace
         details.update(saved_bytes=res.saved_bytes, logits_bytes=res.logits_bytes)
     elif spec.has_structure:
@@ -253,16 +271,17 @@ def estimate_memory(
             attention=attention,
             activation_checkpointing=activation_checkpointing,
             liger=liger,
+            autocast=act_engine == "torch" and prec.mixed,
         )
         timeline = _analytic_timeline(spec, act, prec.param_bytes(act_engine))
         details.update(describe(act))
     else:
-        timeline = [(0, 0, 0)]
+        timeline = [(0, 0, 0, False)]
         details["activations"] = "not estimated: the model is a parameter count (model states only)"
     per_rank = {}
     best = None
     for r, em_r in ems.items():
-        phases_r = _phases(em_r, timeline, half_copies)
+        phases_r = _phases(em_r, timeline, half_copies, accumulate > 1)
         top = max(phases_r, key=lambda p: p[0].total + p[1] + p[2])
         per_rank[r] = top[0].total + top[1] + top[2]
         if best is None or per_rank[r] > best[0][0].total + best[0][1] + best[0][2]:
@@ -280,7 +299,7 @@ def estimate_memory(
         logits=int(logit_bytes),
         buffers=int(phase.buffers),
         total=int(phase.total + act_bytes + logit_bytes),
-        cpu_offloaded=int(em.cpu_offloaded),
+        cpu_offloaded=int(em.cpu_offloaded + (em.details.get("cpu_accumulation_bytes", 0) if accumulate > 1 else 0)),
         details=details,
     )
 
@@ -291,15 +310,18 @@ def _is_module(model: Any) -> bool:
     return isinstance(model, nn.Module)
 
 
-def _half_copies(spec: ModelSpec, prec: Precision, engine: str) -> int:
-    """Autocast's half-precision copies of the matmul weights (plain torch ``*-mixed``), live into
-    backward.
+def _half_copies(spec: ModelSpec, prec: Precision, engine: str, checkpointed: int = 0) -> int:
+    """Autocast's half-precision copies of the matmul weights (plain torch ``*-mixed``), live into backward.
+
+    The copies a checkpointed block makes are not saved: in backward only the block being recomputed holds its
+    copies, so of the ``checkpointed`` first blocks one block's copies are counted.
     """
     if engine != "torch" or not prec.mixed:
         return 0
     if not spec.module_params:
         return prec.compute_bytes * spec.num_parameters
     total = 0
+    per_block = [0] * spec.num_layers
     for name, numels in spec.module_params:
         low = name.lower()
         if "norm" in low or low.split(".")[-1].startswith("ln"):
@@ -307,11 +329,19 @@ def _half_copies(spec: ModelSpec, prec: Precision, engine: str) -> int:
         if any(key in low for key in ("embed", "wte", "wpe")) and not spec.tied_embeddings:
             continue
         total += sum(numels)
+        idx = next((int(p) for p in name.split(".") if p.isdigit()), None)
+        if idx is not None and idx < spec.num_layers:
+            per_block[idx] += sum(numels)
+    if checkpointed:
+        ckpt = per_block[:checkpointed]
+        total -= sum(ckpt) - max(ckpt)
     return prec.compute_bytes * total
 
 
-def _analytic_timeline(spec: ModelSpec, act: Activations, grad_bytes: int) -> "list[tuple[int, int, int]]":
-    """(activation bytes, gradient elements produced, of which logits bytes) through backward.
+def _analytic_timeline(
+    spec: ModelSpec, act: Activations, grad_bytes: int
+) -> "list[tuple[int, int, int, bool]]":
+    """(activation bytes, gradient elements produced, of which logits bytes, in forward) through the step.
 
     With tied embeddings the output projection's weight gradient waits in autograd's input buffer until the
     embedding's backward adds its part (one AccumulateGrad per leaf), so it is live through the blocks'
@@ -335,22 +365,34 @@ def _analytic_timeline(spec: ModelSpec, act: Activations, grad_bytes: int) -> "l
     out = []
     for live, block in act.backward_timeline():
         if block < 0:
-            out.append((live, 0, act.logits + act.logits_backward))
+            out.append((live, 0, act.logits + act.logits_backward, False))
+        elif block >= spec.num_layers:  # the final norm's backward: the output projection's gradients exist
+            out.append((live + tied, head, 0, False))
         else:
-            out.append((live + tied, head + sum(per_layer[block + 1 :]) + first[block], 0))
-    out.append((act.saved - act.logits + act.logits_forward, 0, act.logits_forward))  # end of forward
+            out.append((live + tied, head + sum(per_layer[block + 1 :]) + first[block], 0, False))
+    end_of_forward = act.saved - act.logits + act.logits_forward + act.forward_extra
+    out.append((end_of_forward, 0, act.logits_forward, True))  # the loss, at the end of forward
     return out
 
 
 def _phases(
-    em: EngineMemory, timeline: "list[tuple[int, int, int]]", half: int
+    em: EngineMemory, timeline: "list[tuple[int, int, int, bool]]", half: int, accumulating: bool = False
 ) -> "list[tuple[Phase, int, int]]":
-    """Every moment as (model-state phase, activation bytes, logits bytes)."""
+    """Every moment as (model-state phase, activation bytes, logits bytes).
+
+    ``accumulating``: the moments of a micro-step that follows another one (gradient accumulation), when what the
+    engine holds between micro-steps is there from the start and the new gradients are added into it.
+    """
     base = em.base
     out = []
     best = None
-    for live, grads, logits in timeline:
+    for live, grads, logits, forward in timeline:
         g, buf = em.backward_extra(grads)
+        if forward:
+            g = max(g, em.forward_gradients)
+        if accumulating:
+            held_g, held_buf = em.accumulating_extra()
+            g, buf = max(g, held_g), max(buf, held_buf)
         phase = Phase(
             "backward",
             base.parameters + em.gathered + half,

@@ -138,6 +138,15 @@ class EngineMemory:
     partition_alloc_after: int
     partition_bytes: int
     details: "dict[str, Any]" = field(default_factory=dict)
+    accumulation_hold: "tuple[int, int]" = (0, 0)
+    forward_gradients: int = 0
+
+    def accumulating_extra(self) -> "tuple[int, int]":
+        """(gradient bytes, buffer bytes) held through a micro-step that follows another one before the optimizer
+        step (gradient accumulation): the engine keeps what the previous micro-step's backward produced, and the
+        new gradients are added into it.
+        """
+        return self.accumulation_hold
 
     def backward_extra(self, grad_elements: int) -> "tuple[int, int]":
         """(gradient bytes, buffer bytes) the engine holds once ``grad_elements`` gradients were produced."""
@@ -265,7 +274,9 @@ def engine_memory(
             Phase("allreduce", b * P, b * P, master + states, chunk),
             Phase("step", b * P, b * P, master + states, grads_fp32 + temps),
         )
-        return EngineMemory(base, 0, phases, 0, 0, b, 0, 0, 0, details)
+        # gradient accumulation (engine.py allreduce_gradients: no reduction off the boundary): param.grad of every
+        # parameter stays allocated between micro-steps and the next backward adds into it
+        return EngineMemory(base, 0, phases, 0, 0, b, 0, 0, 0, details, (b * P, 0))
     temps = _temporaries(temp_kind, [min(Pp, cfg["sub_group_size"])] if zero == 3 else [Pp])
     opt_bytes = (4 + state_bytes) * Pp
     if not opt_dev:
@@ -280,6 +291,8 @@ def engine_memory(
         inside, before = _partition_grad_elements(spec, W, r)
         gip = b * inside if opt_dev else 0
         details["rank"] = r
+        if not opt_dev:  # accumulation with offload: accumulated_grads_in_cpu holds the partition's gradients
+            details["cpu_accumulation_bytes"] = b * inside
         base = Phase("steady", b * P, 0, opt_bytes, 0)
         if not opt_dev:
             bucket += b * spec.largest_param  # temp_grad_buffer_for_gpu_offload
@@ -289,10 +302,15 @@ def engine_memory(
                 Phase("reduce", b * P, b * (P - first) + gip, opt_bytes, bucket),
                 Phase("step", b * P, 0, opt_bytes, grad32 + temps),
             )
-            return EngineMemory(base, 0, phases, where["cpu"], where["nvme"], b, bucket, 0, 0, details)
+            # accumulation: ZeRO-1 reduces only at the boundary (reduce_ready_partitions_and_remove_grads), so
+            # the full 16-bit param.grad and the IPG bucket (setup_buckets) stay allocated between micro-steps
+            hold = (b * P, bucket)
+            return EngineMemory(base, 0, phases, where["cpu"], where["nvme"], b, bucket, 0, 0, details, hold)
         after = _flush_after(spec, cfg["reduce_bucket_size"], before)
         phases = (Phase("step", b * P, 0, opt_bytes, grad32 + temps),)
-        return EngineMemory(base, 0, phases, where["cpu"], where["nvme"], 0, bucket, after, gip, details)
+        # accumulation: ZeRO-2 reduces every micro-step into grads_in_partition, which stays until the step
+        hold = (gip, bucket)
+        return EngineMemory(base, 0, phases, where["cpu"], where["nvme"], 0, bucket, after, gip, details, hold)
     # ZeRO-3
     gathered, persistent = _gathered_stage3(
         spec, cfg["stage3_param_persistence_threshold"], cfg["stage3_max_reuse_distance"], b
@@ -357,7 +375,12 @@ def _torch_engine(
     temps = _temporaries(kind, _tensors(spec)) * b // 4
     base = Phase("steady", b * P, 0, states, ddp)
     phases = (Phase("step", b * P, b * P, states, ddp + temps),)
-    return EngineMemory(base, 0, phases, 0, 0, b, 0, 0, 0, {"ddp_bucket_bytes": ddp})
+    # accumulation: param.grad of every parameter stays between micro-steps (Lightning skips DDP's all-reduce
+    # with no_sync until the last micro-step)
+    # Lightning's automatic optimization calls optimizer.zero_grad() (set_to_none) after training_step and before
+    # backward (loops/optimization/automatic.py, Closure.closure), so the previous step's gradients are live
+    # through the forward
+    return EngineMemory(base, 0, phases, 0, 0, b, 0, 0, 0, {"ddp_bucket_bytes": ddp}, (b * P, 0), b * P)
 
 
 def _zero_paper(P: int, W: int, zero: int, precision: Precision, state_bytes: int) -> EngineMemory:

@@ -20,6 +20,7 @@ Cost order of the settings (cheapest first), from what each adds to a step:
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -29,7 +30,8 @@ from lightning_memopt.utilities.units import format_bytes, parse_bytes
 
 __all__ = ["NoFitError", "Plan", "Setting", "Suggestion", "plan_batch", "suggest_fixes"]
 
-_SEARCHED = ("zero", "activation_checkpointing", "offload_optimizer", "offload_parameters", "micro_batch_size")
+_SEARCHED = ("zero", "activation_checkpointing", "offload_optimizer", "offload_parameters", "micro_batch_size",
+             "accumulate_grad_batches")
 
 
 class NoFitError(ValueError):
@@ -159,12 +161,20 @@ def _positive_int(name: str, value: Any) -> int:
 def _largest_fitting(estimate: Any, budget: int, upper: int) -> "tuple[int, MemoryEstimate, int]":
     """Binary search of the largest micro-batch in [1, upper] that fits ``budget``.
 
+    The estimate is monotone below ``upper``; ``upper`` itself is tried first, since there it may be lower
+    (the global batch needs no gradient accumulation, which keeps gradients between micro-steps).
+
     Returns ``(largest, its estimate, predicted total at micro-batch 1)``; ``largest`` is 0 when even
     micro-batch 1 does not fit (the estimate is then micro-batch 1's).
     """
     first = estimate(1)
     if first.total > budget:
         return 0, first, first.total
+    if upper > 1:
+        top = estimate(upper)
+        if top.total <= budget:
+            return upper, top, first.total
+        upper -= 1
     lo, hi, best = 1, upper, first
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -204,7 +214,8 @@ def plan_batch(
         offload: whether optimizer / parameter offload may be turned on.
         offload_device: ``"cpu"`` or ``"nvme"``, passed to ``estimate_memory`` when offloading.
         **estimate_kwargs: the other ``estimate_memory`` arguments (precision, optimizer, attention, liger,
-            engine, ...). The searched ones (zero, checkpointing, offload, micro-batch) are not accepted.
+            engine, ...). The searched ones (zero, checkpointing, offload, micro-batch, accumulation) are not
+            accepted.
 
     Raises:
         NoFitError: when no setting fits at micro-batch 1; the message names the smallest prediction.
@@ -237,7 +248,8 @@ def plan_batch(
         kwargs = dict(estimate_kwargs, world_size=world_size, seq_len=seq_len, **setting.kwargs(offload_device))
 
         def estimate(micro: int, kwargs: "dict[str, Any]" = kwargs) -> MemoryEstimate:
-            return estimate_memory(model, micro_batch_size=micro, **kwargs)
+            accumulate = math.ceil(target / (micro * seq_len * world_size))  # the accumulation it needs
+            return estimate_memory(model, micro_batch_size=micro, accumulate_grad_batches=accumulate, **kwargs)
 
         largest, est, at_one = _largest_fitting(estimate, budget, cap)
         tried.append((setting.describe(), at_one))
@@ -295,27 +307,59 @@ class Suggestion:
         return f"{self.description} -> {format_bytes(self.predicted_total)} ({'fits' if self.fits else 'too large'})"
 
 
-def _candidate_changes(kwargs: "Mapping[str, Any]", offload_device: str) -> "list[tuple[str, dict[str, Any]]]":
-    """Single changes in cost order: free kernel swaps, ZeRO stages, checkpointing, offload."""
+def _candidate_changes(
+    kwargs: "Mapping[str, Any]", offload_device: str, cuda: bool, zero_config: "dict[str, Any] | None"
+) -> "list[tuple[str, dict[str, Any]]]":
+    """Single changes in cost order: free kernel swaps, ZeRO stages, checkpointing, offload.
+
+    For a plain-torch run (``engine="torch"``) a ZeRO stage or offload means switching to DeepSpeed
+    (``MemOptStrategy``): the change then sets ``engine="deepspeed"`` and ``zero_config``.
+    """
     zero = kwargs.get("zero", 0)
     world = kwargs.get("world_size", 1)
+    torch_engine = kwargs.get("engine", "deepspeed") == "torch"
+    switch: "dict[str, Any]" = {"engine": "deepspeed", "deepspeed_config": dict(zero_config or {})} if torch_engine else {}
+    via = "switch to MemOptStrategy(zero={})" if torch_engine else "zero={}"
     out: "list[tuple[str, dict[str, Any]]]" = []
     if kwargs.get("attention", "sdpa") == "eager":
         out.append(("attention eager -> sdpa", {"attention": "sdpa"}))
-    if not kwargs.get("liger", False):
-        out.append(("+ Liger kernels (needs a CUDA GPU)", {"liger": True}))
+    if cuda and not kwargs.get("liger", False):
+        out.append(("+ Liger kernels", {"liger": True}))
     if world > 1:
-        out += [(f"zero={z}", {"zero": z}) for z in range(zero + 1, 4)]
+        out += [(via.format(z), {"zero": z, **switch}) for z in range(zero + 1, 4)]
     if not kwargs.get("activation_checkpointing", False):
         out.append(("+ activation checkpointing", {"activation_checkpointing": True}))
     if not kwargs.get("offload_optimizer", False):
-        change: "dict[str, Any]" = {"offload_optimizer": offload_device}
+        change: "dict[str, Any]" = {"offload_optimizer": offload_device, **switch}
         if zero == 0:
             change["zero"] = 1
-        out.append((f"+ offload optimizer to {offload_device}" + (" (zero=1)" if zero == 0 else ""), change))
+        prefix = via.format(1) + ", " if torch_engine else ""
+        suffix = " (zero=1)" if zero == 0 and not torch_engine else ""
+        out.append((f"{prefix}+ offload optimizer to {offload_device}{suffix}", change))
     if not kwargs.get("offload_parameters", False):
-        change = {"offload_parameters": offload_device, "offload_optimizer": offload_device, "zero": 3}
-        out.append((f"+ offload parameters and optimizer to {offload_device} (zero=3)", change))
+        change = {"offload_parameters": offload_device, "offload_optimizer": offload_device, "zero": 3, **switch}
+        prefix = via.format(3) + ", " if torch_engine else ""
+        suffix = "" if torch_engine else " (zero=3)"
+        out.append((f"{prefix}+ offload parameters and optimizer to {offload_device}{suffix}", change))
+    return out
+
+
+def _without_stage(kwargs: "dict[str, Any]") -> "dict[str, Any]":
+    """``kwargs`` with the stage and offload devices moved from its ``deepspeed_config`` into the arguments, so
+    that a suggestion may change them (the config keeps its bucket sizes and thresholds)."""
+    config = kwargs.get("deepspeed_config")
+    if not isinstance(config, dict):
+        return kwargs
+    config = copy.deepcopy(config)
+    zero_config = config.get("zero_optimization") or {}
+    out = dict(kwargs, deepspeed_config=config)
+    for key, arg in (("offload_optimizer", "offload_optimizer"), ("offload_param", "offload_parameters")):
+        device = (zero_config.pop(key, None) or {}).get("device")
+        if device not in (None, "none") and not out.get(arg):
+            out[arg] = device
+    stage = zero_config.pop("stage", None)
+    if stage is not None and "zero" not in out:
+        out["zero"] = stage
     return out
 
 
@@ -326,14 +370,20 @@ def suggest_fixes(
     *,
     offload_device: str = "cpu",
     max_suggestions: int = 5,
+    cuda: bool = True,
+    zero_config: "dict[str, Any] | None" = None,
 ) -> "list[Suggestion]":
     """Ranked changes that lower the predicted peak of an ``estimate_memory`` call, fitting ones first.
 
     Each single change (attention backend, Liger, a higher ZeRO stage, checkpointing, offload) is tried, plus a
-    smaller micro-batch with proportionally more gradient accumulation (same global batch), plus the
-    cumulative combination of the single changes in cost order until it fits. Fitting suggestions come
-    first in cost order (the module docstring's order; micro-batch reduction ranks after ZeRO and before
-    checkpointing), then the others by predicted peak. Changes that do not lower the peak are dropped.
+    smaller micro-batch with proportionally more gradient accumulation (same global batch, predicted with that
+    accumulation), plus the cumulative combination of the single changes in cost order until it fits. Fitting
+    suggestions come first in cost order (the module docstring's order; micro-batch reduction ranks after ZeRO and
+    before checkpointing), then the others by predicted peak. Changes that do not lower the peak are dropped.
+
+    A ``deepspeed_config`` that sets the stage or offload devices is accepted: they are read into the arguments
+    and the suggestions change them. For ``engine="torch"`` (plain Lightning) a ZeRO stage or offload suggestion
+    means switching to ``MemOptStrategy``: it is predicted with ``engine="deepspeed"`` and ``zero_config``.
 
     Args:
         estimate_kwargs: the arguments of the ``estimate_memory`` call, ``model`` included.
@@ -341,6 +391,9 @@ def suggest_fixes(
         margin: fraction of the device kept free, in [0, 1).
         offload_device: ``"cpu"`` or ``"nvme"`` for the offload suggestions.
         max_suggestions: at most this many suggestions.
+        cuda: whether the run is on a CUDA device; Liger's Triton kernels are suggested only then.
+        zero_config: the DeepSpeed config (bucket sizes) a ZeRO suggestion for an ``engine="torch"`` run is
+            predicted with; ``None``: DeepSpeed's defaults.
 
     Example:
         >>> fixes = suggest_fixes({"model": "gpt2", "seq_len": 1024, "micro_batch_size": 256}, "16GiB")
@@ -353,27 +406,34 @@ def suggest_fixes(
         raise ValueError("Expected `estimate_kwargs` to hold the `model` passed to estimate_memory, got none.")
     _check_margin(margin)
     budget = int(parse_bytes(device_memory) * (1.0 - margin))
-    base = dict(estimate_kwargs)
+    base = _without_stage(dict(estimate_kwargs))
     current = estimate_memory(**base).total
 
-    ranked: "list[tuple[int, Suggestion]]" = []  # (cost rank, suggestion)
-    changes = _candidate_changes(base, offload_device)
+    ranked: "list[tuple[float, Suggestion]]" = []  # (cost rank, suggestion)
+    changes = _candidate_changes(base, offload_device, cuda, zero_config)
     for rank, (description, change) in enumerate(changes):
         total = estimate_memory(**{**base, **change}).total
         ranked.append((rank, Suggestion(description, change, total, total <= budget)))
 
     micro = base.get("micro_batch_size", 1)
+    accumulate = base.get("accumulate_grad_batches", 1)
     if micro > 1:
-        largest, _, _ = _largest_fitting(lambda b: estimate_memory(**{**base, "micro_batch_size": b}), budget, micro)
+
+        def smaller_batch(b: int) -> MemoryEstimate:  # the same global batch: accumulation x ceil(micro / b)
+            return estimate_memory(**{**base, "micro_batch_size": b,
+                                      "accumulate_grad_batches": accumulate * math.ceil(micro / b)})  # fmt: skip
+
+        largest, _, _ = _largest_fitting(smaller_batch, budget, micro)
         smaller = largest if largest >= 1 else 1
         factor = math.ceil(micro / smaller)
         smaller = math.ceil(micro / factor)  # the same global batch with the fewest extra steps
-        total = estimate_memory(**{**base, "micro_batch_size": smaller}).total
+        total = smaller_batch(smaller).total
         description = f"micro-batch {micro} -> {smaller} with accumulate_grad_batches x{factor}"
-        zero_rank = sum(1 for d, _ in changes if d.startswith(("zero", "attention", "+ Liger")))
-        ranked.append((zero_rank, Suggestion(description, {"micro_batch_size": smaller,
-                                                           "accumulate_grad_batches_factor": factor},
-                                             total, total <= budget)))
+        change = {"micro_batch_size": smaller, "accumulate_grad_batches": accumulate * factor,
+                  "accumulate_grad_batches_factor": factor}  # fmt: skip
+        # after the kernel swaps and ZeRO stages, before checkpointing (the first costlier change)
+        after = sum(1 for d, _ in changes if d.startswith(("zero", "switch", "attention", "+ Liger")))
+        ranked.append((after - 0.5, Suggestion(description, change, total, total <= budget)))
 
     if not any(s.fits for _, s in ranked):  # combine single changes, cheapest first, until it fits
         combined: "dict[str, Any]" = {}

@@ -79,7 +79,10 @@ class MemOptStrategy(DeepSpeedStrategy):
         overlap_comm: overlap gradient reduction with backward (``None``: DeepSpeed's default for the stage).
         activation_checkpointing: ``True`` checkpoints every transformer block, a float in (0, 1] the first
             fraction of them (see :func:`~lightning_memopt.transforms.apply_activation_checkpointing`); applied
-            before DeepSpeed wraps the model, non-reentrant, and working under ZeRO-3.
+            before DeepSpeed wraps the model, non-reentrant, and working under ZeRO-3. ``"budget"`` checkpoints
+            the fewest leading blocks whose predicted peak fits ``memory_budget``
+            (see :func:`~lightning_memopt.transforms.checkpoint_to_fit`), planned at ``fit`` setup for the
+            micro-batch size and sequence length of the first batch of the training dataloader.
         checkpointing_policy: which blocks: ``"auto"`` (Hugging Face ``_no_split_modules``, else the largest
             ``ModuleList`` of same-class blocks) or class names.
         attention: ``None`` (keep the model's), ``"auto"``, ``"flash_attention_2"``, ``"sdpa"`` or ``"eager"``
@@ -87,6 +90,8 @@ class MemOptStrategy(DeepSpeedStrategy):
         liger: ``True`` for Liger-Kernel's default kernels, or a dict of switches (``rms_norm``, ``rope``,
             ``swiglu``, ``cross_entropy``, ``fused_linear_cross_entropy``, ``strict``); needs CUDA
             (see :func:`~lightning_memopt.transforms.apply_liger`).
+        memory_budget: bytes per rank or a size such as ``"24GiB"`` for ``activation_checkpointing="budget"``;
+            ``None`` = the CUDA device's total memory less 10 % (on CPU a budget is required).
         config: a DeepSpeed config dict or JSON path used instead of the arguments above (which must then be
             left at their defaults). ``gradient_accumulation_steps`` and ``train_micro_batch_size_per_gpu`` in it
             must agree with the Trainer.
@@ -129,10 +134,11 @@ class MemOptStrategy(DeepSpeedStrategy):
         max_live_parameters: int = 1_000_000_000,
         contiguous_gradients: bool = True,
         overlap_comm: Optional[bool] = None,
-        activation_checkpointing: Union[bool, float] = False,
+        activation_checkpointing: Union[bool, float, str] = False,
         checkpointing_policy: Union[str, list[str]] = "auto",
         attention: Optional[str] = None,
         liger: Union[bool, dict[str, bool]] = False,
+        memory_budget: Optional[Union[int, str]] = None,
         config: Optional[Union[str, Path, dict[str, Any]]] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -145,7 +151,9 @@ class MemOptStrategy(DeepSpeedStrategy):
         exclude_frozen_parameters: bool = False,
     ) -> None:
         requires(_DEEPSPEED_AVAILABLE, "MemOptStrategy")
-        self._transforms = validate_transforms(activation_checkpointing, checkpointing_policy, attention, liger)
+        self._transforms = validate_transforms(
+            activation_checkpointing, checkpointing_policy, attention, liger, memory_budget
+        )
         buckets = {
             "reduce_bucket_size": reduce_bucket_size,
             "allgather_bucket_size": allgather_bucket_size,
@@ -257,7 +265,7 @@ class MemOptStrategy(DeepSpeedStrategy):
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
         # After `configure_model` (and ZeRO-3's `zero.Init`), before DeepSpeed wraps the model.
-        apply_transforms(self.lightning_module, self._transforms, self.root_device, trainer.precision)
+        apply_transforms(self.lightning_module, self._transforms, self.root_device, trainer.precision, trainer)
         super().setup(trainer)
 
     # ------------------------------------------------------------------ config

@@ -45,13 +45,6 @@ def test_two_ranks_plan_is_the_same_everywhere_and_the_next_micro_batch_does_not
 
 
 @pytest.mark.distributed
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "predictor: with accumulate_grad_batches=2 at ZeRO-1 on 2 ranks the measured peak is 14 % above the prediction"
-        " (23.30 MB measured vs 20.04 MB predicted; 22.27 MB limit): estimate_memory has no accumulation input"
-    ),
-)
 def test_two_ranks_plan_trains_under_the_limit(tmp_path_factory):
     args = planner_args()
     device_memory = int(args[args.index("--plan") + 1])

@@ -106,16 +106,7 @@ def test_two_ranks_memopt_log_the_keys_at_every_step_gathered_over_ranks(two_ran
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(
-            "zero1",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "predictor: ZeRO-1, 2 ranks, measured -3.7 % (micro-batch 6) / -4.0 % (8) without accumulation and -14.0 %"
-                    " with accumulate_grad_batches=2 (estimate_memory has no accumulation input); remove once fixed"
-                ),
-            ),
-        ),
+        "zero1",
         "zero3",
     ],
 )
@@ -134,11 +125,6 @@ def test_ddp_two_ranks_logs_every_step(two_rank_run):
 
 
 @pytest.mark.distributed
-@pytest.mark.xfail(
-    strict=True,
-    reason="the predictor's engine='torch' under-predicts AdamW + bf16-mixed by ~20 %"
-    " on CPU (measured -19.9 % with DDP, -22.6 % on one device); remove this marker once it is fixed",
-)
 def test_ddp_prediction_error_within_the_predictor_target(two_rank_run):
     ranks = two_rank_run("--strategy", "ddp")
     errors = [h["prediction_error"] for h in ranks[0]["history"] if h["step"] >= 2]
@@ -196,7 +182,8 @@ def test_a_run_that_does_not_fit_fails_before_the_first_step_and_the_first_sugge
     change = dict(fixes[0].kwargs_change)  # follow the first suggestion, whatever it is
     batch_size, accumulate, callbacks = 16, 1, []
     if "micro_batch_size" in change:
-        batch_size, accumulate = change.pop("micro_batch_size"), change.pop("accumulate_grad_batches_factor")
+        batch_size, accumulate = change.pop("micro_batch_size"), change.pop("accumulate_grad_batches")
+        assert change.pop("accumulate_grad_batches_factor") == accumulate  # from accumulate_grad_batches=1
     if change.pop("activation_checkpointing", False):
         callbacks.append(ActivationCheckpointing())
     strategy = MemOptStrategy(zero=change.pop("zero", 0), offload_optimizer=change.pop("offload_optimizer", False),

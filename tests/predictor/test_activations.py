@@ -38,7 +38,7 @@ def test_analytic_start_of_backward_matches_the_fake_trace(kind, attn, precision
         activation_checkpointing=ckpt,
     )
     assert max(
-        live for live, _, _ in _analytic_timeline(spec, act, prec.param_bytes("deepspeed"))
+        live for live, *_ in _analytic_timeline(spec, act, prec.param_bytes("deepspeed"))
     ) == pytest.approx(res.peak(0), rel=0.06 if ckpt else 0.01)
 
 
@@ -80,3 +80,22 @@ def test_bad_checkpointing_and_liger_values():
 def test_parameter_count_has_no_activations():
     act = activation_bytes(resolve_model("8B"), micro_batch_size=8, seq_len=4096, compute_bytes=2)
     assert act.saved == 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "attn", "ckpt", "world"),
+    [("llama", "sdpa", False, 1), ("qwen2", "sdpa", False, 2), ("llama", "eager", False, 1), ("llama", "sdpa", True, 1)],
+)
+def test_plain_torch_autocast_analytic_matches_the_fake_trace(kind, attn, ckpt, world):
+    """engine='torch' with bf16-mixed (fp32 parameters under autocast, Lightning's zero_grad after the forward):
+    the analytic peak is within 1 % of the fake-tensor step (which matched a real single-device Lightning run), 6 %
+    where a recomputed block's moment is the peak (approximated, as for DeepSpeed above)."""
+    from lightning_memopt.predictor.api import estimate_memory
+
+    model = hf_model(kind, layers=2, attn=attn, tie_word_embeddings=(kind == "qwen2"))
+    ids = torch.randint(0, 256, (4, 64))
+    kw = dict(engine="torch", world_size=world, micro_batch_size=4, seq_len=64, precision="bf16-mixed",
+              attention=attn, activation_checkpointing=ckpt)  # fmt: skip
+    analytic = estimate_memory(resolve_model(model), **kw).total
+    traced = estimate_memory(model, method="trace", example_batch={"input_ids": ids, "labels": ids}, **kw).total
+    assert analytic == pytest.approx(traced, rel=0.06 if ckpt else 0.01)

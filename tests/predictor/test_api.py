@@ -115,6 +115,8 @@ def test_liger_fused_cross_entropy_removes_logits():
         (dict(offload_parameters="cpu", zero=2), ValueError, "zero=3"),
         (dict(engine="torch", zero=2), ValueError, "engine='deepspeed'"),
         (dict(zero=2, deepspeed_config={"zero_optimization": {"stage": 3}}), ValueError, "stage"),
+        (dict(accumulate_grad_batches=0), ValueError, "accumulate_grad_batches"),
+        (dict(accumulate_grad_batches=1.5), ValueError, "accumulate_grad_batches"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -133,3 +135,35 @@ def test_offload_device_is_read_from_the_deepspeed_config():
     assert est.cpu_offloaded > 0 and est.optimizer_states == 0
     with pytest.raises(ValueError, match="match"):
         estimate_memory("llama-3-8b", world_size=4, zero=2, offload_optimizer="nvme", deepspeed_config=ds)
+
+
+SMALL = dict(world_size=2, micro_batch_size=4, seq_len=512, precision="bf16-mixed")
+
+
+@pytest.mark.parametrize(("engine", "zero"), [("deepspeed", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3),
+                                              ("torch", 0)])  # fmt: skip
+def test_accumulation_keeps_what_the_engine_holds_between_micro_steps(engine, zero):
+    one = estimate_memory("gpt2", engine=engine, zero=zero, **SMALL)
+    two = estimate_memory("gpt2", engine=engine, zero=zero, accumulate_grad_batches=2, **SMALL)
+    eight = estimate_memory("gpt2", engine=engine, zero=zero, accumulate_grad_batches=8, **SMALL)
+    assert two.total >= one.total and eight.total == two.total  # how many micro-steps does not matter
+    assert two.details["accumulate_grad_batches"] == 2
+    P = one.details["num_parameters"]
+    if engine == "deepspeed" and zero in (0, 1):  # the full 16-bit param.grad waits for the boundary
+        assert two.total > one.total
+        assert two.gradients >= 2 * P
+    if zero == 3:  # the gradient partition is held anyway
+        assert two.total == one.total
+
+
+def test_torch_engine_holds_the_previous_gradients_through_the_forward():
+    """Lightning zeroes the gradients after training_step: at the loss the previous step's fp32 gradients live."""
+    est = estimate_memory("gpt2", engine="torch", micro_batch_size=1, seq_len=64, precision="32-true")
+    P = est.details["num_parameters"]
+    assert est.gradients >= 4 * P  # the peak is the end of forward, with every gradient
+
+
+def test_accumulation_with_offload_keeps_the_partition_gradients_on_the_host():
+    kw = dict(zero=2, offload_optimizer="cpu", **SMALL)
+    one, two = estimate_memory("gpt2", **kw), estimate_memory("gpt2", accumulate_grad_batches=2, **kw)
+    assert two.cpu_offloaded > one.cpu_offloaded

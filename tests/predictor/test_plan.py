@@ -12,7 +12,10 @@ MODEL = "llama-3-8b"
 BASE = dict(world_size=8, seq_len=4096, precision="bf16-mixed")
 
 
-def _total(micro, setting, **kw):
+def _total(micro, setting, tokens=None, **kw):
+    """The predicted peak at ``micro``, with the accumulation a global batch of ``tokens`` needs at it."""
+    if tokens is not None:
+        kw["accumulate_grad_batches"] = math.ceil(tokens / (micro * BASE["seq_len"] * BASE["world_size"]))
     return estimate_memory(MODEL, micro_batch_size=micro, **{**BASE, **kw}, **setting.kwargs("cpu")).total
 
 
@@ -22,14 +25,15 @@ def test_plan_finds_the_largest_micro_batch_and_enough_accumulation():
     budget = int(80 * GiB * 0.9)
     assert plan.budget == budget and plan.estimate.total <= budget
     largest = plan.max_micro_batch_size
-    assert _total(largest, plan.setting) <= budget
+    assert _total(largest, plan.setting, tokens=4_000_000) <= budget
     cap = math.ceil(4_000_000 / (4096 * 8))
-    assert largest == cap or _total(largest + 1, plan.setting) > budget
+    assert largest == cap or _total(largest + 1, plan.setting, tokens=4_000_000) > budget
     tokens = plan.micro_batch_size * 4096 * 8
     assert plan.achieved_global_batch_tokens == tokens * plan.accumulate_grad_batches >= 4_000_000
     assert (plan.accumulate_grad_batches - 1) * largest * 4096 * 8 < 4_000_000  # no needless accumulation steps
     assert plan.micro_batch_size <= largest
     assert plan.estimate == estimate_memory(MODEL, micro_batch_size=plan.micro_batch_size, **BASE,
+                                            accumulate_grad_batches=plan.accumulate_grad_batches,
                                             **plan.setting.kwargs("cpu"))
 
 
@@ -104,6 +108,53 @@ def test_suggest_fixes_micro_batch_keeps_the_global_batch():
     change = micro[0].kwargs_change
     assert change["micro_batch_size"] * change["accumulate_grad_batches_factor"] >= 512
     assert micro[0].description.startswith("micro-batch 512 -> ")
+
+
+def test_suggest_fixes_micro_batch_ranks_after_zero_and_before_checkpointing():
+    kwargs = dict(model=MODEL, micro_batch_size=16, zero=2, **BASE)
+    fixes = suggest_fixes(kwargs, "200GiB", margin=0.1, max_suggestions=20, cuda=False)
+    described = [f.description for f in fixes if f.fits]
+    micro = next(i for i, d in enumerate(described) if d.startswith("micro-batch"))
+    zero = [i for i, d in enumerate(described) if d.startswith("zero=")]
+    ckpt = [i for i, d in enumerate(described) if d == "+ activation checkpointing"]
+    assert all(i < micro for i in zero) and all(micro < i for i in ckpt), described
+    fix = fixes[[f.description for f in fixes].index(described[micro])]
+    assert fix.kwargs_change["accumulate_grad_batches"] == fix.kwargs_change["accumulate_grad_batches_factor"]
+    change = {k: v for k, v in fix.kwargs_change.items() if k != "accumulate_grad_batches_factor"}
+    assert fix.predicted_total == estimate_memory(**{**kwargs, **change}).total
+
+
+def test_suggest_fixes_offers_liger_only_on_cuda():
+    kwargs = dict(model=MODEL, micro_batch_size=16, **BASE)
+    on_cpu = suggest_fixes(kwargs, "80GiB", max_suggestions=20, cuda=False)
+    on_gpu = suggest_fixes(kwargs, "80GiB", max_suggestions=20, cuda=True)
+    assert not any(f.kwargs_change.get("liger") for f in on_cpu)
+    assert any(f.kwargs_change.get("liger") for f in on_gpu)
+
+
+def test_suggest_fixes_accepts_a_deepspeed_config_that_sets_the_stage():
+    config = {"zero_optimization": {"stage": 1, "reduce_bucket_size": 10**7, "offload_optimizer": {"device": "none"}}}
+    kwargs = dict(model=MODEL, micro_batch_size=16, zero=1, deepspeed_config=config, **BASE)
+    fixes = suggest_fixes(kwargs, "80GiB", max_suggestions=20)
+    stages = {f.kwargs_change["zero"] for f in fixes if "zero" in f.kwargs_change}
+    assert stages and stages <= {2, 3}
+    buckets = {"zero_optimization": {"reduce_bucket_size": 10**7}}  # the config without stage and offload
+    for fix in fixes:
+        if set(fix.kwargs_change) == {"zero"}:
+            expected = estimate_memory(**{**kwargs, "deepspeed_config": buckets, **fix.kwargs_change}).total
+            assert fix.predicted_total == expected
+    assert config["zero_optimization"]["stage"] == 1  # the caller's config is left alone
+
+
+def test_suggest_fixes_for_plain_torch_switches_to_memopt_strategy():
+    kwargs = dict(model=MODEL, micro_batch_size=4, engine="torch", **BASE)
+    zero_config = {"zero_optimization": {"reduce_bucket_size": 4096 * 4096}}
+    fixes = suggest_fixes(kwargs, "80GiB", max_suggestions=20, zero_config=zero_config)
+    switches = [f for f in fixes if "zero" in f.kwargs_change]
+    assert switches and all("switch to MemOptStrategy(zero=" in f.description for f in switches)
+    for fix in switches:
+        assert fix.kwargs_change["engine"] == "deepspeed"
+        assert fix.predicted_total == estimate_memory(**{**kwargs, **fix.kwargs_change}).total
 
 
 def test_setting_kwargs_round_trip():

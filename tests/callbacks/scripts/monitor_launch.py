@@ -10,7 +10,7 @@ sys.path.insert(0, str(HERE.parents[1]))  # tests/, for helpers
 from helpers import run_script
 
 #: The run the planner test plans: MemOptStrategy ZeRO-1, 2 ranks, hidden 256, seq_len 64.
-PLAN = {"zero": 1, "world_size": 2, "hidden": 256, "seq_len": 64, "micro_batch_size": 6}
+PLAN = {"zero": 1, "world_size": 2, "hidden": 256, "seq_len": 64, "micro_batch_size": 6, "accumulate_grad_batches": 2}
 
 
 def launch(tmp_path_factory, *args: str) -> list[dict]:
@@ -33,16 +33,21 @@ def plan_settings() -> dict:
     module = CausalLM(hidden_size=PLAN["hidden"], num_layers=2)
     settings = strategy_settings(MemOptStrategy(zero=PLAN["zero"]), module)
     settings.update(
-        world_size=PLAN["world_size"], seq_len=PLAN["seq_len"], precision="bf16-mixed", optimizer="adamw"
+        world_size=PLAN["world_size"],
+        seq_len=PLAN["seq_len"],
+        precision="bf16-mixed",
+        optimizer="adamw",
+        accumulate_grad_batches=PLAN["accumulate_grad_batches"],
     )
     return {"model": resolve_model(module), **settings}
 
 
 def planner_args() -> tuple[str, ...]:
-    """A device memory whose budget (90 %) holds micro-batch 6 exactly, and a global batch that needs accumulation 2."""
+    """A device memory whose budget (90 %) holds micro-batch 6 with accumulation 2 exactly, and a global batch that
+    needs accumulation 2."""
     from lightning_memopt.predictor.api import estimate_memory
 
     peak = estimate_memory(**plan_settings(), micro_batch_size=PLAN["micro_batch_size"]).total
     device_memory = math.ceil(peak / 0.9) + 1
-    tokens = PLAN["micro_batch_size"] * PLAN["seq_len"] * PLAN["world_size"] * 2
+    tokens = PLAN["micro_batch_size"] * PLAN["seq_len"] * PLAN["world_size"] * PLAN["accumulate_grad_batches"]
     return ("--zero", "1", "--plan", str(device_memory), "--global-tokens", str(tokens))

@@ -34,6 +34,7 @@ def main() -> None:
     )
     parser.add_argument("--global-tokens", type=int, default=0)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--accumulate", type=int, default=1, help="Trainer(accumulate_grad_batches=...)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -58,6 +59,7 @@ def main() -> None:
         enable_checkpointing=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
+        accumulate_grad_batches=args.accumulate,
     )
     data = TextDataModule(batch_size=args.batch_size, seq_len=64)
     trainer.fit(CausalLM(hidden_size=args.hidden, num_layers=2), data)

@@ -1,0 +1,321 @@
+"""Every GPU check of issues 2-5 in one call (at most 10 minutes on one H100), results written to files.
+
+Each check runs in its own Python process (fresh CUDA state; Liger patches transformers' modules process-wide), with
+a share of the time budget; a check that fails or runs out of time is recorded as such and the others still run.
+Results: ``<out-dir>/<check>.json`` per check, ``<out-dir>/summary.json``, and the tables printed at the end.
+
+    python benchmarks/gpu_checks.py --list                 # the checks (works without a GPU)
+    python benchmarks/gpu_checks.py --out-dir gpu_results  # all of them (needs CUDA)
+    python benchmarks/gpu_checks.py --only liger_numerics predictor_accuracy
+
+Checks:
+- ``zero_stages``: ZeRO 0-3 on one GPU, MemOptStrategy vs Lightning's DeepSpeedStrategy: median step time and
+  ``torch.cuda.max_memory_allocated`` (issue 2).
+- ``predictor_accuracy``: ``estimate_memory`` vs ``max_memory_allocated`` of a training step of a ~0.3B Llama,
+  for attention x checkpointing x micro-batch (issue 3).
+- ``liger_numerics``: loss and gradients of a Liger-patched Llama vs the unpatched one, same weights (issue 4).
+- ``throughput``: tokens/s and peak memory of a ~0.85B Llama: HF eager, +sdpa, +liger, +both, +checkpointing (issue 4).
+- ``monitor``: MemoryMonitor's per-step actual vs predicted peak, and its step-time overhead (issue 5).
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TOTAL_SECONDS = 590
+CHECKS = {  # name: (description, seconds allowed in all)
+    "zero_stages": ("ZeRO 0-3 on 1 GPU: MemOptStrategy vs Lightning DeepSpeedStrategy, step time + peak memory", 200),
+    "predictor_accuracy": ("estimate_memory vs torch.cuda.max_memory_allocated, ~0.3B Llama, 8 settings", 80),
+    "liger_numerics": ("Liger-patched vs unpatched Llama: loss and gradient differences", 35),
+    "throughput": ("tokens/s + peak, ~0.85B Llama: eager, sdpa, liger, sdpa+liger, sdpa+checkpointing", 150),
+    "monitor": ("MemoryMonitor per-step actual vs predicted, and its overhead", 100),
+}
+THROUGHPUT_VARIANTS = {  # name: (attention, liger, checkpointing)
+    "eager": ("eager", False, False),
+    "sdpa": ("sdpa", False, False),
+    "eager+liger": ("eager", True, False),
+    "sdpa+liger": ("sdpa", True, False),
+    "sdpa+checkpointing": ("sdpa", False, True),
+}
+
+
+def llama(hidden: int, layers: int, intermediate: int, heads: int = 16, kv_heads: int = 4, vocab: int = 32000,
+          attention: str = "sdpa"):
+    """A Llama from a config with random weights, on the GPU in fp32 (AMP trains it in bf16)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096)
+    config._attn_implementation = attention
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return LlamaForCausalLM(config).train()
+
+
+def train_steps(model, batch: int, seq: int, steps: int, warmup: int = 2) -> dict:
+    """Plain AMP (bf16 autocast) + AdamW steps; median step time after ``warmup`` and the peak of the last step."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
+    times, peak = [], 0
+    for step in range(steps):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated()
+    return {"median_step_s": statistics.median(times), "tokens_per_s": batch * seq / statistics.median(times),
+            "peak_bytes": peak, "loss": float(loss)}
+
+
+# ---------------------------------------------------------------------------------------------------- the checks
+def check_zero_stages(variant: str | None) -> dict:
+    """One Lightning fit of a ~0.1B Llama per ``variant`` = ``<strategy>:<stage>``."""
+    strategy_name, stage = variant.split(":")
+    sys.path.insert(0, str(ROOT / "examples"))
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+    from tiny_llm import CausalLM, TextDataModule
+
+    from lightning_memopt import MemOptStrategy
+
+    class Timer(pl.Callback):
+        def __init__(self) -> None:
+            self.starts: list[float] = []
+
+        def on_train_batch_start(self, *_) -> None:
+            torch.cuda.synchronize()
+            self.starts.append(time.perf_counter())
+
+        def on_train_start(self, *_) -> None:
+            torch.cuda.reset_peak_memory_stats()
+
+    timer = Timer()
+    strategy = MemOptStrategy(zero=int(stage)) if strategy_name == "memopt" else DeepSpeedStrategy(stage=int(stage))
+    trainer = pl.Trainer(accelerator="cuda", devices=1, strategy=strategy, precision="bf16-mixed", max_steps=12,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[timer])
+    model = CausalLM(hidden_size=1024, num_layers=8)
+    trainer.fit(model, TextDataModule(batch_size=8, seq_len=256, stride=64))
+    steps = [b - a for a, b in zip(timer.starts[3:], timer.starts[4:])]
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    return {"strategy": strategy_name, "stage": int(stage), "n_parameters": n, "median_step_s": statistics.median(steps),
+            "peak_bytes": torch.cuda.max_memory_allocated(), "peak_bytes_per_param": torch.cuda.max_memory_allocated() / n}
+
+
+def check_predictor_accuracy(variant: str | None) -> dict:
+    import torch
+
+    from lightning_memopt import apply_activation_checkpointing, estimate_memory
+
+    rows = []
+    for attention in ("eager", "sdpa"):
+        for checkpointing in (False, True):
+            for batch in (1, 4):
+                seq = 1024
+                model = llama(1024, 16, 2816, attention=attention)
+                if checkpointing:
+                    apply_activation_checkpointing(model)
+                est = estimate_memory(model, engine="torch", precision="bf16-mixed", micro_batch_size=batch,
+                                      seq_len=seq, attention=attention, activation_checkpointing=checkpointing)
+                measured = train_steps(model, batch, seq, steps=3, warmup=1)["peak_bytes"]
+                rows.append({"attention": attention, "checkpointing": checkpointing, "micro_batch": batch,
+                             "seq_len": seq, "predicted_bytes": est.total, "measured_bytes": measured,
+                             "error": (est.total - measured) / measured,
+                             "n_parameters": sum(p.numel() for p in model.parameters())})
+                del model
+                torch.cuda.empty_cache()
+    return {"rows": rows}
+
+
+def check_liger_numerics(variant: str | None) -> dict:
+    import torch
+
+    from lightning_memopt import apply_liger
+
+    ids = torch.randint(0, 32000, (2, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    results = {}
+    for patched in (False, True):
+        model = llama(512, 4, 1408)
+        if patched:
+            apply_liger(model, device=torch.device("cuda"))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        results[patched] = (float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters()})
+    (ref_loss, ref), (liger_loss, lig) = results[False], results[True]
+    rel = {n: float((lig[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-12)) for n in ref}
+    return {"loss_unpatched": ref_loss, "loss_liger": liger_loss, "loss_abs_diff": abs(ref_loss - liger_loss),
+            "grad_rel_diff_max": max(rel.values()), "grad_rel_diff_max_param": max(rel, key=rel.get),
+            "grad_rel_diff_median": statistics.median(rel.values())}
+
+
+def check_throughput(variant: str | None) -> dict:
+    import torch
+
+    from lightning_memopt import apply_activation_checkpointing, apply_liger
+
+    attention, liger, checkpointing = THROUGHPUT_VARIANTS[variant]
+    model = llama(2048, 16, 5632, attention=attention)
+    if liger:
+        apply_liger(model, device=torch.device("cuda"))
+    if checkpointing:
+        apply_activation_checkpointing(model)
+    result = train_steps(model, batch=4, seq=1024, steps=8, warmup=3)
+    return {"variant": variant, "n_parameters": sum(p.numel() for p in model.parameters()), "batch": 4,
+            "seq_len": 1024, **result}
+
+
+def check_monitor(variant: str | None) -> dict:
+    sys.path.insert(0, str(ROOT / "examples"))
+    import tempfile
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+    from tiny_llm import CausalLM, TextDataModule
+
+    from lightning_memopt import MemOptStrategy, MemoryMonitor
+
+    rows = []
+    for zero in (0, 3):
+        monitor = MemoryMonitor(log_every_n_steps=1, plot=False)
+        trainer = pl.Trainer(accelerator="cuda", devices=1, strategy=MemOptStrategy(zero=zero), precision="bf16-mixed",
+                             max_steps=8, logger=CSVLogger(tempfile.mkdtemp()), enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor])
+        trainer.fit(CausalLM(hidden_size=1024, num_layers=8), TextDataModule(batch_size=8, seq_len=256, stride=64))
+        rows += [{"zero": zero, **{k: r.get(k) for k in ("step", "actual_peak_bytes", "predicted_peak_bytes",
+                                                       "prediction_error")}} for r in monitor.history]
+    overhead = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "monitor_overhead.py"), "--accelerator", "gpu",
+                               "--steps", "20", "--repeats", "1"], capture_output=True, text=True, cwd=ROOT, timeout=50, check=False)
+    return {"per_step": rows, "overhead_stdout": overhead.stdout[-3000:], "overhead_rc": overhead.returncode}
+
+
+RUNNERS = {"zero_stages": check_zero_stages, "predictor_accuracy": check_predictor_accuracy,
+           "liger_numerics": check_liger_numerics, "throughput": check_throughput, "monitor": check_monitor}
+VARIANTS = {"zero_stages": [f"{s}:{z}" for z in range(4) for s in ("memopt", "lightning")],
+            "throughput": list(THROUGHPUT_VARIANTS)}
+
+
+# ---------------------------------------------------------------------------------------------------- plumbing
+def _child(check: str, variant: str | None, timeout: float) -> dict:
+    """Run ``check`` (one ``variant`` of it) in a fresh process; its JSON result, or why there is none."""
+    cmd = [sys.executable, __file__, "--run", check] + (["--variant", variant] if variant else [])
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"check": check, "variant": variant, "status": f"timed out after {timeout:.0f} s"}
+    wall = time.perf_counter() - start
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {"check": check, "variant": variant, "status": f"failed (exit {proc.returncode})", "wall_s": wall,
+                "stderr_tail": proc.stderr[-3000:]}
+    return {"status": "ok", "wall_s": wall, **json.loads(lines[-1][len("RESULT "):])}
+
+
+def _tables(results: dict) -> str:
+    out = []
+    if results.get("zero_stages", {}).get("runs"):
+        out += ["zero_stages", "| strategy | stage | median step | peak allocated | bytes/param |", "|---|---|---|---|---|"]
+        for r in results["zero_stages"]["runs"]:
+            if r.get("status") == "ok":
+                out.append(f"| {r['strategy']} | {r['stage']} | {r['median_step_s'] * 1e3:.1f} ms | "
+                           f"{r['peak_bytes'] / 2**30:.2f} GiB | {r['peak_bytes_per_param']:.1f} |")
+            else:
+                out.append(f"| {r.get('variant')} | | {r.get('status')} | | |")
+    if results.get("predictor_accuracy", {}).get("rows"):
+        out += ["predictor_accuracy", "| attention | ckpt | micro-batch | predicted | measured | error |",
+                "|---|---|---|---|---|---|"]
+        for r in results["predictor_accuracy"]["rows"]:
+            out.append(f"| {r['attention']} | {r['checkpointing']} | {r['micro_batch']} | "
+                       f"{r['predicted_bytes'] / 2**30:.2f} GiB | {r['measured_bytes'] / 2**30:.2f} GiB | "
+                       f"{100 * r['error']:+.1f} % |")
+    if results.get("liger_numerics", {}).get("status") == "ok":
+        r = results["liger_numerics"]
+        out += ["liger_numerics", (f"loss {r['loss_unpatched']:.5f} vs {r['loss_liger']:.5f} (|diff| {r['loss_abs_diff']:.2e});"
+                f" gradient relative difference: max {r['grad_rel_diff_max']:.2e} ({r['grad_rel_diff_max_param']}),"
+                f" median {r['grad_rel_diff_median']:.2e}")]
+    if results.get("throughput", {}).get("runs"):
+        out += ["throughput", "| variant | tokens/s | median step | peak allocated |", "|---|---|---|---|"]
+        for r in results["throughput"]["runs"]:
+            if r.get("status") == "ok":
+                out.append(f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['median_step_s'] * 1e3:.1f} ms | "
+                           f"{r['peak_bytes'] / 2**30:.2f} GiB |")
+            else:
+                out.append(f"| {r.get('variant')} | {r.get('status')} | | |")
+    if results.get("monitor", {}).get("per_step"):
+        out += ["monitor", "| zero | step | actual | predicted | error |", "|---|---|---|---|---|"]
+        for r in results["monitor"]["per_step"]:
+            out.append(f"| {r['zero']} | {r['step']} | {r['actual_peak_bytes'] / 2**30:.3f} GiB | "
+                       f"{r['predicted_peak_bytes'] / 2**30:.3f} GiB | {100 * (r['prediction_error'] or 0):+.1f} % |")
+        out.append(results["monitor"].get("overhead_stdout", ""))
+    for name, r in results.items():
+        if r.get("status") != "ok":
+            out.append(f"{name}: {r.get('status')}")
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--list", action="store_true", help="print the checks and exit (no GPU needed)")
+    parser.add_argument("--only", nargs="+", choices=sorted(CHECKS), default=None, help="run only these checks")
+    parser.add_argument("--out-dir", type=Path, default=Path("gpu_results"), help="where the JSON files go")
+    parser.add_argument("--run", choices=sorted(CHECKS), help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.list:
+        for name, (description, seconds) in CHECKS.items():
+            print(f"{name:20s} {description} (at most {seconds} s)")
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_checks.py: expected a CUDA GPU, got none (torch.cuda.is_available() is False). Fix: run it on a"
+              " machine with a GPU; `--list` shows the checks.", file=sys.stderr)
+        return 2
+    if args.run:  # a child process: one check (or one variant of it)
+        warnings.filterwarnings("ignore")
+        print("RESULT " + json.dumps(RUNNERS[args.run](args.variant)), flush=True)
+        return 0
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    results, started = {}, time.perf_counter()
+    for name in args.only or list(CHECKS):
+        variants = VARIANTS.get(name, [None])
+        runs = []
+        for variant in variants:  # each variant gets its share of the check's time, within the total
+            left = TOTAL_SECONDS - (time.perf_counter() - started)
+            if left < 5:
+                runs.append({"check": name, "variant": variant, "status": "skipped: the 10-minute budget is spent"})
+                continue
+            runs.append(_child(name, variant, min(CHECKS[name][1] / len(variants), left)))
+        ok = all(r.get("status") == "ok" for r in runs)
+        results[name] = runs[0] if variants == [None] else {"status": "ok" if ok else "partly failed", "runs": runs}
+        (args.out_dir / f"{name}.json").write_text(json.dumps(results[name], indent=2))
+        print(f"{name}: {results[name]['status']} ({time.perf_counter() - started:.0f} s elapsed)", flush=True)
+    summary = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": results}
+    (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    tables = _tables(results)
+    (args.out_dir / "tables.md").write_text(tables + "\n")
+    print(f"device: {summary['device']}\n{tables}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
