@@ -11,6 +11,7 @@ each engine then keeps what it keeps (:mod:`.model_states`).
 """
 
 import contextlib
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -149,6 +150,27 @@ def _checkpointed(module: nn.Module, count: int):
     finally:
         for block in patched:
             _unwrap(block)
+
+
+@contextlib.contextmanager
+def _genuine_linear():
+    """Trace with PyTorch's own ``torch.nn.functional.linear``.
+
+    DeepSpeed's ZeRO-3 ``zero.Init`` replaces it process-wide with its memory-efficient ``zero3_linear_wrap`` ("This
+    will persist unless manually reset", deepspeed/runtime/zero/partition_parameters.py), which under autocast saves
+    other tensors; a prediction must not depend on whether a ZeRO-3 run happened earlier in the process.
+    """
+    functional = torch.nn.functional
+    partition = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    original = getattr(getattr(partition, "InsertPostInitMethodToModuleSubClasses", None), "linear_bk", None)
+    if original is None or functional.linear is original:
+        yield
+        return
+    replaced, functional.linear = functional.linear, original
+    try:
+        yield
+    finally:
+        functional.linear = replaced
 
 
 @contextlib.contextmanager
@@ -310,7 +332,7 @@ def trace_step(
     module.train()
     vocab = getattr(getattr(module, "config", None), "vocab_size", None)
     try:
-        with _no_packed_sequence_detection(), _attention(module, attention), _checkpointed(module, count):
+        with _genuine_linear(), _no_packed_sequence_detection(), _attention(module, attention), _checkpointed(module, count):
             with _reparametrize_module(module, fakes, tie_weights=True, strict=False), fake_mode, tracker:
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
                     loss = _loss_of(module, batch)

@@ -363,6 +363,11 @@ class MemOptStrategy(DeepSpeedStrategy):
         finally:
             deepspeed.initialize = original
 
+    @override
+    def teardown(self) -> None:
+        super().teardown()
+        _restore_torch_linear()
+
     @property
     def deepspeed_engine(self) -> "deepspeed.DeepSpeedEngine":
         """The :class:`deepspeed.DeepSpeedEngine` that wraps the LightningModule after setup."""
@@ -383,3 +388,14 @@ class MemOptStrategy(DeepSpeedStrategy):
             offload_optimizer="cpu",
             offload_parameters="cpu",
         )
+
+
+def _restore_torch_linear() -> None:
+    """Undo ZeRO-3's process-wide replacement of ``torch.nn.functional.linear`` (``zero.Init`` swaps in its
+    ``zero3_linear_wrap`` and leaves it, "This will persist unless manually reset"), so models trained or traced
+    later in the process run PyTorch's own linear. The next ZeRO-3 ``zero.Init`` swaps it in again."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    original = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original

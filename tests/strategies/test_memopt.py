@@ -166,3 +166,10 @@ def test_bad_transform_options_raise_at_construction(kwargs, error, message):
 def test_liger_on_cpu_is_refused_at_setup(tmp_path):
     with pytest.raises(ValueError, match="Expected a CUDA device for Liger"):
         _fit(MemOptStrategy(zero=1, liger=True), tmp_path)
+
+
+def test_zero3_leaves_torch_linear_as_it_found_it(tmp_path):
+    """DeepSpeed's zero.Init replaces torch.nn.functional.linear process-wide; the strategy restores it at teardown."""
+    before = torch.nn.functional.linear
+    _fit(MemOptStrategy(zero=3), tmp_path, precision="32-true")
+    assert torch.nn.functional.linear is before
