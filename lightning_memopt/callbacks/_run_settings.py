@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleD
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_memopt.transforms import applied_transforms
+from lightning_memopt.transforms._applied import predictor_settings
 
 #: torch optimizer class name -> predictor optimizer name (``foreach``/``fused`` and momentum are read from defaults).
 _OPTIMIZER_NAMES = {
@@ -127,38 +127,6 @@ def strategy_settings(strategy: Strategy, pl_module: nn.Module | None = None) ->
     )
 
 
-def transform_settings(module: nn.Module) -> dict[str, Any]:
-    """``activation_checkpointing``, ``attention`` and ``liger`` from what the transforms applied to ``module``.
-
-    Without an attention transform, the attention of a Hugging Face config inside the module is used.
-
-    Example:
-        >>> transform_settings(nn.Linear(2, 2))
-        {'activation_checkpointing': False, 'liger': False}
-    """
-    applied = applied_transforms(module)
-    out: dict[str, Any] = {"activation_checkpointing": False, "liger": False}
-    ckpt = applied.get("activation_checkpointing")
-    if ckpt:
-        fraction = float(ckpt.get("fraction", 1.0))
-        out["activation_checkpointing"] = True if fraction >= 1.0 else fraction
-    attention = applied.get("attention")
-    if attention is None:
-        for sub in module.modules():
-            attention = getattr(getattr(sub, "config", None), "_attn_implementation", None)
-            if attention:
-                break
-    if isinstance(attention, str) and attention:
-        out["attention"] = attention
-    liger = applied.get("liger")
-    if liger:
-        kernels = {kernel for model in liger.get("models", []) for kernel in model.get("kernels", [])}
-        if liger.get("rms_norm_modules"):
-            kernels.add("rms_norm")
-        out["liger"] = {kernel: True for kernel in sorted(kernels)} if kernels else False
-    return out
-
-
 def batch_shape(batch: Any) -> tuple[int, int | None] | None:
     """``(micro-batch size, sequence length)`` of a batch: the first tensor with a batch dimension in it.
 
@@ -196,7 +164,7 @@ def run_settings(
     ``accumulate_grad_batches`` is the Trainer's (gradient accumulation keeps gradients between micro-steps).
     """
     settings = strategy_settings(trainer.strategy, pl_module)
-    settings.update(transform_settings(pl_module))
+    settings.update(predictor_settings(pl_module))
     settings.update(
         world_size=int(trainer.world_size),
         precision=str(trainer.precision),

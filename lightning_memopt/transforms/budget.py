@@ -204,27 +204,11 @@ def _setting(k: int, n: int, layers: int) -> bool | int | float:
 
 def _module_settings(module: nn.Module) -> dict[str, Any]:
     """``attention`` and ``liger`` as applied to ``module`` (what the predictor is told by default)."""
-    from lightning_memopt.predictor.activations import ATTENTIONS
-    from lightning_memopt.transforms._applied import applied_transforms
+    from lightning_memopt.transforms._applied import predictor_settings
 
-    applied = applied_transforms(module)
-    out: dict[str, Any] = {}
-    attention = applied.get("attention")
-    if attention is None:
-        for sub in module.modules():
-            attention = getattr(getattr(sub, "config", None), "_attn_implementation", None)
-            if attention:
-                break
-    if attention in ATTENTIONS:
-        out["attention"] = attention
-    liger = applied.get("liger")
-    if liger:
-        kernels = {kernel for model in liger.get("models", []) for kernel in model.get("kernels", [])}
-        if liger.get("rms_norm_modules"):
-            kernels.add("rms_norm")
-        if kernels:
-            out["liger"] = {kernel: True for kernel in sorted(kernels)}
-    return out
+    settings = predictor_settings(module)
+    del settings["activation_checkpointing"]  # what this search decides
+    return settings
 
 
 def _no_fit_message(
