@@ -43,6 +43,8 @@ class ModelSpec:
         module_params: leaf modules in forward order with the numels of their parameters (ZeRO-3 gathering,
             persistence threshold, the largest tensor for per-tensor optimizer temporaries).
         is_hf: built from a Hugging Face config or model (its loss upcasts logits to fp32).
+        step_calls_root: the module's ``training_step`` calls the module itself (``self(...)``), see
+            :func:`step_calls_root`.
 
     Example:
         >>> spec = resolve_model("llama-3-8b")
@@ -69,6 +71,7 @@ class ModelSpec:
     max_position_embeddings: "int | None" = None
     module_params: Any = field(default=(), repr=False, compare=False)
     is_hf: bool = False
+    step_calls_root: bool = False
 
     def __post_init__(self) -> None:
         if self.num_parameters <= 0:
@@ -379,8 +382,63 @@ def from_module(module: nn.Module) -> ModelSpec:
     hf = _find_hf_model(module)
     if hf is not None:
         spec = from_hf_config(hf.config.to_dict(), name=getattr(hf.config, "model_type", None))
-        return _replace(spec, num_parameters=total, module_params=leaves)
-    return _generic_spec(module, leaves, total)
+        spec = _replace(spec, num_parameters=total, module_params=leaves)
+    else:
+        spec = _generic_spec(module, leaves, total)
+    return _replace(spec, step_calls_root=step_calls_root(module))
+
+
+def step_calls_root(module: nn.Module) -> bool:
+    """Whether ``module.training_step`` (or a method of the module it calls) calls the module itself, ``self(...)``.
+
+    Under Lightning the DeepSpeed engine's forward runs ``training_step`` (Lightning's forward redirection,
+    ``strategies/strategy.py`` ``_ForwardRedirection``), and ZeRO-3 registers a forward pre-hook on that root module
+    that resets the parameter trace (DeepSpeed 0.19.8 ``zero/parameter_offload.py`` ``_start_of_forward_hook`` ->
+    ``PartitionedParameterCoordinator.reset_step``). A ``self(...)`` inside the step fires it a second time, so
+    the recorded trace ends after the root module: the next sub-module invalidates it (``trace_prologue``: "cache
+    has only 1 modules") and it never completes. Without a complete trace ``release_sub_module`` frees every
+    gathered parameter after each sub-module's forward and backward and nothing is prefetched. Read from the
+    source (``ast``); ``False`` when the source is unavailable.
+
+    Example:
+        >>> from torch import nn
+        >>> class Net(nn.Linear):
+        ...     def training_step(self, batch, batch_idx):
+        ...         return self(batch).sum()
+        >>> step_calls_root(Net(2, 2)), step_calls_root(nn.Linear(2, 2))
+        (True, False)
+    """
+    import ast
+    import inspect
+    import textwrap
+
+    cls = type(module)
+    todo, seen = ["training_step"], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        func = getattr(cls, name, None)
+        if func is None or not inspect.isfunction(func) or func.__module__.startswith(("lightning.", "torch.")):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        fn = tree.body[0]
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or not fn.args.args:
+            continue
+        me = fn.args.args[0].arg
+        for node in ast.walk(fn):
+            if not isinstance(node, ast.Call):
+                continue
+            if isinstance(node.func, ast.Name) and node.func.id == me:
+                return True
+            target = node.func
+            if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == me:
+                todo.append(target.attr)
+    return False
 
 
 def _replace(spec: ModelSpec, **changes: Any) -> ModelSpec:

@@ -182,8 +182,12 @@ def _gathered_stage3(spec: ModelSpec, threshold: int, reuse: int, bytes_: int) -
 
     ``partitioned_param_coordinator.__params_to_release``: after a module's forward, its parameters stay
     gathered when they are used again within ``max_reuse_distance`` elements of the trace (forward rest +
-    backward).
+    backward). When the LightningModule's step calls the module itself the trace never completes
+    (:func:`~lightning_memopt.predictor.model_spec.step_calls_root`) and nothing stays gathered.
     """
+    if spec.step_calls_root:  # the trace never completes: every sub-module's parameters are freed after use
+        persistent = sum(n for _, numels in spec.module_params for n in numels if n <= threshold)
+        return 0, persistent * bytes_
     if not spec.module_params:  # a bare count: modules unknown, the last reuse/2 elements stay gathered
         return min(spec.num_parameters, reuse // 2) * bytes_, 0
     names = [name for name, _ in spec.module_params]
