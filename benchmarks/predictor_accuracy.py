@@ -156,6 +156,7 @@ def run_config(probe: Any, cfg: dict) -> dict:
 
     from lightning_memopt import MemOptStrategy
 
+    data = TextDataModule(batch_size=cfg["micro_batch"], seq_len=cfg["seq_len"])  # the text: host data, not the step's
     gc.collect()
     base = probe.current_bytes
     start = time.perf_counter()
@@ -169,11 +170,11 @@ def run_config(probe: Any, cfg: dict) -> dict:
         callbacks=[recorder], enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
         num_sanity_val_steps=0, limit_val_batches=0,
     )  # fmt: skip
-    trainer.fit(module, TextDataModule(batch_size=cfg["micro_batch"], seq_len=cfg["seq_len"]))
+    trainer.fit(module, data)
     rank = trainer.global_rank
     result = {**cfg, "rank": rank, "n_params": n_params, "after_setup": recorder.after_setup,
               "steps": recorder.steps, "settings": recorder.settings}  # fmt: skip
-    del trainer, module, recorder
+    del trainer, module, recorder, data
     gc.collect()
     result["leaked"] = probe.current_bytes - base
     result["seconds"] = time.perf_counter() - start

@@ -60,9 +60,10 @@ class TextDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.stride = stride
+        self.dataset = ByteWindows(seq_len=seq_len, stride=stride)  # one copy of the text for every loader
 
     def _loader(self) -> DataLoader:
-        return DataLoader(ByteWindows(seq_len=self.seq_len, stride=self.stride), batch_size=self.batch_size)
+        return DataLoader(self.dataset, batch_size=self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader()

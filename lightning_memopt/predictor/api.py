@@ -281,7 +281,7 @@ def estimate_memory(
     per_rank = {}
     best = None
     for r, em_r in ems.items():
-        phases_r = _phases(em_r, timeline, half_copies, accumulate > 1)
+        phases_r = _phases(em_r, timeline, half_copies, accumulate > 1, checkpointed > 0)
         top = max(phases_r, key=lambda p: p[0].total + p[1] + p[2])
         per_rank[r] = top[0].total + top[1] + top[2]
         if best is None or per_rank[r] > best[0][0].total + best[0][1] + best[0][2]:
@@ -376,9 +376,17 @@ def _analytic_timeline(
 
 
 def _phases(
-    em: EngineMemory, timeline: "list[tuple[int, int, int, bool]]", half: int, accumulating: bool = False
+    em: EngineMemory,
+    timeline: "list[tuple[int, int, int, bool]]",
+    half: int,
+    accumulating: bool = False,
+    recompute: bool = False,
 ) -> "list[tuple[Phase, int, int]]":
     """Every moment as (model-state phase, activation bytes, logits bytes).
+
+    ``recompute``: activation checkpointing re-runs a block's forward inside the backward of its last module, whose
+    ZeRO-3 parameters stay gathered (pre-backward hook) while each recomputed module gathers its own, so up to two
+    modules' ``em.backward_gathered`` are live.
 
     ``accumulating``: the moments of a micro-step that follows another one (gradient accumulation), when what the
     engine holds between micro-steps is there from the start and the new gradients are added into it.
@@ -386,6 +394,7 @@ def _phases(
     base = em.base
     out = []
     best = None
+    in_backward = em.backward_gathered * (2 if recompute else 1)
     for live, grads, logits, forward in timeline:
         g, buf = em.backward_extra(grads)
         if forward:
@@ -395,7 +404,7 @@ def _phases(
             g, buf = max(g, held_g), max(buf, held_buf)
         phase = Phase(
             "backward",
-            base.parameters + em.gathered + half,
+            base.parameters + em.gathered + half + (in_backward if grads > 0 and not forward else 0),
             base.gradients + g,
             base.optimizer_states,
             base.buffers + buf,

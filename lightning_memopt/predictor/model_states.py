@@ -125,7 +125,9 @@ class EngineMemory:
 
     ``base`` holds what is on the device for the whole step (steady state, after the first optimizer step);
     ``phases`` the moments without activations (end of backward, optimizer step). During forward/backward the
-    engine adds ``backward_extra(grad_elements)`` on top of ``base`` + ``gathered`` + activations.
+    engine adds ``backward_extra(grad_elements)`` on top of ``base`` + ``gathered`` + activations, and while a
+    module's backward runs (gradients being produced) ``backward_gathered``: that module's gathered ZeRO-3
+    parameters when they are not among ``gathered`` already.
     """
 
     base: Phase
@@ -140,6 +142,7 @@ class EngineMemory:
     details: "dict[str, Any]" = field(default_factory=dict)
     accumulation_hold: "tuple[int, int]" = (0, 0)
     forward_gradients: int = 0
+    backward_gathered: int = 0
 
     def accumulating_extra(self) -> "tuple[int, int]":
         """(gradient bytes, buffer bytes) held through a micro-step that follows another one before the optimizer
@@ -330,7 +333,18 @@ def engine_memory(
     base = Phase("steady", params, grad_part, opt_bytes, bucket)
     details["persistent_param_bytes"] = persistent
     phases = (Phase("step", params, grad_part, opt_bytes, bucket + grad32 + temps),)
-    return EngineMemory(base, gathered, phases, where["cpu"], where["nvme"], 0, 0, 0, 0, details)
+    # without a complete trace each sub-module gathers its parameters for its own backward (pre-backward hook)
+    # and frees them after it: the largest module's non-persistent parameters bound what is gathered then
+    threshold = cfg["stage3_param_persistence_threshold"]
+    in_backward = (
+        b * max((sum(n for n in numels if n > threshold) for _, numels in spec.module_params), default=0)
+        if spec.step_calls_root
+        else 0
+    )
+    details["backward_gathered_bytes"] = in_backward
+    return EngineMemory(
+        base, gathered, phases, where["cpu"], where["nvme"], 0, 0, 0, 0, details, backward_gathered=in_backward
+    )
 
 
 def _flush_after(spec: ModelSpec, bucket: int, before: int) -> int:

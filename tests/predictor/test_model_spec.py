@@ -87,3 +87,35 @@ def test_bad_models_raise_clear_errors():
         ModelSpec(name="x", num_parameters=10, family="llama", num_heads=6, num_kv_heads=4)
     spec = resolve_model("gpt2")
     assert resolve_model(spec) is spec
+
+
+def _step_modules():
+    from transforms._models import plain_model
+
+    class CallsItself(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = plain_model(layers=2)
+
+        def forward(self, ids):
+            return self.net(ids)
+
+        def training_step(self, batch, batch_idx):
+            return self._shared(batch)
+
+        def _shared(self, batch):
+            return self(batch).float().mean()  # the root module called inside the step, via a helper
+
+    class CallsChild(CallsItself):
+        def training_step(self, batch, batch_idx):
+            return self.net(batch).float().mean()
+
+    return CallsItself(), CallsChild()
+
+
+def test_step_calls_root_is_read_from_the_training_step():
+    """A ``self(...)`` in the step (directly or through a helper method) re-enters DeepSpeed's root forward hook."""
+    calls_itself, calls_child = _step_modules()
+    assert resolve_model(calls_itself).step_calls_root
+    assert not resolve_model(calls_child).step_calls_root
+    assert not resolve_model(plain_model(layers=2)).step_calls_root  # no training_step at all

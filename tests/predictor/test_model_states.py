@@ -147,3 +147,26 @@ def test_unknown_optimizer():
     with pytest.raises(ValueError, match="adamw"):
         resolve_optimizer("lion")
     assert resolve_optimizer("sgd") == (0, "none")
+
+
+def test_zero3_trace_that_never_completes_keeps_nothing_gathered():
+    """DeepSpeed 0.19.8 ZeRO-3: a step calling the module itself resets the parameter trace twice per step, so
+    the trace never completes and each sub-module's parameters are freed after its forward and its backward
+    (measured through MemOptStrategy: no module stays gathered; one module's parameters during its backward, two
+    while a checkpointed block is recomputed)."""
+    from lightning_memopt.predictor.model_spec import resolve_model
+
+    from .test_model_spec import _step_modules
+
+    calls_itself, calls_child = _step_modules()
+    cfg = {"zero_optimization": {"stage3_param_persistence_threshold": 640}}
+    kw = dict(world_size=2, zero=3, micro_batch_size=2, seq_len=32, precision="32-true", deepspeed_config=cfg)
+    never, complete = (estimate_memory(resolve_model(m), **kw) for m in (calls_itself, calls_child))
+    spec = resolve_model(calls_itself)
+    largest = max(sum(n for n in numels if n > 640) for _, numels in spec.module_params)
+    assert never.details["backward_gathered_bytes"] == 4 * largest > 0
+    assert complete.details["backward_gathered_bytes"] == 0
+    assert never.total < complete.total  # the complete trace keeps the small model gathered into backward
+    ckpt = estimate_memory(resolve_model(calls_itself), activation_checkpointing=True, **kw)
+    ckpt_complete = estimate_memory(resolve_model(calls_child), activation_checkpointing=True, **kw)
+    assert ckpt.total < ckpt_complete.total
