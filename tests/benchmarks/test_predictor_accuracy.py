@@ -14,9 +14,9 @@ SCRIPT = ROOT / "benchmarks" / "predictor_accuracy.py"
 
 #: Measured on the 2-core CPU machine (2026-11-25), ``python benchmarks/predictor_accuracy.py --quick`` (twice).
 _MEASURED = (
-    "quick subset, 8 per-rank peaks: analytic median |error| 0.68-0.83 %, worst 3.04 % (plain zero2 bf16-mixed eager"
-    " ckpt=on, rank 1: -3.04 %); trace median 0.79-1.10 %, worst 13.30 % (qwen2 zero1 bf16-mixed sdpa ckpt=on:"
-    " the traced recomputation appends to the KV cache)"
+    "quick subset, 8 per-rank peaks (2026-11-25, 15:30 UTC): analytic worst 2.53 % in one run and 3.04 % in another"
+    " (plain zero2 bf16-mixed eager ckpt=on, rank 1): the bf16 CPU Linear workspace the predictor does not model,"
+    " plus up to 1.5 % run-to-run noise of ZeRO 2-3 peaks; so this passes or fails by chance until that is modelled"
 )
 
 
@@ -49,8 +49,12 @@ def test_quick_subset_measures_every_rank_of_every_configuration_in_one_launch(q
 
 
 @pytest.mark.distributed
-@pytest.mark.xfail(strict=True, reason=_MEASURED)
-def test_quick_subset_analytic_error_within_the_issue_target(quick):
+def test_quick_subset_analytic_median_error_within_the_issue_target(quick):
     errors = [abs(r["analytic_error_pct"]) for r in quick["rows"]]
-    assert statistics.median(errors) <= 1.0
-    assert max(errors) <= 3.0
+    assert statistics.median(errors) <= 1.0  # measured 0.21 %
+    assert statistics.median(abs(r["trace_error_pct"]) for r in quick["rows"]) <= 0.5  # measured 0.09 %
+
+
+@pytest.mark.xfail(strict=False, reason=_MEASURED)
+def test_quick_subset_analytic_worst_error_within_the_issue_target(quick):
+    assert max(abs(r["analytic_error_pct"]) for r in quick["rows"]) <= 3.0
