@@ -81,11 +81,11 @@ def assert_keys_at_every_step(metrics_csv: "str | Path", steps: int) -> list[dic
 
 # ---------------------------------------------------------------------------------------------------- 2 processes
 def _launch_args(name: str) -> tuple[str, ...]:
-    return planner_args() if name == "zero1" else ("--zero", "3")
+    return planner_args() if name == "zero1" else ("--zero", name.removeprefix("zero"))
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["zero1", "zero3"])
+@pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3"])
 def test_two_ranks_memopt_log_the_keys_at_every_step_gathered_over_ranks(two_rank_run, name):
     ranks = two_rank_run(*_launch_args(name))
     assert len(ranks) == 2
@@ -105,10 +105,7 @@ def test_two_ranks_memopt_log_the_keys_at_every_step_gathered_over_ranks(two_ran
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     "name",
-    [
-        "zero1",
-        "zero3",
-    ],
+    ["zero0", "zero1", "zero2", "zero3"],
 )
 def test_two_ranks_memopt_prediction_error_within_the_predictor_target(two_rank_run, name):
     history = two_rank_run(*_launch_args(name))[0]["history"]
