@@ -18,7 +18,12 @@ bytes of the compute dtype:
   two more 4NV tensors. Liger's fused linear cross-entropy never materialises them (Hsu et al. 2024, "Liger
   Kernel", section 3.3): about ``N d`` fp32 gradient chunk instead.
 * Checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"): a checkpointed block
-  keeps its input (c N d); in backward one block at a time is recomputed.
+  keeps its input (c N d); in backward one block at a time is recomputed (non-reentrant ``torch.utils.checkpoint``
+  frees each recomputed tensor once its backward used it).
+* Backward, block by block (traced op by op): the final norm's saved tensors and the labels are gone once its
+  backward ran; within a block the candidates for the peak are the MLP output projection's backward, the MLP's
+  activation backward (SwiGLU: three intermediate-sized gradients once the product was released) and eager
+  attention's softmax backward (two fp32 s x s gradients), each with the block's output gradient.
 """
 
 from dataclasses import dataclass
@@ -48,6 +53,16 @@ class Activations:
             logits and the output projection's input were freed.
         forward_extra: bytes live only while the loss is computed (what the model's output object holds besides
             the logits), freed when the training step returns it.
+        head_saved: bytes of ``fixed`` freed once the final norm's backward ran (what the final norm saved, the
+            loss' labels), so not live through the blocks' backward.
+        block_recomputed: bytes a checkpointed block's recomputation adds to its kept input (``block`` less what
+            aliases the input: in fp32 the first norm saves the input itself).
+        attention_backward: bytes live at a block's attention backward, relative to the whole block saved
+            (eager attention's softmax backward; ``None``: never above the MLP's moment).
+        forward_attention: activation bytes live at the last checkpointed block's eager softmax in forward (0: not
+            a candidate for the peak).
+        projection_backward: bytes live at the backward of a block's MLP output projection, relative to the whole
+            block saved (the block's output gradient and the projection's input gradient).
     """
 
     block: int
@@ -61,6 +76,11 @@ class Activations:
     logits_forward: int = 0
     final_norm_backward: int = 0
     forward_extra: int = 0
+    head_saved: int = 0
+    block_recomputed: "int | None" = None
+    attention_backward: "int | None" = None
+    forward_attention: int = 0
+    projection_backward: int = 0
 
     @property
     def saved(self) -> int:
@@ -68,20 +88,29 @@ class Activations:
         kept = self.checkpointed * self.block_input + (self.num_blocks - self.checkpointed) * self.block
         return kept + self.fixed + self.logits
 
-    def backward_timeline(self) -> "list[tuple[int, int]]":
-        """(live activation bytes, index of the block whose backward runs; -1 = the loss) through backward.
+    def backward_timeline(self) -> "list[tuple[int, int, str]]":
+        """(live activation bytes, index of the block whose backward runs, where in it) through backward.
 
-        The block index lets the caller add the gradients produced so far; ``num_blocks`` marks the final norm's
-        backward (the output projection's gradients exist, no block's yet).
+        The block index (-1 = the loss) and the place let the caller add the gradients produced so far and the
+        ZeRO-3 parameters gathered then: ``"projection"``, the backward of the block's MLP output projection (its
+        weight gathered; before its gradient); ``"mlp"``, the MLP's activation backward (after that gradient, no
+        Linear running); ``"attention"``, eager attention's softmax backward (the gradients of everything after
+        it). ``num_blocks`` marks the final norm's backward (the output projection's gradients exist, no block's).
         """
-        out = [(self.saved + self.logits_backward, -1)]
+        out = [(self.saved + self.logits_backward, -1, "")]
         remaining = self.saved - self.logits
         if self.final_norm_backward:  # the final norm's backward, between the loss and the last block
-            out.append((remaining + self.final_norm_backward, self.num_blocks))
+            out.append((remaining + self.final_norm_backward, self.num_blocks, ""))
+        remaining -= self.head_saved
+        recomputed = self.block if self.block_recomputed is None else self.block_recomputed
         for i in reversed(range(self.num_blocks)):
             ckpt = i < self.checkpointed
-            live = remaining + (self.block if ckpt else 0) + self.block_backward
-            out.append((live, i))
+            live = remaining + (recomputed if ckpt else 0)
+            if self.projection_backward:
+                out.append((live + self.projection_backward, i, "projection"))
+            out.append((live + self.block_backward, i, "mlp"))
+            if self.attention_backward is not None:
+                out.append((live + self.attention_backward, i, "attention"))
             remaining -= self.block_input if ckpt else self.block
         return out
 
@@ -137,6 +166,7 @@ def activation_bytes(
     activation_checkpointing: "bool | float | int" = False,
     liger: "bool | dict[str, bool]" = False,
     autocast: bool = False,
+    zero3: bool = False,
 ) -> Activations:
     """Activation bytes of one micro-batch of ``spec``.
 
@@ -144,6 +174,9 @@ def activation_bytes(
     the compute dtype (DeepSpeed): the residual stream stays fp32 (embeddings and additions are not autocast ops),
     LlamaRMSNorm's upcast is a no-op and its weight product is fp32, and every Linear reading a norm's output saves
     its own cast copy (autocast caches casts of leaf weights only; ``torch/csrc/autograd/autocast_mode``).
+
+    ``zero3``: a DeepSpeed ZeRO-3 run, whose modules get their inputs as new tensors: ``nn.MultiheadAttention``
+    then projects q, k and v separately (no packed copy of its input; see ``ModelSpec.packed_projection_params``).
 
     Example:
         >>> from lightning_memopt.predictor.model_spec import resolve_model
@@ -171,10 +204,14 @@ def activation_bytes(
     else:
         norm = 2 * c * N * d + 8 * N  # LayerNorm: input, mean and rstd (fp32), output read by the Linear
     if spec.family == "generic":
-        # nn.MultiheadAttention-style: packed qkv projection (3cNd), scaled q (cNd), output (cNd); eager keeps
-        # the
-        # softmax in the compute dtype, SDPA its log-sum-exp
-        attn = 5 * c * N * d + (c * B * heads * S * S if attention == "eager" else 4 * N * heads)
+        # nn.MultiheadAttention (traced): the input projection's (batch-first transposed) input (cNd), the packed
+        # q, k, v (3cNd) and the output projection's input (cNd); SDPA adds its output's log-sum-exp, the eager
+        # path (need_weights=True) the scaled q (cNd) and the softmax in the compute dtype
+        if attention == "eager":
+            # under ZeRO-3 (separate q/k/v projections) the three share the norm's output and q is not kept
+            attn = (5 if zero3 else 6) * c * N * d + c * B * heads * S * S
+        else:
+            attn = 5 * c * N * d + 4 * N * heads
     elif attention == "eager":
         probs = 4 * B * heads * S * S + (c * B * heads * S * S if c < 4 else 0)
         attn = 4 * c * N * hq + probs
@@ -185,6 +222,10 @@ def activation_bytes(
     else:
         mlp = 2 * c * N * I
     attn_norm = mlp_norm = final_norm = norm
+    if spec.family == "generic" and spec.norm == "rmsnorm":
+        # the attention's input projection saves the first norm's output (counted in ``attn``, as nn.MultiheadAttention
+        # saves a batch-first transposed copy)
+        attn_norm = norm - c * N * d
     block_input = c * N * d
     if autocast and c < 4:
         block_input = 4 * N * d  # a checkpointed block keeps its fp32 input
@@ -194,7 +235,28 @@ def activation_bytes(
             mlp_norm = core + (2 if spec.mlp == "swiglu" else 1) * c * N * d  # gate and up (or fc)
             final_norm = core + c * N * d  # the output projection
     block = attn_norm + mlp_norm + attn + mlp
-    block_backward = c * N * I  # the gradient of the MLP intermediate, as the first weight gradient appears
+    # A block's backward peaks in its MLP (traced op by op with utilities/tensor_tracker.py): the block's output
+    # gradient (cNd) is live throughout; SwiGLU's product backward holds the intermediate's gradient and the gate's
+    # and up's gradients (3cNI) once the product it saved was released (-cNI); Liger's SwiGLU writes its gradients
+    # into the tensors it saved, a GELU MLP frees the activation's output as it computes the fc gradient (one cNI).
+    if spec.mlp == "swiglu" and not kern["swiglu"]:
+        block_backward = c * N * d + 2 * c * N * I
+    else:
+        block_backward = c * N * d + c * N * I
+    projection_backward = c * N * d + c * N * I  # before that: the output projection's backward
+    if attention == "eager" and spec.family != "generic":
+        # Eager attention's softmax backward can be larger: the MLP, the second norm, the output copy, the
+        # repeated values and the softmax's compute-dtype copy were released; live besides the first norm are q
+        # and the repeated keys (2cNh_q), the fp32 softmax and, in flight, the output's and the block's gradients
+        # (cNh_q + cNd), the fp32 gradient of the softmax and its input's (8 B heads s^2).
+        attention_backward = attn_norm + 3 * c * N * hq + c * N * d + 12 * B * heads * S * S - block
+    else:
+        attention_backward = None
+    # The first norm of a recomputed block saves its input itself, unless an RMSNorm (Llama's, torch's composite
+    # nn.RMSNorm) upcasts it to a new fp32 tensor (compute dtype below fp32, no autocast): that input is the kept
+    # block input, not a second copy.
+    upcasts = spec.norm == "rmsnorm" and not (spec.is_hf and kern["rms_norm"]) and c < 4 and not autocast
+    block_recomputed = block if upcasts else block - block_input
     # RoPE's cos/sin take the hidden states' dtype (fp32 under autocast)
     rope_bytes = 4 if autocast else c
     rope = 2 * rope_bytes * S * spec.head_dim if spec.position == "rope" and not kern["rope"] else 0
@@ -212,6 +274,10 @@ def activation_bytes(
         # logits (c), their fp32 upcast (a no-op in fp32) and log_softmax's output are live as the loss ends
         logits, logits_bwd = 4 * N * V, 8 * N * V
         logits_fwd = 4 * N * V + (c * N * V if c < 4 else 0) + 4 * N * V
+    elif autocast and c < 4:
+        # F.cross_entropy on logits[:, :-1] under autocast (an fp32 op): the logits and their shifted copy (c), the
+        # fp32 cast and log_softmax's fp32 output; backward holds two fp32 gradients (traced)
+        logits, logits_bwd, logits_fwd = 4 * N * V, 8 * N * V, 2 * c * N * V + 8 * N * V
     else:
         # F.cross_entropy on logits[:, :-1]: the logits, their shifted copy and log_softmax's output (all c)
         logits, logits_bwd, logits_fwd = c * N * V, 2 * c * N * V, 3 * c * N * V
@@ -224,22 +290,50 @@ def activation_bytes(
     # utilities/tensor_tracker.py. Other norms (fused LayerNorm, Liger) write one gradient (cNd).
     if spec.norm == "rmsnorm" and spec.is_hf and not kern["rms_norm"]:
         final_norm_bwd = 20 * N * d - 2 * c * N * d
+    elif spec.family == "generic":
+        # the output projection's backward: the logits' gradient (zero-padded back from the shifted slice, cNV) and
+        # its input's gradient (cNd), the projection's weight gradients already handed over (traced)
+        final_norm_bwd = c * N * V + c * N * d
     else:
         final_norm_bwd = c * N * d
     k = num_checkpointed(activation_checkpointing, spec.num_layers)
     forward_extra = 0
+    # The Hugging Face default use_cache=True (off under gradient checkpointing): the DynamicCache concatenates each
+    # layer's keys and values into new tensors, held by the model's output until the training step returns the loss.
+    # SDPA saves those very tensors; eager attention with grouped KV heads saves its repeated copies instead, so the
+    # cached keys and values (2 c N h_kv per layer) come on top; traced with utilities/tensor_tracker.py.
+    repeated_kv = attention == "eager" and spec.num_kv_heads != spec.num_heads
+    if spec.is_hf and not k and not autocast and repeated_kv:
+        forward_extra = spec.num_layers * 2 * c * N * hkv
     if autocast and c < 4 and spec.is_hf:
         # until the model returns: its fp32 final-norm output (last_hidden_state) and, with the Hugging Face default
         # use_cache=True (turned off under gradient checkpointing), the DynamicCache's keys, fp32 after RoPE under
-        # autocast (values stay in the compute dtype and are the tensors attention saved); measured with
-        # utilities/tensor_tracker.py
-        cache = spec.num_layers * 4 * N * hkv if spec.position == "rope" and not k else 0
+        # autocast (values stay in the compute dtype: the tensors SDPA saved; eager repeats them, so they come on
+        # top); measured with utilities/tensor_tracker.py
+        per_layer = 4 * N * hkv + (c * N * hkv if repeated_kv else 0)
+        cache = spec.num_layers * per_layer if spec.position == "rope" and not k else 0
         forward_extra = 4 * N * d + cache
     if k and attention == "eager" and spec.is_hf:
-        fixed += c * B * S * S  # the (B, 1, s, s) causal mask, an input the checkpointed blocks keep
+        # the (B, 1, s, s) causal mask in the hidden states' dtype (fp32 under autocast), an input the checkpointed
+        # blocks keep
+        fixed += rope_bytes * B * S * S
+    forward_attention = 0
+    if k and attention == "eager" and spec.is_hf:
+        # The last checkpointed block's forward saves nothing but still runs eager attention: besides the kept
+        # inputs, its norm's output, q, k (after RoPE, in the hidden states' dtype), v, the repeated k and v, the
+        # masked scores (hidden dtype) and the fp32 softmax are live at once (traced as above).
+        h_b = rope_bytes
+        qkv = h_b * N * (hq + hkv) + c * N * hkv  # q and k after RoPE, v
+        repeated = (h_b + c) * N * hq  # the repeated k and v
+        transient = h_b * N * d + qkv + repeated + (h_b + 4) * B * heads * S * S
+        forward_attention = fixed - final_norm - 8 * N + 8 * S + k * block_input + transient
+    # Once the final norm's backward ran, what it saved and the loss' labels (8N) are gone; the position ids (8s)
+    # stay. (Plain PyTorch: the final norm's or the output projection's input; the labels are a view of the batch.)
+    head_saved = final_norm + 8 * N - 8 * S if spec.family != "generic" else fixed - rope - 8 * N
     return Activations(
         block, block_input, block_backward, k, spec.num_layers, fixed, logits, logits_bwd, logits_fwd,
-        final_norm_bwd, forward_extra,
+        final_norm_bwd, forward_extra, head_saved, block_recomputed, attention_backward, forward_attention,
+        projection_backward,
     )
 
 

@@ -1,7 +1,9 @@
 """``estimate_memory``: the per-rank memory of one training step, before the run."""
 
+from dataclasses import replace
 from typing import Any
 
+from lightning_memopt._imports import _DEEPSPEED_AVAILABLE
 from lightning_memopt.predictor.activations import (
     ATTENTIONS,
     Activations,
@@ -212,6 +214,9 @@ def estimate_memory(
         )
         for r in ranks
     }
+    if method == "analytic":  # ZeRO-3: packed attention projections kept gathered by their saved views
+        pinned = {r: e.details.get("pinned_projection_bytes", 0) for r, e in ems.items()}
+        ems = {r: replace(e, gathered=e.gathered + pinned[r]) for r, e in ems.items()}
     em = ems[ranks[-1]]
     details: "dict[str, Any]" = {
         "model": spec.name,
@@ -252,6 +257,7 @@ def estimate_memory(
             engine=act_engine,
             activation_checkpointing=activation_checkpointing,
             attention=attention,
+            zero3=engine == "deepspeed" and zero == 3 and bool(_DEEPSPEED_AVAILABLE),
         )
         b = prec.param_bytes(act_engine)
         timeline = [
@@ -260,7 +266,7 @@ def estimate_memory(
         ]
         logits_cap = 3 * res.logits_bytes
         timeline = [(live, g, min(live, logits_cap) if g == 0 else 0, fwd) for live, g, _, fwd in timeline]
-        half_copies = 0  # autocast's copies are live tensors of the trace
+        half_copies = (0, 0)  # autocast's copies are live tensors of the trace
         details.update(saved_bytes=res.saved_bytes, logits_bytes=res.logits_bytes)
     elif spec.has_structure:
         act = activation_bytes(
@@ -272,8 +278,10 @@ def estimate_memory(
             activation_checkpointing=activation_checkpointing,
             liger=liger,
             autocast=act_engine == "torch" and prec.mixed,
+            zero3=engine == "deepspeed" and zero == 3,
         )
-        timeline = _analytic_timeline(spec, act, prec.param_bytes(act_engine))
+        copy_bytes = prec.compute_bytes if half_copies[0] else 0
+        timeline = _analytic_timeline(spec, act, prec.param_bytes(act_engine), copy_bytes)
         details.update(describe(act))
     else:
         timeline = [(0, 0, 0, False)]
@@ -310,16 +318,17 @@ def _is_module(model: Any) -> bool:
     return isinstance(model, nn.Module)
 
 
-def _half_copies(spec: ModelSpec, prec: Precision, engine: str, checkpointed: int = 0) -> int:
-    """Autocast's half-precision copies of the matmul weights (plain torch ``*-mixed``), live into backward.
+def _half_copies(spec: ModelSpec, prec: Precision, engine: str, checkpointed: int = 0) -> "tuple[int, int]":
+    """Autocast's half-precision copies of the matmul weights (plain torch ``*-mixed``): (in forward, in backward).
 
-    The copies a checkpointed block makes are not saved: in backward only the block being recomputed holds its
-    copies, so of the ``checkpointed`` first blocks one block's copies are counted.
+    Autocast caches every weight cast until the training step's autocast region ends, so all copies are live as the
+    loss is computed. In backward the copies a checkpointed block made are gone (they were not saved): only the
+    block being recomputed holds its own, so of the ``checkpointed`` first blocks one block's copies are counted.
     """
     if engine != "torch" or not prec.mixed:
-        return 0
+        return 0, 0
     if not spec.module_params:
-        return prec.compute_bytes * spec.num_parameters
+        return (prec.compute_bytes * spec.num_parameters,) * 2
     total = 0
     per_block = [0] * spec.num_layers
     for name, numels in spec.module_params:
@@ -332,20 +341,38 @@ def _half_copies(spec: ModelSpec, prec: Precision, engine: str, checkpointed: in
         idx = next((int(p) for p in name.split(".") if p.isdigit()), None)
         if idx is not None and idx < spec.num_layers:
             per_block[idx] += sum(numels)
+    in_backward = total
     if checkpointed:
         ckpt = per_block[:checkpointed]
-        total -= sum(ckpt) - max(ckpt)
-    return prec.compute_bytes * total
+        in_backward -= sum(ckpt) - max(ckpt)
+    return prec.compute_bytes * total, prec.compute_bytes * in_backward
+
+
+#: leaf modules of a block whose gradients appear only after its attention's backward
+_BEFORE_ATTENTION = frozenset({"q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "input_layernorm", "ln_1"})
+
+
+def _after_attention_of(name: str, block: int) -> bool:
+    """Whether module ``name`` runs after block ``block``'s attention scores (later blocks and the head included)."""
+    parts = name.split(".")
+    idx = next((int(p) for p in parts if p.isdigit()), None)
+    if idx is None:
+        return True  # the final norm and the output projection
+    return idx > block or (idx == block and parts[-1] not in _BEFORE_ATTENTION)
 
 
 def _analytic_timeline(
-    spec: ModelSpec, act: Activations, grad_bytes: int
-) -> "list[tuple[int, int, int, bool]]":
-    """(activation bytes, gradient elements produced, of which logits bytes, in forward) through the step.
+    spec: ModelSpec, act: Activations, grad_bytes: int, copy_bytes: int = 0
+) -> "list[tuple[int, int, int, bool, int]]":
+    """(activation bytes, gradient elements produced, of which logits bytes, in forward, ZeRO-3 modules gathered)
+    through the step.
 
     With tied embeddings the output projection's weight gradient waits in autograd's input buffer until the
     embedding's backward adds its part (one AccumulateGrad per leaf), so it is live through the blocks'
     backward.
+
+    ``copy_bytes``: bytes per element of autocast's weight copies (0 without autocast); a moment inside forward
+    comes before the casts of the weights that run later, which :func:`_half_copies` counts as made.
     """
     tied = grad_bytes * spec.vocab_size * spec.hidden_size if spec.tied_embeddings else 0
     modules = spec.module_params
@@ -353,6 +380,7 @@ def _analytic_timeline(
     first = [
         0
     ] * spec.num_layers  # the first gradient a block's backward produces (its MLP output projection)
+    before_attention = [0] * spec.num_layers  # the input norm and the q/k/v projections (fused or not)
     head = 0
     for name, numels in modules:
         parts = name.split(".")
@@ -360,33 +388,53 @@ def _analytic_timeline(
         if idx is not None and idx < spec.num_layers:
             per_layer[idx] += sum(numels)
             first[idx] = max(first[idx], max(numels, default=0))
+            if parts[-1] in _BEFORE_ATTENTION:
+                before_attention[idx] += sum(numels)
         elif not any(key in name for key in ("embed", "wte", "wpe")):
             head += sum(numels)
     out = []
-    for live, block in act.backward_timeline():
+    for live, block, where in act.backward_timeline():
         if block < 0:
-            out.append((live, 0, act.logits + act.logits_backward, False))
+            out.append((live, 0, act.logits + act.logits_backward, False, 0))
         elif block >= spec.num_layers:  # the final norm's backward: the output projection's gradients exist
-            out.append((live + tied, head, 0, False))
+            out.append((live + tied, head, 0, False, 0))
         else:
-            out.append((live + tied, head + sum(per_layer[block + 1 :]) + first[block], 0, False))
+            own = {"attention": per_layer[block] - before_attention[block], "mlp": first[block]}.get(where, 0)
+            # ZeRO-3 parameters gathered then: the output projection's (and, while its block is recomputed, the
+            # recomputed module's); none between two Linear backwards
+            gathering = (2 if block < act.checkpointed else 1) if where == "projection" else 0
+            out.append((live + tied, head + sum(per_layer[block + 1 :]) + own, 0, False, gathering))
     end_of_forward = act.saved - act.logits + act.logits_forward + act.forward_extra
-    out.append((end_of_forward, 0, act.logits_forward, True))  # the loss, at the end of forward
+    out.append((end_of_forward, 0, act.logits_forward, True, 0))  # the loss, at the end of forward
+    if act.forward_attention:  # inside the last checkpointed block's attention
+        block = act.checkpointed - 1
+        later = sum(
+            sum(numels)
+            for name, numels in modules
+            if "norm" not in name.lower()
+            and not name.split(".")[-1].startswith("ln")
+            and (spec.tied_embeddings or not any(key in name for key in ("embed", "wte", "wpe")))
+            and _after_attention_of(name, block)
+        )
+        out.append((act.forward_attention - copy_bytes * later, 0, 0, True, 0))
     return out
 
 
 def _phases(
     em: EngineMemory,
-    timeline: "list[tuple[int, int, int, bool]]",
-    half: int,
+    timeline: "list[tuple]",
+    half: "tuple[int, int]",
     accumulating: bool = False,
     recompute: bool = False,
 ) -> "list[tuple[Phase, int, int]]":
     """Every moment as (model-state phase, activation bytes, logits bytes).
 
-    ``recompute``: activation checkpointing re-runs a block's forward inside the backward of its last module, whose
-    ZeRO-3 parameters stay gathered (pre-backward hook) while each recomputed module gathers its own, so up to two
-    modules' ``em.backward_gathered`` are live.
+    ``timeline``: (activation bytes, gradient elements, of which logits bytes, in forward[, ZeRO-3 modules gathered
+    for backward]) per moment; without the last item a backward moment counts one module's ``em.backward_gathered``
+    (two with ``recompute``: activation checkpointing re-runs a block's forward inside the backward of its last
+    module, whose parameters stay gathered while each recomputed module gathers its own).
+
+    ``half``: autocast's weight copies in forward and in backward (:func:`_half_copies`).
 
     ``accumulating``: the moments of a micro-step that follows another one (gradient accumulation), when what the
     engine holds between micro-steps is there from the start and the new gradients are added into it.
@@ -394,8 +442,9 @@ def _phases(
     base = em.base
     out = []
     best = None
-    in_backward = em.backward_gathered * (2 if recompute else 1)
-    for live, grads, logits, forward in timeline:
+    default = 2 if recompute else 1
+    for live, grads, logits, forward, *modules in timeline:
+        in_backward = em.backward_gathered * (modules[0] if modules else default)
         g, buf = em.backward_extra(grads)
         if forward:
             g = max(g, em.forward_gradients)
@@ -404,7 +453,7 @@ def _phases(
             g, buf = max(g, held_g), max(buf, held_buf)
         phase = Phase(
             "backward",
-            base.parameters + em.gathered + half + (in_backward if grads > 0 and not forward else 0),
+            base.parameters + em.gathered + half[0 if forward else 1] + (0 if forward or not grads else in_backward),
             base.gradients + g,
             base.optimizer_states,
             base.buffers + buf,

@@ -45,6 +45,11 @@ class ModelSpec:
         is_hf: built from a Hugging Face config or model (its loss upcasts logits to fp32).
         step_calls_root: the module's ``training_step`` calls the module itself (``self(...)``), see
             :func:`step_calls_root`.
+        packed_projection_params: elements of ``nn.MultiheadAttention`` packed input projections
+            (``in_proj_weight``). Under ZeRO-3 every module gets its inputs as new tensors (DeepSpeed's
+            ``_post_backward_module_hook``), so the attention takes its separate-q/k/v path and projects with
+            three views of the gathered weight, which DeepSpeed's Linear saves for backward: the weight stays
+            gathered from its forward to its backward.
 
     Example:
         >>> spec = resolve_model("llama-3-8b")
@@ -72,6 +77,7 @@ class ModelSpec:
     module_params: Any = field(default=(), repr=False, compare=False)
     is_hf: bool = False
     step_calls_root: bool = False
+    packed_projection_params: int = 0
 
     def __post_init__(self) -> None:
         if self.num_parameters <= 0:
@@ -508,4 +514,9 @@ def _generic_spec(module: nn.Module, leaves: Any, total: int) -> ModelSpec:
         max_position_embeddings=positions[0].num_embeddings if positions else None,
         module_params=leaves,
         is_hf=False,
+        packed_projection_params=sum(
+            m.in_proj_weight.numel()
+            for m in module.modules()
+            if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None and m.in_proj_weight.requires_grad
+        ),
     )

@@ -153,24 +153,50 @@ def _checkpointed(module: nn.Module, count: int):
 
 
 @contextlib.contextmanager
-def _genuine_linear():
-    """Trace with PyTorch's own ``torch.nn.functional.linear``.
+def _linear_of_the_run(zero3: bool):
+    """Trace with the ``torch.nn.functional.linear`` the run will use.
 
     DeepSpeed's ZeRO-3 ``zero.Init`` replaces it process-wide with its memory-efficient ``zero3_linear_wrap`` ("This
-    will persist unless manually reset", deepspeed/runtime/zero/partition_parameters.py), which under autocast saves
-    other tensors; a prediction must not depend on whether a ZeRO-3 run happened earlier in the process.
+    will persist unless manually reset", deepspeed/runtime/zero/partition_parameters.py): a ZeRO-3 run computes every
+    Linear with ``LinearFunctionForZeroStage3`` (``matmul`` then an in-place bias add in forward, its own
+    reshapes and matmuls in backward), other runs with PyTorch's own, whatever ran earlier in the process.
     """
     functional = torch.nn.functional
     partition = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
     original = getattr(getattr(partition, "InsertPostInitMethodToModuleSubClasses", None), "linear_bk", None)
-    if original is None or functional.linear is original:
+    wanted = functional.linear if original is None else original
+    if zero3:
+        from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+        wanted = zero3_linear_wrap
+    if functional.linear is wanted:
         yield
         return
-    replaced, functional.linear = functional.linear, original
+    replaced, functional.linear = functional.linear, wanted
     try:
         yield
     finally:
         functional.linear = replaced
+
+
+@contextlib.contextmanager
+def _zero3_module_inputs(module: nn.Module, zero3: bool):
+    """As DeepSpeed ZeRO-3's ``_post_backward_module_hook`` does, hand every sub-module its tensor arguments as new
+    tensors (a view each): the same tensor passed twice arrives as two objects (``nn.MultiheadAttention`` then
+    projects q, k and v separately)."""
+    if not zero3:
+        yield
+        return
+
+    def fresh(_: nn.Module, args: tuple) -> tuple:
+        return tuple(a.view_as(a) if isinstance(a, torch.Tensor) else a for a in args)
+
+    handles = [m.register_forward_pre_hook(fresh) for m in module.modules() if m is not module]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextlib.contextmanager
@@ -242,6 +268,7 @@ def trace_step(
     engine: str = "deepspeed",
     activation_checkpointing: "bool | float | int" = False,
     attention: "str | None" = None,
+    zero3: bool = False,
 ) -> TraceResult:
     """Trace forward + backward of ``module`` on ``example_batch`` with fake tensors.
 
@@ -260,6 +287,9 @@ def trace_step(
         engine: ``"deepspeed"`` or ``"torch"``.
         activation_checkpointing: checkpoint all (``True``), a fraction or a number of the blocks.
         attention: set a Hugging Face model's attention implementation for the trace (``None`` keeps it).
+        zero3: step as a DeepSpeed ZeRO-3 run does: Linear layers through ``zero3_linear_wrap``, every module's
+            tensor inputs as new tensors (``_post_backward_module_hook``), and a parameter whose view is saved for
+            backward kept gathered (counted) until that saved view is released.
 
     Example:
         >>> from torch import nn
@@ -314,12 +344,31 @@ def trace_step(
     handles = [p.register_post_accumulate_grad_hook(on_grad) for p in by_id.values() if p.requires_grad]
     saved: dict = {}
 
+    param_ids = {id(t) for t in by_id.values()}
+    pinned: dict = {}  # parameter storage -> live saved views of it (ZeRO-3 keeps that parameter gathered)
+
     def pack(t: torch.Tensor) -> torch.Tensor:
         if t.device.type != "meta":
             st = t.untyped_storage()
             if st._cdata not in exclude:
                 saved[st._cdata] = (st.nbytes(), t.shape[-1] if t.dim() else 0)
+            elif zero3 and id(t) not in param_ids:
+                _pin(st._cdata, st.nbytes(), t)
         return t
+
+    def _pin(key: int, nbytes: int, view: torch.Tensor) -> None:
+        if key not in pinned:
+            pinned[key] = 0
+            tracker.cur += nbytes
+        pinned[key] += 1
+
+        def _unpin(key: int = key, nbytes: int = nbytes) -> None:
+            pinned[key] -= 1
+            if not pinned[key]:
+                del pinned[key]
+                tracker.cur -= nbytes
+
+        weakref.finalize(view, _unpin)
 
     autocast = (
         torch.autocast("cpu", dtype=precision.compute_dtype)
@@ -332,7 +381,12 @@ def trace_step(
     module.train()
     vocab = getattr(getattr(module, "config", None), "vocab_size", None)
     try:
-        with _genuine_linear(), _no_packed_sequence_detection(), _attention(module, attention), _checkpointed(module, count):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_linear_of_the_run(zero3))
+            stack.enter_context(_zero3_module_inputs(module, zero3))
+            stack.enter_context(_no_packed_sequence_detection())
+            stack.enter_context(_attention(module, attention))
+            stack.enter_context(_checkpointed(module, count))
             with _reparametrize_module(module, fakes, tie_weights=True, strict=False), fake_mode, tracker:
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
                     loss = _loss_of(module, batch)
@@ -340,8 +394,10 @@ def trace_step(
                 saved_bytes = sum(n for n, _ in saved.values())
                 logits_bytes = sum(n for n, last in saved.values() if vocab and last == vocab)
                 saved.clear()
-                with autocast:
-                    loss.backward()
+                # as in Lightning, autocast covers the training step only (``Precision.train_step_context``): backward
+                # runs outside it, and a checkpointed block's recomputation enters its own autocast, whose weight-cast
+                # cache is dropped when the recomputation ends
+                loss.backward()
                 del loss
                 tracker.mark()
     finally:

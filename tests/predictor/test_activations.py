@@ -2,44 +2,66 @@ import pytest
 import torch
 
 from lightning_memopt.predictor.activations import activation_bytes, num_checkpointed
-from lightning_memopt.predictor.api import _analytic_timeline
 from lightning_memopt.predictor.model_spec import resolve_model
-from lightning_memopt.predictor.precision import resolve_precision
-from lightning_memopt.predictor.trace import trace_step
 from transforms._models import hf_model
 
 
-@pytest.mark.parametrize(
-    ("kind", "attn", "precision", "ckpt"),
-    [
-        ("llama", "sdpa", "bf16-mixed", False),
-        ("llama", "eager", "32-true", False),
-        ("qwen2", "eager", "bf16-mixed", False),
-        ("qwen2", "sdpa", "32-true", True),
-        ("llama", "eager", "bf16-mixed", True),
-    ],
-)
-def test_analytic_start_of_backward_matches_the_fake_trace(kind, attn, precision, ckpt):
-    """The analytic peak of live activations through backward matches the fake trace: within 1 % where the
-    start of backward (saved activations + the loss' gradients) is the peak, within 6 % where a recomputed
-    block is.
-    """
+def _benchmark_module(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "predictor_accuracy.py"
+    spec = importlib.util.spec_from_file_location("predictor_accuracy_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+_CASES = [  # (family, attention, precision, checkpointing, engine, micro-batch, sequence)
+    ("llama", "sdpa", "bf16-mixed", False, "deepspeed", 2, 48),
+    ("llama", "eager", "32-true", False, "deepspeed", 2, 48),
+    ("qwen2", "eager", "bf16-mixed", False, "deepspeed", 2, 48),
+    ("qwen2", "sdpa", "32-true", True, "deepspeed", 2, 48),
+    ("llama", "eager", "bf16-mixed", True, "deepspeed", 2, 48),
+    ("llama", "sdpa", "bf16-mixed", True, "deepspeed", 2, 48),
+    ("llama", "eager", "bf16-mixed", False, "deepspeed", 1, 384),  # s x s terms: the softmax backward peaks
+    ("qwen2", "eager", "32-true", True, "deepspeed", 1, 384),  # and the recomputed block's forward softmax
+    ("llama", "sdpa", "bf16-mixed", False, "torch", 4, 64),
+    ("qwen2", "sdpa", "bf16-mixed", True, "torch", 4, 64),
+    ("llama", "eager", "bf16-mixed", True, "torch", 2, 256),
+    ("qwen2", "eager", "32-true", False, "torch", 2, 48),
+]
+
+
+@pytest.mark.parametrize(("kind", "attn", "precision", "ckpt", "engine", "batch", "seq"), _CASES)
+def test_analytic_peak_matches_the_fake_trace(kind, attn, precision, ckpt, engine, batch, seq):
+    """Hugging Face Llama-style models: the analytic peak (model states, activations, gradients at every moment)
+    equals the fake-tensor step within 0.5 % (most cases to the kilobyte), with and without checkpointing, eager and
+    SDPA, DeepSpeed and plain torch (autocast) alike; the trace matched real MemOptStrategy and Lightning runs."""
+    from lightning_memopt.predictor.api import estimate_memory
+
     model = hf_model(kind, layers=2, attn=attn, tie_word_embeddings=(kind == "qwen2"))
-    ids = torch.randint(0, 256, (2, 48))
-    prec = resolve_precision(precision)
-    res = trace_step(model, {"input_ids": ids, "labels": ids}, prec, activation_checkpointing=ckpt)
-    spec = resolve_model(model)
-    act = activation_bytes(
-        spec,
-        micro_batch_size=2,
-        seq_len=48,
-        compute_bytes=prec.compute_bytes,
-        attention=attn,
-        activation_checkpointing=ckpt,
-    )
-    assert max(
-        live for live, *_ in _analytic_timeline(spec, act, prec.param_bytes("deepspeed"))
-    ) == pytest.approx(res.peak(0), rel=0.06 if ckpt else 0.01)
+    ids = torch.randint(0, 256, (batch, seq))
+    kw = dict(engine=engine, micro_batch_size=batch, seq_len=seq, precision=precision, attention=attn,
+              activation_checkpointing=ckpt)  # fmt: skip
+    analytic = estimate_memory(resolve_model(model), **kw)
+    traced = estimate_memory(model, method="trace", example_batch={"input_ids": ids, "labels": ids}, **kw)
+    assert analytic.total == pytest.approx(traced.total, rel=5e-3)
+
+
+@pytest.mark.parametrize(("attn", "precision", "ckpt"), [("sdpa", "bf16-mixed", True), ("eager", "32-true", False)])
+def test_analytic_peak_of_a_plain_pytorch_model_matches_the_fake_trace(attn, precision, ckpt):
+    """nn.MultiheadAttention, nn.RMSNorm and a GELU MLP, counted from the module structure alone: within 1 % (a mask
+    passed to the attention is converted to a float (s, s) tensor per block, which the structure does not show)."""
+    from lightning_memopt.predictor.api import estimate_memory
+
+    torch.manual_seed(0)
+    model = _benchmark_module("PlainLM")(hidden=64, attention=attn)  # the accuracy benchmark's own plain family
+    ids = torch.randint(0, 256, (4, 64))
+    kw = dict(micro_batch_size=4, seq_len=64, precision=precision, attention=attn, activation_checkpointing=ckpt)
+    analytic = estimate_memory(resolve_model(model), **kw)
+    traced = estimate_memory(model, method="trace", example_batch=ids, **kw)
+    assert analytic.total == pytest.approx(traced.total, rel=0.01)
 
 
 def test_eager_keeps_the_scores_and_sdpa_does_not():
@@ -80,22 +102,3 @@ def test_bad_checkpointing_and_liger_values():
 def test_parameter_count_has_no_activations():
     act = activation_bytes(resolve_model("8B"), micro_batch_size=8, seq_len=4096, compute_bytes=2)
     assert act.saved == 0
-
-
-@pytest.mark.parametrize(
-    ("kind", "attn", "ckpt", "world"),
-    [("llama", "sdpa", False, 1), ("qwen2", "sdpa", False, 2), ("llama", "eager", False, 1), ("llama", "sdpa", True, 1)],
-)
-def test_plain_torch_autocast_analytic_matches_the_fake_trace(kind, attn, ckpt, world):
-    """engine='torch' with bf16-mixed (fp32 parameters under autocast, Lightning's zero_grad after the forward):
-    the analytic peak is within 1 % of the fake-tensor step (which matched a real single-device Lightning run), 6 %
-    where a recomputed block's moment is the peak (approximated, as for DeepSpeed above)."""
-    from lightning_memopt.predictor.api import estimate_memory
-
-    model = hf_model(kind, layers=2, attn=attn, tie_word_embeddings=(kind == "qwen2"))
-    ids = torch.randint(0, 256, (4, 64))
-    kw = dict(engine="torch", world_size=world, micro_batch_size=4, seq_len=64, precision="bf16-mixed",
-              attention=attn, activation_checkpointing=ckpt)  # fmt: skip
-    analytic = estimate_memory(resolve_model(model), **kw).total
-    traced = estimate_memory(model, method="trace", example_batch={"input_ids": ids, "labels": ids}, **kw).total
-    assert analytic == pytest.approx(traced, rel=0.06 if ckpt else 0.01)

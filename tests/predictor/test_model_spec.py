@@ -119,3 +119,19 @@ def test_step_calls_root_is_read_from_the_training_step():
     assert resolve_model(calls_itself).step_calls_root
     assert not resolve_model(calls_child).step_calls_root
     assert not resolve_model(plain_model(layers=2)).step_calls_root  # no training_step at all
+
+
+def test_packed_attention_projections_are_counted_for_zero3():
+    """``packed_projection_params``: nn.MultiheadAttention's packed in_proj weights, which ZeRO-3 keeps gathered into
+    backward; the analytic estimate adds them to what is gathered at ZeRO-3 only."""
+    from lightning_memopt.predictor.api import estimate_memory
+
+    model = plain_model(layers=2)
+    spec = resolve_model(model)
+    packed = sum(m.in_proj_weight.numel() for m in model.modules() if isinstance(m, nn.MultiheadAttention))
+    assert spec.packed_projection_params == packed == 2 * 3 * 64 * 64
+    assert resolve_model(hf_model("llama", layers=2)).packed_projection_params == 0
+    kw = dict(world_size=2, micro_batch_size=2, seq_len=32, precision="32-true")
+    zero3 = estimate_memory(spec, zero=3, **kw)
+    assert zero3.details["pinned_projection_bytes"] == 4 * packed
+    assert "pinned_projection_bytes" not in estimate_memory(spec, zero=2, **kw).details
