@@ -7,6 +7,11 @@ Results: ``<out-dir>/<check>.json`` per check, ``<out-dir>/summary.json``, and t
     python benchmarks/gpu_checks.py --list                 # the checks (works without a GPU)
     python benchmarks/gpu_checks.py --out-dir gpu_results  # all of them (needs CUDA)
     python benchmarks/gpu_checks.py --only liger_numerics predictor_accuracy
+    python benchmarks/gpu_checks.py --smoke --out-dir smoke  # the script's code paths on CPU, toy sizes
+
+``--smoke`` runs every check on the CPU at toy sizes, so that the plumbing (children, budgets, JSON, tables) and
+each check's own code are exercised without a GPU. Its numbers are not measurements; what needs CUDA kernels
+(Liger's Triton kernels; Lightning's own DeepSpeedStrategy, which refuses CPU) is recorded as skipped.
 
 Checks:
 - ``zero_stages``: ZeRO 0-3 on one GPU, MemOptStrategy vs Lightning's DeepSpeedStrategy: median step time and
@@ -28,6 +33,8 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+#: set by ``--smoke``: CPU, toy sizes (see the module docs)
+SMOKE = False
 
 TOTAL_SECONDS = 590
 CHECKS = {  # name: (description, seconds allowed in all)
@@ -46,40 +53,91 @@ THROUGHPUT_VARIANTS = {  # name: (attention, liger, checkpointing)
 }
 
 
+def device() -> str:
+    """``"cuda"``, or ``"cpu"`` with ``--smoke``."""
+    return "cpu" if SMOKE else "cuda"
+
+
+def size(real: int, smoke: int) -> int:
+    """A size of the real check, or its toy size with ``--smoke``."""
+    return smoke if SMOKE else real
+
+
+class PeakMemory:
+    """Peak allocated bytes since :meth:`reset`: ``torch.cuda.max_memory_allocated``; with ``--smoke`` the CPU's live
+    tensors from this probe's creation on (a dispatch mode: CPU kernels' own scratch, such as SDPA's, is not counted,
+    as in ``predictor_accuracy.py``)."""
+
+    def __init__(self) -> None:
+        self._probe = None
+        if SMOKE:
+            from lightning_memopt.utilities.memory import DeviceMemoryProbe
+
+            self._probe = DeviceMemoryProbe("cpu", cpu_mode="dispatch")
+            self._probe.start()
+
+    def track(self, *objects: object) -> None:
+        """Count tensors made before this probe (the model) on the CPU; CUDA's allocator already knows them."""
+        if self._probe is not None:
+            self._probe.track(*objects)
+
+    def reset(self) -> None:
+        import torch
+
+        if self._probe is None:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._probe.start_step()
+
+    def peak(self) -> int:
+        import torch
+
+        if self._probe is None:
+            torch.cuda.synchronize()
+            return int(torch.cuda.max_memory_allocated())
+        return self._probe.end_step().peak_bytes
+
+
 def llama(hidden: int, layers: int, intermediate: int, heads: int = 16, kv_heads: int = 4, vocab: int = 32000,
           attention: str = "sdpa"):
-    """A Llama from a config with random weights, on the GPU in fp32 (AMP trains it in bf16)."""
+    """A Llama from a config with random weights, on the GPU in fp32 (AMP trains it in bf16); toy-sized with
+    ``--smoke``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if SMOKE:
+        hidden, layers, intermediate, heads, kv_heads, vocab = 64, 2, 128, 4, 2, 256
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096)
     config._attn_implementation = attention
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device()):
         return LlamaForCausalLM(config).train()
 
 
 def train_steps(model, batch: int, seq: int, steps: int, warmup: int = 2) -> dict:
-    """Plain AMP (bf16 autocast) + AdamW steps; median step time after ``warmup`` and the peak of the last step."""
+    """Plain AMP (bf16 autocast) + AdamW steps in Lightning's order (forward, ``zero_grad``, backward, optimizer step:
+    the previous step's gradients are alive during the forward, as ``estimate_memory(engine="torch")`` assumes);
+    median step time after ``warmup`` and the peak of the last step."""
     import torch
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device())
+    memory = PeakMemory()
+    memory.track(model)
     times, peak = [], 0
     for step in range(steps):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        memory.reset()
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device(), dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        peak = memory.peak()
         if step >= warmup:
             times.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated()
     return {"median_step_s": statistics.median(times), "tokens_per_s": batch * seq / statistics.median(times),
             "peak_bytes": peak, "loss": float(loss)}
 
@@ -96,28 +154,32 @@ def check_zero_stages(variant: str | None) -> dict:
 
     from lightning_memopt import MemOptStrategy
 
+    memory = PeakMemory()
+
     class Timer(pl.Callback):
         def __init__(self) -> None:
             self.starts: list[float] = []
 
         def on_train_batch_start(self, *_) -> None:
-            torch.cuda.synchronize()
+            if not SMOKE:
+                torch.cuda.synchronize()
             self.starts.append(time.perf_counter())
 
         def on_train_start(self, *_) -> None:
-            torch.cuda.reset_peak_memory_stats()
+            memory.reset()
 
     timer = Timer()
     strategy = MemOptStrategy(zero=int(stage)) if strategy_name == "memopt" else DeepSpeedStrategy(stage=int(stage))
-    trainer = pl.Trainer(accelerator="cuda", devices=1, strategy=strategy, precision="bf16-mixed", max_steps=12,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[timer])
-    model = CausalLM(hidden_size=1024, num_layers=8)
-    trainer.fit(model, TextDataModule(batch_size=8, seq_len=256, stride=64))
+    trainer = pl.Trainer(accelerator="cpu" if SMOKE else "cuda", devices=1, strategy=strategy, precision="bf16-mixed",
+                         max_steps=size(12, 6), logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[timer])
+    model = CausalLM(hidden_size=size(1024, 64), num_layers=size(8, 2))
+    trainer.fit(model, TextDataModule(batch_size=size(8, 2), seq_len=size(256, 32), stride=64))
     steps = [b - a for a, b in zip(timer.starts[3:], timer.starts[4:])]
     n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    peak = memory.peak()
     return {"strategy": strategy_name, "stage": int(stage), "n_parameters": n, "median_step_s": statistics.median(steps),
-            "peak_bytes": torch.cuda.max_memory_allocated(), "peak_bytes_per_param": torch.cuda.max_memory_allocated() / n}
+            "peak_bytes": peak, "peak_bytes_per_param": peak / n}
 
 
 def check_predictor_accuracy(variant: str | None) -> dict:
@@ -128,8 +190,8 @@ def check_predictor_accuracy(variant: str | None) -> dict:
     rows = []
     for attention in ("eager", "sdpa"):
         for checkpointing in (False, True):
-            for batch in (1, 4):
-                seq = 1024
+            for batch in (1, 4) if not SMOKE else (2,):
+                seq = size(1024, 32)
                 model = llama(1024, 16, 2816, attention=attention)
                 if checkpointing:
                     apply_activation_checkpointing(model)
@@ -141,7 +203,8 @@ def check_predictor_accuracy(variant: str | None) -> dict:
                              "error": (est.total - measured) / measured,
                              "n_parameters": sum(p.numel() for p in model.parameters())})
                 del model
-                torch.cuda.empty_cache()
+                if not SMOKE:
+                    torch.cuda.empty_cache()
     return {"rows": rows}
 
 
@@ -149,6 +212,9 @@ def check_liger_numerics(variant: str | None) -> dict:
     import torch
 
     from lightning_memopt import apply_liger
+
+    if SMOKE:
+        return {"skipped": "Liger's Triton kernels need CUDA"}
 
     ids = torch.randint(0, 32000, (2, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     results = {}
@@ -173,14 +239,17 @@ def check_throughput(variant: str | None) -> dict:
     from lightning_memopt import apply_activation_checkpointing, apply_liger
 
     attention, liger, checkpointing = THROUGHPUT_VARIANTS[variant]
+    if SMOKE and liger:
+        return {"variant": variant, "skipped": "Liger's Triton kernels need CUDA"}
     model = llama(2048, 16, 5632, attention=attention)
     if liger:
         apply_liger(model, device=torch.device("cuda"))
     if checkpointing:
         apply_activation_checkpointing(model)
-    result = train_steps(model, batch=4, seq=1024, steps=8, warmup=3)
-    return {"variant": variant, "n_parameters": sum(p.numel() for p in model.parameters()), "batch": 4,
-            "seq_len": 1024, **result}
+    batch, seq = size(4, 2), size(1024, 32)
+    result = train_steps(model, batch=batch, seq=seq, steps=size(8, 4), warmup=size(3, 1))
+    return {"variant": variant, "n_parameters": sum(p.numel() for p in model.parameters()), "batch": batch,
+            "seq_len": seq, **result}
 
 
 def check_monitor(variant: str | None) -> dict:
@@ -196,14 +265,19 @@ def check_monitor(variant: str | None) -> dict:
     rows = []
     for zero in (0, 3):
         monitor = MemoryMonitor(log_every_n_steps=1, plot=False)
-        trainer = pl.Trainer(accelerator="cuda", devices=1, strategy=MemOptStrategy(zero=zero), precision="bf16-mixed",
-                             max_steps=8, logger=CSVLogger(tempfile.mkdtemp()), enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor])
-        trainer.fit(CausalLM(hidden_size=1024, num_layers=8), TextDataModule(batch_size=8, seq_len=256, stride=64))
+        trainer = pl.Trainer(accelerator="cpu" if SMOKE else "cuda", devices=1, strategy=MemOptStrategy(zero=zero),
+                             precision="bf16-mixed", max_steps=size(8, 3), logger=CSVLogger(tempfile.mkdtemp()),
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[monitor])
+        trainer.fit(CausalLM(hidden_size=size(1024, 64), num_layers=size(8, 2)),
+                    TextDataModule(batch_size=size(8, 2), seq_len=size(256, 32), stride=64))
         rows += [{"zero": zero, **{k: r.get(k) for k in ("step", "actual_peak_bytes", "predicted_peak_bytes",
                                                        "prediction_error")}} for r in monitor.history]
-    overhead = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "monitor_overhead.py"), "--accelerator", "gpu",
-                               "--steps", "20", "--repeats", "1"], capture_output=True, text=True, cwd=ROOT, timeout=50, check=False)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "monitor_overhead.py"), "--accelerator", "cpu" if SMOKE else "gpu",
+           "--steps", str(size(20, 4)), "--repeats", "1"]
+    if SMOKE:
+        cmd += ["--warmup", "1", "--hidden", "64", "--layers", "2", "--seq-len", "32", "--batch-size", "2"]
+    overhead = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=50, check=False)
     return {"per_step": rows, "overhead_stdout": overhead.stdout[-3000:], "overhead_rc": overhead.returncode}
 
 
@@ -211,12 +285,15 @@ RUNNERS = {"zero_stages": check_zero_stages, "predictor_accuracy": check_predict
            "liger_numerics": check_liger_numerics, "throughput": check_throughput, "monitor": check_monitor}
 VARIANTS = {"zero_stages": [f"{s}:{z}" for z in range(4) for s in ("memopt", "lightning")],
             "throughput": list(THROUGHPUT_VARIANTS)}
+#: ``--smoke``: Lightning's DeepSpeedStrategy refuses CPU
+SMOKE_VARIANTS = {"zero_stages": [f"memopt:{z}" for z in range(4)]}
 
 
 # ---------------------------------------------------------------------------------------------------- plumbing
 def _child(check: str, variant: str | None, timeout: float) -> dict:
     """Run ``check`` (one ``variant`` of it) in a fresh process; its JSON result, or why there is none."""
     cmd = [sys.executable, __file__, "--run", check] + (["--variant", variant] if variant else [])
+    cmd += ["--smoke"] if SMOKE else []
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout, check=False)
@@ -247,7 +324,9 @@ def _tables(results: dict) -> str:
             out.append(f"| {r['attention']} | {r['checkpointing']} | {r['micro_batch']} | "
                        f"{r['predicted_bytes'] / 2**30:.2f} GiB | {r['measured_bytes'] / 2**30:.2f} GiB | "
                        f"{100 * r['error']:+.1f} % |")
-    if results.get("liger_numerics", {}).get("status") == "ok":
+    if results.get("liger_numerics", {}).get("skipped"):
+        out += ["liger_numerics", f"skipped: {results['liger_numerics']['skipped']}"]
+    elif results.get("liger_numerics", {}).get("status") == "ok":
         r = results["liger_numerics"]
         out += ["liger_numerics", (f"loss {r['loss_unpatched']:.5f} vs {r['loss_liger']:.5f} (|diff| {r['loss_abs_diff']:.2e});"
                 f" gradient relative difference: max {r['grad_rel_diff_max']:.2e} ({r['grad_rel_diff_max_param']}),"
@@ -255,7 +334,9 @@ def _tables(results: dict) -> str:
     if results.get("throughput", {}).get("runs"):
         out += ["throughput", "| variant | tokens/s | median step | peak allocated |", "|---|---|---|---|"]
         for r in results["throughput"]["runs"]:
-            if r.get("status") == "ok":
+            if r.get("skipped"):
+                out.append(f"| {r['variant']} | skipped: {r['skipped']} | | |")
+            elif r.get("status") == "ok":
                 out.append(f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['median_step_s'] * 1e3:.1f} ms | "
                            f"{r['peak_bytes'] / 2**30:.2f} GiB |")
             else:
@@ -277,6 +358,7 @@ def main() -> int:
     parser.add_argument("--list", action="store_true", help="print the checks and exit (no GPU needed)")
     parser.add_argument("--only", nargs="+", choices=sorted(CHECKS), default=None, help="run only these checks")
     parser.add_argument("--out-dir", type=Path, default=Path("gpu_results"), help="where the JSON files go")
+    parser.add_argument("--smoke", action="store_true", help="every check on the CPU at toy sizes (not measurements)")
     parser.add_argument("--run", choices=sorted(CHECKS), help=argparse.SUPPRESS)
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -286,7 +368,9 @@ def main() -> int:
         return 0
     import torch
 
-    if not torch.cuda.is_available():
+    global SMOKE
+    SMOKE = args.smoke
+    if not SMOKE and not torch.cuda.is_available():
         print("gpu_checks.py: expected a CUDA GPU, got none (torch.cuda.is_available() is False). Fix: run it on a"
               " machine with a GPU; `--list` shows the checks.", file=sys.stderr)
         return 2
@@ -297,7 +381,7 @@ def main() -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     results, started = {}, time.perf_counter()
     for name in args.only or list(CHECKS):
-        variants = VARIANTS.get(name, [None])
+        variants = (SMOKE_VARIANTS if SMOKE else {}).get(name, VARIANTS.get(name, [None]))
         runs = []
         for variant in variants:  # each variant gets its share of the check's time, within the total
             left = TOTAL_SECONDS - (time.perf_counter() - started)
@@ -309,7 +393,8 @@ def main() -> int:
         results[name] = runs[0] if variants == [None] else {"status": "ok" if ok else "partly failed", "runs": runs}
         (args.out_dir / f"{name}.json").write_text(json.dumps(results[name], indent=2))
         print(f"{name}: {results[name]['status']} ({time.perf_counter() - started:.0f} s elapsed)", flush=True)
-    summary = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": results}
+    name = "CPU (smoke: toy sizes, not measurements)" if SMOKE else torch.cuda.get_device_name(0)
+    summary = {"device": name, "torch": torch.__version__, "results": results}
     (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     tables = _tables(results)
     (args.out_dir / "tables.md").write_text(tables + "\n")
