@@ -19,9 +19,9 @@ with). In ``on_train_start`` every run's own settings (``run_settings``) are com
 ``total``); error = (predicted - measured) / measured. A prediction that raises is reported as failed.
 
 Models (random weights, nothing downloaded): ``CausalLM`` of ``examples/tiny_llm.py`` as Llama (GQA 4/2) and Qwen2
-(GQA 4/2, tied embeddings), and ``PlainLM`` below (plain PyTorch: ``nn.MultiheadAttention``, ``nn.RMSNorm``, GELU
-MLP; "eager" returns the attention weights, "sdpa" does not, which makes PyTorch call
-``scaled_dot_product_attention``). Data: byte windows of the shipped text (``TextDataModule``).
+(GQA 4/2, tied embeddings), and ``PlainLM`` of ``examples/plain_transformer.py`` (plain PyTorch:
+``nn.MultiheadAttention``, ``nn.RMSNorm``, GELU MLP; "eager" returns the attention weights, "sdpa" does not, which
+makes PyTorch call ``scaled_dot_product_attention``). Data: byte windows of the shipped text (``TextDataModule``).
 
 Usage::
 
@@ -33,7 +33,6 @@ Usage::
 import argparse
 import copy
 import gc
-import inspect
 import itertools
 import json
 import os
@@ -47,7 +46,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -65,55 +63,12 @@ QUICK = (
 )
 
 
-class PlainBlock(nn.Module):
-    """Pre-norm transformer block in plain PyTorch (as ``tests/transforms/_models.py``), attention selectable."""
-
-    def __init__(self, d: int, heads: int, attention: str) -> None:
-        super().__init__()
-        self.attention = attention
-        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
-        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
-        s = x.shape[1]
-        mask = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
-        # need_weights=True materialises the s x s weights (eager); False lets PyTorch call SDPA
-        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=self.attention == "eager")[0]
-        return x + self.mlp(self.norm2(x))
-
-
-class PlainLM(pl.LightningModule):
-    """A decoder-only LM in plain PyTorch (no Hugging Face), trained on next-byte prediction with AdamW."""
-
-    def __init__(self, hidden: int = 128, layers: int = 2, heads: int = 4, attention: str = "sdpa",
-                 vocab: int = 256) -> None:  # fmt: skip
-        super().__init__()
-        self.embed = nn.Embedding(vocab, hidden)
-        self.blocks = nn.ModuleList([PlainBlock(hidden, heads, attention) for _ in range(layers)])
-        self.head = nn.Linear(hidden, vocab)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
-
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        logits = self(batch)
-        return nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
-        )
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
-
 def build_module(cfg: dict) -> pl.LightningModule:
     """The configuration's LightningModule, random weights from seed 0."""
     torch.manual_seed(0)
     if cfg["family"] == "plain":
+        from plain_transformer import PlainLM
+
         return PlainLM(hidden=cfg["hidden"], layers=cfg["layers"], attention=cfg["attention"])
     from tiny_llm import CausalLM
 
@@ -197,16 +152,13 @@ def planned_settings(cfg: dict) -> dict:
     """
     from lightning_memopt import MemOptStrategy
     from lightning_memopt.callbacks._run_settings import optimizer_from_module, strategy_settings
-    from lightning_memopt.predictor.api import estimate_memory
 
     module = build_module(cfg)
     strategy = MemOptStrategy(zero=cfg["zero"], activation_checkpointing=cfg["checkpointing"])
     settings = strategy_settings(strategy, module)
     settings.update(activation_checkpointing=cfg["checkpointing"], liger=False, attention=cfg["attention"],
                     world_size=2, precision=cfg["precision"], optimizer=optimizer_from_module(module),
-                    micro_batch_size=cfg["micro_batch"], seq_len=cfg["seq_len"])  # fmt: skip
-    if "accumulate_grad_batches" in inspect.signature(estimate_memory).parameters:  # newer predictor versions
-        settings["accumulate_grad_batches"] = 1
+                    micro_batch_size=cfg["micro_batch"], seq_len=cfg["seq_len"], accumulate_grad_batches=1)  # fmt: skip
     return settings
 
 

@@ -214,9 +214,12 @@ def estimate_memory(
         )
         for r in ranks
     }
-    if method == "analytic":  # ZeRO-3: packed attention projections kept gathered by their saved views
-        pinned = {r: e.details.get("pinned_projection_bytes", 0) for r, e in ems.items()}
-        ems = {r: replace(e, gathered=e.gathered + pinned[r]) for r, e in ems.items()}
+    zero3_run = engine == "deepspeed" and zero == 3
+    # nn.MultiheadAttention's packed input projections stay gathered from their forward to their backward: their
+    # views are saved by DeepSpeed's Linear (ModelSpec.packed_projection_params); a trace sees those views itself
+    pinned = prec.param_bytes(engine) * spec.packed_projection_params if zero3_run else 0
+    if pinned and method == "analytic":
+        ems = {r: replace(e, gathered=e.gathered + pinned) for r, e in ems.items()}
     em = ems[ranks[-1]]
     details: "dict[str, Any]" = {
         "model": spec.name,
@@ -233,6 +236,8 @@ def estimate_memory(
     }
     if em.nvme_offloaded:
         details["nvme_offloaded"] = em.nvme_offloaded
+    if pinned:
+        details["pinned_projection_bytes"] = pinned
     if engine == "torch" and prec.mixed:
         # the lecture's table (section 1): every item at once, although they never coexist at the peak
         P = spec.num_parameters
@@ -257,7 +262,7 @@ def estimate_memory(
             engine=act_engine,
             activation_checkpointing=activation_checkpointing,
             attention=attention,
-            zero3=engine == "deepspeed" and zero == 3 and bool(_DEEPSPEED_AVAILABLE),
+            zero3=zero3_run and bool(_DEEPSPEED_AVAILABLE),
         )
         b = prec.param_bytes(act_engine)
         timeline = [
@@ -278,7 +283,7 @@ def estimate_memory(
             activation_checkpointing=activation_checkpointing,
             liger=liger,
             autocast=act_engine == "torch" and prec.mixed,
-            zero3=engine == "deepspeed" and zero == 3,
+            zero3=zero3_run,
         )
         copy_bytes = prec.compute_bytes if half_copies[0] else 0
         timeline = _analytic_timeline(spec, act, prec.param_bytes(act_engine), copy_bytes)
@@ -332,10 +337,7 @@ def _half_copies(spec: ModelSpec, prec: Precision, engine: str, checkpointed: in
     total = 0
     per_block = [0] * spec.num_layers
     for name, numels in spec.module_params:
-        low = name.lower()
-        if "norm" in low or low.split(".")[-1].startswith("ln"):
-            continue
-        if any(key in low for key in ("embed", "wte", "wpe")) and not spec.tied_embeddings:
+        if not _autocast_casts(name, spec):
             continue
         total += sum(numels)
         idx = next((int(p) for p in name.split(".") if p.isdigit()), None)
@@ -350,6 +352,15 @@ def _half_copies(spec: ModelSpec, prec: Precision, engine: str, checkpointed: in
 
 #: leaf modules of a block whose gradients appear only after its attention's backward
 _BEFORE_ATTENTION = frozenset({"q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "input_layernorm", "ln_1"})
+
+
+def _autocast_casts(name: str, spec: ModelSpec) -> bool:
+    """Whether autocast makes a half-precision copy of module ``name``'s weights: the matmuls' (not the norms'; the
+    embedding's only when it is tied to the output projection)."""
+    low = name.lower()
+    if "norm" in low or low.split(".")[-1].startswith("ln"):
+        return False
+    return spec.tied_embeddings or not any(key in low for key in ("embed", "wte", "wpe"))
 
 
 def _after_attention_of(name: str, block: int) -> bool:
@@ -409,12 +420,7 @@ def _analytic_timeline(
     if act.forward_attention:  # inside the last checkpointed block's attention
         block = act.checkpointed - 1
         later = sum(
-            sum(numels)
-            for name, numels in modules
-            if "norm" not in name.lower()
-            and not name.split(".")[-1].startswith("ln")
-            and (spec.tied_embeddings or not any(key in name for key in ("embed", "wte", "wpe")))
-            and _after_attention_of(name, block)
+            sum(numels) for name, numels in modules if _autocast_casts(name, spec) and _after_attention_of(name, block)
         )
         out.append((act.forward_attention - copy_bytes * later, 0, 0, True, 0))
     return out

@@ -341,11 +341,7 @@ def engine_memory(
         if spec.step_calls_root
         else 0
     )
-    # nn.MultiheadAttention's packed input projections stay gathered from their forward to their backward (their
-    # views are saved by DeepSpeed's Linear; ModelSpec.packed_projection_params; measured through MemOptStrategy).
-    # Part of the activations' timeline: the analytic method adds it to what is gathered, a trace sees the views.
     details["backward_gathered_bytes"] = in_backward
-    details["pinned_projection_bytes"] = b * spec.packed_projection_params
     return EngineMemory(
         base, gathered, phases, where["cpu"], where["nvme"], 0, 0, 0, 0, details, backward_gathered=in_backward
     )

@@ -3,18 +3,8 @@ import torch
 
 from lightning_memopt.predictor.activations import activation_bytes, num_checkpointed
 from lightning_memopt.predictor.model_spec import resolve_model
+from plain_transformer import PlainLM
 from transforms._models import hf_model
-
-
-def _benchmark_module(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "predictor_accuracy.py"
-    spec = importlib.util.spec_from_file_location("predictor_accuracy_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, name)
 
 
 _CASES = [  # (family, attention, precision, checkpointing, engine, micro-batch, sequence)
@@ -56,7 +46,7 @@ def test_analytic_peak_of_a_plain_pytorch_model_matches_the_fake_trace(attn, pre
     from lightning_memopt.predictor.api import estimate_memory
 
     torch.manual_seed(0)
-    model = _benchmark_module("PlainLM")(hidden=64, attention=attn)  # the accuracy benchmark's own plain family
+    model = PlainLM(hidden=64, attention=attn)  # the accuracy benchmark's plain family
     ids = torch.randint(0, 256, (4, 64))
     kw = dict(micro_batch_size=4, seq_len=64, precision=precision, attention=attn, activation_checkpointing=ckpt)
     analytic = estimate_memory(resolve_model(model), **kw)

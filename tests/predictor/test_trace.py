@@ -81,10 +81,10 @@ def test_zero3_trace_keeps_a_packed_attention_projection_gathered_while_its_view
     ``nn.MultiheadAttention`` projects q, k and v with three views of its packed ``in_proj_weight``, which DeepSpeed's
     Linear saves for backward: the gathered weight (and bias) stays alive into backward. Measured through
     MemOptStrategy (ZeRO-3, 2 ranks, SDPA): the trace went from -2.3 % to +0.07 % with it."""
-    from .test_activations import _benchmark_module
+    from plain_transformer import PlainLM
 
     torch.manual_seed(0)
-    model = _benchmark_module("PlainLM")(hidden=64, layers=2, attention="sdpa")
+    model = PlainLM(hidden=64, layers=2, attention="sdpa")
     ids = torch.randint(0, 256, (2, 32))
     prec = resolve_precision("32-true")
     plain, zero3 = (trace_step(model, ids, prec, zero3=flag) for flag in (False, True))

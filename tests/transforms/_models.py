@@ -1,7 +1,13 @@
 """Tiny models and a saved-activation meter shared by the transform tests (and the docs table)."""
 
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))  # also in processes the tests spawn
+from plain_transformer import PlainBlock  # noqa: E402 (the plain family, shared with the accuracy benchmark)
 
 
 def hf_config(kind: str, layers: int = 2, **overrides):
@@ -39,28 +45,11 @@ def hf_model(kind: str, layers: int = 2, attn: str = "eager", seed: int = 0, **o
     return cls[kind](config).train()
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block around nn.MultiheadAttention (a plain, non-HF model)."""
-
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
-        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
-        s = x.shape[1]
-        mask = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
-        x = x + self.attn(h, h, h, attn_mask=mask)[0]  # default need_weights=True: the eager path
-        return x + self.mlp(self.norm2(x))
-
-
 class PlainLM(nn.Module):
     def __init__(self, vocab: int = 256, d: int = 64, heads: int = 4, layers: int = 2) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList([Block(d, heads) for _ in range(layers)])
+        self.blocks = nn.ModuleList([PlainBlock(d, heads, attention="eager") for _ in range(layers)])
         self.head = nn.Linear(d, vocab)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -73,6 +62,11 @@ class PlainLM(nn.Module):
 def plain_model(layers: int = 2, seed: int = 0, **kw) -> PlainLM:
     torch.manual_seed(seed)
     return PlainLM(layers=layers, **kw).train()
+
+
+def make(kind: str, layers: int = 2, **kw) -> nn.Module:
+    """A tiny model of ``kind`` (``"plain"`` or a Hugging Face family; eager attention)."""
+    return plain_model(layers=layers, **kw) if kind == "plain" else hf_model(kind, layers=layers, **kw)
 
 
 def loss_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

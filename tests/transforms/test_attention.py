@@ -1,5 +1,3 @@
-import importlib.util
-import pathlib
 import warnings
 
 import pytest
@@ -9,16 +7,10 @@ from torch import nn
 import lightning_memopt.transforms.attention as attention_module
 from lightning_memopt import _imports
 from lightning_memopt.transforms import applied_transforms, apply_attention
+from transforms import _models as M
 
-_spec = importlib.util.spec_from_file_location("_models", pathlib.Path(__file__).with_name("_models.py"))
-M = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(M)
 
 KINDS = ["llama", "qwen2", "mistral", "plain"]
-
-
-def make(kind: str, layers: int = 2) -> nn.Module:
-    return M.plain_model(layers=layers) if kind == "plain" else M.hf_model(kind, layers=layers, attn="eager")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +20,7 @@ def ids() -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_sdpa_matches_eager_and_drops_the_s_by_s_term(kind, ids):
-    eager, sdpa = make(kind), make(kind)
+    eager, sdpa = M.make(kind), M.make(kind)
     apply_attention(eager, "eager")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the plain model asks for weights: see test_mha_need_weights_warns
@@ -48,13 +40,13 @@ def test_sdpa_matches_eager_and_drops_the_s_by_s_term(kind, ids):
 
 
 def test_auto_on_cpu_is_sdpa():
-    model = apply_attention(make("llama"), "auto")
+    model = apply_attention(M.make("llama"), "auto")
     assert model.config._attn_implementation == "sdpa"
     assert applied_transforms(model)["attention"] == "sdpa"
 
 
 def test_hf_switch_back_to_eager():
-    model = apply_attention(make("qwen2"), "sdpa")
+    model = apply_attention(M.make("qwen2"), "sdpa")
     apply_attention(model, "eager")
     assert model.config._attn_implementation == "eager"
     assert model.model.config._attn_implementation == "eager"
@@ -85,23 +77,23 @@ def test_mha_need_weights_warns():
 
 def test_unknown_name():
     with pytest.raises(ValueError, match="one of"):
-        apply_attention(make("llama"), "flash")
+        apply_attention(M.make("llama"), "flash")
 
 
 @pytest.mark.skipif(bool(_imports._FLASH_ATTN_AVAILABLE), reason="flash-attn is installed")
 def test_flash_without_flash_attn():
     with pytest.raises(ModuleNotFoundError, match="flash-attn"):
-        apply_attention(make("llama"), "flash_attention_2")
+        apply_attention(M.make("llama"), "flash_attention_2")
 
 
 def test_flash_on_cpu(monkeypatch):
     monkeypatch.setattr(_imports, "_FLASH_ATTN_AVAILABLE", True)  # reach the device check without the package
     with pytest.raises(ValueError, match="CUDA device"):
-        apply_attention(make("llama"), "flash_attention_2")
+        apply_attention(M.make("llama"), "flash_attention_2")
     with pytest.raises(ValueError, match="fp16 or bf16"):
-        apply_attention(make("llama"), "flash_attention_2", device="cuda")
+        apply_attention(M.make("llama"), "flash_attention_2", device="cuda")
     with pytest.raises(ValueError, match="only for Hugging Face"):
-        apply_attention(make("plain"), "flash_attention_2", device="cuda", dtype=torch.bfloat16)
+        apply_attention(M.make("plain"), "flash_attention_2", device="cuda", dtype=torch.bfloat16)
 
 
 def test_nothing_to_switch():

@@ -1,6 +1,3 @@
-import importlib.util
-import pathlib
-
 import pytest
 import torch
 from torch import nn
@@ -11,16 +8,10 @@ from lightning_memopt.transforms import (
     blocks_to_checkpoint,
     remove_activation_checkpointing,
 )
+from transforms import _models as M
 
-_spec = importlib.util.spec_from_file_location("_models", pathlib.Path(__file__).with_name("_models.py"))
-M = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(M)
 
 KINDS = ["llama", "qwen2", "mistral", "plain"]
-
-
-def make(kind: str, layers: int = 2, **kw) -> nn.Module:
-    return M.plain_model(layers=layers, **kw) if kind == "plain" else M.hf_model(kind, layers=layers, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +21,7 @@ def ids() -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_losses_and_grads_equal_with_full_checkpointing(kind, ids):
-    reference, model = make(kind), make(kind)
+    reference, model = M.make(kind), M.make(kind)
     M.loss_of(reference, ids).backward()
     apply_activation_checkpointing(model)
     loss = M.loss_of(model, ids)
@@ -46,32 +37,32 @@ def test_losses_and_grads_equal_with_full_checkpointing(kind, ids):
 def test_full_checkpointing_reaches_90_percent_of_ideal_reduction(kind, ids):
     # per-block saved bytes from the difference of a 4- and a 2-block stack; a checkpointed block keeps its
     # input
-    two, four = M.saved_bytes(make(kind, 2), ids), M.saved_bytes(make(kind, 4), ids)
+    two, four = M.saved_bytes(M.make(kind, 2), ids), M.saved_bytes(M.make(kind, 4), ids)
     per_block = (four - two) / 2
     block_input = ids.numel() * 64 * 4  # (batch, seq, hidden) fp32
     ideal = 4 * (per_block - block_input)
-    model = apply_activation_checkpointing(make(kind, 4))
+    model = apply_activation_checkpointing(M.make(kind, 4))
     achieved = four - M.saved_bytes(model, ids)
     assert achieved >= 0.9 * ideal, (achieved, ideal)
 
 
 def test_auto_policy_uses_hf_no_split_modules_and_plain_module_lists():
-    assert blocks_to_checkpoint(make("llama", 3)) == [f"model.layers.{i}" for i in range(3)]
-    assert blocks_to_checkpoint(make("plain", 3)) == ["blocks.0", "blocks.1", "blocks.2"]
+    assert blocks_to_checkpoint(M.make("llama", 3)) == [f"model.layers.{i}" for i in range(3)]
+    assert blocks_to_checkpoint(M.make("plain", 3)) == ["blocks.0", "blocks.1", "blocks.2"]
 
 
 def test_policy_forms_select_the_same_blocks():
-    model = make("plain", 3)
+    model = M.make("plain", 3)
     expected = ["blocks.0", "blocks.1", "blocks.2"]
-    assert blocks_to_checkpoint(model, {"Block"}) == expected
-    assert blocks_to_checkpoint(model, M.Block) == expected
-    assert blocks_to_checkpoint(model, lambda m: isinstance(m, M.Block)) == expected
-    # outermost matches only: the MLP Sequential lies inside a Block
-    assert blocks_to_checkpoint(model, {"Block", "Sequential"}) == expected
+    assert blocks_to_checkpoint(model, {"PlainBlock"}) == expected
+    assert blocks_to_checkpoint(model, M.PlainBlock) == expected
+    assert blocks_to_checkpoint(model, lambda m: isinstance(m, M.PlainBlock)) == expected
+    # outermost matches only: the MLP Sequential lies inside a PlainBlock
+    assert blocks_to_checkpoint(model, {"PlainBlock", "Sequential"}) == expected
 
 
 def test_fraction_and_every_k_choose_blocks_and_record_them(ids):
-    model = make("llama", 4)
+    model = M.make("llama", 4)
     apply_activation_checkpointing(model, fraction=0.5)
     record = applied_transforms(model)["activation_checkpointing"]
     assert record["blocks"] == ["model.layers.0", "model.layers.1"]
@@ -87,14 +78,14 @@ def test_fraction_and_every_k_choose_blocks_and_record_them(ids):
 
 
 def test_partial_checkpointing_saves_between_none_and_full(ids):
-    none = M.saved_bytes(make("llama", 4), ids)
-    half = M.saved_bytes(apply_activation_checkpointing(make("llama", 4), fraction=0.5), ids)
-    full = M.saved_bytes(apply_activation_checkpointing(make("llama", 4)), ids)
+    none = M.saved_bytes(M.make("llama", 4), ids)
+    half = M.saved_bytes(apply_activation_checkpointing(M.make("llama", 4), fraction=0.5), ids)
+    full = M.saved_bytes(apply_activation_checkpointing(M.make("llama", 4)), ids)
     assert full < half < none
 
 
 def test_remove_restores_the_original_forward(ids):
-    model = make("plain", 2)
+    model = M.make("plain", 2)
     before = M.saved_bytes(model, ids)
     remove_activation_checkpointing(apply_activation_checkpointing(model))
     assert M.saved_bytes(model, ids) == before
@@ -102,14 +93,14 @@ def test_remove_restores_the_original_forward(ids):
 
 
 def test_state_dict_keys_unchanged():
-    model = make("llama")
+    model = M.make("llama")
     keys = list(model.state_dict())
     apply_activation_checkpointing(model)
     assert list(model.state_dict()) == keys
 
 
 def test_hf_cache_is_not_written_twice_under_checkpointing(ids):
-    reference, model = make("llama"), make("llama")
+    reference, model = M.make("llama"), M.make("llama")
     apply_activation_checkpointing(model)
     expected = reference(input_ids=ids, labels=ids, use_cache=False).loss
     loss = model(
@@ -120,7 +111,7 @@ def test_hf_cache_is_not_written_twice_under_checkpointing(ids):
 
 
 def test_reentrant_matches(ids):
-    reference, model = make("plain"), make("plain")
+    reference, model = M.make("plain"), M.make("plain")
     M.loss_of(reference, ids).backward()
     apply_activation_checkpointing(model, reentrant=True)
     M.loss_of(model, ids).backward()
@@ -129,7 +120,7 @@ def test_reentrant_matches(ids):
 
 
 def test_eval_mode_runs_without_checkpoint(ids):
-    model = apply_activation_checkpointing(make("plain")).eval()
+    model = apply_activation_checkpointing(M.make("plain")).eval()
     with torch.no_grad():
         assert model(ids).shape == (2, 32, 256)
 
@@ -152,7 +143,7 @@ def test_eval_mode_runs_without_checkpoint(ids):
 )
 def test_bad_input(kwargs, error, match):
     with pytest.raises(error, match=match):
-        apply_activation_checkpointing(make("plain"), **kwargs)
+        apply_activation_checkpointing(M.make("plain"), **kwargs)
 
 
 def test_auto_without_repeated_blocks_raises():

@@ -1,5 +1,3 @@
-import importlib.util
-import pathlib
 import sys
 
 import pytest
@@ -8,10 +6,8 @@ from torch import nn
 
 import lightning_memopt.transforms.liger as liger_module
 from lightning_memopt.transforms import applied_transforms, apply_liger, fused_linear_cross_entropy
+from transforms import _models as M
 
-_spec = importlib.util.spec_from_file_location("_models", pathlib.Path(__file__).with_name("_models.py"))
-M = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(M)
 
 HF_KINDS = ["llama", "qwen2", "mistral"]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's Triton kernels need a CUDA GPU")
