@@ -1,6 +1,6 @@
 import pytest
 
-from lightning_memopt.predictor.model_spec import resolve_model
+from lightning_memopt.predictor import resolve_model
 from lightning_memopt.predictor.presets import PRESETS, get_preset
 
 # published parameter counts of the released checkpoints
