@@ -173,7 +173,7 @@ def predict(cfg: dict, settings: dict) -> dict:
     """Analytic and trace predictions of every rank of a configuration, on a freshly built copy of its model."""
     from tiny_llm import ByteWindows
 
-    from lightning_memopt.predictor.api import estimate_memory
+    from lightning_memopt.planning import estimate_memory
     from lightning_memopt.predictor.model_spec import resolve_model
 
     module = build_module(cfg)

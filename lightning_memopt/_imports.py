@@ -13,6 +13,7 @@ _LIGER_KERNEL_AVAILABLE = RequirementCache("liger-kernel")
 _FLASH_ATTN_AVAILABLE = RequirementCache("flash-attn")
 _MATPLOTLIB_AVAILABLE = RequirementCache("matplotlib")
 _TORCHMETRICS_AVAILABLE = RequirementCache("torchmetrics")
+_PEFT_AVAILABLE = RequirementCache("peft")
 
 
 def requires(flag: RequirementCache, feature: str, extra: str | None = None) -> None:

@@ -4,8 +4,9 @@ The glue between a live Lightning run and the pure predictor: the strategy (ZeRO
 the world size, the precision, the optimizer, what the ``lightning_memopt`` transforms applied, and the batch shape.
 """
 
+import contextlib
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -14,9 +15,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_memopt.predictor.timeline import batch_shape
-from lightning_memopt.transforms._applied import predictor_settings
 
-__all__ = ["batch_shape", "optimizer_from_module", "optimizer_name", "run_settings", "strategy_settings"]
+__all__ = ["batch_shape", "optimizer_from_module", "optimizer_name", "quiet_logging", "run_settings",
+           "strategy_settings"]
 
 #: torch optimizer class name -> predictor optimizer name (``foreach``/``fused`` and momentum are read from defaults).
 _OPTIMIZER_NAMES = {
@@ -130,6 +131,25 @@ def strategy_settings(strategy: Strategy, pl_module: nn.Module | None = None) ->
     )
 
 
+@contextlib.contextmanager
+def quiet_logging(pl_module: nn.Module) -> Iterator[None]:
+    """Trace ``training_step`` without logging: ``self.log``/``self.log_dict`` do nothing for the duration (the
+    predictor runs the step with fake tensors, outside any hook Lightning allows logging in)."""
+    if not hasattr(pl_module, "log"):
+        yield
+        return
+    had = {name: pl_module.__dict__.get(name) for name in ("log", "log_dict")}
+    pl_module.__dict__["log"] = pl_module.__dict__["log_dict"] = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for name, value in had.items():
+            if value is None:
+                pl_module.__dict__.pop(name, None)
+            else:
+                pl_module.__dict__[name] = value
+
+
 def run_settings(
     trainer: Any, pl_module: nn.Module, shape: tuple[int, int | None], optimizer: str
 ) -> dict[str, Any]:
@@ -138,7 +158,6 @@ def run_settings(
     ``accumulate_grad_batches`` is the Trainer's (gradient accumulation keeps gradients between micro-steps).
     """
     settings = strategy_settings(trainer.strategy, pl_module)
-    settings.update(predictor_settings(pl_module))
     settings.update(
         world_size=int(trainer.world_size),
         precision=str(trainer.precision),

@@ -4,7 +4,7 @@ The lecture's recipe (section 3): memory depends only on the micro-batch, optimi
 (``micro_batch x seq_len x accumulate_grad_batches x world_size``); so find the largest micro-batch that fits first,
 then reach the global batch with gradient accumulation. Unlike Lightning's ``BatchSizeFinder`` (which refuses
 distributed runs and finds the limit by trial out-of-memory errors), this predicts
-(:func:`~lightning_memopt.predictor.api.estimate_memory`, monotone in the micro-batch, so a binary search finds the
+(:func:`~lightning_memopt.planning.estimate_memory`, monotone in the micro-batch, so a binary search finds the
 largest that fits) and runs nothing; every rank gets rank zero's decision. Each micro-batch is predicted with the
 accumulation it needs (accumulating keeps the gradients between micro-steps, which raises the peak).
 """
@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.parsing import lightning_hasattr, lightning_set
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lightning_memopt.callbacks._run_settings import batch_shape, optimizer_from_module, run_settings
+from lightning_memopt.callbacks._run_settings import batch_shape, optimizer_from_module, quiet_logging, run_settings
 from lightning_memopt.utilities.units import format_bytes, parse_bytes
 
 
@@ -29,7 +29,7 @@ class BatchPlanner(Callback):
     With the run's own settings (strategy, ZeRO stage, offload, transforms, precision, optimizer, world size), it
     finds the largest micro-batch whose predicted peak fits ``device_memory * (1 - margin)``, the accumulation that
     reaches ``global_batch_tokens``, and then the smallest micro-batch that needs no more accumulation steps (the same
-    number of steps, the least overshoot), as :func:`~lightning_memopt.predictor.plan.plan_batch` does. It changes
+    number of steps, the least overshoot), as :func:`~lightning_memopt.planning.plan_batch` does. It changes
     nothing else (the strategy is already built): to let it change the ZeRO stage or checkpointing, use ``plan_batch``
     before building the Trainer.
 
@@ -131,7 +131,7 @@ class BatchPlanner(Callback):
             return err
 
     def _search(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[str, Any]:
-        from lightning_memopt.predictor.api import estimate_memory
+        from lightning_memopt.planning.estimate import estimate_memory
 
         source = trainer.fit_loop._data_source
         batch = next(iter(source.dataloader())) if source.is_defined() else None
@@ -162,13 +162,14 @@ class BatchPlanner(Callback):
             # the accumulation this micro-batch needs: accumulating keeps gradients between micro-steps
             accumulate = math.ceil(self.global_batch_tokens / (micro * seq_len * world))
             change = {"micro_batch_size": micro, "accumulate_grad_batches": accumulate}
-            return estimate_memory(**{**kwargs, **change}).total
+            with quiet_logging(pl_module):
+                return estimate_memory(**{**kwargs, **change}).total
 
         if peak(1) > budget:
             raise MisconfigurationException(
                 f"Expected micro-batch 1 to fit in {format_bytes(budget)}, got a predicted peak of"
                 f" {format_bytes(peak(1))} at seq_len {seq_len}. Fix: add MemoryMonitor(device_memory=...) to see the"
-                " suggestions, or use lightning_memopt.predictor.plan.plan_batch to choose ZeRO and checkpointing."
+                " suggestions, or use lightning_memopt.planning.plan_batch to choose ZeRO and checkpointing."
             )
         # the largest micro-batch in [1, cap] that fits: the peak is monotone in the micro-batch below the cap (all
         # accumulate), and at the cap (no accumulation) it may be lower, so the cap is tried first

@@ -18,6 +18,7 @@ from lightning_memopt.callbacks._run_settings import (
     batch_shape,
     optimizer_from_module,
     optimizer_name,
+    quiet_logging,
     run_settings,
 )
 from lightning_memopt.predictor.estimate import CATEGORIES, MemoryEstimate
@@ -33,7 +34,7 @@ class MemoryDoesNotFitError(MisconfigurationException):
 
     Attributes:
         estimate: the prediction that does not fit.
-        suggestions: the ranked :class:`~lightning_memopt.predictor.plan.Suggestion` s, each with its prediction.
+        suggestions: the ranked :class:`~lightning_memopt.planning.Suggestion` s, each with its prediction.
     """
 
     def __init__(self, message: str, estimate: MemoryEstimate, suggestions: list) -> None:
@@ -66,7 +67,7 @@ def _storage_bytes(module: Any) -> int:
 class MemoryMonitor(Callback):
     r"""Log actual vs predicted memory of every rank's device during training; fail early when it cannot fit.
 
-    In ``setup`` it predicts one rank's peak (:func:`~lightning_memopt.predictor.api.estimate_memory`) from the run
+    In ``setup`` it predicts one rank's peak (:func:`~lightning_memopt.planning.estimate_memory`) from the run
     itself: the strategy (``MemOptStrategy``, Lightning's ``DeepSpeedStrategy``, DDP or a single device), the world
     size, the precision, the optimizer, what the ``lightning_memopt`` transforms applied, and the shape of the first
     training batch. Rank zero prints the breakdown; if the peak exceeds ``device_memory * (1 - margin)`` the run fails
@@ -324,7 +325,7 @@ class MemoryMonitor(Callback):
     ) -> bool:
         """Predict for this batch shape (once per shape and optimizer); ``False`` when the model cannot be predicted,
         after one warning: the monitor then logs the actual memory only."""
-        from lightning_memopt.predictor.api import estimate_memory
+        from lightning_memopt.planning.estimate import estimate_memory
 
         key = (shape, self._optimizer_name)
         if key not in self._estimates:
@@ -333,7 +334,8 @@ class MemoryMonitor(Callback):
             kwargs = run_settings(trainer, pl_module, shape, self._optimizer_name or "adamw")
             kwargs.update(model=pl_module, example_batch=batch)
             try:
-                self._estimates[key] = (estimate_memory(**kwargs), kwargs)
+                with quiet_logging(pl_module):
+                    self._estimates[key] = (estimate_memory(**kwargs), kwargs)
             except Exception as err:  # noqa: BLE001 -- a callback never ends the run it observes
                 self._unpredictable(pl_module, err)
                 return False
@@ -363,16 +365,17 @@ class MemoryMonitor(Callback):
     def _first_micro_step_estimate(self) -> MemoryEstimate:
         """The estimate of a micro-step that holds no earlier micro-step's gradients: the first of an accumulation
         window, or a lone one (the last, incomplete window of an epoch steps after one micro-batch)."""
-        from lightning_memopt.predictor.api import estimate_memory
+        from lightning_memopt.planning.estimate import estimate_memory
 
         key = (self._shape, self._optimizer_name, "first micro-step")
         if key not in self._estimates:
             kwargs = dict(self._kwargs, accumulate_grad_batches=1)
-            self._estimates[key] = (estimate_memory(**kwargs), kwargs)
+            with quiet_logging(kwargs["model"]):
+                self._estimates[key] = (estimate_memory(**kwargs), kwargs)
         return self._estimates[key][0]
 
     def _suggestions(self, trainer: "pl.Trainer") -> list:
-        from lightning_memopt.predictor.plan import suggest_fixes
+        from lightning_memopt.planning.plan import suggest_fixes
 
         kwargs = dict(self._kwargs)
         zero_config = None
@@ -387,14 +390,15 @@ class MemoryMonitor(Callback):
             largest = max((p.numel() for p in module.parameters()), default=0)
             zero_config = {}
             apply_bucket_sizes(zero_config, auto_bucket_sizes(infer_hidden_size(module), largest))
-        return suggest_fixes(
-            kwargs,
-            self._budget_device,
-            self.margin,
-            max_suggestions=self.max_suggestions,
-            cuda=trainer.strategy.root_device.type == "cuda",  # Liger's Triton kernels need a CUDA GPU
-            zero_config=zero_config,
-        )
+        with quiet_logging(trainer.lightning_module):
+            return suggest_fixes(
+                kwargs,
+                self._budget_device,
+                self.margin,
+                max_suggestions=self.max_suggestions,
+                cuda=trainer.strategy.root_device.type == "cuda",  # Liger's Triton kernels need a CUDA GPU
+                zero_config=zero_config,
+            )
 
     def _check_fit(self, trainer: "pl.Trainer") -> None:
         self._checked = True
@@ -478,9 +482,11 @@ class MemoryMonitor(Callback):
             row["prediction_error"] = prediction_error(predicted, row["actual_peak_bytes"]) if predicted >= 0 else None
             rows.append(row)
         self.history.extend(rows)
-        unknown = ("reserved_bytes", "predicted_peak_bytes", "prediction_error")  # -1 / None: not measured
+        def known(name: str, value: Any) -> bool:  # reserved (CPU) and the prediction (none) may be missing
+            return value is not None and not (name in ("reserved_bytes", "predicted_peak_bytes") and value < 0)
+
         metrics = {f"memory/{name}": float(value) for name, value in rows[trainer.global_rank].items()
-                   if name not in ("step", "rank") and not (name in unknown and (value is None or value < 0))}  # fmt: skip
+                   if name not in ("step", "rank") and known(name, value)}  # fmt: skip
         for name in ("actual_peak_bytes", "predicted_peak_bytes", "reserved_bytes", "rss_bytes"):
             if rows[0][name] >= 0:
                 metrics[f"memory/{name}_max"] = float(max(row[name] for row in rows))

@@ -22,7 +22,7 @@ from lightning_memopt.strategies.transforms import checkpoint_run_to_fit
 from lightning_memopt.transforms import apply_activation_checkpointing, apply_attention, apply_liger
 from lightning_memopt.transforms._applied import applied_transforms
 from lightning_memopt.transforms.attention import IMPLEMENTATIONS
-from lightning_memopt.transforms.budget import CheckpointPlan, _parse_budget
+from lightning_memopt.planning.budget import CheckpointPlan, _parse_budget
 from lightning_memopt.transforms.checkpointing import Policy, _validate_selection
 from lightning_memopt.transforms.liger import _validate as _validate_liger
 

@@ -171,7 +171,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     else:
         if args.inference:
             raise ValueError("Expected --inference only with --quantization, got it alone.")
-        from lightning_memopt.predictor.api import estimate_memory
+        from lightning_memopt.planning.estimate import estimate_memory
 
         estimate = estimate_memory(
             model, world_size=args.gpus, zero=args.zero, micro_batch_size=args.micro_batch,
@@ -197,7 +197,7 @@ def run_estimate(args: argparse.Namespace) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     """Handler of ``plan``: print the plan; returns 1 when nothing fits."""
-    from lightning_memopt.predictor.plan import NoFitError, plan_batch
+    from lightning_memopt.planning.plan import NoFitError, plan_batch
 
     try:
         stages = tuple(sorted({int(z) for z in args.zero_stages.split(",") if z.strip()}))

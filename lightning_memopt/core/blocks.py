@@ -16,9 +16,10 @@ the recomputation's metadata check is off (``determinism_check="none"``): partit
 shapes differ from the gathered ones (transformers #47254, DeepSpeed #4332).
 """
 
+import contextlib
 import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from types import MethodType
 from typing import Any
 
@@ -126,6 +127,51 @@ def num_checkpointed(activation_checkpointing: "bool | float | int", num_blocks:
         "Expected `activation_checkpointing` to be a bool, a fraction in (0, 1] or a number of blocks, got"
         f" {type(activation_checkpointing).__name__}. Fix: e.g. True or 0.5."
     )
+
+
+def checkpoint_flags(module: nn.Module, activation_checkpointing: "bool | float | int | None") -> "list[bool]":
+    """Whether each of ``module``'s blocks runs checkpointed: as the module is (``None``), or as a setting would make
+    it (the first :func:`num_checkpointed` blocks).
+
+    Example:
+        >>> stack = nn.ModuleList([nn.Linear(2, 2) for _ in range(4)])
+        >>> checkpoint_flags(stack, 0.5), checkpoint_flags(stack, None)
+        ([True, True, False, False], [False, False, False, False])
+    """
+    blocks = [module.get_submodule(name) for name in auto_blocks(module)]
+    if activation_checkpointing is None:
+        return [is_checkpointed(b) for b in blocks]
+    count = num_checkpointed(activation_checkpointing, len(blocks))
+    return [i < count for i in range(len(blocks))]
+
+
+@contextlib.contextmanager
+def checkpointed_as(module: nn.Module, activation_checkpointing: "bool | float | int | None") -> Iterator[None]:
+    """Run ``module`` with its first blocks checkpointed as ``activation_checkpointing`` says and the others not,
+    for the duration (``None``: as it is). Blocks wrapped by :func:`checkpoint_block` and Hugging Face layers with
+    ``gradient_checkpointing`` set are switched; every block is restored on exit."""
+    if activation_checkpointing is None:
+        yield
+        return
+    blocks = [module.get_submodule(name) for name in auto_blocks(module)]
+    saved = [(b, b.__dict__.get(_FLAG), getattr(b, "gradient_checkpointing", None)) for b in blocks]
+    for block, flag in zip(blocks, checkpoint_flags(module, activation_checkpointing)):
+        if getattr(block, "gradient_checkpointing", None) is not None:
+            block.gradient_checkpointing = False
+        if flag and _FLAG not in block.__dict__:
+            checkpoint_block(block)
+        elif not flag and _FLAG in block.__dict__:
+            uncheckpoint_block(block)
+    try:
+        yield
+    finally:
+        for block, wrapped, hf_flag in saved:
+            if wrapped is None:
+                uncheckpoint_block(block)
+            else:
+                checkpoint_block(block, wrapped["reentrant"])
+            if hf_flag is not None:
+                block.gradient_checkpointing = hf_flag
 
 
 def is_checkpointed(block: nn.Module) -> bool:

@@ -13,6 +13,42 @@ import torch
 from torch import nn
 
 
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also when DeepSpeed ZeRO-3 has partitioned it away (its data then holds nothing; the
+    shape is DeepSpeed's private ``ds_shape``, DeepSpeed >= 0.3)."""
+    return getattr(param, "ds_shape", None) or param.shape
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+@contextlib.contextmanager
+def deepspeed_hooks_suspended(module: nn.Module) -> Iterator[None]:
+    """Take DeepSpeed's module hooks off ``module`` for the duration (ZeRO-3 gathers and releases partitioned
+    parameters around every sub-module, ``zero/parameter_offload.py``): a fake-tensor trace of a module inside a
+    running engine then steps the bare module. The hooks are told apart by their defining module (``deepspeed.*``)
+    in the modules' private hook dicts (torch >= 2.0), put back in their order on exit."""
+    saved = []
+    for sub in module.modules():
+        for attr in _HOOK_DICTS:
+            hooks = getattr(sub, attr, None)
+            if hooks and any(_from_deepspeed(h) for h in hooks.values()):
+                saved.append((sub, attr, dict(hooks)))
+                for key in [k for k, h in hooks.items() if _from_deepspeed(h)]:
+                    del hooks[key]
+    try:
+        yield
+    finally:
+        for sub, attr, hooks in saved:
+            current = getattr(sub, attr)
+            current.clear()
+            current.update(hooks)
+
+
+def _from_deepspeed(hook: Any) -> bool:
+    return str(getattr(hook, "__module__", "") or "").startswith("deepspeed")
+
+
 @contextlib.contextmanager
 def reparametrized(module: nn.Module, tensors: "dict[str, torch.Tensor]") -> Iterator[None]:
     """Use ``tensors`` (by qualified name) as the module's parameters and buffers for the duration, tied weights

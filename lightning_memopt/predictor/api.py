@@ -1,8 +1,8 @@
-"""``estimate_memory``: the per-rank memory of one training step, before the run."""
+"""``predict``: the per-rank memory of one training step of a model as it is, before the run."""
 
 from typing import Any
 
-from lightning_memopt.core.blocks import num_checkpointed
+from lightning_memopt.core.blocks import checkpoint_flags
 from lightning_memopt.predictor.estimate import MemoryEstimate
 from lightning_memopt.predictor.model_states import ENGINES, EngineMemory, Phase, engine_memory, resolve_optimizer
 from lightning_memopt.predictor.precision import resolve_precision
@@ -94,7 +94,7 @@ def _validate(
             )
 
 
-def estimate_memory(
+def predict(
     model: Any,
     *,
     world_size: int = 1,
@@ -105,16 +105,19 @@ def estimate_memory(
     optimizer: str = "adamw",
     offload_optimizer: "bool | str" = False,
     offload_parameters: "bool | str" = False,
-    activation_checkpointing: "bool | float | int" = False,
+    activation_checkpointing: "bool | float | int | None" = None,
     attention: "str | None" = None,
-    liger: "bool | dict[str, bool]" = False,
     engine: str = "deepspeed",
     method: str = "trace",
     deepspeed_config: "dict[str, Any] | None" = None,
     example_batch: Any = None,
     accumulate_grad_batches: int = 1,
 ) -> MemoryEstimate:
-    """Predict one rank's peak memory of a training step (forward, backward, optimizer step).
+    """Predict one rank's peak memory of a training step (forward, backward, optimizer step) of ``model`` as it is.
+
+    The model is traced as given: kernels, adapters and checkpointing applied to it are what runs. To ask what a
+    transform would do (Liger kernels, LoRA adapters on a config), use
+    :func:`lightning_memopt.planning.estimate_memory`, which applies it to a model built from the config first.
 
     The model states come from the model's own parameters (frozen ones included, each in its dtype) as the engine
     keeps them (:mod:`.model_states`); the activations from one traced step of the model itself (:mod:`.trace`):
@@ -139,10 +142,10 @@ def estimate_memory(
             ``*-fused``, ``sgd``, ``sgd-momentum``.
         offload_optimizer: False, ``"cpu"`` or ``"nvme"`` (ZeRO-Offload / ZeRO-Infinity).
         offload_parameters: False, ``"cpu"`` or ``"nvme"`` (ZeRO-3 only).
-        activation_checkpointing: bool, a fraction of blocks in (0, 1], or a number of blocks (the first ones).
+        activation_checkpointing: ``None``: the blocks checkpointed as the model has them; ``True``/``False``, a
+            fraction of blocks in (0, 1] or a number of blocks: exactly the first blocks it says.
         attention: a Hugging Face attention implementation (``sdpa``, ``eager``, ``flash_attention_2``,
             ``flex_attention``) or ``None`` to keep the model's.
-        liger: Liger kernels (bool or a dict of kernel switches), see :mod:`.kernels`.
         engine: ``"deepspeed"`` (what DeepSpeed 0.19.8 allocates), ``"torch"`` (plain Lightning: single device
             or DDP) or ``"zero-paper"`` (the ZeRO paper's 2 + 2 + K accounting, Figure 1, model states only).
         method: ``"trace"`` (the only method; ``"analytic"`` was removed, see the error it raises).
@@ -155,10 +158,10 @@ def estimate_memory(
             parameter) or a config transformers cannot build, with the fix.
 
     Example:
-        >>> est = estimate_memory("7.5e9", world_size=64, zero=1, precision="16-mixed", engine="zero-paper")
+        >>> est = predict("7.5e9", world_size=64, zero=1, precision="16-mixed", engine="zero-paper")
         >>> round(est.model_states / 1e9, 1)
         31.4
-        >>> est = estimate_memory("llama-3-8b", world_size=8, zero=3, micro_batch_size=1, seq_len=4096)
+        >>> est = predict("llama-3-8b", world_size=8, zero=3, micro_batch_size=1, seq_len=4096)
         >>> est.fits("80GiB", margin=0.1)
         True
     """
@@ -189,7 +192,6 @@ def estimate_memory(
             engine=act_engine,
             activation_checkpointing=activation_checkpointing,
             attention=attention,
-            liger=liger,
             zero3=zero3,
         )
     ranks: "list[int | None]" = [None]
@@ -215,7 +217,7 @@ def estimate_memory(
         for r in ranks
     }
     em = ems[ranks[-1]]
-    checkpointed = num_checkpointed(activation_checkpointing, len(reading.blocks))
+    checkpointed = sum(checkpoint_flags(source.module, activation_checkpointing)) if source.module is not None else 0
     grad_bytes = prec.param_bytes(act_engine)
     per_rank, best, phases = {}, None, []
     for r, em_r in ems.items():

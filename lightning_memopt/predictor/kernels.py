@@ -12,19 +12,12 @@ fp32) sizes it for one.
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
-
-from torch import nn
 
 from lightning_memopt.core.compat import triton_launches_skipped
 
 
 @contextlib.contextmanager
-def kernel_twins(module: nn.Module, liger: Any = False) -> Iterator[None]:
-    """Trace ``module`` with its fused kernels reduced to their allocations (see the module docstring).
-
-    ``liger``: the Liger switches the caller expects on ``module``; the module itself decides what runs.
-    """
-    del module, liger  # the module's own kernels run as they are patched
+def kernel_twins() -> Iterator[None]:
+    """Trace with fused kernels reduced to their allocations (see the module docstring)."""
     with triton_launches_skipped():
         yield

@@ -424,7 +424,7 @@ def estimate_quantized(
     ``mode="qlora"``: ``parameters`` = quantized frozen base + fp32 LoRA adapters on every block linear
     (:func:`lora_parameters`); ``gradients`` = fp32 adapter gradients only; ``optimizer_states`` = the
     adapters' optimizer states; ``activations`` and ``logits`` as for full training
-    (:func:`~lightning_memopt.predictor.api.estimate_memory` with ``engine="torch"``: a frozen linear still
+    (:func:`~lightning_memopt.planning.estimate_memory` with ``engine="torch"``: a frozen linear still
     saves its input for the adapter's ``A``); ``buffers`` = one dequantized 16-bit copy of the largest block
     matrix (bitsandbytes dequantizes a weight per matmul). LoRA dropout is assumed 0 (PEFT's default); with
     dropout each adapted layer saves one more copy of its input.
@@ -475,7 +475,7 @@ def estimate_quantized(
         raise ValueError("Expected `seq_len` for mode='qlora' (activations grow with it), got None.")
     if optimizer not in _OPTIMIZER_STATE_BYTES:
         raise ValueError(f"Expected `optimizer` in {sorted(_OPTIMIZER_STATE_BYTES)} for QLoRA, got {optimizer!r}.")
-    from lightning_memopt.predictor.api import estimate_memory
+    from lightning_memopt.planning.estimate import estimate_memory
 
     lora = lora_parameters(model, lora_rank)
     full = estimate_memory(

@@ -6,6 +6,7 @@ activations from a traced step (:mod:`.trace`), so a frozen base, a LoRA adapter
 running statistic counts exactly as the model holds it.
 """
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from lightning_memopt.core.blocks import auto_blocks
+from lightning_memopt.core.compat import full_shape
 
 
 class ParamInfo(NamedTuple):
@@ -156,7 +158,8 @@ def read_model(module: nn.Module, name: "str | None" = None) -> ModelReading:
                 continue
             seen.add(id(p))
             full = f"{owner}.{pname}" if owner else pname
-            params.append(ParamInfo(full, owner, p.numel(), p.dtype, bool(p.requires_grad)))
+            numel = math.prod(full_shape(p))  # partitioned by ZeRO-3: its full size
+            params.append(ParamInfo(full, owner, numel, p.dtype, bool(p.requires_grad)))
     if not params:
         raise ValueError(
             f"Expected a model with parameters, got {type(module).__name__} with none."

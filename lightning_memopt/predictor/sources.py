@@ -62,6 +62,8 @@ def resolve_source(model: Any) -> Source:
         ...                 "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256}).module.device
         device(type='meta')
     """
+    if isinstance(model, Source):
+        return model
     if isinstance(model, ModelReading):
         return Source(model)
     if isinstance(model, bool):
@@ -70,12 +72,11 @@ def resolve_source(model: Any) -> Source:
         return Source(from_count(model))
     if isinstance(model, nn.Module):
         return Source(read_model(model), model)
+    config = config_of(model)
+    if config is not None:
+        return from_config(config, name=_name_of(model))
     if isinstance(model, (str, os.PathLike)):
-        return _from_string(os.fspath(model))
-    if isinstance(model, dict):
-        return from_config(model)
-    if callable(getattr(model, "to_dict", None)) and hasattr(model, "model_type"):
-        return from_config(model.to_dict())
+        return _from_text(os.fspath(model))
     raise TypeError(
         f"Expected a Hugging Face config (object, dict or path), a preset name, an nn.Module or a parameter count,"
         f" got {type(model).__name__}. Fix: pass e.g. AutoConfig.from_pretrained(...), the model itself, or '8B'."
@@ -92,46 +93,82 @@ def resolve_model(model: Any) -> ModelReading:
     return resolve_source(model).reading
 
 
-def _from_string(text: str) -> Source:
-    from lightning_memopt.predictor.presets import PRESETS, get_preset
+def _name_of(model: Any) -> "str | None":
+    """A preset's name, or the folder a ``config.json`` lies in."""
+    from lightning_memopt.predictor.presets import PRESETS
 
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+    text = os.fspath(model)
     if text.strip().lower() in PRESETS:
-        return from_config(get_preset(text), name=text.strip().lower())
-    path = os.path.join(text, "config.json") if os.path.isdir(text) else text
-    if os.path.isfile(path):
-        with open(path) as fh:
-            try:
-                config = json.load(fh)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"Expected {path!r} to be a JSON config, but it does not parse: {err}.") from None
-        return from_config(config, name=os.path.basename(os.path.dirname(os.path.abspath(path))) or path)
+        return text.strip().lower()
+    path = text if os.path.isdir(text) else os.path.dirname(os.path.abspath(text))
+    return os.path.basename(path) or None
+
+
+def _from_text(text: str) -> Source:
+    """A parameter count (``"8B"``, ``"7.5e9"``); anything else is an unknown name."""
+    from lightning_memopt.predictor.presets import PRESETS
+
     match = _COUNT.match(text)
     if match:
         return Source(from_count(float(match.group(1)) * _SUFFIX[match.group(2).lower()]))
+    if text.endswith(".json") or os.sep in text:
+        raise ValueError(f"Expected an existing config.json, got {text!r} (no such file). Fix: check the path.")
     raise ValueError(
         f"Expected a preset in {sorted(PRESETS)}, a config.json path or a parameter count like '8B' or '7.5e9',"
         f" got {text!r}."
     )
 
 
-def from_config(config: "dict[str, Any]", name: "str | None" = None) -> Source:
+def from_config(config: "dict[str, Any]", name: "str | None" = None, prepare: Any = None, label: str = "") -> Source:
     """The model transformers builds from ``config`` (a ``config.json`` dict), on the meta device.
 
     Built models are kept (a few, least recently used first out): a planner's many estimates build it once.
 
+    Args:
+        config: the ``config.json`` dict.
+        name: the model's name in the estimate (default: its ``model_type``).
+        prepare: ``module -> module`` applied to a new build before it is kept (adapters, kernels); ``label`` names
+            it in the key, so that each preparation is kept apart.
+        label: see ``prepare``.
+
     Raises:
         ValueError: no ``model_type``, one transformers does not know, or a config it cannot build.
     """
-    key = json.dumps(config, sort_keys=True, default=str)
+    key = json.dumps(config, sort_keys=True, default=str) + (f"|{label}" if label else "")
     module = _BUILT.get(key)
     if module is None:
         module = _build(config)
+        module = prepare(module) if prepare is not None else module
         _BUILT[key] = module
         while len(_BUILT) > _BUILT_MAX:
             _BUILT.popitem(last=False)
     _BUILT.move_to_end(key)
-    label = name or str(config.get("model_type"))
-    return Source(read_model(module, name=label), module, key)
+    return Source(read_model(module, name=name or str(config.get("model_type"))), module, key)
+
+
+def config_of(model: Any) -> "dict[str, Any] | None":
+    """The ``config.json`` dict of a config-like ``model`` argument (preset, path, dict, config object), else
+    ``None`` (a module or a count)."""
+    from lightning_memopt.predictor.presets import PRESETS, get_preset
+
+    if isinstance(model, dict):
+        return model
+    if callable(getattr(model, "to_dict", None)) and hasattr(model, "model_type") and not isinstance(model, nn.Module):
+        return model.to_dict()
+    if isinstance(model, (str, os.PathLike)):
+        text = os.fspath(model)
+        if text.strip().lower() in PRESETS:
+            return get_preset(text)
+        path = os.path.join(text, "config.json") if os.path.isdir(text) else text
+        if os.path.isfile(path):
+            with open(path) as fh:
+                try:
+                    return json.load(fh)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"Expected {path!r} to be a JSON config, but it does not parse: {err}.") from None
+    return None
 
 
 def _build(config: "dict[str, Any]") -> nn.Module:

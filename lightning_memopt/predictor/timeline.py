@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lightning_memopt.core.blocks import auto_blocks, is_checkpointed, num_checkpointed
+from lightning_memopt.core.blocks import auto_blocks, checkpoint_flags
 from lightning_memopt.predictor.precision import Precision
 from lightning_memopt.predictor.sources import Source, synthetic_batch
 from lightning_memopt.predictor.expand import synthesize
@@ -127,9 +127,8 @@ def step_timeline(
     seq_len: "int | None",
     precision: Precision,
     engine: str,
-    activation_checkpointing: "bool | float | int",
+    activation_checkpointing: "bool | float | int | None",
     attention: "str | None",
-    liger: Any,
     zero3: bool,
 ) -> "tuple[Timeline, tuple[int, int | None]]":
     """The timeline of one step of ``source`` and the ``(micro-batch, seq_len)`` it was traced at.
@@ -140,7 +139,7 @@ def step_timeline(
     """
     settings = dict(
         precision=precision, engine=engine, activation_checkpointing=activation_checkpointing, attention=attention,
-        liger=liger, zero3=zero3,
+        zero3=zero3,
     )  # fmt: skip
     if example_batch is not None:
         shape = batch_shape(example_batch) or (micro_batch_size or 1, seq_len)
@@ -157,7 +156,7 @@ def step_timeline(
         batch = synthetic_batch(source.module, micro, seq_len)
         return trace_timeline(source.module, batch, **settings), batch_shape(batch) or (micro, seq_len)
     seq = batch_shape(synthetic_batch(source.module, 1, seq_len))[1]
-    key = (source.key, seq, precision.name, engine, str(activation_checkpointing), attention, str(liger), zero3)
+    key = (source.key, seq, precision.name, engine, str(activation_checkpointing), attention, zero3)
     return _built_timeline(source, key, micro, seq_len, settings), (micro, seq)
 
 
@@ -203,9 +202,8 @@ def trace_timeline(
     *,
     precision: Precision,
     engine: str,
-    activation_checkpointing: "bool | float | int",
+    activation_checkpointing: "bool | float | int | None",
     attention: "str | None",
-    liger: Any,
     zero3: bool,
 ) -> Timeline:
     """Trace one step of ``module`` on ``batch``: at reduced depth with synthesis when it has at least
@@ -216,12 +214,9 @@ def trace_timeline(
                   attention=attention, zero3=zero3)  # fmt: skip
     names = auto_blocks(module)
     details: "dict[str, Any]" = {"blocks": len(names)}
-    with kernel_twins(module, liger):
+    with kernel_twins():
         if len(names) >= SYNTHESIS_MIN_BLOCKS:
-            count = num_checkpointed(activation_checkpointing, len(names))
-            already = any(is_checkpointed(module.get_submodule(n)) for n in names)
-            flags = [is_checkpointed(module.get_submodule(n)) if already else i < count for i, n in enumerate(names)]
-            classes = block_classes(module, names, flags)
+            classes = block_classes(module, names, checkpoint_flags(module, activation_checkpointing))
             run = choose_run(classes)
             if len(run) < len(names):
                 replica = Replica(names, classes, run)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from lightning_memopt.core.blocks import checkpoint_block, is_checkpointed, num_checkpointed, uncheckpoint_block
+from lightning_memopt.core.blocks import checkpointed_as
 from lightning_memopt.predictor.precision import Precision
 from lightning_memopt.core import compat as _compat
 from lightning_memopt.predictor.reading import find_hf_model, tensor_attributes
@@ -127,7 +127,7 @@ def trace_step(
     example_batch: Any,
     precision: Precision,
     engine: str = "deepspeed",
-    activation_checkpointing: "bool | float | int" = False,
+    activation_checkpointing: "bool | float | int | None" = None,
     attention: "str | None" = None,
     zero3: bool = False,
     step: "StepFn | None" = None,
@@ -145,8 +145,8 @@ def trace_step(
         example_batch: one micro-batch (tensors, or dicts/tuples of tensors); only shapes and dtypes are used.
         precision: the resolved precision.
         engine: ``"deepspeed"`` or ``"torch"``.
-        activation_checkpointing: checkpoint the first blocks (``True``: all, a fraction or a number) of a module
-            whose blocks are not checkpointed yet; blocks already checkpointed stay as they are.
+        activation_checkpointing: ``None`` traces the blocks checkpointed as they are; ``True``/``False``, a fraction
+            or a number checkpoints exactly the first blocks it says (the others not) for the trace.
         attention: set a Hugging Face model's attention implementation for the trace (``None`` keeps it).
         zero3: step as a DeepSpeed ZeRO-3 run does: Linear layers through ``zero3_linear_wrap``, every module's
             tensor inputs as new tensors (``_post_backward_module_hook``), and a parameter whose view is saved for
@@ -231,10 +231,11 @@ def trace_step(
     handles: list = []
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(_compat.deepspeed_hooks_suspended(module))  # a module inside a running engine
             stack.enter_context(_compat.linear_of_the_run(zero3))
             stack.enter_context(_compat.no_packed_sequence_detection())
             stack.enter_context(_attention(module, attention))
-            stack.enter_context(_checkpointed(module, activation_checkpointing))
+            stack.enter_context(checkpointed_as(module, activation_checkpointing))
             if blocks is not None:  # the skipped blocks leave the module: their states need no fakes
                 stack.enter_context(blocks.installed(module, tracker))
             fakes, trainable = _fake_states(module, fake_mode, dtype)
@@ -305,7 +306,8 @@ def _fake_states(module: nn.Module, mode: Any, dtype: torch.dtype) -> "tuple[dic
         for name, p in module.named_parameters(remove_duplicate=False):
             if id(p) not in by_id:
                 target = dtype if p.is_floating_point() else p.dtype
-                by_id[id(p)] = torch.empty(p.shape, dtype=target, device="cpu").requires_grad_(p.requires_grad)
+                shape = _compat.full_shape(p)  # ZeRO-3 partitions a parameter's data away, not its shape
+                by_id[id(p)] = torch.empty(shape, dtype=target, device="cpu").requires_grad_(p.requires_grad)
             fakes[name] = by_id[id(p)]
         for name, b in module.named_buffers(remove_duplicate=False):
             target = dtype if (b.is_floating_point() and dtype != torch.float32) else b.dtype
@@ -368,27 +370,6 @@ def _swapped_attributes(module: nn.Module, fakes: "list[tuple[str, torch.Tensor]
                         sub.__dict__[key] = held[key]
                     else:
                         del sub.__dict__[key]
-
-
-@contextlib.contextmanager
-def _checkpointed(module: nn.Module, activation_checkpointing: "bool | float | int"):
-    """Checkpoint the first blocks with the package's wrapper (the one the checkpointing transform uses), unless
-    the model's blocks are checkpointed already; restored on exit."""
-    from lightning_memopt.core.blocks import auto_blocks
-
-    names = auto_blocks(module)
-    blocks = [module.get_submodule(n) for n in names]
-    count = num_checkpointed(activation_checkpointing, len(blocks))
-    if count == 0 or any(is_checkpointed(b) for b in blocks):
-        yield
-        return
-    for block in blocks[:count]:
-        checkpoint_block(block)
-    try:
-        yield
-    finally:
-        for block in blocks[:count]:
-            uncheckpoint_block(block)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from torch import nn
 from lightning_memopt.predictor.precision import resolve_precision
 from lightning_memopt.transforms import apply_activation_checkpointing, apply_attention, apply_liger
 from lightning_memopt.transforms.attention import IMPLEMENTATIONS
-from lightning_memopt.transforms.budget import CheckpointPlan, _parse_budget, checkpoint_to_fit
+from lightning_memopt.planning.budget import CheckpointPlan, _parse_budget, checkpoint_to_fit
 from lightning_memopt.transforms.checkpointing import _validate_selection
 from lightning_memopt.transforms.liger import DEFAULT_KERNELS
 from lightning_memopt.transforms.liger import _validate as _validate_liger
@@ -153,7 +153,7 @@ def checkpoint_run_to_fit(
     """
     from lightning.pytorch.trainer.states import TrainerFn
 
-    from lightning_memopt.callbacks._run_settings import batch_shape, optimizer_from_module, run_settings
+    from lightning_memopt.callbacks._run_settings import batch_shape, optimizer_from_module, quiet_logging, run_settings
 
     if trainer.state.fn != TrainerFn.FITTING:
         rank_zero_info(f"Budget-driven checkpointing plans for `fit` only; skipped for {trainer.state.fn}.")
@@ -182,7 +182,8 @@ def checkpoint_run_to_fit(
     kwargs = run_settings(trainer, pl_module, shape, optimizer or "adamw")
     kwargs.pop("activation_checkpointing", None)
     kwargs["example_batch"] = batch
-    plan = checkpoint_to_fit(pl_module, budget, policy=policy, reentrant=reentrant, **kwargs)
+    with quiet_logging(pl_module):
+        plan = checkpoint_to_fit(pl_module, budget, policy=policy, reentrant=reentrant, **kwargs)
     rank_zero_info(f"Budget-driven checkpointing: {plan}")
     return plan
 

@@ -6,7 +6,6 @@ Each modifies the module in place, returns it, and records what it applied on th
 
 from lightning_memopt.transforms._applied import applied_transforms
 from lightning_memopt.transforms.attention import apply_attention
-from lightning_memopt.transforms.budget import CheckpointPlan, checkpoint_to_fit
 from lightning_memopt.transforms.checkpointing import (
     apply_activation_checkpointing,
     blocks_to_checkpoint,
@@ -15,13 +14,11 @@ from lightning_memopt.transforms.checkpointing import (
 from lightning_memopt.transforms.liger import apply_liger, fused_linear_cross_entropy
 
 __all__ = [
-    "CheckpointPlan",
     "applied_transforms",
     "apply_activation_checkpointing",
     "apply_attention",
     "apply_liger",
     "blocks_to_checkpoint",
-    "checkpoint_to_fit",
     "fused_linear_cross_entropy",
     "remove_activation_checkpointing",
 ]

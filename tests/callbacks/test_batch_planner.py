@@ -18,7 +18,7 @@ from monitor_launch import PLAN, launch, plan_settings, planner_args
 from tiny_llm import ByteWindows, CausalLM, TextDataModule
 
 from lightning_memopt.callbacks.batch_planner import BatchPlanner
-from lightning_memopt.predictor.api import estimate_memory
+from lightning_memopt.planning import estimate_memory
 
 
 @pytest.mark.distributed

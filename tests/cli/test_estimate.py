@@ -8,7 +8,7 @@ import pytest
 
 from lightning_memopt.cli import main
 from lightning_memopt.cli.estimate import parse_count, parse_model
-from lightning_memopt.predictor.api import estimate_memory
+from lightning_memopt.planning import estimate_memory
 from lightning_memopt.predictor.quantization import estimate_quantized
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_memopt.predictor import estimate_memory
+from lightning_memopt.planning import estimate_memory
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])

@@ -1,6 +1,6 @@
 import pytest
 
-from lightning_memopt.predictor import estimate_memory
+from lightning_memopt.planning import estimate_memory
 from lightning_memopt.predictor.model_states import DEEPSPEED_DEFAULTS, resolve_optimizer, zero_settings
 
 

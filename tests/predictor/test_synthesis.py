@@ -19,7 +19,7 @@ SETTINGS = {
 def _both(config: dict, settings: dict, monkeypatch: pytest.MonkeyPatch):
     module = resolve_source(config).module
     batch = synthetic_batch(module, 2, None if config["model_type"] == "vit" else 24)
-    kwargs = {**dict(activation_checkpointing=False, attention=None, liger=False, zero3=False), **settings}
+    kwargs = {**dict(activation_checkpointing=False, attention=None, zero3=False), **settings}
     kwargs["precision"] = resolve_precision(kwargs["precision"])
     synthesized = trace_timeline(module, batch, **kwargs)
     monkeypatch.setattr(timeline_module, "SYNTHESIS_MIN_BLOCKS", 10**9)

@@ -1,6 +1,7 @@
 import torch
 
-from lightning_memopt.predictor import estimate_memory, timeline
+from lightning_memopt.planning import estimate_memory
+from lightning_memopt.predictor import timeline
 from lightning_memopt.predictor.timeline import Timeline, batch_shape, resize_batch
 from predictor._modules import tiny_config
 

@@ -2,6 +2,8 @@
 
 import json
 import math
+
+import torch
 import sys
 from pathlib import Path
 
@@ -28,24 +30,23 @@ def plan_settings() -> dict:
 
     from lightning_memopt import MemOptStrategy
     from lightning_memopt.callbacks._run_settings import strategy_settings
-    from lightning_memopt.predictor.model_spec import resolve_model
 
     module = CausalLM(hidden_size=PLAN["hidden"], num_layers=2)
     settings = strategy_settings(MemOptStrategy(zero=PLAN["zero"]), module)
     settings.update(
         world_size=PLAN["world_size"],
-        seq_len=PLAN["seq_len"],
         precision="bf16-mixed",
         optimizer="adamw",
         accumulate_grad_batches=PLAN["accumulate_grad_batches"],
+        example_batch=torch.randint(0, 256, (1, PLAN["seq_len"])),  # a batch of the run's windows
     )
-    return {"model": resolve_model(module), **settings}
+    return {"model": module, **settings}
 
 
 def planner_args() -> tuple[str, ...]:
     """A device memory whose budget (90 %) holds micro-batch 6 with accumulation 2 exactly, and a global batch that
     needs accumulation 2."""
-    from lightning_memopt.predictor.api import estimate_memory
+    from lightning_memopt.planning import estimate_memory
 
     peak = estimate_memory(**plan_settings(), micro_batch_size=PLAN["micro_batch_size"]).total
     device_memory = math.ceil(peak / 0.9) + 1

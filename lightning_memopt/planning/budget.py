@@ -2,7 +2,7 @@
 
 Checkpointing a block trades one more forward of that block for its saved activations (Chen et al. 2016,
 "Training Deep Nets with Sublinear Memory Cost", section 3). The predicted step peak
-(:func:`~lightning_memopt.predictor.estimate_memory`) falls monotonically with the number ``k`` of
+(:func:`~lightning_memopt.planning.estimate_memory`) falls monotonically with the number ``k`` of
 checkpointed blocks, so a binary search over ``k`` finds the smallest one that fits: compute is spent only
 where memory demands it. The first ``k`` blocks are wrapped
 (``apply_activation_checkpointing(fraction=k/n)``).
@@ -95,11 +95,11 @@ def checkpoint_to_fit(
 ) -> CheckpointPlan:
     """Checkpoint the fewest leading blocks of ``module`` whose predicted step peak fits ``budget``, in place.
 
-    The predictor is told ``module`` itself plus the run's settings in ``estimate_kwargs``
-    (``micro_batch_size``, ``seq_len``, ``precision``, ``zero``, ``world_size``, ``engine``, ``optimizer``,
-    ``deepspeed_config``, ...). ``attention`` and ``liger`` default to what the transforms applied to
-    ``module`` (else the attention of its Hugging Face config). With ``k = 0`` nothing is wrapped (an earlier
-    checkpointing is removed). The plan is recorded in ``applied_transforms(module)["checkpoint_plan"]``; the
+    The predictor traces ``module`` itself (its attention and kernels as they are) with the run's settings in
+    ``estimate_kwargs`` (``micro_batch_size``, ``seq_len``, ``precision``, ``zero``, ``world_size``, ``engine``,
+    ``optimizer``, ``deepspeed_config``, ``example_batch`` for a model that is not a Hugging Face one, ...), with
+    its first ``k`` candidate blocks checkpointed as the transform wraps them. With ``k = 0`` nothing is wrapped
+    (an earlier checkpointing is removed). The plan is recorded in ``applied_transforms(module)["checkpoint_plan"]``; the
     wrapped blocks, as usual, under ``"activation_checkpointing"``.
 
     Args:
@@ -107,7 +107,7 @@ def checkpoint_to_fit(
         budget: bytes per rank, or a string such as ``"24GiB"``.
         policy: which blocks are candidates, see :func:`~lightning_memopt.transforms.blocks_to_checkpoint`.
         reentrant: use the reentrant checkpoint implementation.
-        **estimate_kwargs: keyword arguments of :func:`~lightning_memopt.predictor.estimate_memory` but
+        **estimate_kwargs: keyword arguments of :func:`~lightning_memopt.planning.estimate_memory` but
             ``model`` and ``activation_checkpointing``.
 
     Returns:
@@ -129,7 +129,7 @@ def checkpoint_to_fit(
         >>> plan.num_checkpointed, plan.num_blocks, plan.predicted_peak <= 16 * 2**20
         (4, 8, True)
     """
-    from lightning_memopt.predictor.api import estimate_memory
+    from lightning_memopt.planning.estimate import estimate_memory
 
     limit = _parse_budget(budget)
     given = sorted(set(_OWN) & set(estimate_kwargs))
@@ -140,7 +140,7 @@ def checkpoint_to_fit(
         )
     candidates = blocks_to_checkpoint(module, policy)
     n = len(candidates)
-    kwargs = {**_module_settings(module), **estimate_kwargs}
+    kwargs = dict(estimate_kwargs)
     peaks: dict[int, int] = {}
 
     def checkpoint(k: int) -> None:
@@ -191,18 +191,9 @@ def _parse_budget(budget: Any) -> int:
     return limit
 
 
-def _module_settings(module: nn.Module) -> dict[str, Any]:
-    """``attention`` and ``liger`` as applied to ``module`` (what the predictor is told by default)."""
-    from lightning_memopt.transforms._applied import predictor_settings
-
-    settings = predictor_settings(module)
-    del settings["activation_checkpointing"]  # what this search decides
-    return settings
-
-
 def _no_fit_message(module: nn.Module, kwargs: dict[str, Any], limit: int, full: int, n: int) -> str:
     """With every block checkpointed (as the module is now) nothing fits: what else would."""
-    from lightning_memopt.predictor.api import estimate_memory
+    from lightning_memopt.planning.estimate import estimate_memory
 
     def peak(**change: Any) -> int:
         return int(estimate_memory(module, **{**kwargs, **change}).total)
@@ -221,7 +212,7 @@ def _no_fit_message(module: nn.Module, kwargs: dict[str, Any], limit: int, full:
     if kwargs.get("attention") == "eager":
         fixes.append(f"attention='sdpa' predicts {_fmt(peak(attention='sdpa'))}")
     fixes.append(
-        "a higher ZeRO stage or optimizer offload (lightning_memopt.predictor.plan.suggest_fixes ranks them)"
+        "a higher ZeRO stage or optimizer offload (lightning_memopt.planning.suggest_fixes ranks them)"
     )
     return (
         f"Expected a memory budget of at least the predicted peak with all {n} blocks of"

@@ -4,7 +4,7 @@ The lecture's recipe (section 3): memory depends only on the micro-batch, optimi
 global batch in tokens, ``micro_batch x seq_len x accumulate_grad_batches x world_size``; so find the largest
 micro-batch that fits first, then reach the global batch with gradient accumulation. :func:`plan_batch` does
 it over the settings that trade speed for memory, cheapest first, using
-:func:`~lightning_memopt.predictor.api.estimate_memory` (monotone in the micro-batch, so a binary search
+:func:`~lightning_memopt.planning.estimate_memory` (monotone in the micro-batch, so a binary search
 finds the largest one that fits).
 
 Cost order of the settings (cheapest first), from what each adds to a step:
@@ -225,7 +225,7 @@ def plan_batch(
         >>> plan.achieved_global_batch_tokens >= 500_000 and plan.estimate.fits("24GiB", margin=0.1)
         True
     """
-    from lightning_memopt.predictor.api import estimate_memory
+    from lightning_memopt.planning.estimate import estimate_memory
 
     searched = sorted(set(estimate_kwargs) & set(_SEARCHED))
     if searched:
@@ -400,7 +400,7 @@ def suggest_fixes(
         >>> fixes[0].fits, fixes[0].predicted_total <= 16 * 2**30 * 0.9
         (True, True)
     """
-    from lightning_memopt.predictor.api import estimate_memory
+    from lightning_memopt.planning.estimate import estimate_memory
 
     if "model" not in estimate_kwargs:
         raise ValueError("Expected `estimate_kwargs` to hold the `model` passed to estimate_memory, got none.")
@@ -410,10 +410,14 @@ def suggest_fixes(
     current = estimate_memory(**base).total
 
     ranked: "list[tuple[float, Suggestion]]" = []  # (cost rank, suggestion)
-    changes = _candidate_changes(base, offload_device, cuda, zero_config)
-    for rank, (description, change) in enumerate(changes):
-        total = estimate_memory(**{**base, **change}).total
-        ranked.append((rank, Suggestion(description, change, total, total <= budget)))
+    changes = []
+    for description, change in _candidate_changes(base, offload_device, cuda, zero_config):
+        try:
+            total = estimate_memory(**{**base, **change}).total
+        except ValueError:  # a change this model cannot take (a kernel its architecture lacks) is not suggested
+            continue
+        ranked.append((len(changes), Suggestion(description, change, total, total <= budget)))
+        changes.append((description, change))
 
     micro = base.get("micro_batch_size", 1)
     accumulate = base.get("accumulate_grad_batches", 1)

@@ -10,14 +10,8 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from transforms._models import hf_model
 
-from lightning_memopt.predictor import estimate_memory
-from lightning_memopt.transforms import (
-    CheckpointPlan,
-    applied_transforms,
-    apply_activation_checkpointing,
-    blocks_to_checkpoint,
-    checkpoint_to_fit,
-)
+from lightning_memopt.planning import CheckpointPlan, checkpoint_to_fit, estimate_memory
+from lightning_memopt.transforms import applied_transforms, apply_activation_checkpointing, blocks_to_checkpoint
 from lightning_memopt.utilities.memory import DeviceMemoryProbe
 
 LAYERS, BATCH, SEQ = 8, 2, 256

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from lightning_memopt.predictor.api import estimate_memory
-from lightning_memopt.predictor.plan import NoFitError, Plan, Setting, plan_batch, suggest_fixes
+from lightning_memopt.planning import estimate_memory
+from lightning_memopt.planning.plan import NoFitError, Plan, Setting, plan_batch, suggest_fixes
 from lightning_memopt.utilities.units import GiB
 
 MODEL = "llama-3-8b"
@@ -48,7 +48,7 @@ def test_plan_takes_the_cheapest_setting_that_fits():
 
 
 def _order():
-    from lightning_memopt.predictor.plan import _settings
+    from lightning_memopt.planning.plan import _settings
 
     return _settings((0, 1, 2, 3), True, True)
 
