@@ -6,6 +6,8 @@ Pure: plain values in, plain values out (no Lightning). The strategy tells which
 refused only when it would be ignored or contradicts another one.
 """
 
+import functools
+import inspect
 import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -87,6 +89,45 @@ class ZeroSettings:
     nvme_path: str | None
     remote_device: str | None
     config: dict[str, Any] = field(repr=False)
+
+
+@functools.cache
+def signature_defaults(cls: type) -> dict[str, Any]:
+    """The default of every argument of ``cls.__init__`` that has one.
+
+    Example:
+        >>> class Knobs:
+        ...     def __init__(self, stage: int = 2, path: str | None = None) -> None: ...
+        >>> signature_defaults(Knobs)
+        {'stage': 2, 'path': None}
+    """
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
+def given_arguments(values: Mapping[str, Any], *defaults: Mapping[str, Any]) -> set[str]:
+    """The names in ``values`` whose value differs from its default in every one of ``defaults``.
+
+    With MemOptStrategy's and Lightning's defaults, a YAML written for Lightning's strategy (which lists all of
+    its defaults) sets nothing. Numbers compare by value (a YAML ``0`` is the default ``0.0``), booleans by identity.
+
+    Example:
+        >>> sorted(given_arguments({"stage": 2, "zero": 3, "loss_scale": 0}, {"zero": None}, {"stage": 2, "loss_scale": 0.0}))
+        ['zero']
+    """
+    return {name for name, value in values.items() if not any(_is_default(value, d, name) for d in defaults)}
+
+
+def _is_default(value: Any, defaults: Mapping[str, Any], name: str) -> bool:
+    if name not in defaults:
+        return False
+    default = defaults[name]
+    if value is default:
+        return True
+    if isinstance(value, bool) or isinstance(default, bool):  # True is not 1 here
+        return False
+    numbers = isinstance(value, (int, float)) and isinstance(default, (int, float))
+    return (numbers or type(value) is type(default)) and value == default
 
 
 def resolve_arguments(

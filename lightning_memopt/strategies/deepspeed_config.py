@@ -282,6 +282,21 @@ def without_disabled_offload(zero_config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in zero_config.items() if not (k in ("offload_optimizer", "offload_param") and v in (False, None))}
 
 
+def resolve_bucket_sizes(config: dict[str, Any], module: nn.Module, arguments: Mapping[str, Any]) -> None:
+    """Write the bucket ``arguments`` into ``config``, each ``"auto"`` sized to ``module`` (:func:`auto_bucket_sizes`
+    with its width and largest parameter); keys the config already has are kept.
+
+    Example:
+        >>> cfg = {"zero_optimization": {"stage": 2}}
+        >>> resolve_bucket_sizes(cfg, nn.Linear(64, 64), {"reduce_bucket_size": "auto", "allgather_bucket_size": 10})
+        >>> cfg["zero_optimization"]
+        {'stage': 2, 'reduce_bucket_size': 4096, 'allgather_bucket_size': 10}
+    """
+    largest = max((p.numel() for p in module.parameters()), default=0)
+    auto = auto_bucket_sizes(infer_hidden_size(module), largest)
+    apply_bucket_sizes(config, {name: auto[name] if value == "auto" else value for name, value in arguments.items()})
+
+
 def zero_stage_of(config: Mapping[str, Any]) -> int:
     """The ZeRO stage a DeepSpeed config selects (0 when it has no ``zero_optimization``)."""
     zero_config = config.get("zero_optimization") or {}

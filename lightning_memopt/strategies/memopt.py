@@ -1,8 +1,6 @@
 """MemOptStrategy: DeepSpeed ZeRO 0-3 for any LightningModule, on CUDA (nccl) and on CPU (gloo)."""
 
 import copy
-import functools
-import inspect
 import logging
 import os
 from collections.abc import Callable
@@ -27,19 +25,24 @@ from typing_extensions import override
 
 from lightning_memopt._imports import _DEEPSPEED_AVAILABLE, requires
 from lightning_memopt.strategies import _deepspeed_compat as compat
-from lightning_memopt.strategies.arguments import LOSS_SCALING, resolve_arguments
+from lightning_memopt.strategies.arguments import (
+    LOSS_SCALING,
+    given_arguments,
+    resolve_arguments,
+    signature_defaults,
+)
 from lightning_memopt.strategies.deepspeed_config import (
     BUCKET_KNOBS,
-    apply_bucket_sizes,
-    auto_bucket_sizes,
     check_with_deepspeed,
-    infer_hidden_size,
+    resolve_bucket_sizes,
     validate_bucket,
     without_disabled_offload,
 )
 from lightning_memopt.strategies.setup_config import (
     check_checkpointing_conflict,
     check_checkpointing_section,
+    check_cpu_precision,
+    check_deepspeed_cpu_accelerator,
     format_batch_sizes,
     micro_batch_size,
     warn_unused_loss_scaling,
@@ -48,8 +51,6 @@ from lightning_memopt.strategies.transforms import apply_transforms, validate_tr
 
 if TYPE_CHECKING:
     import deepspeed
-
-_CPU_PRECISIONS = ("bf16-mixed", "bf16-true", "32-true")
 
 
 class MemOptStrategy(DeepSpeedStrategy):
@@ -117,7 +118,6 @@ class MemOptStrategy(DeepSpeedStrategy):
         logging_level: DeepSpeed's log level.
         load_full_weights: load a single consolidated checkpoint file instead of a sharded directory.
         exclude_frozen_parameters: leave frozen parameters out of saved checkpoints.
-
         stage: Lightning's name of ``zero`` (give one of them).
         zero_optimization: ``False`` is ``zero=0``.
         remote_device: where ZeRO-3's ``deepspeed.zero.Init`` keeps new partitions (``"cpu"``, ``"nvme"``).
@@ -239,7 +239,7 @@ class MemOptStrategy(DeepSpeedStrategy):
         )
         for name in BUCKET_KNOBS:
             validate_bucket(name, values[name])
-        given = _given(values)
+        given = given_arguments(values, signature_defaults(MemOptStrategy), signature_defaults(DeepSpeedStrategy))
         scaling = {name: values[name] for name in LOSS_SCALING}
         if given & set(LOSS_SCALING):
             check_with_deepspeed("fp16", {"enabled": True, **scaling}, "the strategy's arguments")
@@ -279,7 +279,7 @@ class MemOptStrategy(DeepSpeedStrategy):
         if self.root_device.type == "cuda":
             super().setup_environment()
             return
-        self._check_cpu_precision()
+        check_cpu_precision(self.precision_plugin.precision)
         # Lightning's DeepSpeedStrategy refuses non-CUDA accelerators; DDP's setup is all CPU needs.
         DDPStrategy.setup_environment(self)
 
@@ -292,26 +292,7 @@ class MemOptStrategy(DeepSpeedStrategy):
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
-        self._check_deepspeed_accelerator()
-
-    def _check_cpu_precision(self) -> None:
-        precision = self.precision_plugin.precision
-        if precision not in _CPU_PRECISIONS:
-            raise MisconfigurationException(
-                f"Expected a precision DeepSpeed can run on CPU ({', '.join(_CPU_PRECISIONS)}), got {precision!r}."
-                " fp16 needs a GPU. Fix: `Trainer(precision='bf16-mixed')` on CPU, or `accelerator='cuda'`."
-            )
-
-    @staticmethod
-    def _check_deepspeed_accelerator() -> None:
-        from deepspeed.accelerator import get_accelerator
-
-        name = get_accelerator().device_name()
-        if name != "cpu":
-            raise MisconfigurationException(
-                f"Expected DeepSpeed's CPU accelerator with `accelerator='cpu'`, got DeepSpeed accelerator {name!r}."
-                " Fix: set the environment variable `DS_ACCELERATOR=cpu` before starting, or train on the GPU."
-            )
+        check_deepspeed_cpu_accelerator()
 
     # ------------------------------------------------------------------ transforms
     @override
@@ -331,14 +312,9 @@ class MemOptStrategy(DeepSpeedStrategy):
         warn_unused_loss_scaling(self._loss_scaling_given, self.precision_plugin.precision)
 
     def _resolve_bucket_sizes(self) -> None:
-        if self._buckets_resolved or self.lightning_module is None:
-            return
-        module = self.lightning_module
-        largest = max((p.numel() for p in module.parameters()), default=0)
-        auto = auto_bucket_sizes(infer_hidden_size(module), largest)
-        sizes = {k: (auto[k] if v == "auto" else v) for k, v in self._bucket_arguments.items()}
-        apply_bucket_sizes(self.config, sizes)
-        self._buckets_resolved = True
+        if not self._buckets_resolved and self.lightning_module is not None:
+            resolve_bucket_sizes(self.config, self.lightning_module, self._bucket_arguments)
+            self._buckets_resolved = True
 
     @override
     def _format_batch_size_and_grad_accum_config(self) -> None:
@@ -411,35 +387,10 @@ class MemOptStrategy(DeepSpeedStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        strategy_registry.register("memopt_zero1", cls, override=True, description="MemOptStrategy, ZeRO stage 1", zero=1)
-        strategy_registry.register("memopt_zero2", cls, override=True, description="MemOptStrategy, ZeRO stage 2", zero=2)
-        strategy_registry.register("memopt_zero3", cls, override=True, description="MemOptStrategy, ZeRO stage 3", zero=3)
-        strategy_registry.register(
-            "memopt_zero3_offload",
-            cls,
-            override=True,
-            description="MemOptStrategy, ZeRO stage 3 with optimizer and parameters offloaded to CPU",
-            zero=3,
-            offload_optimizer="cpu",
-            offload_parameters="cpu",
-        )
+        for zero in (1, 2, 3):
+            description = f"MemOptStrategy, ZeRO stage {zero}"
+            strategy_registry.register(f"memopt_zero{zero}", cls, override=True, description=description, zero=zero)
+        description = "MemOptStrategy, ZeRO stage 3 with optimizer and parameters offloaded to CPU"
+        strategy_registry.register("memopt_zero3_offload", cls, override=True, description=description, zero=3,
+                                   offload_optimizer="cpu", offload_parameters="cpu")
 
-
-def _given(values: dict[str, Any]) -> set[str]:
-    """The arguments the user set: their value differs from both MemOptStrategy's and Lightning's default (so that
-    a YAML written for Lightning's strategy, which lists all of its defaults, counts as setting nothing)."""
-    own, parent = _defaults(MemOptStrategy), _defaults(DeepSpeedStrategy)
-    return {name for name, value in values.items() if not _is_default(value, own, name) and not _is_default(value, parent, name)}
-
-
-@functools.cache
-def _defaults(cls: type) -> dict[str, Any]:
-    parameters = inspect.signature(cls.__init__).parameters.values()
-    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
-
-
-def _is_default(value: Any, defaults: dict[str, Any], name: str) -> bool:
-    if name not in defaults:
-        return False
-    default = defaults[name]
-    return value is default or (type(value) is type(default) and value == default)

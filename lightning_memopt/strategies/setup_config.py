@@ -11,6 +11,7 @@ from lightning_memopt.strategies.arguments import CHECKPOINTING_KNOBS
 from lightning_memopt.strategies.transforms import TransformSettings
 
 _FP16_PRECISIONS = ("16-mixed", "16-true")
+_CPU_PRECISIONS = ("bf16-mixed", "bf16-true", "32-true")
 _warning_cache = WarningCache()
 
 
@@ -128,4 +129,33 @@ def warn_unused_loss_scaling(names: list[str], precision: str) -> None:
         _warning_cache.warn(
             f"The fp16 loss-scaling arguments {names} apply only to precision '16-mixed' or '16-true'; with"
             f" {precision!r} nothing scales the loss and they have no effect."
+        )
+
+
+def check_cpu_precision(precision: str) -> None:
+    """Refuse a precision DeepSpeed cannot train with on CPU (fp16 and its loss scaling need a GPU).
+
+    Raises:
+        MisconfigurationException: for ``16-mixed``/``16-true`` (or anything else outside bf16 and fp32).
+    """
+    if precision not in _CPU_PRECISIONS:
+        raise MisconfigurationException(
+            f"Expected a precision DeepSpeed can run on CPU ({', '.join(_CPU_PRECISIONS)}), got {precision!r}."
+            " fp16 needs a GPU. Fix: `Trainer(precision='bf16-mixed')` on CPU, or `accelerator='cuda'`."
+        )
+
+
+def check_deepspeed_cpu_accelerator() -> None:
+    """Check that DeepSpeed picked its CPU accelerator for a CPU run.
+
+    Raises:
+        MisconfigurationException: DeepSpeed selected another accelerator (e.g. a GPU is visible).
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    if name != "cpu":
+        raise MisconfigurationException(
+            f"Expected DeepSpeed's CPU accelerator with `accelerator='cpu'`, got DeepSpeed accelerator {name!r}."
+            " Fix: set the environment variable `DS_ACCELERATOR=cpu` before starting, or train on the GPU."
         )
