@@ -249,7 +249,10 @@ def _offload(args: Mapping[str, Any], given: Collection[str], name: str, device_
     """Our ``offload_x`` (False, True, 'cpu', 'nvme') with Lightning's ``offload_x=True, offload_x_device=...``."""
     value, device = args.get(name, False), args.get(device_name)
     if device is not None and (not isinstance(device, str) or device.lower() not in OFFLOAD_DEVICES):
-        raise ValueError(f"Expected `{device_name}` to be 'cpu' or 'nvme', got {device!r}. Fix: e.g. {device_name}='cpu'.")
+        raise ValueError(
+            f"Expected `{device_name}` to be 'cpu' or 'nvme', got {device!r}."
+            f" Fix: {device_name}='cpu' (host memory) or 'nvme' (with nvme_path)."
+        )
     device = None if device is None else device.lower()
     if value is True:
         return device or "cpu"
@@ -273,7 +276,10 @@ def _remote_device(remote: str | None, zero: int, offload_parameters: str | None
     if remote is None:
         return None
     if not isinstance(remote, str) or remote.lower() not in (*OFFLOAD_DEVICES, "none"):
-        raise ValueError(f"Expected `remote_device` to be None, 'cpu' or 'nvme', got {remote!r}. Fix: e.g. 'cpu'.")
+        raise ValueError(
+            f"Expected `remote_device` to be None, 'cpu' or 'nvme', got {remote!r}."
+            " Fix: remote_device='cpu' to create ZeRO-3 partitions in host memory, or None for the device."
+        )
     if zero != 3:
         raise ValueError(
             f"Expected `zero=3` with `remote_device={remote!r}`, got zero={zero}. Only ZeRO-3 creates the parameters"
