@@ -112,7 +112,7 @@ def test_contradicting_or_ignored_arguments_raise_at_construction(kwargs, messag
 
 
 def test_nvme_offload_uses_lightnings_directory_only_when_it_exists(monkeypatch, tmp_path):
-    import lightning_memopt.strategies.arguments as arguments
+    from lightning_memopt.strategies import arguments
 
     monkeypatch.setattr(arguments, "LIGHTNING_NVME_PATH", str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="Expected `nvme_path`"):

@@ -8,10 +8,10 @@ import pytest
 import torch
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from tiny_llm import CausalLM, TextDataModule
 
 import lightning_memopt._imports as imports
 from lightning_memopt import MemOptStrategy
-from tiny_llm import CausalLM, TextDataModule
 
 
 def test_defaults_build_a_zero2_config():
@@ -70,7 +70,7 @@ def test_config_path_is_loaded_and_its_stage_used(tmp_path):
 def test_missing_deepspeed_gives_an_install_hint(monkeypatch):
     from lightning_utilities.core.imports import RequirementCache
 
-    import lightning_memopt.strategies.memopt as memopt
+    from lightning_memopt.strategies import memopt
 
     monkeypatch.setattr(memopt, "_DEEPSPEED_AVAILABLE", RequirementCache("deepspeed-not-installed-here"))
     with pytest.raises(ModuleNotFoundError, match="pip install"):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import run_script
 from tiny_llm import CausalLM
 

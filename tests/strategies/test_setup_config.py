@@ -5,11 +5,11 @@ import pytest
 import torch
 from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from tiny_llm import CausalLM, TextDataModule
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_memopt import MemOptStrategy
-from tiny_llm import CausalLM, TextDataModule
 
 
 def _trainer(strategy, tmp_path, callbacks=(), **kwargs) -> pl.Trainer:
