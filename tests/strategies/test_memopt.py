@@ -8,10 +8,10 @@ import pytest
 import torch
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from tiny_llm import CausalLM, TextDataModule
 
 import lightning_memopt._imports as imports
 from lightning_memopt import MemOptStrategy
-from tiny_llm import CausalLM, TextDataModule
 
 
 def test_defaults_build_a_zero2_config():
@@ -49,7 +49,7 @@ def test_trainer_accepts_a_registered_name():
         ({"zero": 3, "offload_optimizer": "nvme"}, "Expected `nvme_path`"),
         ({"zero": 3, "offload_optimizer": "disk"}, "Expected `offload_optimizer` to be False, True, 'cpu' or 'nvme'"),
         ({"reduce_bucket_size": 0}, "Expected `reduce_bucket_size` to be 'auto' or an int >= 1"),
-        ({"config": {"zero_optimization": {"stage": 1}}, "zero": 3}, "Expected `zero` to match the config"),
+        ({"config": {"zero_optimization": {"stage": 1}}, "zero": 3}, "Expected `zero` to match the zero_optimization"),
         ({"config": {"zero_optimization": {"stage": 1}}, "offload_optimizer": "cpu"}, "Expected either `config` or"),
     ],
 )
@@ -70,7 +70,7 @@ def test_config_path_is_loaded_and_its_stage_used(tmp_path):
 def test_missing_deepspeed_gives_an_install_hint(monkeypatch):
     from lightning_utilities.core.imports import RequirementCache
 
-    import lightning_memopt.strategies.memopt as memopt
+    from lightning_memopt.strategies import memopt
 
     monkeypatch.setattr(memopt, "_DEEPSPEED_AVAILABLE", RequirementCache("deepspeed-not-installed-here"))
     with pytest.raises(ModuleNotFoundError, match="pip install"):
@@ -101,8 +101,8 @@ def test_config_contradicting_the_trainer_is_refused(tmp_path):
     config = {"zero_optimization": {"stage": 1}, "gradient_accumulation_steps": 4}
     with pytest.raises(MisconfigurationException, match="`gradient_accumulation_steps` to equal"):
         _fit(MemOptStrategy(config=config), tmp_path, accumulate_grad_batches=2)
-    config = {"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 8}
-    with pytest.raises(MisconfigurationException, match="`train_micro_batch_size_per_gpu` to equal"):
+    config = {"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 2, "train_batch_size": 8}
+    with pytest.raises(MisconfigurationException, match="`train_batch_size` to be micro-batch x"):
         _fit(MemOptStrategy(config=config), tmp_path)
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import run_script
 from tiny_llm import CausalLM
 
@@ -127,3 +126,22 @@ def test_activation_checkpointing_under_zero3_trains_with_the_same_losses(tmp_pa
     for rank, reference in zip(ranks, plain):
         assert rank["straight"] == reference["straight"]
         assert rank["probe"] == reference["probe"]
+
+
+def test_a_drop_in_for_lightnings_strategy_on_two_ranks(tmp_path):
+    """`PL_DEEPSPEED_CONFIG_PATH` (ZeRO-3, micro-batch 2 vs the loader's 4) read on both ranks, the micro-batch kept
+    with one warning, and validate/test/predict from a ZeRO-3 checkpoint after fit and in a new Trainer (DeepSpeed
+    #7272: Lightning's own test of this is xfail)."""
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 2}))
+    run_script(Path(__file__).parent / "scripts" / "lightning_compat_run.py", "--out", str(tmp_path), timeout=600,
+               env={"PL_DEEPSPEED_CONFIG_PATH": str(config)})
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["zero_stage"] == 3 and rank["config_micro"] == 2
+        assert (rank["engine_micro"], rank["engine_train_batch"]) == (2, 2 * 2)  # micro x accumulation 1 x 2 ranks
+        assert Path(rank["best"]).is_dir()
+        for run in ("after_fit", "without_fit"):
+            assert rank[run] == rank["in_memory"], run  # the checkpoint holds exactly the trained weights
+        assert rank["untrained"]["val_loss"] > rank["in_memory"]["val_loss"] + 0.1  # so a failed load would show
+    assert [rank["micro_warnings"] for rank in ranks] == [1, 0]  # once, on rank 0
