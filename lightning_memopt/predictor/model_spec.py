@@ -171,6 +171,12 @@ def _from_string(text: str) -> ModelSpec:
     match = _COUNT.match(text)
     if match:
         return _from_count(float(match.group(1)) * _SUFFIX[match.group(2).lower()], repr(text))
+    # --- Hugging Face Hub ids (owner/name): the config through transformers and the local cache (hub.py) ---
+    from lightning_memopt.predictor.hub import is_hub_id, load_hub_config
+
+    if is_hub_id(text):
+        return from_hf_config(load_hub_config(text).to_dict(), name=text)
+    # --- end of the Hub hook ---
     raise ValueError(
         f"Expected a preset in {sorted(PRESETS)}, a config.json path or a parameter count like '8B' or"
         " '7.5e9',"
