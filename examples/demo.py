@@ -18,14 +18,14 @@ import warnings
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed: no "unable to detect a GPU" warning on CPU
 
-import lightning.pytorch as pl  # noqa: E402
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar  # noqa: E402
-from lightning.pytorch.loggers import CSVLogger  # noqa: E402
-from tiny_llm import CausalLM, TextDataModule  # noqa: E402
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from tiny_llm import CausalLM, TextDataModule
 
-from lightning_memopt import MemOptStrategy  # noqa: E402
-from lightning_memopt.callbacks.batch_planner import BatchPlanner  # noqa: E402
-from lightning_memopt.callbacks.memory_monitor import MemoryMonitor  # noqa: E402
+from lightning_memopt import MemOptStrategy
+from lightning_memopt.callbacks.batch_planner import BatchPlanner
+from lightning_memopt.callbacks.memory_monitor import MemoryMonitor
 
 #: Lightning's and DeepSpeed's set-up messages the demo does not show (the package's own are kept).
 _CHATTER = ("GPU available", "TPU available", "HPU available", "initializing deepspeed distributed", "Enabling DeepSpeed",
@@ -99,8 +99,7 @@ def main() -> None:
         enable_model_summary=False,
         limit_val_batches=0,
         callbacks=[
-            BatchPlanner(global_batch_tokens=args.global_batch_tokens, device_memory=args.device_memory,
-                         seq_len=args.seq_len),  # fmt: skip
+            BatchPlanner(args.global_batch_tokens, device_memory=args.device_memory, seq_len=args.seq_len),
             MemoryMonitor(device_memory=args.device_memory, log_every_n_steps=1, progress_bar=True),
             MemoryBar(),
             LossSummary(),

@@ -69,7 +69,18 @@ _LINE_COLORS = ("#000000", "#6a3d9a", "#33a02c", "#b15928", "#e7298a", "#1b9e77"
 def save_plot(
     history: "list[dict[str, Any]]", path: "str | Path", device_memory: "int | None" = None, margin: float = 0.0
 ) -> Path:
-    """Plot the predicted breakdown (stacked bands) with each rank's actual peak over it and the device line.
+    """Write :func:`plot_history`'s figure to a PNG; returns its path.
+
+    Raises:
+        ModuleNotFoundError: without matplotlib (``pip install 'lightning-memopt[plot]'``).
+    """
+    from lightning_memopt.utilities.plotting import save
+
+    return save(plot_history(history, device_memory, margin), path)
+
+
+def plot_history(history: "list[dict[str, Any]]", device_memory: "int | None" = None, margin: float = 0.0) -> Any:
+    """The predicted breakdown (stacked bands) with each rank's actual peak over it and the device line (a Figure).
 
     The bands are rank zero's predicted categories at each logged step (``predicted/<category>`` keys of its rows:
     model states, activations, logits, buffers; what the predicted peak adds on top, e.g. offloaded states on a CPU
@@ -86,7 +97,6 @@ def save_plot(
         group,
         legend_patches,
         pyplot,
-        save,
         unit_for,
     )
 
@@ -122,4 +132,4 @@ def save_plot(
     ax.set_ylabel(f"memory per rank ({unit})")
     ax.set_title("MemoryMonitor: predicted breakdown (bars) and actual peak per rank (lines)", fontsize="medium")
     fig.tight_layout()
-    return save(fig, path)
+    return fig

@@ -1,6 +1,8 @@
 """``lightning-memopt consolidate CKPT_DIR OUT.pt``: one fp32 state dict from a sharded DeepSpeed checkpoint."""
 
 import argparse
+import contextlib
+import sys
 
 __all__ = ["add_parser", "run_consolidate"]
 
@@ -23,7 +25,9 @@ def run_consolidate(args: argparse.Namespace) -> int:
     """Consolidate and report the number of tensors written."""
     from lightning_memopt.utilities.consolidate import consolidate_checkpoint
 
-    checkpoint = consolidate_checkpoint(args.checkpoint_dir, args.output_file)
+    # DeepSpeed's converter prints its progress; with --json, stdout is the JSON alone
+    with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+        checkpoint = consolidate_checkpoint(args.checkpoint_dir, args.output_file)
     state = checkpoint["state_dict"]
     if args.json:
         from lightning_memopt.cli.estimate import print_json

@@ -103,8 +103,8 @@ def _title(args: argparse.Namespace) -> str:
             f" {args.precision}, {args.optimizer}, {engine})")  # fmt: skip
 
 
-def draw(rows: "list[dict[str, Any]]", args: argparse.Namespace, path: str) -> str:
-    """Write the PNG of :func:`memory_grid`'s rows; returns its path."""
+def figure(rows: "list[dict[str, Any]]", args: argparse.Namespace) -> Any:
+    """The figure of :func:`memory_grid`'s rows: one panel per ZeRO stage (columns) and checkpointing (rows)."""
     from lightning_memopt.utilities.plotting import (
         CATEGORY_GROUPS,
         COLORS,
@@ -112,7 +112,6 @@ def draw(rows: "list[dict[str, Any]]", args: argparse.Namespace, path: str) -> s
         group,
         legend_patches,
         pyplot,
-        save,
         unit_for,
     )
 
@@ -160,7 +159,7 @@ def draw(rows: "list[dict[str, Any]]", args: argparse.Namespace, path: str) -> s
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize="small", frameon=False)
     fig.suptitle(_title(args), fontsize="medium")
     fig.tight_layout(rect=(0, 0.1 if len(labels) > 5 else 0.07, 1, 1))
-    return str(save(fig, path))
+    return fig
 
 
 def _table(rows: "list[dict[str, Any]]", args: argparse.Namespace) -> str:
@@ -196,7 +195,11 @@ def run_plot(args: argparse.Namespace) -> int:
         zero_stages=(0,) if args.engine == "torch" else parse_stages(args.zero_stages),
         checkpointing=_CHECKPOINTING[args.checkpointing], world_size=args.gpus, **common_kwargs(args),
     )  # fmt: skip
-    path = draw(rows, args, args.out) if args.out else None
+    path = None
+    if args.out:
+        from lightning_memopt.utilities.plotting import save
+
+        path = str(save(figure(rows, args), args.out))
     if args.json:
         print_json({"rows": rows, "device_memory": args.gpu_memory, "margin": args.margin, "png": path})
         return 0
