@@ -58,8 +58,8 @@ class LossSummary(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and self.losses:
             first, last = min(self.losses), max(self.losses)
-            print(f"\ntrain loss (rank 0): {self.losses[first]:.3f} at step {first} -> {self.losses[last]:.3f}"
-                  f" at step {last}")  # fmt: skip
+            print(f"\ntrain loss (rank 0): {self.losses[first]:.3f} at the start -> {self.losses[last]:.3f}"
+                  f" after {last} steps")  # fmt: skip
 
 
 def main() -> None:
@@ -86,7 +86,7 @@ def main() -> None:
     if os.environ.get("LOCAL_RANK", "0") == "0":
         params = sum(p.numel() for p in model.parameters())
         print(f"lightning-memopt demo: a Llama-style model ({params / 1e6:.2f}M parameters, random weights) learns"
-              f" {TextDataModule.__module__}'s text on {args.devices} CPU processes under ZeRO-{args.zero},"
+              f" data/lecture-notes.txt (bytes as tokens) on {args.devices} CPU processes under ZeRO-{args.zero},"
               f" {args.precision}; each process pretends its device holds {args.device_memory}.\n")  # fmt: skip
     trainer = pl.Trainer(
         accelerator="cpu",

@@ -32,7 +32,7 @@ class Applies:
         dest: the ``argparse`` destination, e.g. ``"lora_rank"``.
         when: predicate over the parsed arguments (defaults not filled in yet: ``None`` means not given).
         needs: the condition in words, completing "Expected OPTION only ...", e.g. ``"with --quantization"``.
-        fix: the fix; default: drop the option or add what it needs.
+        fix: what else fixes it besides dropping the option; default: change the other options so that it applies.
     """
 
     option: str
@@ -52,9 +52,10 @@ def check_applicable(args: argparse.Namespace, rules: "tuple[Applies, ...]") -> 
     """Raise ``ValueError`` for the first option given whose rule does not hold."""
     for rule in rules:
         if given(args, rule.dest) and not rule.when(args):
-            fix = rule.fix or f"drop {rule.option}, or change the other options so that it applies"
+            other = rule.fix or "change the other options so that it applies"
             raise ValueError(
-                f"Expected {rule.option} only {rule.needs}, got {rule.option} where it has no effect. Fix: {fix}."
+                f"Expected {rule.option} only {rule.needs}, got {rule.option} where it has no effect."
+                f" Fix: drop {rule.option}, or {other}."
             )
 
 

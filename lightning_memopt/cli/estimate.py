@@ -158,7 +158,7 @@ ESTIMATE_RULES: tuple[Applies, ...] = (
     Applies("--lora-rank", "lora_rank", lambda a: _quantized(a) and _training(a),
             "with --quantization and without --inference (QLoRA: LoRA adapters on a frozen quantized base; LoRA on"
             " a 16-bit base is not predicted yet)",
-            fix="drop --lora-rank, or add --quantization nf4 (QLoRA) to estimate LoRA on a quantized base"),
+            fix="add --quantization nf4 (QLoRA) to estimate LoRA on a quantized base"),
     Applies("--optimizer", "optimizer", _training, "without --inference (nothing is optimized)"),
     Applies("--precision", "precision", _training, "without --inference (the quantized weights set the precision)"),
     Applies("--checkpointing", "checkpointing", lambda a: _training(a) and _shapes(a),

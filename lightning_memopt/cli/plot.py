@@ -41,7 +41,9 @@ def _micro_batches(text: str) -> "tuple[int, ...]":
     except argparse.ArgumentTypeError:
         values = ()
     if not values:
-        raise argparse.ArgumentTypeError(f"expected micro-batches like 1,2,4,8, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected micro-batches like 1,2,4,8, got {text!r}. Fix: positive integers separated by commas"
+        )
     return values
 
 

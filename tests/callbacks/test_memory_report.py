@@ -41,5 +41,5 @@ def test_without_a_breakdown_the_prediction_is_one_band(tmp_path):
     path = save_plot(history(breakdown=False), tmp_path / "plot.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fig = plot_history(history(breakdown=False))
-    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()][0] == "predicted: other"
+    assert fig.axes[0].get_legend().get_texts()[0].get_text() == "predicted: other"
     pyplot("test").close(fig)
