@@ -66,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zero", type=int, default=2, help="ZeRO stage 0-3")
     parser.add_argument("--devices", type=int, default=2, help="processes")
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps")
     parser.add_argument("--device-memory", default="32MiB", help="the pretend device memory of each process")
     parser.add_argument("--global-batch-tokens", type=int, default=4096, help="tokens per optimizer step")
     parser.add_argument("--seq-len", type=int, default=128)

@@ -144,7 +144,9 @@ def _training(args: argparse.Namespace) -> bool:
     return not args.inference
 
 
-_COUNT_NEEDS = "with a model that has shapes (a preset, a Hub id or a config.json; a parameter count gives model states only)"
+_COUNT_NEEDS = (
+    "with a model that has shapes (a preset, a Hub id or a config.json; a parameter count gives model states only)"
+)
 #: ``estimate``: which options apply with which others. LoRA on a 16-bit base will extend the ``--lora-rank`` entry.
 ESTIMATE_RULES: tuple[Applies, ...] = (
     Applies("--gpus", "gpus", lambda a: not _quantized(a), "without --quantization (a quantized model is estimated on"
