@@ -98,10 +98,10 @@ def main() -> None:
         enable_checkpointing=False,
         enable_model_summary=False,
         limit_val_batches=0,
-        callbacks=[
+        callbacks=[  # the bar first: it closes its line at the end of training before the others print
+            MemoryBar(),
             BatchPlanner(args.global_batch_tokens, device_memory=args.device_memory, seq_len=args.seq_len),
             MemoryMonitor(device_memory=args.device_memory, log_every_n_steps=1, progress_bar=True),
-            MemoryBar(),
             LossSummary(),
         ],
     )

@@ -101,7 +101,8 @@ class MemoryMonitor(Callback):
     memory). At the end of fit rank zero prints a summary per rank and, with matplotlib, saves
     ``memory_monitor.png`` (the predicted breakdown stacked per logged step, each rank's actual peak over it, the
     device line) in ``trainer.log_dir`` and prints its path. With ``progress_bar=True`` the progress bar shows rank
-    zero's actual and predicted peak of every step (``mem_MiB`` / ``pred_MiB``, or ``_GiB``). On CUDA out-of-memory it
+    zero's actual and predicted peak at every optimizer step, the maxima since the last log as they are logged
+    (``mem_MiB`` / ``pred_MiB``, or ``_GiB``; with ``log_every_n_steps=1``: the step's own). On CUDA out-of-memory it
     writes PyTorch's memory snapshot (``memory_snapshots/rank<r>.pickle`` under ``default_root_dir``; open it at
     https://pytorch.org/memory_viz), prints the prediction and suggestions; Lightning re-raises the error.
 
@@ -118,7 +119,7 @@ class MemoryMonitor(Callback):
         method: the predictor's method, ``"analytic"`` or ``"trace"``.
         cpu_mode: the CPU probe's mode, ``"allocator"`` (default) or ``"dispatch"``.
         max_suggestions: at most this many suggestions in the fit-check error.
-        progress_bar: show the actual and predicted peak of every step in the progress bar (not logged).
+        progress_bar: show the actual and predicted peak in the progress bar at every optimizer step (not logged).
 
     Raises:
         ValueError: for ``log_every_n_steps < 1``, a margin outside [0, 1), an unparsable ``device_memory``, an
@@ -466,14 +467,14 @@ class MemoryMonitor(Callback):
         ) in values.items():  # maxima over the steps since the last log (the last value for the rest)
             keep_max = name in ("actual_peak_bytes", "reserved_bytes", "rss_bytes", "predicted_peak_bytes")
             self._interval[name] = max(self._interval.get(name, value), value) if keep_max else value
-        if self.progress_bar:  # this micro-step's peak, rank zero's in the bar
-            unit = _unit(values["predicted_peak_bytes"])
-            scale = 2**30 if unit == "GiB" else 2**20
-            for key, name in ((f"mem_{unit}", "actual_peak_bytes"), (f"pred_{unit}", "predicted_peak_bytes")):
-                trainer.lightning_module.log(key, values[name] / scale, prog_bar=True, logger=False, on_step=True,
-                                             on_epoch=False)  # fmt: skip
         if trainer.global_step == self._last_global_step:
             return  # accumulating: no optimizer step yet
+        if self.progress_bar:  # the peaks since the last log, as they are logged: rank zero's in the bar
+            unit = _unit(self._interval["predicted_peak_bytes"])
+            scale = 2**30 if unit == "GiB" else 2**20
+            for key, name in ((f"mem_{unit}", "actual_peak_bytes"), (f"pred_{unit}", "predicted_peak_bytes")):
+                trainer.lightning_module.log(key, self._interval[name] / scale, prog_bar=True, logger=False,
+                                             on_step=True, on_epoch=False)  # fmt: skip
         self._last_global_step = trainer.global_step
         self._micro_steps = 0
         every = self.log_every_n_steps or trainer.log_every_n_steps
