@@ -41,7 +41,7 @@ def summarize(history: "list[dict[str, Any]]") -> "list[dict[str, Any]]":
         actual = max(row["actual_peak_bytes"] for row in rows)
         reserved = max(row["reserved_bytes"] for row in rows)
         out.append({"rank": rank, "predicted_peak_bytes": predicted, "actual_peak_bytes": actual,
-                    "prediction_error": prediction_error(predicted, actual),
+                    "prediction_error": prediction_error(predicted, actual) if predicted >= 0 else None,
                     "reserved_bytes": None if reserved < 0 else reserved,
                     "device_total_bytes": rows[-1]["device_total_bytes"]})  # fmt: skip
     return out
@@ -55,9 +55,12 @@ def summary_table(summary: "list[dict[str, Any]]") -> str:
     lines = [header, "-" * len(header)]
     for row in summary:
         reserved = "-" if row["reserved_bytes"] is None else format_bytes(row["reserved_bytes"], "MiB")
+        known = row["prediction_error"] is not None  # no prediction: the model could not be predicted
+        predicted = format_bytes(row["predicted_peak_bytes"], "MiB") if known else "-"
+        error = f"{row['prediction_error']:>+7.1%}" if known else f"{'-':>7}"
         lines.append(
-            f"{row['rank']:>4} | {format_bytes(row['predicted_peak_bytes'], 'MiB'):>12} |"
-            f" {format_bytes(row['actual_peak_bytes'], 'MiB'):>12} | {row['prediction_error']:>+7.1%} |"
+            f"{row['rank']:>4} | {predicted:>12} |"
+            f" {format_bytes(row['actual_peak_bytes'], 'MiB'):>12} | {error} |"
             f" {reserved:>12} | {format_bytes(row['device_total_bytes'], 'GiB'):>12}"
         )
     return "\n".join(lines)

@@ -13,7 +13,10 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleD
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from lightning_memopt.predictor.timeline import batch_shape
 from lightning_memopt.transforms._applied import predictor_settings
+
+__all__ = ["batch_shape", "optimizer_from_module", "optimizer_name", "run_settings", "strategy_settings"]
 
 #: torch optimizer class name -> predictor optimizer name (``foreach``/``fused`` and momentum are read from defaults).
 _OPTIMIZER_NAMES = {
@@ -125,35 +128,6 @@ def strategy_settings(strategy: Strategy, pl_module: nn.Module | None = None) ->
         f"Expected a single-device, DDP or DeepSpeed strategy for the memory predictor, got {type(strategy).__name__}."
         " Fix: use `lightning_memopt.MemOptStrategy(zero=3)` (ZeRO-3 is what FSDP does) or strategy='ddp'."
     )
-
-
-def batch_shape(batch: Any) -> tuple[int, int | None] | None:
-    """``(micro-batch size, sequence length)`` of a batch: the first tensor with a batch dimension in it.
-
-    Looks at ``input_ids`` first in a mapping. ``None`` when the batch holds no tensor.
-
-    Example:
-        >>> batch_shape({"input_ids": torch.zeros(4, 64), "labels": torch.zeros(4, 64)})
-        (4, 64)
-        >>> batch_shape([torch.zeros(8)])
-        (8, None)
-    """
-    if isinstance(batch, torch.Tensor):
-        if batch.dim() == 0:
-            return None
-        return int(batch.shape[0]), (int(batch.shape[1]) if batch.dim() >= 2 else None)
-    if isinstance(batch, Mapping):
-        items = [batch["input_ids"]] if "input_ids" in batch else []
-        items += list(batch.values())
-    elif isinstance(batch, (list, tuple)):
-        items = list(batch)
-    else:
-        return None
-    for item in items:
-        shape = batch_shape(item)
-        if shape is not None:
-            return shape
-    return None
 
 
 def run_settings(

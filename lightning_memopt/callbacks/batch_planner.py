@@ -132,24 +132,27 @@ class BatchPlanner(Callback):
 
     def _search(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[str, Any]:
         from lightning_memopt.predictor.api import estimate_memory
-        from lightning_memopt.predictor.model_spec import resolve_model
 
-        seq_len = self.seq_len
-        if seq_len is None:
-            source = trainer.fit_loop._data_source
-            shape = batch_shape(next(iter(source.dataloader()))) if source.is_defined() else None
-            if shape is None or shape[1] is None:
-                raise MisconfigurationException(
-                    "Expected training batches of shape (batch, seq_len, ...) to read seq_len from, got"
-                    f" {shape}. Fix: pass BatchPlanner(seq_len=...)."
-                )
-            seq_len = shape[1]
+        source = trainer.fit_loop._data_source
+        batch = next(iter(source.dataloader())) if source.is_defined() else None
+        shape = batch_shape(batch) if batch is not None else None
+        if shape is None or (shape[1] is None and self.seq_len is None):
+            raise MisconfigurationException(
+                "Expected training batches of shape (batch, seq_len, ...) to read seq_len from, got"
+                f" {shape}. Fix: pass BatchPlanner(seq_len=...) and a training dataloader."
+            )
+        seq_len = self.seq_len or shape[1]
+        if shape[1] is not None and seq_len != shape[1]:
+            raise MisconfigurationException(
+                f"Expected BatchPlanner(seq_len=...) to match the training batches' length ({shape[1]}), got"
+                f" {seq_len}. Fix: drop seq_len (it is read from the batches) or change the dataloader."
+            )
         optimizer = self.optimizer or optimizer_from_module(pl_module)
         if optimizer is None:
             raise MisconfigurationException("Expected to read the optimizer from configure_optimizers, could not."
                                             " Fix: pass BatchPlanner(optimizer='adamw').")  # fmt: skip
-        spec = resolve_model(pl_module)
-        kwargs = run_settings(trainer, pl_module, (1, seq_len), optimizer)
+        kwargs = run_settings(trainer, pl_module, (1, shape[1]), optimizer)
+        kwargs.update(model=pl_module, example_batch=batch)
         world = kwargs["world_size"]
         budget = int(self.device_memory * (1.0 - self.margin))
 
@@ -159,7 +162,7 @@ class BatchPlanner(Callback):
             # the accumulation this micro-batch needs: accumulating keeps gradients between micro-steps
             accumulate = math.ceil(self.global_batch_tokens / (micro * seq_len * world))
             change = {"micro_batch_size": micro, "accumulate_grad_batches": accumulate}
-            return estimate_memory(spec, **{**kwargs, **change}).total
+            return estimate_memory(**{**kwargs, **change}).total
 
         if peak(1) > budget:
             raise MisconfigurationException(

@@ -116,7 +116,7 @@ class MemoryMonitor(Callback):
         snapshot_on_oom: record the CUDA allocation history and dump it on out-of-memory (CUDA only).
         optimizer: the predictor's optimizer name (``"adamw"``, ``"sgd-momentum"``, ...); ``None``: read from the
             run (``configure_optimizers`` is called once in ``setup``, before the Trainer calls it).
-        method: the predictor's method, ``"analytic"`` or ``"trace"``.
+        method: the predictor's method, ``"trace"`` (the only one: a fake-tensor trace of the module's own step).
         cpu_mode: the CPU probe's mode, ``"allocator"`` (default) or ``"dispatch"``.
         max_suggestions: at most this many suggestions in the fit-check error.
         progress_bar: show the actual and predicted peak in the progress bar at every optimizer step (not logged).
@@ -147,7 +147,7 @@ class MemoryMonitor(Callback):
         plot: bool | None = None,
         snapshot_on_oom: bool = True,
         optimizer: str | None = None,
-        method: str = "analytic",
+        method: str = "trace",
         cpu_mode: str = "allocator",
         max_suggestions: int = 5,
         progress_bar: bool = False,
@@ -176,8 +176,11 @@ class MemoryMonitor(Callback):
             from lightning_memopt.predictor.model_states import resolve_optimizer
 
             resolve_optimizer(optimizer)
-        if method not in ("analytic", "trace"):
-            raise ValueError(f"Expected `method` 'analytic' or 'trace', got {method!r}.")
+        if method != "trace":
+            raise ValueError(
+                f"Expected `method='trace'`, got {method!r}: the closed-form ('analytic') formulas were removed; the"
+                " trace of the module's own step is exact for any model. Fix: drop `method`."
+            )
         if cpu_mode not in ("allocator", "dispatch"):
             raise ValueError(f"Expected `cpu_mode` 'allocator' or 'dispatch', got {cpu_mode!r}.")
         if plot:
@@ -200,7 +203,7 @@ class MemoryMonitor(Callback):
 
     def _reset_run_state(self) -> None:
         self._probe: Any = None
-        self._spec: Any = None
+        self._warned_unpredictable = False
         self._shape: Any = None
         self._optimizer_name: str | None = None
         self._estimates: dict[Any, tuple[MemoryEstimate, dict[str, Any]]] = {}
@@ -286,18 +289,14 @@ class MemoryMonitor(Callback):
         )
         if is_overridden("configure_model", pl_module):
             deferred = True  # its layers do not exist yet
-        else:
-            self._spec = self._resolve_spec(pl_module)
         if deferred:
             rank_zero_info(
                 "MemoryMonitor: the prediction waits for on_train_start (transforms, optimizer or batch pending)."
             )
             return
-        self._predict(trainer, pl_module, shape, batch)
-        rank_zero_info(
-            f"MemoryMonitor: predicted memory per rank\n{self.estimate.table(_unit(self.estimate.total))}"
-        )  # type: ignore[union-attr]
-        self._check_fit(trainer)
+        if self._predict(trainer, pl_module, shape, batch):
+            rank_zero_info(f"MemoryMonitor: predicted memory per rank\n{self.estimate.table(_unit(self.estimate.total))}")
+            self._check_fit(trainer)
 
     @staticmethod
     def _default_device_memory(trainer: "pl.Trainer", device: torch.device) -> int:
@@ -326,35 +325,42 @@ class MemoryMonitor(Callback):
         base = getattr(transform_callbacks, "_TransformCallback", ())
         return any(isinstance(cb, base) and cb._key not in applied for cb in trainer.callbacks)
 
-    @staticmethod
-    def _resolve_spec(pl_module: "pl.LightningModule") -> Any:
-        from lightning_memopt.predictor.model_spec import resolve_model
-
-        try:
-            return resolve_model(pl_module)
-        except (TypeError, ValueError) as err:
-            raise MisconfigurationException(f"MemoryMonitor cannot read the model's shape: {err}") from err
-
     def _predict(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", shape: Any, batch: Any = None
-    ) -> None:
+    ) -> bool:
+        """Predict for this batch shape (once per shape and optimizer); ``False`` when the model cannot be predicted,
+        after one warning: the monitor then logs the actual memory only."""
         from lightning_memopt.predictor.api import estimate_memory
 
         key = (shape, self._optimizer_name)
         if key not in self._estimates:
+            if batch is None:
+                batch = self._first_batch(trainer)
             kwargs = run_settings(trainer, pl_module, shape, self._optimizer_name or "adamw")
-            kwargs["method"] = self.method
-            model = self._spec if self.method == "analytic" else pl_module
-            if self.method == "trace":
-                kwargs["example_batch"] = batch
-            self._estimates[key] = (estimate_memory(model, **kwargs), {"model": model, **kwargs})
+            kwargs.update(model=pl_module, example_batch=batch)
+            try:
+                self._estimates[key] = (estimate_memory(**kwargs), kwargs)
+            except Exception as err:  # noqa: BLE001 -- a callback never ends the run it observes
+                self._unpredictable(pl_module, err)
+                return False
         self.estimate, self._kwargs = self._estimates[key]
         self._shape = shape
+        return True
+
+    def _unpredictable(self, pl_module: "pl.LightningModule", err: BaseException) -> None:
+        self.estimate = None
+        if not self._warned_unpredictable:
+            self._warned_unpredictable = True
+            rank_zero_warn(
+                f"MemoryMonitor cannot predict the memory of {type(pl_module).__name__}: {type(err).__name__}: {err}"
+                " It logs the actual memory only, and the fit check is skipped. Fix: what the error says, or"
+                " report the model at the project's issue tracker."
+            )
 
     def _predicted_peak(self) -> int:
         est = self.estimate
         if est is None:
-            return 0
+            return -1  # no prediction: the predicted keys are not logged
         if self._micro_steps <= 1 and self._kwargs.get("accumulate_grad_batches", 1) > 1:
             est = self._first_micro_step_estimate()
         on_cpu = self._probe is not None and self._probe.device.type == "cpu"
@@ -374,9 +380,7 @@ class MemoryMonitor(Callback):
     def _suggestions(self, trainer: "pl.Trainer") -> list:
         from lightning_memopt.predictor.plan import suggest_fixes
 
-        kwargs = {k: v for k, v in self._kwargs.items() if k != "example_batch"}
-        if kwargs.get("method") == "trace":
-            kwargs.update(method="analytic", model=self._spec or kwargs["model"])
+        kwargs = dict(self._kwargs)
         zero_config = None
         if kwargs.get("engine") == "torch":  # a ZeRO suggestion means MemOptStrategy, with its "auto" bucket sizes
             from lightning_memopt.strategies.deepspeed_config import (
@@ -427,25 +431,22 @@ class MemoryMonitor(Callback):
             self._setup(trainer, pl_module)
         self._probe.track(trainer.strategy.model, pl_module, *trainer.optimizers)
         if trainer.optimizers and self.optimizer is None:
-            self._optimizer_name = optimizer_name(trainer.optimizers[0])
-        if self._spec is None:
-            self._spec = self._resolve_spec(pl_module)
+            try:
+                self._optimizer_name = optimizer_name(trainer.optimizers[0])
+            except MisconfigurationException as err:
+                self._unpredictable(pl_module, err)
         shape = self._shape or batch_shape(self._first_batch(trainer))
-        if shape is not None:
+        if shape is not None and self._optimizer_name is not None:
             self._estimates.clear()  # the resolved DeepSpeed config and the real optimizer
-            self._predict(trainer, pl_module, shape)
-            if not self._checked:
-                rank_zero_info(
-                    f"MemoryMonitor: predicted memory per rank\n{self.estimate.table(_unit(self.estimate.total))}"
-                )  # type: ignore[union-attr]
+            if self._predict(trainer, pl_module, shape) and not self._checked:
+                rank_zero_info(f"MemoryMonitor: predicted memory per rank\n{self.estimate.table(_unit(self.estimate.total))}")
                 self._check_fit(trainer)
         self._last_global_step = trainer.global_step
 
     def _before_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any) -> None:
         shape = batch_shape(batch)
-        if shape is not None and shape != self._shape:
-            self._predict(trainer, pl_module, shape, batch)
-            if not self._checked:
+        if shape is not None and shape != self._shape and self._optimizer_name is not None:
+            if self._predict(trainer, pl_module, shape, batch) and not self._checked:
                 self._check_fit(trainer)
         self._micro_steps += 1
         self._probe.start_step()
@@ -470,11 +471,12 @@ class MemoryMonitor(Callback):
         if trainer.global_step == self._last_global_step:
             return  # accumulating: no optimizer step yet
         if self.progress_bar:  # the peaks since the last log, as they are logged: rank zero's in the bar
-            unit = _unit(self._interval["predicted_peak_bytes"])
+            unit = _unit(max(self._interval["predicted_peak_bytes"], self._interval["actual_peak_bytes"]))
             scale = 2**30 if unit == "GiB" else 2**20
             for key, name in ((f"mem_{unit}", "actual_peak_bytes"), (f"pred_{unit}", "predicted_peak_bytes")):
-                trainer.lightning_module.log(key, self._interval[name] / scale, prog_bar=True, logger=False,
-                                             on_step=True, on_epoch=False)  # fmt: skip
+                if self._interval[name] >= 0:  # -1: no prediction
+                    trainer.lightning_module.log(key, self._interval[name] / scale, prog_bar=True, logger=False,
+                                                 on_step=True, on_epoch=False)  # fmt: skip
         self._last_global_step = trainer.global_step
         self._micro_steps = 0
         every = self.log_every_n_steps or trainer.log_every_n_steps
@@ -490,15 +492,19 @@ class MemoryMonitor(Callback):
         rows = []
         for rank, values in enumerate(gathered):
             row: dict[str, Any] = {"step": trainer.global_step, "rank": rank, **dict(zip(_FIELDS, values))}
-            row["prediction_error"] = prediction_error(row["predicted_peak_bytes"], row["actual_peak_bytes"])
+            predicted = row["predicted_peak_bytes"]  # -1: no prediction on that rank
+            row["prediction_error"] = prediction_error(predicted, row["actual_peak_bytes"]) if predicted >= 0 else None
             rows.append(row)
         self.history.extend(rows)
+        unknown = ("reserved_bytes", "predicted_peak_bytes", "prediction_error")  # -1 / None: not measured
         metrics = {f"memory/{name}": float(value) for name, value in rows[trainer.global_rank].items()
-                   if name not in ("step", "rank") and not (name == "reserved_bytes" and value < 0)}  # fmt: skip
+                   if name not in ("step", "rank") and not (name in unknown and (value is None or value < 0))}  # fmt: skip
         for name in ("actual_peak_bytes", "predicted_peak_bytes", "reserved_bytes", "rss_bytes"):
             if rows[0][name] >= 0:
                 metrics[f"memory/{name}_max"] = float(max(row[name] for row in rows))
-        metrics["memory/prediction_error_max"] = max((row["prediction_error"] for row in rows), key=abs)
+        errors = [row["prediction_error"] for row in rows if row["prediction_error"] is not None]
+        if errors:
+            metrics["memory/prediction_error_max"] = max(errors, key=abs)
         if self.estimate is not None:
             for name in (*CATEGORIES, "cpu_offloaded"):
                 metrics[f"memory/predicted/{name}"] = float(getattr(self.estimate, name))

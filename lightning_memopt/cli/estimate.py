@@ -299,7 +299,7 @@ def _num_parameters(model: Any, estimate: Any) -> int:
     details = estimate.details or {}
     if "num_parameters" in details:
         return int(details["num_parameters"])
-    from lightning_memopt.predictor.model_spec import resolve_model
+    from lightning_memopt.predictor.sources import resolve_model
 
     return resolve_model(model).num_parameters
 

@@ -9,8 +9,10 @@ Example:
 
 from lightning_memopt.predictor.api import estimate_memory
 from lightning_memopt.predictor.estimate import MemoryEstimate
-from lightning_memopt.predictor.model_spec import ModelSpec, resolve_model
 from lightning_memopt.predictor.precision import resolve_precision
 from lightning_memopt.predictor.presets import PRESETS
+from lightning_memopt.predictor.reading import ModelReading, read_model
+from lightning_memopt.predictor.sources import resolve_model
 
-__all__ = ["MemoryEstimate", "ModelSpec", "PRESETS", "estimate_memory", "resolve_model", "resolve_precision"]
+__all__ = ["MemoryEstimate", "ModelReading", "PRESETS", "estimate_memory", "read_model", "resolve_model",
+           "resolve_precision"]

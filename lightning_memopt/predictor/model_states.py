@@ -33,8 +33,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_memopt.predictor.model_spec import ModelSpec
 from lightning_memopt.predictor.precision import Precision
+from lightning_memopt.predictor.reading import ModelReading
 
 #: name -> (fp32 state bytes per parameter, step temporaries: "single" | "foreach" | "fused" | "none").
 OPTIMIZERS = {
@@ -164,11 +164,10 @@ def _partition(n: int, world: int) -> int:
     return math.ceil(n / world)
 
 
-def _tensors(spec: ModelSpec) -> "list[int]":
-    """Parameter tensor sizes; unknown for a bare parameter count (per-tensor temporaries are then left
-    out).
-    """
-    return spec.param_numels if spec.module_params else []
+def _trainable_numels(reading: ModelReading) -> "list[int]":
+    """Sizes of the trainable tensors in flat-buffer order; unknown for a bare parameter count (per-tensor
+    temporaries and bucket boundaries are then left out)."""
+    return [p.numel for p in reading.trainable()] if reading.traceable else []
 
 
 def _temporaries(kind: str, tensors: "list[int]") -> int:
@@ -180,43 +179,38 @@ def _temporaries(kind: str, tensors: "list[int]") -> int:
     return 0
 
 
-def _gathered_stage3(spec: ModelSpec, threshold: int, reuse: int, bytes_: int) -> "tuple[int, int]":
+def _gathered_stage3(reading: ModelReading, threshold: int, reuse: int, bytes_: int) -> "tuple[int, int]":
     """(gathered bytes kept from forward into backward, persistent full-copy bytes) at ZeRO-3.
 
     ``partitioned_param_coordinator.__params_to_release``: after a module's forward, its parameters stay
     gathered when they are used again within ``max_reuse_distance`` elements of the trace (forward rest +
     backward). When the LightningModule's step calls the module itself the trace never completes
-    (:func:`~lightning_memopt.predictor.model_spec.step_calls_root`) and nothing stays gathered.
+    (:func:`~lightning_memopt.predictor.reading.step_calls_root`) and nothing stays gathered. Frozen parameters are
+    partitioned and gathered like trainable ones (``zero.Init`` converts every parameter).
     """
-    if spec.step_calls_root:  # the trace never completes: every sub-module's parameters are freed after use
-        persistent = sum(n for _, numels in spec.module_params for n in numels if n <= threshold)
+    modules = reading.module_params()
+    persistent = sum(p.numel for _, params in modules for p in params if p.numel <= threshold)
+    if reading.step_calls_root:  # the trace never completes: every sub-module's parameters are freed after use
         return 0, persistent * bytes_
-    if not spec.module_params:  # a bare count: modules unknown, the last reuse/2 elements stay gathered
-        return min(spec.num_parameters, reuse // 2) * bytes_, 0
-    names = [name for name, _ in spec.module_params]
-    # a module owning parameters *and* parameterised children (nn.MultiheadAttention reads its out_proj's
-    # weight
+    if not reading.traceable:  # a bare count: modules unknown, the last reuse/2 elements stay gathered
+        return min(reading.num_parameters, reuse // 2) * bytes_, 0
+    names = [name for name, _ in modules]
+    # a module owning parameters *and* parameterised children (nn.MultiheadAttention reads its out_proj's weight
     # itself) fetches them outside the recorded module trace: DeepSpeed releases them after use (measured)
     parents = {name.rsplit(".", k)[0] for name in names for k in range(1, name.count(".") + 1)}
     owners = parents.intersection(names)
     fetched = [n in owners or n.rsplit(".", 1)[0] in owners for n in names]
-    modules = [numels for _, numels in spec.module_params]
-    sizes = [sum(n for n in numels) for numels in modules]
-    persistent = sum(n for numels in modules for n in numels if n <= threshold)
-    after = 0
-    kept = 0
-    for numels, size, outside in zip(reversed(modules), reversed(sizes), reversed(fetched)):
+    after = kept = 0
+    for (_, params), outside in zip(reversed(modules), reversed(fetched)):
         if 2 * after < reuse and not outside:
-            kept += sum(n for n in numels if n > threshold)
-        after += size
+            kept += sum(p.numel for p in params if p.numel > threshold)
+        after += sum(p.numel for p in params)
     return kept * bytes_, persistent * bytes_
 
 
-def _partition_grad_elements(spec: ModelSpec, world: int, rank: int) -> "tuple[int, int]":
-    """(elements of the parameters overlapping ``rank``'s flat partition, gradient elements produced in
-    backward before the first of them) for ZeRO-1/2's ``grads_in_partition``.
-    """
-    numels = spec.param_numels
+def _partition_grad_elements(numels: "list[int]", world: int, rank: int) -> "tuple[int, int]":
+    """(elements of the parameters overlapping ``rank``'s flat partition, gradient elements produced in backward
+    before the first of them) for ZeRO-1/2's ``grads_in_partition``; ``numels`` in flat order."""
     total = sum(numels)
     size = _partition(total, world)
     lo, hi = rank * size, min((rank + 1) * size, total)
@@ -230,7 +224,7 @@ def _partition_grad_elements(spec: ModelSpec, world: int, rank: int) -> "tuple[i
 
 
 def engine_memory(
-    spec: ModelSpec,
+    reading: ModelReading,
     *,
     world_size: int,
     zero: int,
@@ -244,12 +238,16 @@ def engine_memory(
 ) -> EngineMemory:
     """Model-state bytes of ``rank`` (default: the last, which receives gradients first) for the given engine.
 
-    Only ZeRO-1/2 differ between ranks (which parameters overlap the rank's partition).
+    Every parameter is held (frozen ones too, in the engine's dtype when floating); gradients, fp32 master copies
+    and optimizer states exist for the trainable ones only (DeepSpeed's wrappers keep ``is_optimized_parameter``s,
+    ``deepspeed/runtime/utils.py``). ZeRO-3 partitions every parameter, each one separately
+    (``partition_parameters.py`` ``_partition_param``: ``ceil(numel / world)`` elements per rank). Only ZeRO-1/2
+    differ between ranks (which parameters overlap the rank's partition). Module buffers are in ``buffers``.
 
     Example:
-        >>> from lightning_memopt.predictor.model_spec import resolve_model
+        >>> from lightning_memopt.predictor.reading import from_count
         >>> from lightning_memopt.predictor.precision import resolve_precision
-        >>> em = engine_memory(resolve_model(7.5e9), world_size=64, zero=1,
+        >>> em = engine_memory(from_count(7.5e9), world_size=64, zero=1,
         ...                    precision=resolve_precision("16-mixed"),
         ...                    optimizer="adam", offload_optimizer=False, offload_parameters=False,
         ...                    engine="zero-paper", deepspeed_config=None)
@@ -257,88 +255,99 @@ def engine_memory(
         31.40625
     """
     state_bytes, temp_kind = resolve_optimizer(optimizer)
-    P = spec.num_parameters
+    T = reading.trainable_parameters
     W = world_size
-    Pp = _partition(P, W)
     if engine == "zero-paper":
-        return _zero_paper(P, W, zero, precision, state_bytes)
+        return _zero_paper(reading.num_parameters, W, zero, precision, state_bytes)
     if engine == "torch":
-        return _torch_engine(spec, W, precision, state_bytes, temp_kind)
+        return _torch_engine(reading, W, precision, state_bytes, temp_kind)
+    dtype = precision.param_dtype("deepspeed")
     b = precision.param_bytes("deepspeed")
+    held = reading.param_bytes(dtype)  # every parameter, whole (ZeRO 0-2)
+    module_buffers = reading.buffer_bytes(dtype if precision.half else None)
+    numels = _trainable_numels(reading)
+    largest = max(numels, default=T)
     cfg = zero_settings(deepspeed_config)
     opt_dev = offload_optimizer is False
     par_dev = offload_parameters is False
     where = {"cpu": 0, "nvme": 0}
-    details: "dict[str, Any]" = {"bytes_per_param_dtype": b, "zero_settings": cfg}
+    details: "dict[str, Any]" = {"bytes_per_param_dtype": b, "zero_settings": cfg, "module_buffer_bytes": module_buffers}
     if zero == 0:
-        master = 4 * P if precision.half else 0
-        states = state_bytes * P
-        base = Phase("steady", b * P, 0, master + states, 0)
-        grads_fp32 = 4 * P if precision.half else 0
-        temps = _temporaries(temp_kind, _tensors(spec))
-        chunk = b * min(P, ALLREDUCE_CHUNK + spec.largest_param) if W > 1 else 0
+        master = 4 * T if precision.half else 0
+        states = state_bytes * T
+        base = Phase("steady", held, 0, master + states, module_buffers)
+        grads_fp32 = 4 * T if precision.half else 0
+        temps = _temporaries(temp_kind, numels)
+        chunk = b * min(T, ALLREDUCE_CHUNK + largest) if W > 1 else 0
         phases = (
-            Phase("allreduce", b * P, b * P, master + states, chunk),
-            Phase("step", b * P, b * P, master + states, grads_fp32 + temps),
+            Phase("allreduce", held, b * T, master + states, module_buffers + chunk),
+            Phase("step", held, b * T, master + states, module_buffers + grads_fp32 + temps),
         )
         # gradient accumulation (engine.py allreduce_gradients: no reduction off the boundary): param.grad of every
-        # parameter stays allocated between micro-steps and the next backward adds into it
-        return EngineMemory(base, 0, phases, 0, 0, b, 0, 0, 0, details, (b * P, 0))
-    temps = _temporaries(temp_kind, [min(Pp, cfg["sub_group_size"])] if zero == 3 else [Pp])
-    opt_bytes = (4 + state_bytes) * Pp
+        # trainable parameter stays allocated between micro-steps and the next backward adds into it
+        return EngineMemory(base, 0, phases, 0, 0, b, 0, 0, 0, details, (b * T, 0))
+    if zero == 3:  # optimizer partitions: the trainable parameters' ZeRO-3 partitions
+        Tp = sum(_partition(p.numel, W) for p in reading.trainable()) if reading.traceable else _partition(T, W)
+    else:
+        Tp = _partition(T, W)
+    temps = _temporaries(temp_kind, [min(Tp, cfg["sub_group_size"])] if zero == 3 else [Tp])
+    opt_bytes = (4 + state_bytes) * Tp
     if not opt_dev:
-        where[offload_optimizer] += opt_bytes + 4 * Pp
+        where[offload_optimizer] += opt_bytes + 4 * Tp
         opt_bytes, temps = 0, 0
-    grad32 = 4 * Pp if opt_dev else 0
+    grad32 = 4 * Tp if opt_dev else 0
     overlap = cfg["overlap_comm"] if cfg["overlap_comm"] is not None else zero == 3
     if zero in (1, 2):
         bucket = b * cfg["reduce_bucket_size"] * (2 if overlap and zero == 2 else 1)
         bucket = bucket if cfg["contiguous_gradients"] or zero == 1 else 0
         r = W - 1 if rank is None else rank
-        inside, before = _partition_grad_elements(spec, W, r)
+        inside, before = _partition_grad_elements(numels or [T], W, r)
         gip = b * inside if opt_dev else 0
         details["rank"] = r
         if not opt_dev:  # accumulation with offload: accumulated_grads_in_cpu holds the partition's gradients
             details["cpu_accumulation_bytes"] = b * inside
-        base = Phase("steady", b * P, 0, opt_bytes, 0)
+        base = Phase("steady", held, 0, opt_bytes, module_buffers)
         if not opt_dev:
-            bucket += b * spec.largest_param  # temp_grad_buffer_for_gpu_offload
+            bucket += b * largest  # temp_grad_buffer_for_gpu_offload
         if zero == 1:
-            first = _first_bucket_elements(spec, cfg["reduce_bucket_size"])
+            first = _first_bucket_elements(numels or [T], cfg["reduce_bucket_size"])
             phases = (
-                Phase("reduce", b * P, b * (P - first) + gip, opt_bytes, bucket),
-                Phase("step", b * P, 0, opt_bytes, grad32 + temps),
+                Phase("reduce", held, b * (T - first) + gip, opt_bytes, module_buffers + bucket),
+                Phase("step", held, 0, opt_bytes, module_buffers + grad32 + temps),
             )
             # accumulation: ZeRO-1 reduces only at the boundary (reduce_ready_partitions_and_remove_grads), so
             # the full 16-bit param.grad and the IPG bucket (setup_buckets) stay allocated between micro-steps
-            hold = (b * P, bucket)
+            hold = (b * T, bucket)
             return EngineMemory(base, 0, phases, where["cpu"], where["nvme"], b, bucket, 0, 0, details, hold)
-        after = _flush_after(spec, cfg["reduce_bucket_size"], before)
-        phases = (Phase("step", b * P, 0, opt_bytes, grad32 + temps),)
+        after = _flush_after(numels or [T], cfg["reduce_bucket_size"], before)
+        phases = (Phase("step", held, 0, opt_bytes, module_buffers + grad32 + temps),)
         # accumulation: ZeRO-2 reduces every micro-step into grads_in_partition, which stays until the step
         hold = (gip, bucket)
         return EngineMemory(base, 0, phases, where["cpu"], where["nvme"], 0, bucket, after, gip, details, hold)
-    # ZeRO-3
-    gathered, persistent = _gathered_stage3(
-        spec, cfg["stage3_param_persistence_threshold"], cfg["stage3_max_reuse_distance"], b
+    # ZeRO-3: every parameter partitioned, the persistent (small) ones also whole on every rank
+    threshold = cfg["stage3_param_persistence_threshold"]
+    gathered, persistent = _gathered_stage3(reading, threshold, cfg["stage3_max_reuse_distance"], b)
+    partitions = (
+        sum(_partition(p.numel, W) * _itemsize(dtype if p.floating else p.dtype) for p in reading.params)
+        if reading.traceable
+        else b * _partition(reading.num_parameters, W)
     )
-    params = b * Pp + persistent
+    params = partitions + persistent
     if not par_dev:
-        where[offload_parameters] += b * Pp
+        where[offload_parameters] += partitions
         params = persistent
-    grad_part = b * Pp if opt_dev else 0
+    grad_part = b * Tp if opt_dev else 0
     if not opt_dev:
-        where[offload_optimizer] += b * Pp
+        where[offload_optimizer] += b * Tp
     bucket = b * cfg["reduce_bucket_size"] if cfg["contiguous_gradients"] else 0
-    base = Phase("steady", params, grad_part, opt_bytes, bucket)
+    base = Phase("steady", params, grad_part, opt_bytes, module_buffers + bucket)
     details["persistent_param_bytes"] = persistent
-    phases = (Phase("step", params, grad_part, opt_bytes, bucket + grad32 + temps),)
+    phases = (Phase("step", params, grad_part, opt_bytes, module_buffers + bucket + grad32 + temps),)
     # without a complete trace each sub-module gathers its parameters for its own backward (pre-backward hook)
     # and frees them after it: the largest module's non-persistent parameters bound what is gathered then
-    threshold = cfg["stage3_param_persistence_threshold"]
     in_backward = (
-        b * max((sum(n for n in numels if n > threshold) for _, numels in spec.module_params), default=0)
-        if spec.step_calls_root
+        b * max((sum(p.numel for p in ps if p.numel > threshold) for _, ps in reading.module_params()), default=0)
+        if reading.step_calls_root
         else 0
     )
     details["backward_gathered_bytes"] = in_backward
@@ -347,13 +356,19 @@ def engine_memory(
     )
 
 
-def _flush_after(spec: ModelSpec, bucket: int, before: int) -> int:
+def _itemsize(dtype: Any) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _flush_after(numels: "list[int]", bucket: int, before: int) -> int:
     """Gradient elements produced when ZeRO-2 first reduces a bucket holding one of the rank's parameters (and
     so allocates ``grads_in_partition``): buckets fill in backward order and are reduced when the next
     gradient does not fit (``reduce_independent_p_g_buckets_and_remove_grads``).
     """
     filled = total = 0
-    for n in reversed(spec.param_numels):
+    for n in reversed(numels):
         if filled and filled + n > bucket:
             if total > before:
                 return total
@@ -363,42 +378,42 @@ def _flush_after(spec: ModelSpec, bucket: int, before: int) -> int:
     return total
 
 
-def _first_bucket_elements(spec: ModelSpec, bucket: int, reverse: bool = False) -> int:
-    """Gradient elements in the first IPG bucket reduced: in flat order at ZeRO-1's end-of-backward reduction,
-    in backward (reverse) order at ZeRO-2.
-    """
+def _first_bucket_elements(numels: "list[int]", bucket: int) -> int:
+    """Gradient elements in the first IPG bucket reduced at ZeRO-1's end-of-backward reduction (flat order)."""
     total = 0
-    for n in reversed(spec.param_numels) if reverse else spec.param_numels:
+    for n in numels:
         if total and total + n > bucket:
             break
         total += n
     return total
 
 
-def _torch_engine(
-    spec: ModelSpec, world: int, precision: Precision, state_bytes: int, kind: str
-) -> EngineMemory:
-    """Plain Lightning (single device or DDP): parameters, gradients and optimizer states in the parameter
-    dtype.
+def _torch_engine(reading: ModelReading, world: int, precision: Precision, state_bytes: int, kind: str) -> EngineMemory:
+    """Plain Lightning (single device or DDP): parameters (frozen ones too) in the parameter dtype, gradients and
+    optimizer states for the trainable ones.
 
     ``*-mixed``: fp32 parameters, gradients and states (Micikevicius et al. 2018, section 3); autocast's
-    half-precision weight copies live from their first use in forward to their use in backward (counted with
-    activations by the trace, and by :func:`half_weight_copies` analytically). DDP (``world > 1``) adds its
-    gradient buckets, a second copy of all gradients (``gradient_as_bucket_view=False``, Lightning's default).
+    half-precision weight copies live from their first use in forward to their use in backward (live tensors of the
+    trace). DDP (``world > 1``) adds its gradient buckets, a second copy of the trainable gradients
+    (``gradient_as_bucket_view=False``, Lightning's default; frozen parameters are not in DDP's buckets).
     """
+    dtype = precision.param_dtype("torch")
     b = precision.param_bytes("torch")
-    P = spec.num_parameters
-    states = state_bytes * P * b // 4
-    ddp = b * P if world > 1 else 0
-    temps = _temporaries(kind, _tensors(spec)) * b // 4
-    base = Phase("steady", b * P, 0, states, ddp)
-    phases = (Phase("step", b * P, b * P, states, ddp + temps),)
+    T = reading.trainable_parameters
+    held = reading.param_bytes(dtype)
+    module_buffers = reading.buffer_bytes(None if precision.mixed else dtype)
+    states = state_bytes * T * b // 4
+    ddp = b * T if world > 1 else 0
+    temps = _temporaries(kind, _trainable_numels(reading)) * b // 4
+    base = Phase("steady", held, 0, states, module_buffers + ddp)
+    phases = (Phase("step", held, b * T, states, module_buffers + ddp + temps),)
     # accumulation: param.grad of every parameter stays between micro-steps (Lightning skips DDP's all-reduce
     # with no_sync until the last micro-step)
     # Lightning's automatic optimization calls optimizer.zero_grad() (set_to_none) after training_step and before
     # backward (loops/optimization/automatic.py, Closure.closure), so the previous step's gradients are live
     # through the forward
-    return EngineMemory(base, 0, phases, 0, 0, b, 0, 0, 0, {"ddp_bucket_bytes": ddp}, (b * P, 0), b * P)
+    details = {"ddp_bucket_bytes": ddp, "module_buffer_bytes": module_buffers}
+    return EngineMemory(base, 0, phases, 0, 0, b, 0, 0, 0, details, (b * T, 0), b * T)
 
 
 def _zero_paper(P: int, W: int, zero: int, precision: Precision, state_bytes: int) -> EngineMemory:

@@ -1,182 +1,389 @@
-"""``method="trace"``: run one training step's forward and backward under fake tensors and account every byte.
+"""Trace one training step of any ``nn.Module`` under fake tensors and account every byte.
 
-Nothing is allocated: parameters, buffers and the batch become
+Nothing is allocated: parameters, buffers, tensors held as plain attributes and the batch become
 :class:`~torch._subclasses.fake_tensor.FakeTensor` s (shapes, dtypes and storages without data), and a
-``TorchDispatchMode`` follows every storage the step creates until it dies (``weakref`` on the untyped
-storage), so the result is the exact live-tensor timeline of the real eager step (the same kernels run their
-shape functions; SDPA and CPU autocast take their real paths, which the meta device does not). Gradients of
-parameters are reported to a post-accumulate hook and dropped, so the timeline says, at every op, how many
-bytes of activations/logits/temporaries are live and how many gradient bytes the engine has received so far;
-each engine then keeps what it keeps (:mod:`.model_states`).
+``TorchDispatchMode`` follows every storage the step creates until it dies (``weakref`` on the untyped storage), so
+the result is the live-tensor timeline of the real eager step (the same kernels run their shape functions; SDPA and
+CPU autocast take their real paths, which the meta device does not). Gradients of trainable parameters are reported
+to a post-accumulate hook and dropped, so the timeline says, after every op, how many bytes of activations, logits
+and temporaries are live and how many gradient bytes the engine has received; each engine then keeps what it keeps
+(:mod:`.model_states`). Parameters, buffers and attributes are the model states' and are not in the timeline.
+
+Where a fake kernel is missing or disagrees with the eager one, the tracker fixes it locally:
+
+* ``aten._grouped_mm`` (transformers 5's grouped MoE experts): its fake kernel demands bf16 although the CPU kernel
+  runs fp32; an fp32 call is shaped by the bf16 kernel and returns an fp32 tensor.
+
+A step whose shapes depend on the data (``nonzero``, ``.item()`` in the model) cannot be traced: it raises with the
+op's name and what to do instead.
 """
 
 import contextlib
-import sys
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from lightning_memopt.predictor.activations import num_checkpointed
-from lightning_memopt.predictor.model_spec import _find_hf_model
+from lightning_memopt.core.blocks import checkpoint_block, is_checkpointed, num_checkpointed, uncheckpoint_block
 from lightning_memopt.predictor.precision import Precision
+from lightning_memopt.core import compat as _compat
+from lightning_memopt.predictor.reading import find_hf_model, tensor_attributes
+from lightning_memopt.predictor.tracker import SHADOW_LIMIT, LiveTensorTracker
+
+#: a function from one step's batch to its loss; the default steps a LightningModule or calls the module
+StepFn = Callable[[nn.Module, Any], Any]
 
 
 @dataclass(frozen=True)
 class TraceResult:
-    """What one fake training step (forward + backward) did to memory, parameters excluded.
+    """What one fake training step (forward + backward) did to memory, model states excluded.
 
     Attributes:
-        live: bytes of live non-parameter tensors after each op (activations, logits, temporaries, gradients
-            in flight before they reach the engine).
-        grads: gradient bytes handed to the engine so far, at the same moments (parameter dtype).
-        forward_end: index in ``live`` where the forward pass (the loss) ended.
+        live: bytes of live tensors after each op (activations, logits, temporaries, gradients in flight before
+            they reach the engine).
+        grads: gradient bytes handed to the engine so far, at the same moments.
+        logits: of ``live``, the bytes of tensors whose last dimension is the vocabulary.
+        forward_end: index in ``live`` of the last op of the forward pass (the loss).
         saved_bytes: bytes saved for backward at the end of forward (de-duplicated by storage).
-        logits_bytes: of ``saved_bytes``, those of tensors whose last dimension is the vocabulary.
-        grad_bytes: total gradient bytes of one backward.
+        grad_bytes: gradient bytes of one backward.
+        labels: per op, the index of the block running it (``-1`` outside blocks), when blocks were marked.
+        markers: ``(op index, block index, "forward" | "backward", storages freed before)`` where a skipped block
+            passed (synthesis).
+        storages: ``(allocated at, freed at, bytes, storage key)`` of every storage the step created (``freed at`` =
+            ``len(live)`` when it outlived the step), when recorded.
     """
 
     live: "tuple[int, ...]"
     grads: "tuple[int, ...]"
+    logits: "tuple[int, ...]"
     forward_end: int
     saved_bytes: int
-    logits_bytes: int
     grad_bytes: int
-
-    def peak(self, grad_keep: float = 0.0, grad_extra: int = 0) -> int:
-        """Peak of ``live + grad_keep * grads`` over the step, plus ``grad_extra`` once gradients exist.
-
-        Example:
-            >>> TraceResult((5, 9, 4), (0, 0, 8), 1, 5, 0, 8).peak(grad_keep=1.0)
-            12
-        """
-        best = 0
-        for live, grads in zip(self.live, self.grads):
-            best = max(best, live + int(grad_keep * grads) + (grad_extra if grads else 0))
-        return best
+    labels: "tuple[int, ...]" = ()
+    markers: "tuple[tuple[int, int, str, int], ...]" = ()
+    storages: "tuple[tuple[int, int, int, int], ...]" = ()
 
     @property
-    def forward_peak(self) -> int:
-        """Peak live bytes during forward."""
-        return max(self.live[: self.forward_end + 1] or (0,))
+    def peak(self) -> int:
+        """Highest live bytes of the step (gradients excluded).
+
+        Example:
+            >>> TraceResult((5, 9, 4), (0, 0, 8), (0, 0, 0), 1, 5, 8).peak
+            9
+        """
+        return max(self.live, default=0)
 
 
-class _Tracker(TorchDispatchMode):
-    def __init__(self, exclude: "set[int]") -> None:
-        super().__init__()
-        self.exclude = exclude
-        self.sizes: dict = {}
-        self.refs: dict = {}
-        self.cur = 0
-        self.grads = 0
-        self.live: list = []
-        self.grad_log: list = []
-
-    def add(self, t: Any) -> None:
-        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-            return
-        st = t.untyped_storage()
-        key = st._cdata
-        if key in self.sizes or key in self.exclude:
-            return
-
-        def _gone(_: Any, key: int = key) -> None:
-            self.cur -= self.sizes.pop(key, 0)
-            self.refs.pop(key, None)
-
-        self.refs[key] = weakref.ref(st, _gone)
-        self.sizes[key] = st.nbytes()
-        self.cur += st.nbytes()
-
-    def mark(self) -> None:
-        self.live.append(self.cur)
-        self.grad_log.append(self.grads)
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            self.add(t)
-        self.mark()
-        return out
+def default_step(module: nn.Module, batch: Any) -> Any:
+    """One training step's output, as Lightning keeps it until backward ends: a LightningModule's
+    ``training_step(batch, 0)`` (Lightning's closure holds what it returns); any other module is stepped as a
+    ``training_step`` returning ``module(**batch).loss`` would (``module(*batch)``, ``module(batch)`` alike): its
+    output, logits included, is freed before backward (so do Hugging Face's Trainer and most loops)."""
+    step = getattr(module, "training_step", None)
+    if callable(step):
+        return step(batch, 0)
+    if isinstance(batch, dict):
+        out = module(**batch)
+    elif isinstance(batch, (tuple, list)):
+        out = module(*batch)
+    else:
+        out = module(batch)
+    return loss_of(out, module)
 
 
-def _find_blocks(module: nn.Module) -> "list[nn.Module]":
-    blocks: list = []
-    for m in module.modules():
-        if isinstance(m, nn.ModuleList) and len(m) > len(blocks) and len({type(c) for c in m}) == 1:
-            blocks = list(m)
-    return blocks
+def loss_of(out: Any, module: nn.Module) -> torch.Tensor:
+    """The loss in a step's output: the output itself, ``out["loss"]``, ``out.loss`` or a leading scalar.
 
-
-@contextlib.contextmanager
-def _checkpointed(module: nn.Module, count: int):
-    """Checkpoint the first ``count`` blocks (non-reentrant ``torch.utils.checkpoint``), restored on exit."""
-    if count == 0:
-        yield
-        return
-    blocks = _find_blocks(module)
-    hf_layers = [b for b in blocks if hasattr(b, "gradient_checkpointing")]
-    hf = _find_hf_model(module)
-    if hf_layers and hf is not None and hasattr(hf, "gradient_checkpointing_enable"):
-        module = hf
-        # Hugging Face layers (GradientCheckpointingLayer) checkpoint themselves and switch the KV cache off.
-        before = [b.gradient_checkpointing for b in hf_layers]
-        was = getattr(module, "is_gradient_checkpointing", False)
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        for i, b in enumerate(hf_layers):
-            b.gradient_checkpointing = i < count
-        try:
-            yield
-        finally:
-            if not was:
-                module.gradient_checkpointing_disable()
-            for b, flag in zip(hf_layers, before):
-                b.gradient_checkpointing = flag
-        return
-    # The same wrapper as lightning_memopt's checkpointing transform (non-reentrant, KV cache off in recomputation),
-    # so the trace counts what a real checkpointed run keeps.
-    from lightning_memopt.transforms.checkpointing import _FLAG, _unwrap, _wrap
-
-    patched = [block for block in blocks[:count] if _FLAG not in block.__dict__]
-    for block in patched:
-        _wrap(block, reentrant=False)
-    try:
-        yield
-    finally:
-        for block in patched:
-            _unwrap(block)
-
-
-@contextlib.contextmanager
-def _linear_of_the_run(zero3: bool):
-    """Trace with the ``torch.nn.functional.linear`` the run will use.
-
-    DeepSpeed's ZeRO-3 ``zero.Init`` replaces it process-wide with its memory-efficient ``zero3_linear_wrap`` ("This
-    will persist unless manually reset", deepspeed/runtime/zero/partition_parameters.py): a ZeRO-3 run computes every
-    Linear with ``LinearFunctionForZeroStage3`` (``matmul`` then an in-place bias add in forward, its own
-    reshapes and matmuls in backward), other runs with PyTorch's own, whatever ran earlier in the process.
+    Raises:
+        ValueError: the output holds no scalar loss, with the fix.
     """
-    functional = torch.nn.functional
-    partition = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
-    original = getattr(getattr(partition, "InsertPostInitMethodToModuleSubClasses", None), "linear_bk", None)
-    wanted = functional.linear if original is None else original
-    if zero3:
-        from deepspeed.runtime.zero.linear import zero3_linear_wrap
+    if isinstance(out, dict) and "loss" in out:
+        out = out["loss"]
+    elif not isinstance(out, torch.Tensor) and getattr(out, "loss", None) is not None:
+        out = out.loss
+    elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) and out[0].dim() == 0:
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.numel() != 1 or not out.requires_grad:
+        got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        if isinstance(out, torch.Tensor) and out.numel() == 1:
+            got = "a loss that does not require gradients (no trainable parameter reaches it)"
+        raise ValueError(
+            f"Expected one training step of {type(module).__name__} to return a scalar loss that requires"
+            f" gradients (a tensor, a dict with 'loss' or an output with `.loss`), got {got}."
+            " Fix: pass a LightningModule (its training_step is traced), or include the labels in the batch so"
+            " that the model computes its loss."
+        )
+    return out
 
-        wanted = zero3_linear_wrap
-    if functional.linear is wanted:
+
+def trace_step(
+    module: nn.Module,
+    example_batch: Any,
+    precision: Precision,
+    engine: str = "deepspeed",
+    activation_checkpointing: "bool | float | int" = False,
+    attention: "str | None" = None,
+    zero3: bool = False,
+    step: "StepFn | None" = None,
+    blocks: "Any" = None,
+) -> TraceResult:
+    """Trace forward + backward of ``module`` on ``example_batch`` with fake tensors.
+
+    Parameters (frozen ones too), buffers and plain tensor attributes are replaced for the duration of the call by
+    fake tensors in the dtype the engine holds them in: DeepSpeed casts the module (parameters and buffers) to
+    fp16/bf16 for 16-bit precisions; plain torch ``*-mixed`` keeps fp32 weights under autocast. The module itself
+    is not changed and no real memory is allocated for it, so a meta-device module works too.
+
+    Args:
+        module: the model.
+        example_batch: one micro-batch (tensors, or dicts/tuples of tensors); only shapes and dtypes are used.
+        precision: the resolved precision.
+        engine: ``"deepspeed"`` or ``"torch"``.
+        activation_checkpointing: checkpoint the first blocks (``True``: all, a fraction or a number) of a module
+            whose blocks are not checkpointed yet; blocks already checkpointed stay as they are.
+        attention: set a Hugging Face model's attention implementation for the trace (``None`` keeps it).
+        zero3: step as a DeepSpeed ZeRO-3 run does: Linear layers through ``zero3_linear_wrap``, every module's
+            tensor inputs as new tensors (``_post_backward_module_hook``), and a parameter whose view is saved for
+            backward kept gathered (counted) until that saved view is released.
+        step: ``(module, batch) -> output`` holding the loss (default :func:`default_step`).
+        blocks: a :class:`~lightning_memopt.predictor.synthesis.Replica` that marks blocks and skips some of them.
+
+    Raises:
+        ValueError: no scalar loss, or a step whose shapes depend on the data.
+
+    Example:
+        >>> from lightning_memopt.predictor.precision import resolve_precision
+        >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+        >>> res = trace_step(net, torch.zeros(4, 8), resolve_precision("32-true"), step=lambda m, b: m(b).sum())
+        >>> res.grad_bytes == 4 * sum(p.numel() for p in net.parameters()), res.peak > 0
+        (True, True)
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    dtype = precision.param_dtype(engine)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    exclude: "set[int]" = set()  # the model states' fake storages: not the step's
+    tracker = LiveTensorTracker(exclude, _vocab_size(module), blocks is not None, fake_mode)
+    saved: "dict[int, int]" = {}
+    pinned: "dict[int, int]" = {}  # parameter storage -> live saved views of it (ZeRO-3 keeps it gathered)
+    param_ids: "set[int]" = set()
+    grad_bytes = 0
+
+    def on_grad(p: torch.Tensor) -> None:
+        nonlocal grad_bytes
+        if p.grad is not None:
+            nbytes = p.grad.untyped_storage().nbytes()
+            tracker.grads += nbytes
+            grad_bytes += nbytes
+            p.grad = None
+        tracker.mark()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "meta":
+            st = t.untyped_storage()
+            if st._cdata not in exclude:
+                saved[st._cdata] = st.nbytes()
+            elif zero3 and id(t) not in param_ids:
+                _pin(st._cdata, st.nbytes(), t)
+        return t
+
+    def _pin(key: int, nbytes: int, view: torch.Tensor) -> None:
+        if key not in pinned:
+            pinned[key] = 0
+            tracker.hold(key, nbytes)
+        pinned[key] += 1
+
+        def _unpin(key: int = key) -> None:
+            pinned[key] -= 1
+            if not pinned[key]:
+                del pinned[key]
+                tracker.release(key)
+
+        weakref.finalize(view, _unpin)
+
+    def to_fake(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        if x.device.type == "meta":
+            return _fake_like(x, x.dtype, fake_mode)
+        # the batch's values are known: the step may inspect them (padding checks), as the eager one does
+        return tracker.shadowed(fake_mode.from_tensor(x), x.detach().clone())
+
+    batch = tree_map(to_fake, example_batch)
+    for t in tree_flatten(batch)[0]:  # the batch is on the device through the whole step
+        tracker.add(t)
+    autocast = (
+        torch.autocast("cpu", dtype=precision.compute_dtype)
+        if engine == "torch" and precision.mixed
+        else contextlib.nullcontext()
+    )
+    was_training = module.training
+    module.train()
+    handles: list = []
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_compat.linear_of_the_run(zero3))
+            stack.enter_context(_compat.no_packed_sequence_detection())
+            stack.enter_context(_attention(module, attention))
+            stack.enter_context(_checkpointed(module, activation_checkpointing))
+            if blocks is not None:  # the skipped blocks leave the module: their states need no fakes
+                stack.enter_context(blocks.installed(module, tracker))
+            fakes, trainable = _fake_states(module, fake_mode, dtype)
+            fake_attributes = _fake_attributes(module, fake_mode, tracker)
+            exclude.update(t.untyped_storage()._cdata for t in fakes.values())
+            exclude.update(t.untyped_storage()._cdata for _, t in fake_attributes)
+            param_ids.update(id(t) for t in fakes.values())
+            handles += [p.register_post_accumulate_grad_hook(on_grad) for p in trainable]
+            stack.enter_context(_swapped_attributes(module, fake_attributes))
+            stack.enter_context(_compat.reparametrized(module, fakes))
+            stack.enter_context(_zero3_module_inputs(module, zero3))
+            stack.enter_context(fake_mode)
+            stack.enter_context(tracker)
+            with _readable_errors(module), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+                    # the step's output lives until backward ends, as in a training loop (and Lightning's
+                    # closure, which keeps what ``training_step`` returned)
+                    output = (step or default_step)(module, batch)
+                    loss = loss_of(output, module)
+                forward_end = len(tracker.live) - 1
+                saved_bytes = sum(saved.values())
+                saved.clear()
+                # as in Lightning, autocast covers the training step only (``Precision.train_step_context``):
+                # backward runs outside it, and a checkpointed block's recomputation enters its own autocast
+                loss.backward()
+                del loss, output
+                tracker.mark()
+    finally:
+        for h in handles:
+            h.remove()
+        module.train(was_training)
+    return TraceResult(
+        live=tuple(tracker.live),
+        grads=tuple(tracker.grad_log),
+        logits=tuple(tracker.logit_log),
+        forward_end=forward_end,
+        saved_bytes=saved_bytes,
+        grad_bytes=grad_bytes,
+        labels=tuple(tracker.labels),
+        markers=tuple(blocks.markers) if blocks is not None else (),
+        storages=tuple(tracker.finished()) if blocks is not None else (),
+    )
+
+
+def _fake_like(t: torch.Tensor, dtype: torch.dtype, mode: Any = None) -> torch.Tensor:
+    """A fake CPU tensor of ``t``'s shape (``mode`` entered when given)."""
+    with mode if mode is not None else contextlib.nullcontext():
+        return torch.empty(t.shape, dtype=dtype, device="cpu")
+
+
+def _fake_attributes(module: nn.Module, mode: Any, tracker: LiveTensorTracker) -> "list[tuple[str, torch.Tensor]]":
+    """Fakes for the tensors held as plain attributes, with their values when small (the step may inspect them)."""
+    out = []
+    for name, t in tensor_attributes(module):
+        fake = _fake_like(t, t.dtype, mode)
+        if t.device.type != "meta":
+            tracker.shadowed(fake, t.detach().clone() if t.numel() <= SHADOW_LIMIT else t)
+        out.append((name, fake))
+    return out
+
+
+def _fake_states(module: nn.Module, mode: Any, dtype: torch.dtype) -> "tuple[dict[str, torch.Tensor], list]":
+    """Fake parameters (tied ones shared) and buffers by name, in the engine's dtype; the trainable fakes."""
+    fakes: "dict[str, torch.Tensor]" = {}
+    by_id: "dict[int, torch.Tensor]" = {}
+    with mode:
+        for name, p in module.named_parameters(remove_duplicate=False):
+            if id(p) not in by_id:
+                target = dtype if p.is_floating_point() else p.dtype
+                by_id[id(p)] = torch.empty(p.shape, dtype=target, device="cpu").requires_grad_(p.requires_grad)
+            fakes[name] = by_id[id(p)]
+        for name, b in module.named_buffers(remove_duplicate=False):
+            target = dtype if (b.is_floating_point() and dtype != torch.float32) else b.dtype
+            fakes[name] = torch.empty(b.shape, dtype=target, device="cpu")
+    return fakes, [p for p in by_id.values() if p.requires_grad]
+
+
+def _vocab_size(module: nn.Module) -> "int | None":
+    """The output vocabulary (for the logits category): a Hugging Face model's output embedding, else its config."""
+    hf = find_hf_model(module)
+    if hf is None:
+        return None
+    head = hf.get_output_embeddings() if callable(getattr(hf, "get_output_embeddings", None)) else None
+    if isinstance(head, nn.Linear):
+        return head.out_features
+    vocab = getattr(getattr(hf, "config", None), "vocab_size", None)
+    return vocab if isinstance(vocab, int) and head is not None else None
+
+
+@contextlib.contextmanager
+def _readable_errors(module: nn.Module):
+    """Turn fake-tensor errors about data-dependent shapes into an error that says what to do."""
+    from torch._subclasses import fake_tensor as ft
+
+    try:
         yield
-        return
-    replaced, functional.linear = functional.linear, wanted
+    except (ft.DataDependentOutputException, ft.DynamicOutputShapeException) as err:
+        op = getattr(err, "func", None) or str(err).split("\n")[0]
+        raise ValueError(
+            f"Expected a training step of {type(module).__name__} whose tensor shapes do not depend on the data, to"
+            f" trace it without allocating, got the data-dependent op {op}. Fix: switch the model to a path with"
+            " fixed shapes (Hugging Face MoE: model.set_experts_implementation('grouped_mm')), or pass a"
+            " parameter count for the model states only."
+        ) from err
+
+
+@contextlib.contextmanager
+def _swapped_attributes(module: nn.Module, fakes: "list[tuple[str, torch.Tensor]]"):
+    """Hold the fake tensors in place of the module's plain tensor attributes; on exit restore them and drop the
+    fake tensors the step itself stored on the modules (a mask cached in ``forward``)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    originals = []
+    for name, fake in fakes:
+        owner, _, key = name.rpartition(".")
+        sub = module.get_submodule(owner) if owner else module
+        originals.append((sub, key, sub.__dict__[key]))
+        sub.__dict__[key] = fake
+    before = {id(sub): dict(vars(sub)) for sub in module.modules()}
     try:
         yield
     finally:
-        functional.linear = replaced
+        for sub, key, value in originals:
+            sub.__dict__[key] = value
+        for sub in module.modules():
+            held = before.get(id(sub), {})
+            for key, value in list(vars(sub).items()):
+                if isinstance(value, FakeTensor):
+                    if key in held and not isinstance(held[key], FakeTensor):
+                        sub.__dict__[key] = held[key]
+                    else:
+                        del sub.__dict__[key]
+
+
+@contextlib.contextmanager
+def _checkpointed(module: nn.Module, activation_checkpointing: "bool | float | int"):
+    """Checkpoint the first blocks with the package's wrapper (the one the checkpointing transform uses), unless
+    the model's blocks are checkpointed already; restored on exit."""
+    from lightning_memopt.core.blocks import auto_blocks
+
+    names = auto_blocks(module)
+    blocks = [module.get_submodule(n) for n in names]
+    count = num_checkpointed(activation_checkpointing, len(blocks))
+    if count == 0 or any(is_checkpointed(b) for b in blocks):
+        yield
+        return
+    for block in blocks[:count]:
+        checkpoint_block(block)
+    try:
+        yield
+    finally:
+        for block in blocks[:count]:
+            uncheckpoint_block(block)
 
 
 @contextlib.contextmanager
@@ -191,7 +398,7 @@ def _zero3_module_inputs(module: nn.Module, zero3: bool):
     def fresh(_: nn.Module, args: tuple) -> tuple:
         return tuple(a.view_as(a) if isinstance(a, torch.Tensor) else a for a in args)
 
-    handles = [m.register_forward_pre_hook(fresh) for m in module.modules() if m is not module]
+    handles = [m.register_forward_pre_hook(fresh, prepend=True) for m in module.modules() if m is not module]
     try:
         yield
     finally:
@@ -202,8 +409,7 @@ def _zero3_module_inputs(module: nn.Module, zero3: bool):
 @contextlib.contextmanager
 def _attention(module: nn.Module, attention: "str | None"):
     """Set a Hugging Face model's attention implementation for the trace (plain modules keep theirs)."""
-    hf = _find_hf_model(module)
-    config = getattr(hf, "config", None)
+    config = getattr(find_hf_model(module), "config", None)
     if attention is None or config is None or not hasattr(config, "_attn_implementation"):
         yield
         return
@@ -213,202 +419,3 @@ def _attention(module: nn.Module, attention: "str | None"):
         yield
     finally:
         config._attn_implementation = before
-
-
-@contextlib.contextmanager
-def _no_packed_sequence_detection():
-    """transformers' packed-sequence detection reads position ids; fake tensors would route it to a mask."""
-    try:
-        import transformers.masking_utils as mu
-    except Exception:  # transformers missing or too old: nothing to keep out
-        yield
-        return
-    original = getattr(mu, "find_packed_sequence_indices", None)
-    if original is None:
-        yield
-        return
-    mu.find_packed_sequence_indices = lambda position_ids: None
-    try:
-        yield
-    finally:
-        mu.find_packed_sequence_indices = original
-
-
-def _loss_of(module: nn.Module, batch: Any) -> torch.Tensor:
-    step = getattr(module, "training_step", None)
-    if callable(step):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = step(batch, 0)
-    elif isinstance(batch, dict):
-        out = module(**batch)
-    elif isinstance(batch, (tuple, list)):
-        out = module(*batch)
-    else:
-        out = module(batch)
-    if isinstance(out, dict) and "loss" in out:
-        out = out["loss"]
-    elif not isinstance(out, torch.Tensor) and getattr(out, "loss", None) is not None:
-        out = out.loss
-    if not isinstance(out, torch.Tensor):
-        raise ValueError(
-            "Expected the traced step to produce a loss tensor (a tensor, a dict with 'loss' or an output"
-            " with"
-            f" `.loss`), got {type(out).__name__}. Fix: include labels in `example_batch` or return the loss."
-        )
-    if out.numel() != 1:
-        out = out.float().mean()
-    return out
-
-
-def trace_step(
-    module: nn.Module,
-    example_batch: Any,
-    precision: Precision,
-    engine: str = "deepspeed",
-    activation_checkpointing: "bool | float | int" = False,
-    attention: "str | None" = None,
-    zero3: bool = False,
-) -> TraceResult:
-    """Trace forward + backward of ``module`` on ``example_batch`` with fake tensors.
-
-    The module's parameters are replaced (for the duration of the call, through
-    :func:`torch.func.functional_call`) by fake tensors in the dtype the engine trains in: DeepSpeed casts the
-    module to fp16/bf16 for 16-bit precisions; plain torch ``*-mixed`` keeps fp32 weights under CPU/CUDA
-    autocast. The module itself is not changed and no real memory is allocated for it, so a meta-device module
-    works too.
-
-    Args:
-        module: the model; a LightningModule is stepped through its ``training_step(batch, 0)``, other modules
-            through ``module(**batch)`` / ``module(*batch)`` / ``module(batch)``; the loss is ``out.loss``,
-            ``out["loss"]`` or the output itself.
-        example_batch: one micro-batch (tensors, or dicts/tuples of tensors); only shapes and dtypes are used.
-        precision: the resolved precision.
-        engine: ``"deepspeed"`` or ``"torch"``.
-        activation_checkpointing: checkpoint all (``True``), a fraction or a number of the blocks.
-        attention: set a Hugging Face model's attention implementation for the trace (``None`` keeps it).
-        zero3: step as a DeepSpeed ZeRO-3 run does: Linear layers through ``zero3_linear_wrap``, every module's
-            tensor inputs as new tensors (``_post_backward_module_hook``), and a parameter whose view is saved for
-            backward kept gathered (counted) until that saved view is released.
-
-    Example:
-        >>> from torch import nn
-        >>> from lightning_memopt.predictor.precision import resolve_precision
-        >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
-        >>> res = trace_step(net, torch.zeros(4, 8), resolve_precision("32-true"))
-        >>> res.grad_bytes == 4 * sum(p.numel() for p in net.parameters())
-        True
-    """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.nn.utils.stateless import _reparametrize_module
-
-    dtype = precision.param_dtype(engine)
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
-    originals = dict(module.named_parameters(remove_duplicate=False))
-    buffers = dict(module.named_buffers(remove_duplicate=False))
-    with fake_mode:
-        fakes: dict = {}
-        by_id: dict = {}
-        for name, p in originals.items():
-            if id(p) not in by_id:
-                target = dtype if p.is_floating_point() else p.dtype
-                by_id[id(p)] = torch.empty(p.shape, dtype=target, device="cpu").requires_grad_(
-                    p.requires_grad
-                )
-            fakes[name] = by_id[id(p)]
-        for name, b in buffers.items():
-            target = dtype if (b.is_floating_point() and dtype != torch.float32) else b.dtype
-            fakes[name] = torch.empty(b.shape, dtype=target, device="cpu")
-
-    def to_fake(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            if x.device.type == "meta":
-                with fake_mode:
-                    return torch.empty(x.shape, dtype=x.dtype, device="cpu")
-            return fake_mode.from_tensor(x)
-        return x
-
-    batch = tree_map(to_fake, example_batch)
-    exclude = {t.untyped_storage()._cdata for t in fakes.values()}
-    tracker = _Tracker(exclude)
-    grad_bytes = 0
-
-    def on_grad(p: torch.Tensor) -> None:
-        nonlocal grad_bytes
-        if p.grad is not None:
-            tracker.grads += p.grad.untyped_storage().nbytes()
-            grad_bytes += p.grad.untyped_storage().nbytes()
-            p.grad = None
-        tracker.mark()
-
-    handles = [p.register_post_accumulate_grad_hook(on_grad) for p in by_id.values() if p.requires_grad]
-    saved: dict = {}
-
-    param_ids = {id(t) for t in by_id.values()}
-    pinned: dict = {}  # parameter storage -> live saved views of it (ZeRO-3 keeps that parameter gathered)
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.device.type != "meta":
-            st = t.untyped_storage()
-            if st._cdata not in exclude:
-                saved[st._cdata] = (st.nbytes(), t.shape[-1] if t.dim() else 0)
-            elif zero3 and id(t) not in param_ids:
-                _pin(st._cdata, st.nbytes(), t)
-        return t
-
-    def _pin(key: int, nbytes: int, view: torch.Tensor) -> None:
-        if key not in pinned:
-            pinned[key] = 0
-            tracker.cur += nbytes
-        pinned[key] += 1
-
-        def _unpin(key: int = key, nbytes: int = nbytes) -> None:
-            pinned[key] -= 1
-            if not pinned[key]:
-                del pinned[key]
-                tracker.cur -= nbytes
-
-        weakref.finalize(view, _unpin)
-
-    autocast = (
-        torch.autocast("cpu", dtype=precision.compute_dtype)
-        if engine == "torch" and precision.mixed
-        else contextlib.nullcontext()
-    )
-    blocks = _find_blocks(module)
-    count = num_checkpointed(activation_checkpointing, len(blocks))
-    was_training = module.training
-    module.train()
-    vocab = getattr(getattr(module, "config", None), "vocab_size", None)
-    try:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(_linear_of_the_run(zero3))
-            stack.enter_context(_zero3_module_inputs(module, zero3))
-            stack.enter_context(_no_packed_sequence_detection())
-            stack.enter_context(_attention(module, attention))
-            stack.enter_context(_checkpointed(module, count))
-            with _reparametrize_module(module, fakes, tie_weights=True, strict=False), fake_mode, tracker:
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-                    loss = _loss_of(module, batch)
-                forward_end = len(tracker.live) - 1
-                saved_bytes = sum(n for n, _ in saved.values())
-                logits_bytes = sum(n for n, last in saved.values() if vocab and last == vocab)
-                saved.clear()
-                # as in Lightning, autocast covers the training step only (``Precision.train_step_context``): backward
-                # runs outside it, and a checkpointed block's recomputation enters its own autocast, whose weight-cast
-                # cache is dropped when the recomputation ends
-                loss.backward()
-                del loss
-                tracker.mark()
-    finally:
-        for h in handles:
-            h.remove()
-        module.train(was_training)
-    return TraceResult(
-        live=tuple(tracker.live),
-        grads=tuple(tracker.grad_log),
-        forward_end=forward_end,
-        saved_bytes=saved_bytes,
-        logits_bytes=logits_bytes,
-        grad_bytes=grad_bytes,
-    )

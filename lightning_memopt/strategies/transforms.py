@@ -168,7 +168,8 @@ def checkpoint_run_to_fit(
                 " ActivationCheckpointing(budget='8GiB')."
             )
         budget = int(torch.cuda.get_device_properties(device).total_memory * (1 - DEVICE_MARGIN))
-    shape = batch_shape(_first_training_batch(trainer))
+    batch = _first_training_batch(trainer)
+    shape = batch_shape(batch)
     if shape is None or shape[1] is None:
         raise MisconfigurationException(
             "Expected the first training batch to hold a (batch, sequence) tensor for budget-driven"
@@ -180,6 +181,7 @@ def checkpoint_run_to_fit(
         rank_zero_info("Budget-driven checkpointing: optimizer unknown at setup; predicting with AdamW.")
     kwargs = run_settings(trainer, pl_module, shape, optimizer or "adamw")
     kwargs.pop("activation_checkpointing", None)
+    kwargs["example_batch"] = batch
     plan = checkpoint_to_fit(pl_module, budget, policy=policy, reentrant=reentrant, **kwargs)
     rank_zero_info(f"Budget-driven checkpointing: {plan}")
     return plan

@@ -8,6 +8,7 @@ where memory demands it. The first ``k`` blocks are wrapped
 (``apply_activation_checkpointing(fraction=k/n)``).
 """
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -129,7 +130,6 @@ def checkpoint_to_fit(
         (4, 8, True)
     """
     from lightning_memopt.predictor.api import estimate_memory
-    from lightning_memopt.predictor.model_spec import resolve_model
 
     limit = _parse_budget(budget)
     given = sorted(set(_OWN) & set(estimate_kwargs))
@@ -141,21 +141,22 @@ def checkpoint_to_fit(
     candidates = blocks_to_checkpoint(module, policy)
     n = len(candidates)
     kwargs = {**_module_settings(module), **estimate_kwargs}
-    trace = kwargs.get("method") == "trace"
-    if trace:  # the trace checkpoints the first k blocks itself; blocks wrapped earlier would stay wrapped
-        remove_activation_checkpointing(module)
-    model: Any = module if trace else resolve_model(module)
-    layers = getattr(model, "num_layers", n) if not isinstance(model, nn.Module) else n
     peaks: dict[int, int] = {}
 
-    def peak(k: int) -> int:
+    def checkpoint(k: int) -> None:
+        if k:
+            apply_activation_checkpointing(module, policy, fraction=k / n, reentrant=reentrant)
+        else:
+            remove_activation_checkpointing(module)
+
+    def peak(k: int) -> int:  # the module with its first k candidates checkpointed, traced as it is
         if k not in peaks:
-            setting = _setting(k, n, layers)
-            peaks[k] = int(estimate_memory(model, activation_checkpointing=setting, **kwargs).total)
+            checkpoint(k)
+            peaks[k] = int(estimate_memory(module, **kwargs).total)
         return peaks[k]
 
     if peak(n) > limit:
-        raise ValueError(_no_fit_message(module, model, kwargs, limit, peak(n), n))
+        raise ValueError(_no_fit_message(module, kwargs, limit, peak(n), n))
     lo, hi = -1, n  # invariant: peak(hi) fits; lo does not (or is below 0)
     if peak(0) <= limit:
         hi = 0
@@ -167,10 +168,7 @@ def checkpoint_to_fit(
             hi = mid
         else:
             lo = mid
-    if hi:
-        apply_activation_checkpointing(module, policy, fraction=hi / n, reentrant=reentrant)
-    else:
-        remove_activation_checkpointing(module)
+    checkpoint(hi)
     plan = CheckpointPlan(tuple(candidates[:hi]), hi, n, peak(hi), peak(0), peak(n), limit)
     _record(module, _KEY, plan.to_dict())
     return plan
@@ -193,15 +191,6 @@ def _parse_budget(budget: Any) -> int:
     return limit
 
 
-def _setting(k: int, n: int, layers: int) -> bool | int | float:
-    """The predictor's ``activation_checkpointing`` for ``k`` of ``n`` candidate blocks."""
-    if k == 0:
-        return False
-    if k == n:
-        return True
-    return k if layers == n else k / n  # a count when the predictor sees the same blocks, else a fraction
-
-
 def _module_settings(module: nn.Module) -> dict[str, Any]:
     """``attention`` and ``liger`` as applied to ``module`` (what the predictor is told by default)."""
     from lightning_memopt.transforms._applied import predictor_settings
@@ -211,13 +200,12 @@ def _module_settings(module: nn.Module) -> dict[str, Any]:
     return settings
 
 
-def _no_fit_message(
-    module: nn.Module, model: Any, kwargs: dict[str, Any], limit: int, full: int, n: int
-) -> str:
+def _no_fit_message(module: nn.Module, kwargs: dict[str, Any], limit: int, full: int, n: int) -> str:
+    """With every block checkpointed (as the module is now) nothing fits: what else would."""
     from lightning_memopt.predictor.api import estimate_memory
 
     def peak(**change: Any) -> int:
-        return int(estimate_memory(model, **{**kwargs, "activation_checkpointing": True, **change}).total)
+        return int(estimate_memory(module, **{**kwargs, **change}).total)
 
     fixes = []
     micro = int(kwargs.get("micro_batch_size", 1))
@@ -227,7 +215,7 @@ def _no_fit_message(
         lo, hi = (mid, hi) if peak(micro_batch_size=mid) <= limit else (lo, mid)
     if lo:
         fixes.append(
-            f"micro_batch_size={lo} with {micro // lo}x gradient accumulation fits"
+            f"micro_batch_size={lo} with {math.ceil(micro / lo)}x gradient accumulation fits"
             f" ({_fmt(peak(micro_batch_size=lo))})"
         )
     if kwargs.get("attention") == "eager":

@@ -1,4 +1,7 @@
-"""The command line stays on the predictor: it imports neither Lightning nor DeepSpeed, and runs as a module."""
+"""The command line stays on the predictor: it never imports Lightning, and it runs as a module.
+
+(DeepSpeed may be imported: transformers' ``modeling_utils`` imports it when it is installed.)
+"""
 
 import os
 import subprocess
@@ -8,13 +11,8 @@ from helpers import ROOT
 
 # the package root imports the Lightning layer (until it is made lazy): load the CLI without running it
 _BLOCKED = '''
-import importlib.abc, importlib.util, sys, types
+import importlib.util, sys, types
 spec = importlib.util.find_spec("lightning_memopt")
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.startswith(("lightning.pytorch", "lightning.fabric", "deepspeed")):
-            raise ImportError(f"the CLI imported {name}")
-sys.meta_path.insert(0, Block())
 root = types.ModuleType("lightning_memopt")
 root.__path__ = list(spec.submodule_search_locations)
 sys.modules["lightning_memopt"] = root
@@ -23,6 +21,8 @@ for argv in (["presets", "--json"], ["estimate", "llama-3-8b", "--seq-len", "512
              ["plan", "gpt2", "--gpu-memory", "8GiB", "--seq-len", "512", "--global-batch-tokens", "64k", "--json"],
              ["plot", "gpt2", "--seq-len", "256", "--micro-batches", "1,2", "--out", sys.argv[1]]):
     assert main(argv) == 0, argv
+imported = sorted(m for m in sys.modules if m.startswith(("lightning.pytorch", "lightning.fabric")))
+assert not imported, f"the CLI imported {imported[:5]}"
 '''
 
 
@@ -32,7 +32,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           timeout=120, cwd=ROOT)  # fmt: skip
 
 
-def test_the_cli_never_imports_lightning_or_deepspeed(tmp_path):
+def test_the_cli_never_imports_lightning(tmp_path):
     proc = _run("-c", _BLOCKED, str(tmp_path / "plot.png"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "plot.png").exists()

@@ -7,7 +7,7 @@ import torch
 import transformers
 from helpers import ROOT
 
-from lightning_memopt.predictor.model_spec import resolve_model
+from lightning_memopt.predictor import resolve_model
 from lightning_memopt.predictor.presets import (
     CATALOG,
     CONFIG_DIR,

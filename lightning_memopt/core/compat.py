@@ -1,0 +1,128 @@
+"""Every private API of torch, DeepSpeed and transformers the package uses, in one place, with version guards.
+
+(Lightning's private APIs live in the Lightning layer's own compat module, the only place that imports Lightning.)
+Each helper says what it touches and what happens on a version that lacks it.
+"""
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def reparametrized(module: nn.Module, tensors: "dict[str, torch.Tensor]") -> Iterator[None]:
+    """Use ``tensors`` (by qualified name) as the module's parameters and buffers for the duration, tied weights
+    kept tied: torch's private ``torch.nn.utils.stateless._reparametrize_module``, the engine of the public
+    ``torch.func.functional_call`` (torch >= 2.0)."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    with _reparametrize_module(module, tensors, tie_weights=True, strict=False):
+        yield
+
+
+def current_autograd_node() -> Any:
+    """The autograd ``Node`` whose backward runs now (``None`` outside backward): torch's private
+    ``torch._C._current_autograd_node`` (torch >= 2.1; ``None`` where it is missing)."""
+    getter = getattr(torch._C, "_current_autograd_node", None)
+    return getter() if getter is not None else None
+
+
+@contextlib.contextmanager
+def outside_dispatch_modes() -> Iterator[None]:
+    """Run eager code with every active ``TorchDispatchMode`` (fake tensors, trackers) switched off: torch's private
+    ``torch.utils._python_dispatch._disable_current_modes`` (torch >= 2.0)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        yield
+
+
+def in_backward() -> bool:
+    """Whether the autograd engine is running a backward pass in this thread (``_current_graph_task_id``)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+@contextlib.contextmanager
+def no_packed_sequence_detection() -> Iterator[None]:
+    """Keep transformers' packed-sequence detection out of a fake-tensor trace: it reads position ids' values
+    (``transformers.masking_utils.find_packed_sequence_indices``, transformers >= 4.53), which fake tensors do not
+    have, and would route the step to a mask the real run does not build. A no-op where it does not exist."""
+    mu = sys.modules.get("transformers.masking_utils")
+    if mu is None:
+        try:
+            import transformers.masking_utils as mu  # noqa: PLC0415 -- optional, only when transformers is there
+        except ImportError:
+            mu = None
+    original = getattr(mu, "find_packed_sequence_indices", None)
+    if original is None:
+        yield
+        return
+    mu.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        mu.find_packed_sequence_indices = original
+
+
+def deepspeed_original_linear() -> Any:
+    """PyTorch's own ``torch.nn.functional.linear`` as DeepSpeed saved it before ZeRO-3's ``zero.Init`` replaced it
+    process-wide with ``zero3_linear_wrap`` (DeepSpeed's private ``InsertPostInitMethodToModuleSubClasses.linear_bk``,
+    "This will persist unless manually reset", ``deepspeed/runtime/zero/partition_parameters.py``); ``None`` when
+    DeepSpeed is not imported or never replaced it."""
+    partition = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    holder = getattr(partition, "InsertPostInitMethodToModuleSubClasses", None)
+    return getattr(holder, "linear_bk", None)
+
+
+def restore_torch_linear() -> None:
+    """Undo ZeRO-3's process-wide replacement of ``torch.nn.functional.linear`` (see
+    :func:`deepspeed_original_linear`); the next ZeRO-3 ``zero.Init`` swaps it in again."""
+    original = deepspeed_original_linear()
+    if original is not None:
+        torch.nn.functional.linear = original
+
+
+@contextlib.contextmanager
+def linear_of_the_run(zero3: bool) -> Iterator[None]:
+    """Trace with the ``torch.nn.functional.linear`` the run will use: DeepSpeed's ``zero3_linear_wrap``
+    (``LinearFunctionForZeroStage3``: ``matmul`` then an in-place bias add in forward, its own reshapes and matmuls
+    in backward) for a ZeRO-3 run, PyTorch's own for any other, whatever ran earlier in the process."""
+    functional = torch.nn.functional
+    original = deepspeed_original_linear()
+    wanted = functional.linear if original is None else original
+    if zero3:
+        from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+        wanted = zero3_linear_wrap
+    if functional.linear is wanted:
+        yield
+        return
+    replaced, functional.linear = functional.linear, wanted
+    try:
+        yield
+    finally:
+        functional.linear = replaced
+
+
+@contextlib.contextmanager
+def triton_launches_skipped() -> Iterator[None]:
+    """Make every Triton kernel launch (``kernel[grid](...)``) a no-op for the duration: under fake tensors a
+    library's Python wrapper (Liger's) still allocates what its kernels write into, exactly as in the eager run,
+    while the kernels themselves, which need a GPU, do not run. Patches ``triton.runtime.jit.KernelInterface
+    .__getitem__`` (triton >= 2.1: ``JITFunction``, ``Autotuner`` and ``Heuristics`` launch through it); a no-op
+    where triton is not imported."""
+    jit = sys.modules.get("triton.runtime.jit")
+    interface = getattr(jit, "KernelInterface", None)
+    if interface is None:
+        yield
+        return
+    original = interface.__getitem__
+    interface.__getitem__ = lambda self, grid: (lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        interface.__getitem__ = original

@@ -1,0 +1,237 @@
+"""What the predictor is asked about, turned into something it can read and trace.
+
+* a parameter count (``8e9``, ``"8B"``): model states only;
+* an ``nn.Module`` (a LightningModule, a Hugging Face model, any PyTorch model): read and traced as it is;
+* a Hugging Face config (a ``PretrainedConfig``, a dict, a ``config.json`` file or a directory holding one, a
+  preset name): the model transformers builds from it, on the meta device (no memory), traced on a batch of the
+  requested shape. Nothing is assumed about the family: the model is the one transformers builds.
+"""
+
+import json
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_memopt.predictor.reading import ModelReading, find_hf_model, from_count, read_model
+
+_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBtT]?)\s*$")
+_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
+#: Auto classes tried, in order, for a config that names no architecture.
+_TASKS = (
+    "AutoModelForCausalLM",
+    "AutoModelForSeq2SeqLM",
+    "AutoModelForMaskedLM",
+    "AutoModelForImageClassification",
+    "AutoModelForSequenceClassification",
+)
+_BUILT: "OrderedDict[str, nn.Module]" = OrderedDict()
+_BUILT_MAX = 8
+
+
+@dataclass(frozen=True)
+class Source:
+    """A model to predict: its reading and, unless it is a bare count, the module to trace.
+
+    Attributes:
+        reading: what the model holds.
+        module: the module (``None`` for a parameter count).
+        key: a stable identity for models built from a config (their traces may be reused), else ``None``.
+    """
+
+    reading: ModelReading
+    module: "nn.Module | None" = None
+    key: "str | None" = None
+
+
+def resolve_source(model: Any) -> Source:
+    """Turn any accepted ``model`` argument into a :class:`Source`.
+
+    Raises:
+        ValueError: an unknown name, an unreadable or incomplete config, a non-positive count.
+        TypeError: any other type.
+
+    Example:
+        >>> resolve_source("8B").reading.num_parameters
+        8000000000
+        >>> resolve_source({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        ...                 "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256}).module.device
+        device(type='meta')
+    """
+    if isinstance(model, ModelReading):
+        return Source(model)
+    if isinstance(model, bool):
+        raise TypeError(f"Expected a model (config, nn.Module or parameter count), got {model!r}.")
+    if isinstance(model, (int, float)):
+        return Source(from_count(model))
+    if isinstance(model, nn.Module):
+        return Source(read_model(model), model)
+    if isinstance(model, (str, os.PathLike)):
+        return _from_string(os.fspath(model))
+    if isinstance(model, dict):
+        return from_config(model)
+    if callable(getattr(model, "to_dict", None)) and hasattr(model, "model_type"):
+        return from_config(model.to_dict())
+    raise TypeError(
+        f"Expected a Hugging Face config (object, dict or path), a preset name, an nn.Module or a parameter count,"
+        f" got {type(model).__name__}. Fix: pass e.g. AutoConfig.from_pretrained(...), the model itself, or '8B'."
+    )
+
+
+def resolve_model(model: Any) -> ModelReading:
+    """What any accepted ``model`` argument holds (see :func:`resolve_source`).
+
+    Example:
+        >>> resolve_model("llama-3-8b").num_parameters
+        8030261248
+    """
+    return resolve_source(model).reading
+
+
+def _from_string(text: str) -> Source:
+    from lightning_memopt.predictor.presets import PRESETS, get_preset
+
+    if text.strip().lower() in PRESETS:
+        return from_config(get_preset(text), name=text.strip().lower())
+    path = os.path.join(text, "config.json") if os.path.isdir(text) else text
+    if os.path.isfile(path):
+        with open(path) as fh:
+            try:
+                config = json.load(fh)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"Expected {path!r} to be a JSON config, but it does not parse: {err}.") from None
+        return from_config(config, name=os.path.basename(os.path.dirname(os.path.abspath(path))) or path)
+    match = _COUNT.match(text)
+    if match:
+        return Source(from_count(float(match.group(1)) * _SUFFIX[match.group(2).lower()]))
+    # --- Hugging Face Hub ids (owner/name): the config through transformers and the local cache (hub.py) ---
+    from lightning_memopt.predictor.hub import is_hub_id, load_hub_config
+
+    if is_hub_id(text):
+        return from_config(load_hub_config(text).to_dict(), name=text)
+    # --- end of the Hub hook ---
+    raise ValueError(
+        f"Expected a preset in {sorted(PRESETS)}, a config.json path or a parameter count like '8B' or '7.5e9',"
+        f" got {text!r}."
+    )
+
+
+def from_config(config: "dict[str, Any]", name: "str | None" = None) -> Source:
+    """The model transformers builds from ``config`` (a ``config.json`` dict), on the meta device.
+
+    Built models are kept (a few, least recently used first out): a planner's many estimates build it once.
+
+    Raises:
+        ValueError: no ``model_type``, one transformers does not know, or a config it cannot build.
+    """
+    key = json.dumps(config, sort_keys=True, default=str)
+    module = _BUILT.get(key)
+    if module is None:
+        module = _build(config)
+        _BUILT[key] = module
+        while len(_BUILT) > _BUILT_MAX:
+            _BUILT.popitem(last=False)
+    _BUILT.move_to_end(key)
+    label = name or str(config.get("model_type"))
+    return Source(read_model(module, name=label), module, key)
+
+
+def _build(config: "dict[str, Any]") -> nn.Module:
+    import transformers
+
+    model_type = config.get("model_type")
+    if not model_type:
+        raise ValueError(
+            f"Expected a Hugging Face config with a `model_type`, got keys {sorted(config)[:12]}."
+            " Fix: pass the model's config.json (it names its model_type), or the model itself."
+        )
+    rest = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
+    try:
+        cfg = transformers.AutoConfig.for_model(model_type, **rest)
+    except (ValueError, KeyError) as err:
+        raise ValueError(
+            f"Expected a model_type that transformers {transformers.__version__} knows, got {model_type!r} ({err})."
+            " Fix: upgrade transformers, or build the model yourself and pass it (an nn.Module)."
+        ) from None
+    classes = [getattr(transformers, a, None) for a in (cfg.architectures or [])]
+    candidates = [c for c in classes if c is not None] + [getattr(transformers, t) for t in _TASKS]
+    errors = []
+    for cls in candidates:
+        try:
+            with torch.device("meta"):
+                # an Auto class picks the model class; a model class builds itself (``_from_config``)
+                return cls.from_config(cfg) if cls.__name__.startswith("Auto") else cls._from_config(cfg)
+        except ValueError as err:  # an Auto class without this model_type: try the next task
+            errors.append(f"{getattr(cls, '__name__', cls)}: {str(err).splitlines()[0][:120]}")
+    raise ValueError(
+        f"Expected transformers to build a trainable model from the {model_type!r} config, got none of"
+        f" {[getattr(c, '__name__', c) for c in candidates]} ({'; '.join(errors[:3])})."
+        " Fix: build the model yourself and pass it (an nn.Module) with an example_batch."
+    )
+
+
+def synthetic_batch(module: nn.Module, micro_batch_size: int, seq_len: "int | None") -> "dict[str, torch.Tensor]":
+    """One micro-batch of the shape a Hugging Face model trains on, with random values: token ids and labels for
+    language models (causal, masked, sequence-to-sequence: labels of ``seq_len`` tokens too; sequence
+    classification: one label per sample), pixels and one label per sample for image classifiers.
+
+    Raises:
+        ValueError: a model without a Hugging Face config, a task it does not know, or a ``seq_len`` given to an
+            image model, each with the fix.
+    """
+    hf = find_hf_model(module)
+    if hf is None:
+        raise ValueError(
+            f"Expected an example_batch to trace {type(module).__name__}: it is no Hugging Face model, so its inputs"
+            " are unknown. Fix: pass example_batch=one micro-batch (what the dataloader yields)."
+        )
+    config = hf.config
+    task = type(hf).__name__
+    B, gen = micro_batch_size, torch.Generator().manual_seed(0)
+    if hf.main_input_name == "pixel_values":
+        if seq_len is not None:
+            raise ValueError(
+                f"Expected no seq_len for the image model {task}, got seq_len={seq_len}: its tokens come from"
+                " config.image_size. Fix: drop seq_len (micro_batch_size counts images)."
+            )
+        size = _image_size(config)
+        pixels = torch.randn(B, getattr(config, "num_channels", 3), size, size, generator=gen)
+        return {"pixel_values": pixels, "labels": torch.randint(0, max(1, config.num_labels), (B,), generator=gen)}
+    if hf.main_input_name != "input_ids":
+        raise ValueError(
+            f"Expected a text or image model for a config-only prediction, got {task} (inputs"
+            f" {hf.main_input_name!r}). Fix: build the model and pass it with example_batch=one real micro-batch."
+        )
+    S = seq_len or _default_seq_len(config)
+    vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
+    ids = torch.randint(0, vocab, (B, S), generator=gen)
+    if task.endswith("ForSequenceClassification"):
+        return {"input_ids": ids, "labels": torch.randint(0, max(1, config.num_labels), (B,), generator=gen)}
+    if task.endswith("ForTokenClassification"):
+        return {"input_ids": ids, "labels": torch.randint(0, max(1, config.num_labels), (B, S), generator=gen)}
+    return {"input_ids": ids, "labels": torch.randint(0, vocab, (B, S), generator=gen)}
+
+
+def _default_seq_len(config: Any) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def _image_size(config: Any) -> int:
+    size = getattr(config, "image_size", None)
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    if not isinstance(size, int):
+        raise ValueError(
+            f"Expected config.image_size for an image model, got {size!r}. Fix: set image_size in the config, or"
+            " pass the model with example_batch."
+        )
+    return size

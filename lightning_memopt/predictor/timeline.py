@@ -1,0 +1,235 @@
+"""The activation timeline of one training step: what :func:`estimate_memory` combines with the model states.
+
+:func:`step_timeline` traces the step (:mod:`.trace`), at reduced depth when the model is deep
+(:mod:`.synthesis`), and for a model built from a config reuses its traces: activations are affine in the
+micro-batch (every tensor of a step is either per-sample or shared by the batch, eager attention's ``s x s``
+scores included), so two traced micro-batch sizes give every other one, op for op. The affinity is checked once
+per setting against a third traced size; where it does not hold, each size is traced.
+"""
+
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_memopt.core.blocks import auto_blocks, is_checkpointed, num_checkpointed
+from lightning_memopt.predictor.precision import Precision
+from lightning_memopt.predictor.sources import Source, synthetic_batch
+from lightning_memopt.predictor.expand import synthesize
+from lightning_memopt.predictor.synthesis import Replica, SynthesisError, block_classes, choose_run
+from lightning_memopt.predictor.trace import trace_step
+
+#: models with at least this many blocks are traced at reduced depth
+SYNTHESIS_MIN_BLOCKS = 8
+_CACHE: "OrderedDict[tuple, Timeline]" = OrderedDict()
+_CACHE_MAX = 64
+_AFFINE: "dict[tuple, bool]" = {}
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Live activation, gradient and logits bytes after every op of one step.
+
+    Attributes:
+        live: live bytes of non-model-state tensors (activations, logits, temporaries, gradients in flight).
+        grads: gradient bytes handed to the engine so far.
+        logits: of ``live``, the logits' bytes.
+        forward_end: index of the last op of forward.
+        details: how it was obtained (for ``MemoryEstimate.details``).
+    """
+
+    live: "tuple[int, ...]"
+    grads: "tuple[int, ...]"
+    logits: "tuple[int, ...]"
+    forward_end: int
+    details: "dict[str, Any]" = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls) -> "Timeline":
+        """No activations (a parameter count)."""
+        return cls((0,), (0,), (0,), -1)
+
+    def moments(self) -> "Iterator[tuple[int, int, int, bool]]":
+        """``(live, gradient bytes, logits, in forward)``: the highest op of every run of ops between two gradients.
+
+        Example:
+            >>> list(Timeline((1, 5, 2, 3, 1), (0, 0, 0, 4, 4), (0, 0, 0, 0, 0), 1).moments())
+            [(5, 0, 0, True), (2, 0, 0, False), (3, 4, 0, False)]
+        """
+        best = None
+        for i, (live, grads, logits) in enumerate(zip(self.live, self.grads, self.logits)):
+            key = (grads, i <= self.forward_end)
+            if best is not None and key == best[0] and live <= best[1][0]:
+                continue
+            if best is not None and key != best[0]:
+                yield best[1]
+            best = (key, (live, grads, logits, key[1]))
+        if best is not None:
+            yield best[1]
+
+
+def batch_shape(batch: Any) -> "tuple[int, int | None] | None":
+    """``(micro-batch size, sequence length)`` of a batch: the first tensor with a batch dimension in it (``input_ids``
+    first in a mapping); ``None`` when the batch holds no tensor.
+
+    Example:
+        >>> batch_shape({"input_ids": torch.zeros(4, 64), "labels": torch.zeros(4, 64)})
+        (4, 64)
+        >>> batch_shape([torch.zeros(8)])
+        (8, None)
+    """
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() == 0:
+            return None
+        return int(batch.shape[0]), (int(batch.shape[1]) if batch.dim() >= 2 else None)
+    if isinstance(batch, Mapping):
+        items = [batch["input_ids"]] if "input_ids" in batch else []
+        items += list(batch.values())
+    elif isinstance(batch, (list, tuple)):
+        items = list(batch)
+    else:
+        return None
+    for item in items:
+        shape = batch_shape(item)
+        if shape is not None:
+            return shape
+    return None
+
+
+def resize_batch(batch: Any, size: int, micro_batch_size: int) -> Any:
+    """``batch`` with ``micro_batch_size`` samples: every tensor whose first dimension is ``size`` gets its rows
+    repeated (or cut) to ``micro_batch_size``; other leaves stay.
+
+    Example:
+        >>> resize_batch({"x": torch.arange(4).view(2, 2), "n": 7}, 2, 3)["x"].tolist()
+        [[0, 1], [2, 3], [0, 1]]
+    """
+    from torch.utils._pytree import tree_map
+
+    index = torch.arange(micro_batch_size) % size
+
+    def resize(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == size:
+            return x[index.to(x.device)] if x.device.type != "meta" else x.new_empty((micro_batch_size, *x.shape[1:]))
+        return x
+
+    return tree_map(resize, batch)
+
+
+def step_timeline(
+    source: Source,
+    *,
+    example_batch: Any,
+    micro_batch_size: "int | None",
+    seq_len: "int | None",
+    precision: Precision,
+    engine: str,
+    activation_checkpointing: "bool | float | int",
+    attention: "str | None",
+    liger: Any,
+    zero3: bool,
+) -> "tuple[Timeline, tuple[int, int | None]]":
+    """The timeline of one step of ``source`` and the ``(micro-batch, seq_len)`` it was traced at.
+
+    Raises:
+        ValueError: ``micro_batch_size`` or ``seq_len`` that contradict ``example_batch``, a model whose inputs are
+            unknown without an ``example_batch``, or a step that cannot be traced (see :func:`trace_step`).
+    """
+    settings = dict(
+        precision=precision, engine=engine, activation_checkpointing=activation_checkpointing, attention=attention,
+        liger=liger, zero3=zero3,
+    )  # fmt: skip
+    if example_batch is not None:
+        shape = batch_shape(example_batch) or (micro_batch_size or 1, seq_len)
+        if seq_len is not None and shape[1] is not None and seq_len != shape[1]:
+            raise ValueError(
+                f"Expected `seq_len` to match example_batch ({shape[1]}), got {seq_len}. Fix: drop `seq_len` (the batch"
+                " says it) or pass a batch of that length."
+            )
+        if micro_batch_size is not None and micro_batch_size != shape[0]:
+            example_batch, shape = resize_batch(example_batch, shape[0], micro_batch_size), (micro_batch_size, shape[1])
+        return trace_timeline(source.module, example_batch, **settings), shape
+    micro = micro_batch_size or 1
+    if source.key is None:
+        batch = synthetic_batch(source.module, micro, seq_len)
+        return trace_timeline(source.module, batch, **settings), batch_shape(batch) or (micro, seq_len)
+    seq = batch_shape(synthetic_batch(source.module, 1, seq_len))[1]
+    key = (source.key, seq, precision.name, engine, str(activation_checkpointing), attention, str(liger), zero3)
+    return _built_timeline(source, key, micro, seq_len, settings), (micro, seq)
+
+
+def _built_timeline(source: Source, key: tuple, micro: int, seq_len: "int | None", settings: dict) -> Timeline:
+    """A config-built model's timeline at ``micro``, from cached traces (see the module docstring)."""
+
+    def traced(b: int) -> Timeline:
+        if (key, b) not in _CACHE:
+            _CACHE[(key, b)] = trace_timeline(source.module, synthetic_batch(source.module, b, seq_len), **settings)
+            while len(_CACHE) > _CACHE_MAX:
+                _CACHE.popitem(last=False)
+        _CACHE.move_to_end((key, b))
+        return _CACHE[(key, b)]
+
+    if micro <= 2 or (key, micro) in _CACHE:
+        return traced(micro)
+    one, two = traced(1), traced(2)
+    if key not in _AFFINE:
+        guess, three = _affine(one, two, 3), traced(3)
+        _AFFINE[key] = guess is not None and (guess.live, guess.grads) == (three.live, three.grads)
+    guess = _affine(one, two, micro) if _AFFINE[key] else None
+    return guess if guess is not None else traced(micro)
+
+
+def _affine(one: Timeline, two: Timeline, micro: int) -> "Timeline | None":
+    """The timeline at ``micro`` from those at 1 and 2, when they line up op for op (else ``None``)."""
+    if len(one.live) != len(two.live) or one.forward_end != two.forward_end:
+        return None
+    k = micro - 1
+    return Timeline(
+        tuple(a + k * (b - a) for a, b in zip(one.live, two.live)),
+        tuple(a + k * (b - a) for a, b in zip(one.grads, two.grads)),
+        tuple(a + k * (b - a) for a, b in zip(one.logits, two.logits)),
+        one.forward_end,
+        {**one.details, "micro_batch_from": "affine in the micro-batch (traced at 1 and 2)"},
+    )
+
+
+def trace_timeline(
+    module: Any,
+    batch: Any,
+    *,
+    precision: Precision,
+    engine: str,
+    activation_checkpointing: "bool | float | int",
+    attention: "str | None",
+    liger: Any,
+    zero3: bool,
+) -> Timeline:
+    """Trace one step of ``module`` on ``batch``: at reduced depth with synthesis when it has at least
+    :data:`SYNTHESIS_MIN_BLOCKS` blocks and synthesis holds (:mod:`.synthesis`), else every block."""
+    from lightning_memopt.predictor.kernels import kernel_twins
+
+    kwargs = dict(precision=precision, engine=engine, activation_checkpointing=activation_checkpointing,
+                  attention=attention, zero3=zero3)  # fmt: skip
+    names = auto_blocks(module)
+    details: "dict[str, Any]" = {"blocks": len(names)}
+    with kernel_twins(module, liger):
+        if len(names) >= SYNTHESIS_MIN_BLOCKS:
+            count = num_checkpointed(activation_checkpointing, len(names))
+            already = any(is_checkpointed(module.get_submodule(n)) for n in names)
+            flags = [is_checkpointed(module.get_submodule(n)) if already else i < count for i, n in enumerate(names)]
+            classes = block_classes(module, names, flags)
+            run = choose_run(classes)
+            if len(run) < len(names):
+                replica = Replica(names, classes, run)
+                try:
+                    res = trace_step(module, batch, blocks=replica, **kwargs)
+                    live, grads, logits, end = synthesize(res, replica)
+                    details.update(traced_blocks=len(run), saved_bytes=None)
+                    return Timeline(tuple(live), tuple(grads), tuple(logits), end, details)
+                except SynthesisError as err:
+                    details["synthesis"] = f"every block traced: {err}"
+        res = trace_step(module, batch, **kwargs)
+    details.update(traced_blocks=len(names), saved_bytes=res.saved_bytes)
+    return Timeline(res.live, res.grads, res.logits, res.forward_end, details)

@@ -1,0 +1,243 @@
+"""The live-tensor accountant of a fake-tensor step: bytes of live storages after every op, and real values for the
+small tensors a step inspects.
+
+A fake tensor has a shape but no values, so ``bool(mask.all())`` or ``torch.nonzero`` cannot run on one. Eager
+code inspects values it computed from constants and inputs (``torch.nn.Transformer`` compares its mask with a
+causal one; models check an attention mask for padding). The tracker keeps a real *shadow* of every tensor whose
+value is known and small (at most ``SHADOW_LIMIT`` elements): the batch, factory outputs (``ones``, ``arange``) and
+whatever is computed from shadows alone. An op that needs a value (``_local_scalar_dense``, ``nonzero``) is answered
+from the shadows, exactly as the eager step would; one that needs the value of a parameter or an activation still
+raises. Parameters and activations never get shadows: nothing big is ever allocated.
+"""
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from lightning_memopt.core.compat import outside_dispatch_modes
+
+#: the largest tensor (elements) whose real value is computed alongside its fake
+SHADOW_LIMIT = 1 << 24
+_MUTATED: "dict[Any, tuple[int, ...]]" = {}
+
+
+def _mutated(func: Any) -> "tuple[int, ...]":
+    """Positions of the arguments ``func`` writes to (from its schema), cached."""
+    if func not in _MUTATED:
+        _MUTATED[func] = tuple(
+            i for i, a in enumerate(func._schema.arguments) if a.alias_info is not None and a.alias_info.is_write
+        )
+    return _MUTATED[func]
+
+
+class LiveTensorTracker(TorchDispatchMode):
+    """Counts the bytes of the live storages a fake step creates, after every op.
+
+    Args:
+        exclude: storages not counted (the fake parameters, buffers and attributes: model states).
+        vocab: the vocabulary size; tensors whose last dimension equals it count as logits too.
+        record: keep ``(allocated at, freed at, bytes)`` of every storage (for synthesis).
+        fake_mode: the ``FakeTensorMode`` the step runs under (turns stray real tensors into shadowed fakes).
+
+    Example:
+        >>> from torch._subclasses.fake_tensor import FakeTensorMode
+        >>> mode = FakeTensorMode()
+        >>> tracker = LiveTensorTracker(set(), None, False, mode)
+        >>> with mode, tracker:
+        ...     a = torch.ones(4, 4)                       # 64 bytes, value known
+        ...     b = torch.empty(1024)                      # 4 KiB
+        ...     known = bool((a.tril() == a.tril()).all())  # answered from the shadows
+        >>> tracker.cur, known  # a and b are alive; the comparison's temporaries are gone
+        (4160, True)
+    """
+
+    def __init__(self, exclude: "set[int]", vocab: "int | None", record: bool, fake_mode: Any) -> None:
+        super().__init__()
+        self.exclude = exclude
+        self.vocab = vocab
+        self.record = record
+        self.fake_mode = fake_mode
+        self.sizes: "dict[int, tuple[int, bool, int]]" = {}  # storage -> (bytes, logits, allocated at)
+        self.held: "dict[int, tuple[int, int]]" = {}  # key -> (bytes, held since): memory held without a tensor
+        self.cur = self.cur_logits = self.grads = 0
+        self.live: "list[int]" = []
+        self.grad_log: "list[int]" = []
+        self.logit_log: "list[int]" = []
+        self.labels: "list[int]" = []
+        self.storages: "list[tuple[int, int, int, int]]" = []  # (allocated at, freed at, bytes, storage key)
+        self.label: "Callable[[], int] | None" = None
+        self._paused = False
+        self.shadow = _Shadows()
+
+    # ------------------------------------------------------------------ accounting
+    def add(self, t: Any) -> None:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self.sizes or key in self.exclude:
+            return
+        nbytes = st.nbytes()
+        logits = bool(self.vocab) and t.dim() > 0 and t.shape[-1] == self.vocab
+        self.sizes[key] = (nbytes, logits, len(self.live))
+        weakref.finalize(st, self._gone, key)
+        self.cur += nbytes
+        self.cur_logits += nbytes if logits else 0
+
+    def _gone(self, key: int) -> None:
+        nbytes, logits, born = self.sizes.pop(key, (0, False, 0))
+        self.cur -= nbytes
+        self.cur_logits -= nbytes if logits else 0
+        if self.record and nbytes:
+            self.storages.append((born, len(self.live), nbytes, key))
+
+    def hold(self, key: int, nbytes: int) -> None:
+        """Count ``nbytes`` under ``key`` until :meth:`release` (memory a tensor does not own: a ZeRO-3 parameter
+        kept gathered)."""
+        self.held[key] = (nbytes, len(self.live))
+        self.cur += nbytes
+
+    def release(self, key: int) -> None:
+        nbytes, born = self.held.pop(key)
+        self.cur -= nbytes
+        if self.record:
+            self.storages.append((born, len(self.live), nbytes, key))
+
+    def finished(self) -> "list[tuple[int, int, int, int]]":
+        """Every recorded storage, those still alive freed at the end."""
+        end = len(self.live)
+        alive = [(born, end, n, key) for key, (n, _, born) in self.sizes.items()]
+        alive += [(born, end, n, key) for key, (n, born) in self.held.items()]
+        return self.storages + alive
+
+    def mark(self) -> None:
+        """Record the moment after an op (or after a gradient reached the engine)."""
+        self.live.append(self.cur)
+        self.grad_log.append(self.grads)
+        self.logit_log.append(self.cur_logits)
+        if self.label is not None:
+            self.labels.append(self.label())
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Run ops without accounting them (the tracker's own bookkeeping ops)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
+    # ------------------------------------------------------------------ shadows
+    def shadowed(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Give ``fake`` the real value ``real`` (when small enough); returns ``fake``."""
+        if real.numel() <= SHADOW_LIMIT:
+            self.shadow.put(fake, real)
+        return fake
+
+    def _known(self, flat: "list[Any]") -> "list[Any] | None":
+        """The real counterparts of ``flat`` (tensors by their shadows), or ``None`` when one is unknown."""
+        out = []
+        for a in flat:
+            if isinstance(a, torch.Tensor):
+                real = self.shadow.get(a)
+                if real is None:
+                    return None
+                a = real
+            out.append(a)
+        return out
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+        if self._paused:
+            return func(*args, **(kwargs or {}))
+        flat, spec = tree_flatten((args, kwargs or {}))
+        flat = [self._as_fake(a) for a in flat]
+        args, kwargs = tree_unflatten(flat, spec)
+        real = self._known(flat)
+        try:
+            if func is torch.ops.aten._grouped_mm.default and _has_fp32(args):
+                out = _grouped_mm_fp32(func, args, kwargs)
+            else:
+                out = func(*args, **kwargs)
+        except (DataDependentOutputException, DynamicOutputShapeException):
+            if real is None:
+                raise
+            real_out = _run_real(func, real, spec)  # the value the eager step would see
+            out = tree_map(self._fake_of, real_out)
+        else:
+            if real is not None and all(t.numel() <= SHADOW_LIMIT for t in _tensors(out)):
+                for fake, value in zip(_tensors(out), _tensors(_run_real(func, real, spec))):
+                    self.shadow.put(fake, value)
+            elif real is None:  # a written argument whose new value is unknown loses its shadow
+                for i in _mutated(func):
+                    if i < len(args) and isinstance(args[i], torch.Tensor):
+                        self.shadow.drop(args[i])
+        if func.namespace == "prim":  # metadata queries of fake tensors (prim.device): no storage, not an op
+            return out
+        for t in _tensors(out):
+            self.add(t)
+        self.mark()
+        return out
+
+    def _as_fake(self, a: Any) -> Any:
+        """A real tensor that reaches the step (a constant held outside the module) becomes a shadowed fake."""
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        if isinstance(a, torch.Tensor) and not isinstance(a, FakeTensor) and a.device.type != "meta":
+            return self.shadowed(self.fake_mode.from_tensor(a), a)
+        return a
+
+    def _fake_of(self, real: Any) -> Any:
+        if not isinstance(real, torch.Tensor):
+            return real
+        fake = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device="cpu")
+        return self.shadowed(fake, real)
+
+
+class _Shadows:
+    """Real values of fake tensors, keyed by the fake's identity (tensors compare element-wise, so no dict key),
+    dropped when the fake dies."""
+
+    def __init__(self) -> None:
+        self._values: "dict[int, torch.Tensor]" = {}
+
+    def put(self, fake: torch.Tensor, real: torch.Tensor) -> None:
+        key = id(fake)
+        if key not in self._values:
+            weakref.finalize(fake, self._values.pop, key, None)
+        self._values[key] = real
+
+    def get(self, fake: torch.Tensor) -> "torch.Tensor | None":
+        return self._values.get(id(fake))
+
+    def drop(self, fake: torch.Tensor) -> None:
+        self._values.pop(id(fake), None)
+
+
+def _run_real(func: Any, flat: "list[Any]", spec: Any) -> Any:
+    """Run ``func`` eagerly on real tensors, outside the fake mode and the tracker."""
+    args, kwargs = tree_unflatten(flat, spec)
+    with outside_dispatch_modes():
+        return func(*args, **kwargs)
+
+
+def _tensors(out: Any) -> "list[torch.Tensor]":
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+def _has_fp32(args: Any) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args)
+
+
+def _grouped_mm_fp32(func: Any, args: Any, kwargs: Any) -> torch.Tensor:
+    """fp32 ``_grouped_mm`` under fake tensors: the fake kernel (torch 2.13 ``meta__grouped_mm``) accepts bf16
+    only, the CPU kernel runs fp32. Shape it in bf16, answer in the dtype the eager kernel returns."""
+    cast = [a.to(torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    shaped = func(*cast, **kwargs)
+    return torch.empty(shaped.shape, dtype=kwargs.get("out_dtype") or args[0].dtype, device=shaped.device)
