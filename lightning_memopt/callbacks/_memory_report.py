@@ -131,6 +131,7 @@ def plot_history(history: "list[dict[str, Any]]", device_memory: "int | None" = 
     patches = legend_patches(names)
     ax.legend(patches + handles, [f"predicted: {n}" for n in names] + labels, fontsize="small",
               loc="upper left", bbox_to_anchor=(1.01, 1.0))  # fmt: skip
+    ax.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"memory per rank ({unit})")
     ax.set_title("MemoryMonitor: predicted breakdown (bars) and actual peak per rank (lines)", fontsize="medium")
