@@ -242,6 +242,15 @@ def estimate_memory(
     }
     if source.module is None:
         details["activations"] = "not estimated: the model is a parameter count (model states only)"
+    if engine == "torch" and prec.mixed:
+        # the lecture's table (section 1): every item at once, although they never coexist at the peak
+        P = reading.num_parameters
+        details["lecture_breakdown"] = {
+            "half_weights": prec.compute_bytes * P,
+            "fp32_parameters": 4 * P,
+            "adam_states": resolve_optimizer(optimizer)[0] * P,
+            "fp32_gradients": 4 * P,
+        }
     if em.nvme_offloaded:
         details["nvme_offloaded"] = em.nvme_offloaded
     if ranks != [None]:

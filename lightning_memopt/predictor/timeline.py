@@ -3,8 +3,9 @@
 :func:`step_timeline` traces the step (:mod:`.trace`), at reduced depth when the model is deep
 (:mod:`.synthesis`), and for a model built from a config reuses its traces: activations are affine in the
 micro-batch (every tensor of a step is either per-sample or shared by the batch, eager attention's ``s x s``
-scores included), so two traced micro-batch sizes give every other one, op for op. The affinity is checked once
-per setting against a third traced size; where it does not hold, each size is traced.
+scores included), so the traces at 2 and 3 give every larger micro-batch, op for op (1, where some models take
+other paths, is traced itself). The affinity is checked once per setting against a trace at 4; where it does not
+hold, each size is traced.
 """
 
 from collections import OrderedDict
@@ -171,27 +172,28 @@ def _built_timeline(source: Source, key: tuple, micro: int, seq_len: "int | None
         _CACHE.move_to_end((key, b))
         return _CACHE[(key, b)]
 
-    if micro <= 2 or (key, micro) in _CACHE:
+    if micro <= 3 or (key, micro) in _CACHE:  # a single sample may take other paths (squeezed shapes)
         return traced(micro)
-    one, two = traced(1), traced(2)
+    two, three = traced(2), traced(3)
     if key not in _AFFINE:
-        guess, three = _affine(one, two, 3), traced(3)
-        _AFFINE[key] = guess is not None and (guess.live, guess.grads) == (three.live, three.grads)
-    guess = _affine(one, two, micro) if _AFFINE[key] else None
+        guess, four = _affine(two, three, 4), traced(4)
+        _AFFINE[key] = guess is not None and (guess.live, guess.grads, guess.logits) == (four.live, four.grads,
+                                                                                         four.logits)  # fmt: skip
+    guess = _affine(two, three, micro) if _AFFINE[key] else None
     return guess if guess is not None else traced(micro)
 
 
-def _affine(one: Timeline, two: Timeline, micro: int) -> "Timeline | None":
-    """The timeline at ``micro`` from those at 1 and 2, when they line up op for op (else ``None``)."""
-    if len(one.live) != len(two.live) or one.forward_end != two.forward_end:
+def _affine(two: Timeline, three: Timeline, micro: int) -> "Timeline | None":
+    """The timeline at ``micro`` from those at 2 and 3, when they line up op for op (else ``None``)."""
+    if len(two.live) != len(three.live) or two.forward_end != three.forward_end:
         return None
-    k = micro - 1
+    k = micro - 2
     return Timeline(
-        tuple(a + k * (b - a) for a, b in zip(one.live, two.live)),
-        tuple(a + k * (b - a) for a, b in zip(one.grads, two.grads)),
-        tuple(a + k * (b - a) for a, b in zip(one.logits, two.logits)),
-        one.forward_end,
-        {**one.details, "micro_batch_from": "affine in the micro-batch (traced at 1 and 2)"},
+        tuple(a + k * (b - a) for a, b in zip(two.live, three.live)),
+        tuple(a + k * (b - a) for a, b in zip(two.grads, three.grads)),
+        tuple(a + k * (b - a) for a, b in zip(two.logits, three.logits)),
+        two.forward_end,
+        {**two.details, "micro_batch_from": "affine in the micro-batch (traced at 2 and 3)"},
     )
 
 

@@ -13,6 +13,8 @@ Where a fake kernel is missing or disagrees with the eager one, the tracker fixe
 
 * ``aten._grouped_mm`` (transformers 5's grouped MoE experts): its fake kernel demands bf16 although the CPU kernel
   runs fp32; an fp32 call is shaped by the bf16 kernel and returns an fp32 tensor.
+* ``aten.native_layer_norm`` / ``native_batch_norm`` on a 16-bit input with fp32 weights (autocast): the CPU kernels
+  save fp32 statistics, the fake kernels claim 16-bit ones.
 
 A step whose shapes depend on the data (``nonzero``, ``.item()`` in the model) cannot be traced: it raises with the
 op's name and what to do instead.
@@ -208,6 +210,9 @@ def trace_step(
     def to_fake(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
             return x
+        if x.is_floating_point() and dtype != torch.float32:
+            # a module run in 16 bits gets 16-bit inputs (Lightning's DeepSpeed and *-true precisions convert them)
+            x = x.to(dtype) if x.device.type != "meta" else x.new_empty(x.shape, dtype=dtype)
         if x.device.type == "meta":
             return _fake_like(x, x.dtype, fake_mode)
         # the batch's values are known: the step may inspect them (padding checks), as the eager one does

@@ -161,10 +161,8 @@ class LiveTensorTracker(TorchDispatchMode):
         args, kwargs = tree_unflatten(flat, spec)
         real = self._known(flat)
         try:
-            if func is torch.ops.aten._grouped_mm.default and _has_fp32(args):
-                out = _grouped_mm_fp32(func, args, kwargs)
-            else:
-                out = func(*args, **kwargs)
+            fix = _FAKE_KERNEL_FIXES.get(func)
+            out = fix(func, args, kwargs) if fix is not None else func(*args, **kwargs)
         except (DataDependentOutputException, DynamicOutputShapeException):
             if real is None:
                 raise
@@ -231,13 +229,30 @@ def _tensors(out: Any) -> "list[torch.Tensor]":
     return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
 
 
-def _has_fp32(args: Any) -> bool:
-    return any(isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args)
-
-
-def _grouped_mm_fp32(func: Any, args: Any, kwargs: Any) -> torch.Tensor:
-    """fp32 ``_grouped_mm`` under fake tensors: the fake kernel (torch 2.13 ``meta__grouped_mm``) accepts bf16
-    only, the CPU kernel runs fp32. Shape it in bf16, answer in the dtype the eager kernel returns."""
+def _grouped_mm(func: Any, args: Any, kwargs: Any) -> torch.Tensor:
+    """``_grouped_mm`` (transformers 5's grouped MoE experts): the fake kernel (torch 2.13 ``meta__grouped_mm``)
+    accepts bf16 only, the CPU kernel runs fp32 too. Shape an fp32 call in bf16, answer in the eager dtype."""
+    if not any(isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args):
+        return func(*args, **kwargs)
     cast = [a.to(torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
     shaped = func(*cast, **kwargs)
     return torch.empty(shaped.shape, dtype=kwargs.get("out_dtype") or args[0].dtype, device=shaped.device)
+
+
+def _norm_statistics(func: Any, args: Any, kwargs: Any) -> Any:
+    """``native_layer_norm`` / ``native_batch_norm`` of a 16-bit input with fp32 weights (autocast keeps norms in
+    the weights' dtype): the CPU kernels return the saved mean and inverse deviation in fp32, the fake kernels in
+    the input's dtype (torch 2.13). Answer with the eager dtypes."""
+    out = func(*args, **kwargs)
+    weight = args[2] if func is torch.ops.aten.native_layer_norm.default else args[1]
+    if args[0].dtype in (torch.float16, torch.bfloat16) and getattr(weight, "dtype", None) == torch.float32:
+        return (out[0], *(torch.empty(t.shape, dtype=torch.float32, device=t.device) for t in out[1:]))
+    return out
+
+
+#: ops whose fake kernel disagrees with the eager CPU kernel about what it allocates, and the correction
+_FAKE_KERNEL_FIXES = {
+    torch.ops.aten._grouped_mm.default: _grouped_mm,
+    torch.ops.aten.native_layer_norm.default: _norm_statistics,
+    torch.ops.aten.native_batch_norm.default: _norm_statistics,
+}

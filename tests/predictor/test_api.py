@@ -1,16 +1,7 @@
-import time
-
 import pytest
+import torch
 
 from lightning_memopt.predictor import estimate_memory
-
-
-def test_70b_estimate_is_fast():
-    estimate_memory("llama-3-70b", world_size=64, zero=3, seq_len=8192)  # warm imports
-    start = time.perf_counter()
-    for zero in range(4):
-        estimate_memory("llama-3-70b", world_size=64, zero=zero, seq_len=8192, activation_checkpointing=True)
-    assert (time.perf_counter() - start) / 4 < 0.05
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
@@ -31,9 +22,7 @@ def test_monotone_in_micro_batch_and_sequence(zero, precision):
 @pytest.mark.parametrize("world", [2, 8])
 def test_stages_never_increase_per_rank(model, world):
     """With buckets sized to the model (transformers' "auto": hidden^2), as the strategy sets them."""
-    from lightning_memopt.predictor import resolve_model
-
-    d = resolve_model(model).hidden_size or 4096
+    d = 3584 if model.startswith("qwen") else 4096
     totals = []
     for z in range(4):
         ds = {
@@ -92,10 +81,18 @@ def test_parameter_count_says_activations_are_not_estimated():
     assert est.activations == 0 and "not estimated" in est.details["activations"]
 
 
-def test_liger_fused_cross_entropy_removes_logits():
-    kw = dict(world_size=8, zero=3, seq_len=4096)
-    assert estimate_memory("llama-3-8b", liger=True, **kw).total < estimate_memory("llama-3-8b", **kw).total
-    assert estimate_memory("llama-3-8b", liger={"fused_linear_cross_entropy": True}, **kw).logits == 0
+def test_a_model_patched_with_liger_is_traced_with_its_kernels():
+    """Liger's Python wrappers run under fake tensors with the Triton launches skipped: what they allocate is what the
+    step holds. The fused linear cross-entropy never holds the whole (tokens x vocabulary) logits."""
+    from lightning_memopt.transforms import apply_liger
+    from transforms._models import hf_model
+
+    ids = torch.randint(0, 256, (2, 64))
+    kw = dict(example_batch={"input_ids": ids, "labels": ids}, precision="bf16-mixed")
+    plain = estimate_memory(hf_model("llama", attn="sdpa"), **kw)
+    fused = estimate_memory(apply_liger(hf_model("llama", attn="sdpa"), allow_cpu=True), **kw)
+    assert fused.logits < plain.logits
+    assert fused.details["num_parameters"] == plain.details["num_parameters"]
 
 
 @pytest.mark.parametrize(
@@ -109,7 +106,8 @@ def test_liger_fused_cross_entropy_removes_logits():
         (dict(precision="fp4"), ValueError, "bf16-mixed"),
         (dict(optimizer="lion"), ValueError, "adamw"),
         (dict(engine="jax"), ValueError, "deepspeed"),
-        (dict(method="guess"), ValueError, "analytic"),
+        (dict(method="guess"), ValueError, "trace"),
+        (dict(method="analytic"), ValueError, "removed"),
         (dict(offload_optimizer="disk", zero=2), ValueError, "nvme"),
         (dict(offload_optimizer="cpu", zero=0), ValueError, "zero >= 1"),
         (dict(offload_parameters="cpu", zero=2), ValueError, "zero=3"),
@@ -157,10 +155,17 @@ def test_accumulation_keeps_what_the_engine_holds_between_micro_steps(engine, ze
 
 
 def test_torch_engine_holds_the_previous_gradients_through_the_forward():
-    """Lightning zeroes the gradients after training_step: at the loss the previous step's fp32 gradients live."""
-    est = estimate_memory("gpt2", engine="torch", micro_batch_size=1, seq_len=64, precision="32-true")
-    P = est.details["num_parameters"]
-    assert est.gradients >= 4 * P  # the peak is the end of forward, with every gradient
+    """Lightning zeroes the gradients after training_step: at the loss the previous step's fp32 gradients live, so a
+    step whose activations peak at the loss peaks there with every gradient."""
+
+
+    class Stack(torch.nn.Sequential):  # the loss' backward adds less than the gradients: the step peaks at the loss
+        def training_step(self, batch, batch_idx):
+            return self(batch).square().mean()
+
+    stack = Stack(*[torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()) for _ in range(8)])
+    est = estimate_memory(stack, engine="torch", precision="32-true", example_batch=torch.zeros(16, 16))
+    assert est.gradients == 4 * est.details["num_parameters"] and est.activations > 8 * 16 * 16 * 4
 
 
 def test_accumulation_with_offload_keeps_the_partition_gradients_on_the_host():

@@ -1,0 +1,35 @@
+import torch
+
+from lightning_memopt.predictor import estimate_memory, timeline
+from lightning_memopt.predictor.timeline import Timeline, batch_shape, resize_batch
+from predictor._modules import tiny_config
+
+
+def test_micro_batches_come_from_two_traces_and_match_a_direct_trace(monkeypatch):
+    """Activations are affine in the micro-batch: a config's estimates at any micro-batch reuse the traces at 2 and 3
+    (checked once against a trace at 4), and equal a direct trace."""
+    config = tiny_config("qwen2", layers=2, attention_bias=True)
+    interpolated = estimate_memory(config, micro_batch_size=7, seq_len=32, attention="eager")
+    assert interpolated.details["micro_batch_from"].startswith("affine")
+    traced = []
+    real_trace = timeline.trace_timeline
+    monkeypatch.setattr(timeline, "trace_timeline", lambda *a, **k: traced.append(1) or real_trace(*a, **k))
+    estimate_memory(config, micro_batch_size=11, seq_len=32, attention="eager")
+    assert not traced  # no new trace
+    monkeypatch.setattr(timeline, "_CACHE", type(timeline._CACHE)())
+    monkeypatch.setattr(timeline, "_AFFINE", {})
+    monkeypatch.setattr(timeline, "_affine", lambda *a: None)  # every micro-batch traced directly
+    direct = estimate_memory(config, micro_batch_size=7, seq_len=32, attention="eager")
+    assert direct.total == interpolated.total and direct.activations == interpolated.activations
+
+
+def test_an_example_batch_is_resized_to_the_micro_batch():
+    batch = {"input_ids": torch.arange(6).view(2, 3), "labels": torch.arange(6).view(2, 3), "flag": 1}
+    resized = resize_batch(batch, 2, 5)
+    assert resized["input_ids"].tolist() == [[0, 1, 2], [3, 4, 5], [0, 1, 2], [3, 4, 5], [0, 1, 2]]
+    assert resized["flag"] == 1 and batch_shape(resized) == (5, 3)
+
+
+def test_moments_keep_the_highest_op_between_gradients():
+    line = Timeline((1, 5, 2, 3, 1), (0, 0, 0, 4, 4), (0, 0, 0, 0, 0), 1)
+    assert list(line.moments()) == [(5, 0, 0, True), (2, 0, 0, False), (3, 4, 0, False)]
