@@ -7,8 +7,8 @@ import sys
 import pytest
 from helpers import ROOT, write_hub_cache
 
-from lightning_memopt.predictor.hub import is_hub_id, load_hub_config
 from lightning_memopt.predictor import resolve_model
+from lightning_memopt.predictor.hub import is_hub_id, load_hub_config
 from lightning_memopt.predictor.presets import get_preset
 
 
