@@ -26,3 +26,16 @@ def run_script(script: Path, *args: str, timeout: float = 300, env: "dict[str, s
     if proc.returncode != 0:
         raise AssertionError(f"{script.name} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def write_hub_cache(cache: Path, repo_id: str, config: dict, revision: str = "0123456789abcdef") -> Path:
+    """Put ``config`` as ``repo_id``'s config.json into a Hugging Face hub cache directory (huggingface_hub's layout:
+    ``models--owner--name/snapshots/<rev>/config.json`` and ``refs/main``); returns the cache directory."""
+    import json
+
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    (repo / "snapshots" / revision).mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots" / revision / "config.json").write_text(json.dumps(config))
+    return Path(cache)

@@ -1,10 +1,10 @@
 """The pure part of MemoryMonitor's report: the prediction error, a per-rank summary, its table and the PNG plot."""
 
+import itertools
 import math
 from pathlib import Path
 from typing import Any
 
-from lightning_memopt._imports import _MATPLOTLIB_AVAILABLE, requires
 from lightning_memopt.utilities.units import format_bytes
 
 
@@ -66,33 +66,74 @@ def summary_table(summary: "list[dict[str, Any]]") -> str:
     return "\n".join(lines)
 
 
-def save_plot(history: "list[dict[str, Any]]", path: "str | Path") -> Path:
-    """Plot actual (solid) and predicted (dashed) peaks per logged step and rank to a PNG; returns its path.
+_LINE_COLORS = ("#000000", "#6a3d9a", "#33a02c", "#b15928", "#e7298a", "#1b9e77", "#666666", "#a6761d")
+
+
+def save_plot(
+    history: "list[dict[str, Any]]", path: "str | Path", device_memory: "int | None" = None, margin: float = 0.0
+) -> Path:
+    """Write :func:`plot_history`'s figure to a PNG; returns its path.
 
     Raises:
         ModuleNotFoundError: without matplotlib (``pip install 'lightning-memopt[plot]'``).
     """
-    requires(_MATPLOTLIB_AVAILABLE, "MemoryMonitor's plot", "plot")
-    import matplotlib
+    from lightning_memopt.utilities.plotting import save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return save(plot_history(history, device_memory, margin), path)
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for rank in sorted({row["rank"] for row in history}):
+
+def plot_history(history: "list[dict[str, Any]]", device_memory: "int | None" = None, margin: float = 0.0) -> Any:
+    """The predicted breakdown (stacked bands) with each rank's actual peak over it and the device line (a Figure).
+
+    The bands are rank zero's predicted categories at each logged step (``predicted/<category>`` keys of its rows:
+    model states, activations, logits, buffers; what the predicted peak adds on top, e.g. offloaded states on a CPU
+    device, as "other"); the lines are every rank's measured peak. The y axis starts at zero; the device
+    (``device_memory``, with its ``margin`` as the budget line) is drawn when it is within three times the data.
+
+    Raises:
+        ModuleNotFoundError: without matplotlib (``pip install 'lightning-memopt[plot]'``).
+    """
+    from lightning_memopt.utilities.plotting import (
+        COLORS,
+        MONITOR_GROUPS,
+        draw_limits,
+        group,
+        legend_patches,
+        pyplot,
+        unit_for,
+    )
+
+    plt = pyplot("MemoryMonitor's plot")
+    ranks = sorted({row["rank"] for row in history})
+    first = [row for row in history if row["rank"] == ranks[0]]
+    steps = [row["step"] for row in first]
+    bands = [group({k[len("predicted/"):]: v for k, v in row.items() if k.startswith("predicted/")}, MONITOR_GROUPS)
+             for row in first]  # fmt: skip
+    for row, band in zip(first, bands):
+        band["other"] = max(0, row["predicted_peak_bytes"] - sum(band.values()))
+    top = max(max(r["actual_peak_bytes"] for r in history), max(r["predicted_peak_bytes"] for r in history), 1)
+    unit, scale = unit_for(top)
+    width = 0.8 * min((b - a for a, b in itertools.pairwise(steps)), default=1)
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    bottom = [0.0] * len(steps)
+    names = [name for name in (*MONITOR_GROUPS, "other") if any(band[name] for band in bands)]
+    for name in names:
+        heights = [band[name] / scale for band in bands]
+        ax.bar(steps, heights, bottom=bottom, width=width, color=COLORS[name])
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    for i, rank in enumerate(ranks):  # dark lines, told apart by colour, marker and dash (ranks often overlap)
         rows = [row for row in history if row["rank"] == rank]
-        steps = [row["step"] for row in rows]
-        line = ax.plot(steps, [row["actual_peak_bytes"] / 2**20 for row in rows], label=f"rank {rank} actual")
-        if all(row["predicted_peak_bytes"] >= 0 for row in rows):
-            ax.plot(steps, [row["predicted_peak_bytes"] / 2**20 for row in rows], "--", color=line[0].get_color(),
-                    label=f"rank {rank} predicted")  # fmt: skip
+        ax.plot([r["step"] for r in rows], [r["actual_peak_bytes"] / scale for r in rows], linewidth=1.5,
+                color=_LINE_COLORS[i % len(_LINE_COLORS)], marker="os^Dv<>p"[i % 8], markersize=4, markerfacecolor="none",
+                linestyle=("-", "--", "-.", ":")[i % 4], label=f"rank {rank}: actual peak")  # fmt: skip
+    draw_limits(ax, device_memory, margin, top, scale, unit)
+    handles, labels = ax.get_legend_handles_labels()
+    patches = legend_patches(names)
+    ax.legend(patches + handles, [f"predicted: {n}" for n in names] + labels, fontsize="small",
+              loc="upper left", bbox_to_anchor=(1.01, 1.0))  # fmt: skip
+    ax.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("peak memory per step (MiB)")
-    ax.set_title("MemoryMonitor: actual vs predicted")
-    ax.legend(fontsize="small")
+    ax.set_ylabel(f"memory per rank ({unit})")
+    ax.set_title("MemoryMonitor: predicted breakdown (bars) and actual peak per rank (lines)", fontsize="medium")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig

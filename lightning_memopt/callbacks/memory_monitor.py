@@ -100,7 +100,10 @@ class MemoryMonitor(Callback):
 
     On a CPU device the predicted peak compared is ``total + cpu_offloaded`` (offloaded states live in the same
     memory). At the end of fit rank zero prints a summary per rank and, with matplotlib, saves
-    ``memory_monitor.png`` (actual vs predicted per step and rank) in ``trainer.log_dir``. On CUDA out-of-memory it
+    ``memory_monitor.png`` (the predicted breakdown stacked per logged step, each rank's actual peak over it, the
+    device line) in ``trainer.log_dir`` and prints its path. With ``progress_bar=True`` the progress bar shows rank
+    zero's actual and predicted peak at every optimizer step, the maxima since the last log as they are logged
+    (``mem_MiB`` / ``pred_MiB``, or ``_GiB``; with ``log_every_n_steps=1``: the step's own). On CUDA out-of-memory it
     writes PyTorch's memory snapshot (``memory_snapshots/rank<r>.pickle`` under ``default_root_dir``; open it at
     https://pytorch.org/memory_viz), prints the prediction and suggestions; Lightning re-raises the error.
 
@@ -117,6 +120,7 @@ class MemoryMonitor(Callback):
         method: the predictor's method, ``"trace"`` (the only one: a fake-tensor trace of the module's own step).
         cpu_mode: the CPU probe's mode, ``"allocator"`` (default) or ``"dispatch"``.
         max_suggestions: at most this many suggestions in the fit-check error.
+        progress_bar: show the actual and predicted peak in the progress bar at every optimizer step (not logged).
 
     Raises:
         ValueError: for ``log_every_n_steps < 1``, a margin outside [0, 1), an unparsable ``device_memory``, an
@@ -147,6 +151,7 @@ class MemoryMonitor(Callback):
         method: str = "trace",
         cpu_mode: str = "allocator",
         max_suggestions: int = 5,
+        progress_bar: bool = False,
     ) -> None:
         if log_every_n_steps is not None and (
             not isinstance(log_every_n_steps, int)
@@ -190,6 +195,7 @@ class MemoryMonitor(Callback):
         self.method = method
         self.cpu_mode = cpu_mode
         self.max_suggestions = max_suggestions
+        self.progress_bar = progress_bar
         #: the current prediction (``None`` before setup).
         self.estimate: MemoryEstimate | None = None
         #: rows ``{"step", "rank", <gathered fields>, "prediction_error"}`` of every logged step (all ranks on rank 0).
@@ -405,6 +411,11 @@ class MemoryMonitor(Callback):
         est = self.estimate
         budget = int(self._budget_device * (1.0 - self.margin))
         if est is None or est.total <= budget:
+            if est is not None:
+                unit = _unit(self._budget_device)
+                rank_zero_info(f"MemoryMonitor: fits: predicted peak {format_bytes(est.total, unit)} <= budget"
+                               f" {format_bytes(budget, unit)} ({format_bytes(self._budget_device, unit)} with"
+                               f" {self.margin:.0%} kept free)")  # fmt: skip
             return
         fixes = self._suggestions(trainer)
         unit = _unit(self._budget_device)
@@ -463,6 +474,13 @@ class MemoryMonitor(Callback):
             self._interval[name] = max(self._interval.get(name, value), value) if keep_max else value
         if trainer.global_step == self._last_global_step:
             return  # accumulating: no optimizer step yet
+        if self.progress_bar:  # the peaks since the last log, as they are logged: rank zero's in the bar
+            unit = _unit(max(self._interval["predicted_peak_bytes"], self._interval["actual_peak_bytes"]))
+            scale = 2**30 if unit == "GiB" else 2**20
+            for key, name in ((f"mem_{unit}", "actual_peak_bytes"), (f"pred_{unit}", "predicted_peak_bytes")):
+                if self._interval[name] >= 0:  # -1: no prediction
+                    trainer.lightning_module.log(key, self._interval[name] / scale, prog_bar=True, logger=False,
+                                                 on_step=True, on_epoch=False)  # fmt: skip
         self._last_global_step = trainer.global_step
         self._micro_steps = 0
         every = self.log_every_n_steps or trainer.log_every_n_steps
@@ -496,6 +514,7 @@ class MemoryMonitor(Callback):
         if self.estimate is not None:
             for name in (*CATEGORIES, "cpu_offloaded"):
                 metrics[f"memory/predicted/{name}"] = float(getattr(self.estimate, name))
+                rows[trainer.global_rank][f"predicted/{name}"] = getattr(self.estimate, name)  # the plot's bands
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -510,7 +529,8 @@ class MemoryMonitor(Callback):
             return
         rank_zero_info("MemoryMonitor: peak memory per rank over the run\n" + summary_table(self.summary()))
         if self.plot and log_dir is not None:
-            save_plot(self.history, Path(log_dir) / "memory_monitor.png")
+            path = save_plot(self.history, Path(log_dir) / "memory_monitor.png", self._budget_device, self.margin)
+            rank_zero_info(f"MemoryMonitor: plot of predicted vs actual memory per rank saved to {path}")
 
     def _report_oom(self, trainer: "pl.Trainer", exception: BaseException) -> None:
         if not isinstance(exception, torch.OutOfMemoryError) or not torch.cuda.is_available():

@@ -1,4 +1,4 @@
-"""The ``lightning-memopt`` command line: ``estimate``, ``plan`` (and more subcommands as they are added).
+"""The ``lightning-memopt`` command line: ``estimate``, ``plan``, ``plot``, ``presets``, ``consolidate``.
 
 Each subcommand module exposes ``add_parser(subparsers)``, which adds its parser(s) and sets
 ``handler=<function(args) -> int>`` with ``set_defaults``. To add one, append its module to
@@ -13,12 +13,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["SUBCOMMAND_MODULES", "CliError", "build_parser", "main"]
 
 #: Modules whose ``add_parser(subparsers)`` registers subcommands, in help order.
-SUBCOMMAND_MODULES: "tuple[str, ...]" = ("lightning_memopt.cli.estimate", "lightning_memopt.cli.consolidate")
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "lightning_memopt.cli.estimate",
+    "lightning_memopt.cli.plot",
+    "lightning_memopt.cli.presets",
+    "lightning_memopt.cli.consolidate",
+)
 
 
 class CliError(Exception):
@@ -28,7 +33,7 @@ class CliError(Exception):
 class _Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line (no usage dump) and do not exit the interpreter."""
 
-    def error(self, message: str) -> "None":  # type: ignore[override]
+    def error(self, message: str) -> None:  # type: ignore[override]
         raise CliError(f"{self.prog}: error: {message}")
 
 
@@ -59,7 +64,7 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-def main(argv: "Sequence[str] | None" = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code.
 
     Example:

@@ -3,9 +3,12 @@
 Examples::
 
     lightning-memopt estimate llama-3-8b --gpus 8 --zero 3 --micro-batch 2 --seq-len 4096 --gpu-memory 80GiB
+    lightning-memopt estimate meta-llama/Llama-3.1-8B --seq-len 4096   # a Hub id (HF_HUB_OFFLINE: from the cache)
     lightning-memopt estimate 8B --engine torch            # model states only: the lecture's 16/32/64/32 GB
     lightning-memopt estimate llama-3-8b --quantization q8_0 --inference
     lightning-memopt plan llama-3-8b --gpu-memory 80GiB --gpus 8 --seq-len 4096 --global-batch-tokens 4M
+
+An option that has no effect with the other options given is an error (``_options.Applies`` rules below).
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ import os
 import re
 from typing import Any
 
+from lightning_memopt.cli._options import Applies, check_applicable, fill_defaults
 from lightning_memopt.utilities.units import format_bytes, parse_bytes
 
-__all__ = ["add_parser", "parse_count", "parse_model", "run_estimate", "run_plan"]
+__all__ = ["ENGINES", "add_common", "add_parser", "parse_count", "parse_model", "run_estimate", "run_plan"]
+
+#: ``--engine`` choices (``lightning_memopt.predictor.model_states.ENGINES``; not imported: the predictor loads lazily).
+ENGINES = ("deepspeed", "torch", "zero-paper")
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 _COUNT = re.compile(r"^\s*([0-9][0-9_,]*\.?[0-9]*(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*$")
@@ -37,11 +44,12 @@ def parse_count(text: str, what: str = "count") -> int:
     value = float(match.group(1).replace(",", "").replace("_", "")) * _SUFFIX[match.group(2).lower()]
     if value < 1:
         raise ValueError(f"Expected a positive {what}, got {text!r}.")
-    return int(round(value))
+    return round(value)
 
 
-def parse_model(text: str) -> "str | int":
-    """MODEL: a config.json path (or a directory holding one), a parameter count (``7.5e9``, ``8B``), or a preset.
+def parse_model(text: str) -> str | int:
+    """MODEL: a config.json path (or a directory holding one), a parameter count (``7.5e9``, ``8B``), a preset or
+    a Hugging Face Hub id (``meta-llama/Llama-3.1-8B``; presets and Hub ids are resolved by the predictor).
 
     Example:
         >>> parse_model("8B"), parse_model("llama-3-8b")
@@ -96,48 +104,125 @@ def _margin(text: str) -> float:
     return value
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    """Arguments shared by ``estimate`` and ``plan``."""
-    parser.add_argument("model", metavar="MODEL", help="preset name, config.json path, or parameter count (8B)")
-    parser.add_argument("--gpus", type=_positive_int, default=1, help="data-parallel ranks (world size)")
-    parser.add_argument("--precision", default="bf16-mixed", help="16-mixed, bf16-mixed, 32-true, bf16-true")
-    parser.add_argument("--optimizer", default="adamw", help="optimizer name (default: adamw)")
-    parser.add_argument("--attention", default="sdpa", help="attention backend: eager, sdpa, flash_attention_2")
+#: Defaults of the options declared with ``default=None`` (so that "given" can be told from "left alone").
+DEFAULTS: dict[str, Any] = {
+    "gpus": 1, "precision": "bf16-mixed", "optimizer": "adamw", "attention": "sdpa", "engine": "deepspeed",
+    "margin": 0.1, "zero": 0, "micro_batch": 1, "lora_rank": 16, "zero_stages": "0,1,2,3", "offload_device": "cpu",
+}  # fmt: skip
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by ``estimate``, ``plan`` and ``plot``."""
+    parser.add_argument("model", metavar="MODEL",
+                        help="preset (`lightning-memopt presets`), Hub id (meta-llama/Llama-3.1-8B), config.json path,"
+                             " or parameter count (8B)")  # fmt: skip
+    parser.add_argument("--gpus", type=_positive_int, default=None, help="data-parallel ranks (world size; 1)")
+    parser.add_argument("--precision", default=None, help="16-mixed, bf16-mixed (default), 32-true, bf16-true")
+    parser.add_argument("--optimizer", default=None, help="optimizer name (default: adamw)")
+    parser.add_argument("--attention", default=None, help="attention backend: eager, sdpa (default), flash_attention_2")
     parser.add_argument("--liger", action="store_true", help="Liger kernels (RMSNorm, SwiGLU, fused CE)")
-    parser.add_argument("--engine", default="deepspeed", choices=("deepspeed", "torch"))
-    parser.add_argument("--margin", type=_margin, default=0.1, help="fraction of the device kept free (0.1)")
+    parser.add_argument("--engine", default=None, choices=ENGINES,
+                        help="deepspeed (what DeepSpeed allocates; default), torch (plain Lightning: DDP or one"
+                             " device), zero-paper (the ZeRO paper's 2 + 2 + K bytes per parameter)")  # fmt: skip
+    parser.add_argument("--margin", type=_margin, default=None, help="fraction of the device kept free (0.1)")
     parser.add_argument("--json", action="store_true", help="print JSON (bytes) instead of a table")
+
+
+def _is_count(args: argparse.Namespace) -> bool:
+    return isinstance(args.model_value, int)
+
+
+def _shapes(args: argparse.Namespace) -> bool:
+    return not _is_count(args)
+
+
+def _quantized(args: argparse.Namespace) -> bool:
+    return args.quantization is not None
+
+
+def _training(args: argparse.Namespace) -> bool:
+    return not args.inference
+
+
+_COUNT_NEEDS = (
+    "with a model that has shapes (a preset, a Hub id or a config.json; a parameter count gives model states only)"
+)
+#: ``estimate``: which options apply with which others. LoRA on a 16-bit base will extend the ``--lora-rank`` entry.
+ESTIMATE_RULES: tuple[Applies, ...] = (
+    Applies("--gpus", "gpus", lambda a: not _quantized(a), "without --quantization (a quantized model is estimated on"
+            " one device)"),
+    Applies("--zero", "zero", lambda a: not _quantized(a), "without --quantization (a quantized model is estimated on"
+            " one device)"),
+    Applies("--offload-optimizer", "offload_optimizer", lambda a: not _quantized(a), "without --quantization"),
+    Applies("--offload-parameters", "offload_parameters", lambda a: not _quantized(a), "without --quantization"),
+    Applies("--engine", "engine", lambda a: not _quantized(a), "without --quantization"),
+    Applies("--inference", "inference", _quantized, "with --quantization (the quantized model's inference)"),
+    Applies("--lora-rank", "lora_rank", lambda a: _quantized(a) and _training(a),
+            "with --quantization and without --inference (QLoRA: LoRA adapters on a frozen quantized base; LoRA on"
+            " a 16-bit base is not predicted yet)",
+            fix="add --quantization nf4 (QLoRA) to estimate LoRA on a quantized base"),
+    Applies("--optimizer", "optimizer", _training, "without --inference (nothing is optimized)"),
+    Applies("--precision", "precision", _training, "without --inference (the quantized weights set the precision)"),
+    Applies("--checkpointing", "checkpointing", lambda a: _training(a) and _shapes(a),
+            f"when training {_COUNT_NEEDS}"),
+    Applies("--attention", "attention", lambda a: _training(a) and _shapes(a), f"when training {_COUNT_NEEDS}"),
+    Applies("--liger", "liger", lambda a: _training(a) and _shapes(a), f"when training {_COUNT_NEEDS}"),
+    Applies("--micro-batch", "micro_batch", _shapes, _COUNT_NEEDS),
+    Applies("--seq-len", "seq_len", _shapes, _COUNT_NEEDS),
+    Applies("--margin", "margin", lambda a: a.gpu_memory is not None, "with --gpu-memory (the margin of the verdict)"),
+)
+#: ``plan``: which options apply with which others.
+PLAN_RULES: tuple[Applies, ...] = (
+    Applies("--zero-stages", "zero_stages", lambda a: a.engine != "torch", "without --engine torch (plain Lightning"
+            " has no ZeRO)"),
+    Applies("--no-offload", "no_offload", lambda a: a.engine != "torch", "without --engine torch (plain Lightning"
+            " never offloads)"),
+    Applies("--offload-device", "offload_device", lambda a: not a.no_offload and a.engine != "torch",
+            "without --no-offload and --engine torch (it is where offloaded states go)"),
+    Applies("--attention", "attention", _shapes, _COUNT_NEEDS),
+    Applies("--liger", "liger", _shapes, _COUNT_NEEDS),
+    Applies("--no-checkpointing", "no_checkpointing", _shapes, _COUNT_NEEDS),
+)
+
+
+def prepare(args: argparse.Namespace, rules: tuple[Applies, ...]) -> argparse.Namespace:
+    """Parse MODEL, check that every option given applies, then fill in the defaults; returns ``args``."""
+    args.model_value = parse_model(args.model)
+    check_applicable(args, rules)
+    return fill_defaults(args, DEFAULTS)
 
 
 def add_parser(subparsers: Any) -> None:
     """Register ``estimate`` and ``plan`` on ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     est = subparsers.add_parser("estimate", help="per-rank memory breakdown of one setting")
-    _add_common(est)
-    est.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage")
-    est.add_argument("--micro-batch", type=_positive_int, default=1, help="sequences per rank and step")
-    est.add_argument("--seq-len", type=_positive_int, default=None, help="tokens per sequence")
+    add_common(est)
+    est.add_argument("--zero", type=int, default=None, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage (0)")
+    est.add_argument("--micro-batch", type=_positive_int, default=None, help="sequences per rank and step (1)")
+    est.add_argument("--seq-len", type=_positive_int, default=None,
+                     help="tokens per sequence (default: the config's max_position_embeddings)")  # fmt: skip
     est.add_argument("--offload-optimizer", choices=("cpu", "nvme"), default=None)
     est.add_argument("--offload-parameters", choices=("cpu", "nvme"), default=None)
     est.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every block")
     est.add_argument("--quantization", default=None, help="q8_0, q6_k, q4_0, q4_k, int8, int4, nf4, nf4-dq")
     est.add_argument("--inference", action="store_true", help="with --quantization: inference, not QLoRA")
-    est.add_argument("--lora-rank", type=_positive_int, default=16, help="with --quantization: LoRA rank")
+    est.add_argument("--lora-rank", type=_positive_int, default=None, help="with --quantization: LoRA rank (16)")
     est.add_argument("--gpu-memory", type=_bytes_arg, default=None, help="device memory, e.g. 80GiB")
     est.set_defaults(handler=run_estimate)
 
     plan = subparsers.add_parser("plan", help="largest micro-batch, accumulation and cheapest setting that fits")
-    _add_common(plan)
+    add_common(plan)
     plan.add_argument("--gpu-memory", type=_bytes_arg, required=True, help="device memory, e.g. 80GiB")
     plan.add_argument("--seq-len", type=_positive_int, required=True, help="tokens per sequence")
     plan.add_argument("--global-batch-tokens", type=_count_arg("token count"), required=True, help="e.g. 4M")
-    plan.add_argument("--zero-stages", default="0,1,2,3", help="ZeRO stages to search, e.g. 2,3")
+    plan.add_argument("--zero-stages", default=None, help="ZeRO stages to search, e.g. 2,3 (0,1,2,3)")
     plan.add_argument("--no-checkpointing", action="store_true", help="never turn on checkpointing")
     plan.add_argument("--no-offload", action="store_true", help="never offload")
-    plan.add_argument("--offload-device", choices=("cpu", "nvme"), default="cpu")
+    plan.add_argument("--offload-device", choices=("cpu", "nvme"), default=None, help="where to offload (cpu)")
     plan.set_defaults(handler=run_plan)
 
 
-def _common_kwargs(args: argparse.Namespace) -> "dict[str, Any]":
+def common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``estimate_memory`` keyword arguments of the common options (after :func:`prepare`)."""
     return {
         "precision": args.precision,
         "optimizer": args.optimizer,
@@ -147,45 +232,60 @@ def _common_kwargs(args: argparse.Namespace) -> "dict[str, Any]":
     }
 
 
-def _print(data: "dict[str, Any]") -> None:
+def parse_stages(text: str) -> tuple[int, ...]:
+    """``--zero-stages 2,3`` -> ``(2, 3)``."""
+    try:
+        return tuple(sorted({int(z) for z in text.split(",") if z.strip()}))
+    except ValueError:
+        raise ValueError(f"Expected --zero-stages like 0,1,2,3, got {text!r}.") from None
+
+
+def print_json(data: Any) -> None:
+    """The machine-readable output of every command: indented JSON, bytes as ints."""
     print(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def _setting(args: argparse.Namespace, details: dict[str, Any]) -> str:
+    """One line saying what was estimated (what the defaults filled in included)."""
+    model = f"{args.model} ({details.get('num_parameters', 0) / 1e9:.2f}B parameters)"
+    if "quantization" in details:
+        return f"{model}, {details['quantization']} {details['mode']}, one device"
+    tokens = (", model states only (a parameter count has no shapes)" if _is_count(args)
+              else f", micro-batch {details['micro_batch_size']} x {details['seq_len']} tokens")  # fmt: skip
+    stage = "plain torch" if details["engine"] == "torch" else f"ZeRO-{details['zero']} ({details['engine']})"
+    return f"{model}, {details['world_size']} GPU(s), {stage}{tokens}, {details['precision']}"
 
 
 def run_estimate(args: argparse.Namespace) -> int:
     """Handler of ``estimate``: print the breakdown (and whether it fits); returns the exit code."""
-    model = parse_model(args.model)
+    args = prepare(args, ESTIMATE_RULES)
+    model = args.model_value
     if args.quantization is not None:
         from lightning_memopt.predictor.quantization import estimate_quantized
 
-        if args.zero or args.offload_optimizer or args.offload_parameters:
-            raise ValueError(
-                "Expected no --zero / --offload-* with --quantization (a frozen quantized base is estimated"
-                " per device, as with DDP), got them. Fix: drop them."
-            )
         estimate = estimate_quantized(
             model, args.quantization, mode="inference" if args.inference else "qlora",
             micro_batch_size=args.micro_batch, seq_len=args.seq_len, precision=args.precision,
             optimizer=args.optimizer, lora_rank=args.lora_rank, activation_checkpointing=args.checkpointing,
             attention=args.attention, liger=args.liger,
-        )
+        )  # fmt: skip
     else:
-        if args.inference:
-            raise ValueError("Expected --inference only with --quantization, got it alone.")
         from lightning_memopt.planning.estimate import estimate_memory
 
         estimate = estimate_memory(
             model, world_size=args.gpus, zero=args.zero, micro_batch_size=args.micro_batch,
             seq_len=args.seq_len, offload_optimizer=args.offload_optimizer or False,
             offload_parameters=args.offload_parameters or False,
-            activation_checkpointing=args.checkpointing, **_common_kwargs(args),
-        )
+            activation_checkpointing=args.checkpointing, **common_kwargs(args),
+        )  # fmt: skip
     fits = None if args.gpu_memory is None else estimate.fits(args.gpu_memory, margin=args.margin)
     if args.json:
         data = estimate.to_dict()
         if fits is not None:
             data.update(fits=fits, device_memory=args.gpu_memory, margin=args.margin)
-        _print(data)
+        print_json(data)
         return 0
+    print(_setting(args, {**(estimate.details or {}), "num_parameters": _num_parameters(model, estimate)}))
     print(estimate.table())
     if fits is not None:
         budget = int(args.gpu_memory * (1 - args.margin))
@@ -195,26 +295,34 @@ def run_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _num_parameters(model: Any, estimate: Any) -> int:
+    details = estimate.details or {}
+    if "num_parameters" in details:
+        return int(details["num_parameters"])
+    from lightning_memopt.predictor.sources import resolve_model
+
+    return resolve_model(model).num_parameters
+
+
 def run_plan(args: argparse.Namespace) -> int:
     """Handler of ``plan``: print the plan; returns 1 when nothing fits."""
     from lightning_memopt.planning.plan import NoFitError, plan_batch
 
-    try:
-        stages = tuple(sorted({int(z) for z in args.zero_stages.split(",") if z.strip()}))
-    except ValueError:
-        raise ValueError(f"Expected --zero-stages like 0,1,2,3, got {args.zero_stages!r}.") from None
+    args = prepare(args, PLAN_RULES)
+    torch_engine = args.engine == "torch"
     try:
         plan = plan_batch(
-            parse_model(args.model), device_memory=args.gpu_memory, world_size=args.gpus, seq_len=args.seq_len,
-            global_batch_tokens=args.global_batch_tokens, margin=args.margin, zero_stages=stages,
-            checkpointing=not args.no_checkpointing, offload=not args.no_offload,
-            offload_device=args.offload_device, **_common_kwargs(args),
-        )
+            args.model_value, device_memory=args.gpu_memory, world_size=args.gpus, seq_len=args.seq_len,
+            global_batch_tokens=args.global_batch_tokens, margin=args.margin,
+            zero_stages=(0,) if torch_engine else parse_stages(args.zero_stages),
+            checkpointing=not args.no_checkpointing, offload=not (args.no_offload or torch_engine),
+            offload_device=args.offload_device, **common_kwargs(args),
+        )  # fmt: skip
     except NoFitError as err:
         print(f"lightning-memopt plan: {' '.join(str(err).split())}")
         return 1
     if args.json:
-        _print(plan.to_dict())
+        print_json(plan.to_dict())
     else:
         print(plan.table())
     return 0

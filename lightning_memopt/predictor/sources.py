@@ -102,6 +102,8 @@ def _name_of(model: Any) -> "str | None":
     text = os.fspath(model)
     if text.strip().lower() in PRESETS:
         return text.strip().lower()
+    if not os.path.exists(text):  # a Hub id
+        return text
     path = text if os.path.isdir(text) else os.path.dirname(os.path.abspath(text))
     return os.path.basename(path) or None
 
@@ -168,6 +170,10 @@ def config_of(model: Any) -> "dict[str, Any] | None":
                     return json.load(fh)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"Expected {path!r} to be a JSON config, but it does not parse: {err}.") from None
+        from lightning_memopt.predictor.hub import is_hub_id, load_hub_config
+
+        if is_hub_id(text) and not os.path.exists(text):  # a Hub id: its config.json, through transformers' cache
+            return load_hub_config(text).to_dict()
     return None
 
 

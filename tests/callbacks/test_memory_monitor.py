@@ -263,3 +263,14 @@ def test_one_gpu_llama_logs_actual_vs_predicted(tmp_path, strategy):
     assert all(row["memory/reserved_bytes"] >= row["memory/actual_peak_bytes"] for row in rows)
     errors = [h["prediction_error"] for h in monitor.history if h["step"] >= 2]
     assert max(map(abs, errors)) <= TARGET, errors
+
+
+def test_progress_bar_shows_the_logged_step_peaks(tmp_path):
+    monitor = MemoryMonitor(log_every_n_steps=1, progress_bar=True)
+    trainer = fit(tmp_path, MemOptStrategy(zero=2), monitor, steps=2, accumulate=2)
+    last = monitor.history[-1]
+    bar = trainer.progress_bar_metrics
+    assert bar["mem_MiB"] == pytest.approx(last["actual_peak_bytes"] / 2**20, rel=1e-6)
+    assert bar["pred_MiB"] == pytest.approx(last["predicted_peak_bytes"] / 2**20, rel=1e-6)
+    assert not any(key.startswith(("mem_", "pred_")) for key in trainer.logged_metrics)  # the bar only
+    assert {f"predicted/{c}" for c in ("parameters", "activations")} <= set(last)  # the plot's bands (rank 0)

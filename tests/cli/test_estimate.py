@@ -89,8 +89,73 @@ def test_bad_input_exits_2_with_one_line(argv, message, capsys):
 
 def test_console_entry_point_bad_input_subprocess():
     code = "import sys; from lightning_memopt.cli import main; sys.exit(main())"
-    proc = subprocess.run([sys.executable, "-c", code, "estimate", "llama-3-8b", "--zero", "7"],
+    proc = subprocess.run([sys.executable, "-c", code, "estimate", "llama-3-8b", "--zero", "7"], check=False,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("lightning-memopt estimate: error:")
+
+
+def _json(capsys, argv):
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_defaults_are_the_predictor_defaults(capsys):
+    data = _json(capsys, ["estimate", "llama-3-8b", "--seq-len", "2048"])
+    assert data["total"] == estimate_memory("llama-3-8b", seq_len=2048).total
+
+
+def test_engine_zero_paper(capsys):
+    data = _json(capsys, ["estimate", "7.5e9", "--gpus", "64", "--zero", "1", "--precision", "16-mixed", "--engine",
+                          "zero-paper"])  # fmt: skip
+    expected = estimate_memory("7.5e9", world_size=64, zero=1, precision="16-mixed", engine="zero-paper")
+    assert data["total"] == expected.total and data["details"]["engine"] == "zero-paper"
+
+
+def test_lora_rank_counts_with_quantization(capsys):
+    argv = ["estimate", "llama-3-8b", "--quantization", "nf4", "--seq-len", "1024"]
+    small, large = (_json(capsys, [*argv, "--lora-rank", r]) for r in ("8", "64"))
+    assert large["parameters"] > small["parameters"]
+    assert small["parameters"] == estimate_quantized("llama-3-8b", "nf4", mode="qlora", seq_len=1024,
+                                                     lora_rank=8).parameters  # fmt: skip
+
+
+def test_the_table_says_what_was_estimated(capsys):
+    assert main(["estimate", "llama-3.1-8b", "--gpus", "8", "--zero", "3", "--micro-batch", "2"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == ("llama-3.1-8b (8.03B parameters), 8 GPU(s), ZeRO-3 (deepspeed), micro-batch 2 x 131072 tokens,"
+                     " bf16-mixed")  # fmt: skip
+
+
+def test_plan_with_plain_torch_searches_no_zero_stage(capsys):
+    data = _json(capsys, ["plan", "gpt2", "--engine", "torch", "--gpu-memory", "24GiB", "--seq-len", "1024",
+                          "--global-batch-tokens", "512k"])  # fmt: skip
+    assert data["zero"] == 0 and not data["offload_optimizer"] and data["estimate"]["details"]["engine"] == "torch"
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["estimate", "llama-3-8b", "--lora-rank", "16"], "--lora-rank"),  # LoRA on a 16-bit base: not yet
+        (["estimate", "llama-3-8b", "--quantization", "q8_0", "--inference", "--lora-rank", "8"], "--lora-rank"),
+        (["estimate", "llama-3-8b", "--inference"], "--inference"),
+        (["estimate", "llama-3-8b", "--quantization", "nf4", "--seq-len", "512", "--gpus", "8"], "--gpus"),
+        (["estimate", "llama-3-8b", "--quantization", "nf4", "--seq-len", "512", "--zero", "3"], "--zero"),
+        (["estimate", "llama-3-8b", "--quantization", "nf4", "--seq-len", "512", "--engine", "torch"], "--engine"),
+        (["estimate", "llama-3-8b", "--quantization", "q8_0", "--inference", "--optimizer", "sgd"], "--optimizer"),
+        (["estimate", "llama-3-8b", "--quantization", "q8_0", "--inference", "--checkpointing"], "--checkpointing"),
+        (["estimate", "8B", "--seq-len", "4096"], "--seq-len"),
+        (["estimate", "8B", "--micro-batch", "4"], "--micro-batch"),
+        (["estimate", "8B", "--attention", "eager"], "--attention"),
+        (["estimate", "llama-3-8b", "--margin", "0.2"], "--margin"),
+        (["plan", "gpt2", "--engine", "torch", "--zero-stages", "2", "--gpu-memory", "8GiB", "--seq-len", "512",
+          "--global-batch-tokens", "1M"], "--zero-stages"),
+        (["plan", "gpt2", "--no-offload", "--offload-device", "nvme", "--gpu-memory", "8GiB", "--seq-len", "512",
+          "--global-batch-tokens", "1M"], "--offload-device"),
+    ],
+)
+def test_an_option_without_effect_is_an_error(argv, option, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"lightning-memopt: error: Expected {option} only ") and "Fix:" in err and "\n" not in err
