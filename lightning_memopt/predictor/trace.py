@@ -221,8 +221,11 @@ def trace_step(
     batch = tree_map(to_fake, example_batch)
     for t in tree_flatten(batch)[0]:  # the batch is on the device through the whole step
         tracker.add(t)
+    # Lightning's MixedPrecision runs the step under ``torch.autocast(..., cache_enabled=False)``
+    # (lightning/pytorch/plugins/precision/amp.py, 2.6): no weight cast outlives the op that made it unless autograd
+    # saves it (with the cache, a checkpointed block's casts would live until the forward ends)
     autocast = (
-        torch.autocast("cpu", dtype=precision.compute_dtype)
+        torch.autocast("cpu", dtype=precision.compute_dtype, cache_enabled=False)
         if engine == "torch" and precision.mixed
         else contextlib.nullcontext()
     )
