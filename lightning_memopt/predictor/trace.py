@@ -34,6 +34,7 @@ from lightning_memopt.core.blocks import checkpointed_as
 from lightning_memopt.predictor.precision import Precision
 from lightning_memopt.core import compat as _compat
 from lightning_memopt.predictor.reading import find_hf_model, tensor_attributes
+from lightning_memopt.predictor.zero3 import Zero3Gathering, Zero3Settings
 from lightning_memopt.predictor.tracker import SHADOW_LIMIT, LiveTensorTracker
 
 #: a function from one step's batch to its loss; the default steps a LightningModule or calls the module
@@ -57,6 +58,7 @@ class TraceResult:
             passed (synthesis).
         storages: ``(allocated at, freed at, bytes, storage key)`` of every storage the step created (``freed at`` =
             ``len(live)`` when it outlived the step), when recorded.
+        gathered: of ``live``, the ZeRO-3 parameters gathered after each op (empty without ``zero3`` settings).
     """
 
     live: "tuple[int, ...]"
@@ -68,6 +70,7 @@ class TraceResult:
     labels: "tuple[int, ...]" = ()
     markers: "tuple[tuple[int, int, str, int], ...]" = ()
     storages: "tuple[tuple[int, int, int, int], ...]" = ()
+    gathered: "tuple[int, ...]" = ()
 
     @property
     def peak(self) -> int:
@@ -129,7 +132,7 @@ def trace_step(
     engine: str = "deepspeed",
     activation_checkpointing: "bool | float | int | None" = None,
     attention: "str | None" = None,
-    zero3: bool = False,
+    zero3: "bool | Zero3Settings" = False,
     step: "StepFn | None" = None,
     blocks: "Any" = None,
 ) -> TraceResult:
@@ -150,7 +153,9 @@ def trace_step(
         attention: set a Hugging Face model's attention implementation for the trace (``None`` keeps it).
         zero3: step as a DeepSpeed ZeRO-3 run does: Linear layers through ``zero3_linear_wrap``, every module's
             tensor inputs as new tensors (``_post_backward_module_hook``), and a parameter whose view is saved for
-            backward kept gathered (counted) until that saved view is released.
+            backward kept gathered (counted) until that saved view is released. With
+            :class:`~lightning_memopt.predictor.zero3.Zero3Settings`, also the parameters DeepSpeed gathers along
+            the step, op by op (in ``live`` and ``gathered``).
         step: ``(module, batch) -> output`` holding the loss (default :func:`default_step`).
         blocks: a :class:`~lightning_memopt.predictor.synthesis.Replica` that marks blocks and skips some of them.
 
@@ -189,7 +194,7 @@ def trace_step(
             st = t.untyped_storage()
             if st._cdata not in exclude:
                 saved[st._cdata] = st.nbytes()
-            elif zero3 and id(t) not in param_ids:
+            elif zero3 and id(t) not in param_ids and (gathering is None or not gathering.pin(st._cdata, t)):
                 _pin(st._cdata, st.nbytes(), t)
         return t
 
@@ -229,6 +234,7 @@ def trace_step(
         if engine == "torch" and precision.mixed
         else contextlib.nullcontext()
     )
+    gathering: "Zero3Gathering | None" = None
     was_training = module.training
     module.train()
     handles: list = []
@@ -250,6 +256,10 @@ def trace_step(
             stack.enter_context(_swapped_attributes(module, fake_attributes))
             stack.enter_context(_compat.reparametrized(module, fakes))
             stack.enter_context(_zero3_module_inputs(module, zero3))
+            if isinstance(zero3, Zero3Settings):  # DeepSpeed's fetch and release events, replayed after the step
+                gathering = stack.enter_context(
+                    Zero3Gathering(module, zero3, dtype.itemsize, lambda: len(tracker.live))
+                )
             stack.enter_context(fake_mode)
             stack.enter_context(tracker)
             with _readable_errors(module), warnings.catch_warnings():
@@ -271,8 +281,16 @@ def trace_step(
         for h in handles:
             h.remove()
         module.train(was_training)
+    live, gathered = list(tracker.live), [0] * len(tracker.live)
+    if gathering is not None:  # the gathered parameters join the live bytes (and the records, for synthesis)
+        for born, freed, nbytes, key in gathering.intervals(len(live) - 1):
+            for i in range(born, freed):
+                gathered[i] += nbytes
+            if tracker.record:
+                tracker.storages.append((born, freed, nbytes, -key))
+        live = [a + b for a, b in zip(live, gathered)]
     return TraceResult(
-        live=tuple(tracker.live),
+        live=tuple(live),
         grads=tuple(tracker.grad_log),
         logits=tuple(tracker.logit_log),
         forward_end=forward_end,
@@ -281,6 +299,7 @@ def trace_step(
         labels=tuple(tracker.labels),
         markers=tuple(blocks.markers) if blocks is not None else (),
         storages=tuple(tracker.finished()) if blocks is not None else (),
+        gathered=tuple(gathered) if gathering is not None else (),
     )
 
 
