@@ -218,7 +218,7 @@ def predict(
     }
     em = ems[ranks[-1]]
     checkpointed = sum(checkpoint_flags(source.module, activation_checkpointing)) if source.module is not None else 0
-    grad_bytes = prec.param_bytes(act_engine)
+    grad_bytes = prec.param_bytes(act_engine)  # DeepSpeed: every trainable parameter in its dtype
     per_rank, best, phases = {}, None, []
     for r, em_r in ems.items():
         phases_r = _phases(em_r, timeline, grad_bytes, accumulate > 1, checkpointed > 0)
@@ -288,8 +288,9 @@ def _phases(
     base = em.base
     best = None
     in_backward = em.backward_gathered * (2 if recompute else 1)
+    unit = em.grad_unit or grad_bytes
     for live, grads, logits, forward in timeline.moments():
-        g, buf = em.backward_extra(grads // grad_bytes)
+        g, buf = em.backward_extra(grads // unit)
         if forward:
             g = max(g, em.forward_gradients)
         if accumulating:

@@ -200,8 +200,10 @@ def _build(config: "dict[str, Any]") -> nn.Module:
     for cls in candidates:
         try:
             with torch.device("meta"):
-                # an Auto class picks the model class; a model class builds itself (``_from_config``)
-                return cls.from_config(cfg) if cls.__name__.startswith("Auto") else cls._from_config(cfg)
+                # an Auto class picks the model class; a model class builds itself (``_from_config``). The weights
+                # are fp32, as a model is trained: 16-bit engines and *-true precisions cast them, autocast not.
+                model = cls.from_config(cfg) if cls.__name__.startswith("Auto") else cls._from_config(cfg)
+                return model.float()
         except ValueError as err:  # an Auto class without this model_type: try the next task
             errors.append(f"{getattr(cls, '__name__', cls)}: {str(err).splitlines()[0][:120]}")
     raise ValueError(

@@ -210,7 +210,7 @@ def trace_step(
     def to_fake(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
             return x
-        if x.is_floating_point() and dtype != torch.float32:
+        if x.is_floating_point() and dtype is not None and dtype != torch.float32:
             # a module run in 16 bits gets 16-bit inputs (Lightning's DeepSpeed and *-true precisions convert them)
             x = x.to(dtype) if x.device.type != "meta" else x.new_empty(x.shape, dtype=dtype)
         if x.device.type == "meta":
@@ -298,19 +298,20 @@ def _fake_attributes(module: nn.Module, mode: Any, tracker: LiveTensorTracker) -
     return out
 
 
-def _fake_states(module: nn.Module, mode: Any, dtype: torch.dtype) -> "tuple[dict[str, torch.Tensor], list]":
-    """Fake parameters (tied ones shared) and buffers by name, in the engine's dtype; the trainable fakes."""
+def _fake_states(module: nn.Module, mode: Any, dtype: "torch.dtype | None") -> "tuple[dict[str, torch.Tensor], list]":
+    """Fake parameters (tied ones shared) and buffers by name, floating ones in the engine's dtype (``None``: as
+    held); the trainable fakes."""
     fakes: "dict[str, torch.Tensor]" = {}
     by_id: "dict[int, torch.Tensor]" = {}
     with mode:
         for name, p in module.named_parameters(remove_duplicate=False):
             if id(p) not in by_id:
-                target = dtype if p.is_floating_point() else p.dtype
+                target = dtype if dtype is not None and p.is_floating_point() else p.dtype
                 shape = _compat.full_shape(p)  # ZeRO-3 partitions a parameter's data away, not its shape
                 by_id[id(p)] = torch.empty(shape, dtype=target, device="cpu").requires_grad_(p.requires_grad)
             fakes[name] = by_id[id(p)]
         for name, b in module.named_buffers(remove_duplicate=False):
-            target = dtype if (b.is_floating_point() and dtype != torch.float32) else b.dtype
+            target = dtype if (b.is_floating_point() and dtype not in (None, torch.float32)) else b.dtype
             fakes[name] = torch.empty(b.shape, dtype=target, device="cpu")
     return fakes, [p for p in by_id.values() if p.requires_grad]
 
