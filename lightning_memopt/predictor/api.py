@@ -239,6 +239,7 @@ def predict(
         "micro_batch_size": shape[0],
         "seq_len": shape[1],
         "accumulate_grad_batches": accumulate,
+        "checkpointed_blocks": checkpointed,
         **timeline.details,
         **em.details,
     }

@@ -152,6 +152,30 @@ def test_single_device_without_memopt_logs_at_every_nth_step(tmp_path):
     assert (Path(trainer.log_dir) / "memory_monitor.png").exists()
 
 
+def test_a_model_it_cannot_predict_trains_with_one_warning_and_the_actual_memory(tmp_path):
+    """A step whose shapes depend on the data cannot be traced: the monitor says so once, skips the fit check and
+    logs the actual memory; the run is not stopped."""
+
+    class Routed(CausalLM):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            hidden = self.model.get_input_embeddings()(batch)
+            keep = hidden[hidden.sum(-1) > 0]  # the rows kept depend on the activations' values
+            return loss + 0.0 * keep.float().sum()
+
+    monitor = MemoryMonitor(log_every_n_steps=1, device_memory=1)  # 1 byte: a fit check would fail the run
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=CSVLogger(tmp_path, name="run"),
+                         callbacks=[monitor], enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
+    with pytest.warns(UserWarning, match="MemoryMonitor cannot predict the memory of Routed.*depend on the data"):
+        trainer.fit(Routed(hidden_size=64, num_layers=2), TextDataModule(batch_size=2, seq_len=16))
+    assert trainer.global_step == 2 and monitor.estimate is None
+    rows = memory_rows(Path(trainer.log_dir) / "metrics.csv")
+    assert len(rows) == 2 and all(row["memory/actual_peak_bytes"] > 0 for row in rows)
+    assert not any("memory/predicted_peak_bytes" in row for row in rows)
+    assert [row["prediction_error"] for row in monitor.summary()] == [None]
+
+
 def test_a_run_that_does_not_fit_fails_before_the_first_step_and_the_first_suggestion_fixes_it(tmp_path):
     from lightning_memopt.callbacks.transforms import ActivationCheckpointing
 
