@@ -43,7 +43,6 @@ __all__ = [
     "estimate_memory",
     "plan_batch",
 ]
-assert sorted(__all__) == sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

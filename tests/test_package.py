@@ -18,6 +18,7 @@ def test_bare_import_loads_neither_torch_nor_lightning() -> None:
 
 
 def test_every_public_name_resolves() -> None:
+    assert sorted(lightning_memopt.__all__) == sorted(lightning_memopt._EXPORTS)
     for name in lightning_memopt.__all__:
         assert getattr(lightning_memopt, name).__name__ == name
     assert set(lightning_memopt.__all__) <= set(dir(lightning_memopt))
