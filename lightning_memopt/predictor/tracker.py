@@ -197,7 +197,7 @@ class LiveTensorTracker(TorchDispatchMode):
     def _fake_of(self, real: Any) -> Any:
         if not isinstance(real, torch.Tensor):
             return real
-        fake = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device="cpu")
+        fake = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=real.device)
         return self.shadowed(fake, real)
 
 
