@@ -15,11 +15,16 @@ An option that has no effect with the other options given is an error (``_option
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
+import sys
+from collections.abc import Callable
 from typing import Any
 
+from lightning_memopt.cli import _cache
 from lightning_memopt.cli._options import Applies, check_applicable, fill_defaults
 from lightning_memopt.utilities.units import format_bytes, parse_bytes
 
@@ -213,6 +218,7 @@ def add_parser(subparsers: Any) -> None:
                      help="with --lora-rank: modules that get adapters, e.g. q_proj,v_proj or all-linear"
                           " (default: PEFT's for the architecture)")  # fmt: skip
     est.add_argument("--gpu-memory", type=_bytes_arg, default=None, help="device memory, e.g. 80GiB")
+    est.add_argument("--no-cache", action="store_true", help="answer afresh (see LIGHTNING_MEMOPT_CACHE)")
     est.set_defaults(handler=run_estimate)
 
     plan = subparsers.add_parser("plan", help="largest micro-batch, accumulation and cheapest setting that fits")
@@ -224,6 +230,7 @@ def add_parser(subparsers: Any) -> None:
     plan.add_argument("--no-checkpointing", action="store_true", help="never turn on checkpointing")
     plan.add_argument("--no-offload", action="store_true", help="never offload")
     plan.add_argument("--offload-device", choices=("cpu", "nvme"), default=None, help="where to offload (cpu)")
+    plan.add_argument("--no-cache", action="store_true", help="answer afresh (see LIGHTNING_MEMOPT_CACHE)")
     plan.set_defaults(handler=run_plan)
 
 
@@ -265,9 +272,29 @@ def _setting(args: argparse.Namespace, details: dict[str, Any]) -> str:
     return f"{model}, {details['world_size']} GPU(s), {stage}{tokens}, {details['precision']}{lora}"
 
 
+def cached(answer: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Print the answer of a prepared command from the disk cache (:mod:`._cache`) when it was asked before, else
+    answer it and store what it printed; returns the exit code."""
+    cache_key = _cache.key(args)
+    hit = _cache.lookup(cache_key) if cache_key is not None else None
+    if hit is not None:
+        sys.stdout.write(hit[0])
+        return hit[1]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = answer(args)
+    sys.stdout.write(out.getvalue())
+    if cache_key is not None:
+        _cache.store(cache_key, out.getvalue(), code)
+    return code
+
+
 def run_estimate(args: argparse.Namespace) -> int:
     """Handler of ``estimate``: print the breakdown (and whether it fits); returns the exit code."""
-    args = prepare(args, ESTIMATE_RULES)
+    return cached(_estimate, prepare(args, ESTIMATE_RULES))
+
+
+def _estimate(args: argparse.Namespace) -> int:
     model = args.model_value
     lora_rank = args.lora_rank  # not filled in by DEFAULTS: without it, a 16-bit estimate trains every weight
     if args.quantization is not None:
@@ -306,7 +333,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _targets(args: argparse.Namespace) -> "str | list[str] | None":
+def _targets(args: argparse.Namespace) -> str | list[str] | None:
     """``--lora-targets q_proj,v_proj`` -> a list; ``all-linear`` stays PEFT's keyword."""
     text = args.lora_targets
     if text is None or text == "all-linear":
@@ -325,9 +352,12 @@ def _num_parameters(model: Any, estimate: Any) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     """Handler of ``plan``: print the plan; returns 1 when nothing fits."""
+    return cached(_plan, prepare(args, PLAN_RULES))
+
+
+def _plan(args: argparse.Namespace) -> int:
     from lightning_memopt.planning.plan import NoFitError, plan_batch
 
-    args = prepare(args, PLAN_RULES)
     torch_engine = args.engine == "torch"
     try:
         plan = plan_batch(
