@@ -5,7 +5,7 @@ transformers. Each command runs in a fresh process, ``--repeats`` times, and the
 
 * ``import torch, transformers``: the reference;
 * ``import lightning_memopt``: the package root alone (lazy: no torch, no Lightning);
-* the estimate without the answer cache (``LIGHTNING_MEMOPT_CACHE=off``): the build and the trace, each time;
+* the estimate without the answer cache (``LIGHTNING_MEMOPT_CLI_CACHE=off``): the build and the trace, each time;
 * the estimate asked again with the cache on (a fresh cache folder, filled by one untimed call).
 
     python benchmarks/cli_speed.py --out cli_speed.json
@@ -42,8 +42,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
     cache = tempfile.mkdtemp(prefix="memopt-cache-")
-    off = {**os.environ, "LIGHTNING_MEMOPT_CACHE": "off"}
-    on = {**os.environ, "LIGHTNING_MEMOPT_CACHE": cache}
+    off = {**os.environ, "LIGHTNING_MEMOPT_CLI_CACHE": "off"}
+    on = {**os.environ, "LIGHTNING_MEMOPT_CLI_CACHE": cache}
     subprocess.run([sys.executable, *ESTIMATE], env=on, check=True, capture_output=True, timeout=600)  # fills it
     reference = timed(["-c", "import torch, transformers"], off, args.repeats)
     rows = [

@@ -7,8 +7,9 @@ is not cached: its config may change upstream), this package's source files and 
 prediction runs (torch, transformers, deepspeed, peft, liger-kernel). Any change gives a new key; nothing is ever
 stale, only unused.
 
-Where: ``$LIGHTNING_MEMOPT_CACHE``, else ``$XDG_CACHE_HOME/lightning_memopt``, else ``~/.cache/lightning_memopt``.
-``LIGHTNING_MEMOPT_CACHE=off`` or ``--no-cache`` turns it off; deleting the folder clears it.
+Where: ``$LIGHTNING_MEMOPT_CLI_CACHE``, else ``$XDG_CACHE_HOME/lightning_memopt/cli``, else
+``~/.cache/lightning_memopt/cli``.
+``LIGHTNING_MEMOPT_CLI_CACHE=off`` or ``--no-cache`` turns it off; deleting the folder clears it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import lightning_memopt
 
-ENV = "LIGHTNING_MEMOPT_CACHE"
+ENV = "LIGHTNING_MEMOPT_CLI_CACHE"
 #: libraries whose version changes what a prediction traces
 LIBRARIES = ("torch", "transformers", "deepspeed", "peft", "liger-kernel")
 _OFF = ("0", "off", "false", "no")
@@ -35,7 +36,7 @@ def cache_dir() -> Path | None:
     if value is not None:
         return None if value.strip().lower() in _OFF else Path(value)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lightning_memopt"
+    return Path(base) / "lightning_memopt" / "cli"
 
 
 @functools.lru_cache(maxsize=1)

@@ -218,7 +218,7 @@ def add_parser(subparsers: Any) -> None:
                      help="with --lora-rank: modules that get adapters, e.g. q_proj,v_proj or all-linear"
                           " (default: PEFT's for the architecture)")  # fmt: skip
     est.add_argument("--gpu-memory", type=_bytes_arg, default=None, help="device memory, e.g. 80GiB")
-    est.add_argument("--no-cache", action="store_true", help="answer afresh (see LIGHTNING_MEMOPT_CACHE)")
+    est.add_argument("--no-cache", action="store_true", help="answer afresh (see LIGHTNING_MEMOPT_CLI_CACHE)")
     est.set_defaults(handler=run_estimate)
 
     plan = subparsers.add_parser("plan", help="largest micro-batch, accumulation and cheapest setting that fits")
@@ -230,7 +230,7 @@ def add_parser(subparsers: Any) -> None:
     plan.add_argument("--no-checkpointing", action="store_true", help="never turn on checkpointing")
     plan.add_argument("--no-offload", action="store_true", help="never offload")
     plan.add_argument("--offload-device", choices=("cpu", "nvme"), default=None, help="where to offload (cpu)")
-    plan.add_argument("--no-cache", action="store_true", help="answer afresh (see LIGHTNING_MEMOPT_CACHE)")
+    plan.add_argument("--no-cache", action="store_true", help="answer afresh (see LIGHTNING_MEMOPT_CLI_CACHE)")
     plan.set_defaults(handler=run_plan)
 
 

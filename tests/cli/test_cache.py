@@ -73,6 +73,6 @@ def test_off_and_hub_ids_are_not_cached(monkeypatch, tmp_path):
     assert _cache.cache_dir() is None
     monkeypatch.delenv(_cache.ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert _cache.cache_dir() == tmp_path / "lightning_memopt"
+    assert _cache.cache_dir() == tmp_path / "lightning_memopt" / "cli"
     hub = type("Args", (), {"model_value": "someone/some-model", "no_cache": False})()
     assert _cache.key(hub) is None
