@@ -3,7 +3,8 @@
 For each family (dense GQA, LoRA on a frozen base, two MoE routers, sliding-window attention, an encoder-decoder,
 a masked LM, a vision classifier) a model is built from a small config with random weights on the device and
 trained three steps in Lightning's order (forward, ``zero_grad``, backward, AdamW step) under bf16 autocast; the
-last step's ``torch.cuda.max_memory_allocated`` is compared with two predictions:
+last step's ``torch.cuda.max_memory_allocated`` (and ``max_memory_reserved``, what the caching allocator held) is
+compared with two predictions:
 
 * ``module``: ``predict(model, example_batch=...)`` of the model on the GPU (the trace runs CUDA's kernels and
   autocast rules: what ``MemoryMonitor`` predicts in a GPU run);
@@ -57,7 +58,8 @@ def _config(name: str, smoke: bool) -> "tuple[dict, int | None]":
     return config, lora
 
 
-def _measure(model: Any, batch: dict, device: str, memory: Any, steps: int = 3) -> int:
+def _measure(model: Any, batch: dict, device: str, memory: Any, steps: int = 3) -> "tuple[int, int | None]":
+    """The last step's peak (allocated) and, on CUDA, the caching allocator's peak reserved bytes."""
     import torch
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -72,7 +74,7 @@ def _measure(model: Any, batch: dict, device: str, memory: Any, steps: int = 3) 
         optimizer.step()
         peak = memory.peak()
         del loss
-    return peak
+    return peak, (int(torch.cuda.max_memory_reserved()) if device == "cuda" else None)
 
 
 def check_predictor_families(smoke: bool, memory_factory: Any) -> dict:
@@ -105,9 +107,12 @@ def check_predictor_families(smoke: bool, memory_factory: Any) -> dict:
         from_config = estimate_memory(config, micro_batch_size=micro_batch, seq_len=None if image else seq_len,
                                       lora_rank=lora, lora_targets=["q_proj", "v_proj"] if lora else None,
                                       **common).total  # fmt: skip
-        measured = _measure(model, batch, device, memory_factory())
+        if not smoke:
+            torch.cuda.reset_peak_memory_stats()
+        measured, reserved = _measure(model, batch, device, memory_factory())
         rows.append({"family": name, "n_parameters": sum(p.numel() for p in model.parameters()),
-                     "measured_bytes": measured, "module_bytes": from_module, "config_bytes": from_config,
+                     "measured_bytes": measured, "reserved_bytes": reserved, "module_bytes": from_module,
+                     "config_bytes": from_config,
                      "module_error": (from_module - measured) / measured,
                      "config_error": (from_config - measured) / measured})  # fmt: skip
         del model, batch
@@ -119,10 +124,12 @@ def check_predictor_families(smoke: bool, memory_factory: Any) -> dict:
 def table(result: dict) -> "list[str]":
     """The check's table (markdown lines)."""
     out = ["predictor_families (bf16 autocast + AdamW, Lightning's order; error = predicted / measured - 1)",
-           "| family | parameters | measured | module on device | error | config only | error |",
-           "|---|---|---|---|---|---|---|"]  # fmt: skip
+           "| family | parameters | max allocated | max reserved | module on device | error | config only | error |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in result["rows"]:
+        reserved = "n/a" if r["reserved_bytes"] is None else f"{r['reserved_bytes'] / 2**20:.1f} MiB"
         out.append(f"| {r['family']} | {r['n_parameters'] / 1e6:.1f}M | {r['measured_bytes'] / 2**20:.1f} MiB |"
+                   f" {reserved} |"
                    f" {r['module_bytes'] / 2**20:.1f} MiB | {100 * r['module_error']:+.1f} % |"
                    f" {r['config_bytes'] / 2**20:.1f} MiB | {100 * r['config_error']:+.1f} % |")
     return out
