@@ -88,13 +88,12 @@ class MemoryStepAggregator:
         self._step: dict[str, int] = {}
         self.run_metrics = {"prediction_mape": MeanAbsolutePercentageError(), "prediction_worst_ape": MaxMetric(),
                             "actual_peak_bytes": MaxMetric()}  # fmt: skip
-        for metric in self.run_metrics.values():
-            metric.set_dtype(torch.float64)  # bytes beyond 2**24 stay exact
+        self.to("cpu")
 
     def to(self, device: "torch.device | str") -> "MemoryStepAggregator":
         """Move the run metrics' states to ``device`` (where the ranks synchronise them: the CUDA device with NCCL)."""
         for metric in self.run_metrics.values():
-            metric.to(device)
+            metric.to(device).set_dtype(torch.float64)  # in float64 (``to`` resets it): bytes beyond 2**24 stay exact
         return self
 
     def micro_step(self, step: StepMemory, predicted: int) -> None:
