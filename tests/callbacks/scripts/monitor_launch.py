@@ -2,10 +2,10 @@
 
 import json
 import math
-
-import torch
 import sys
 from pathlib import Path
+
+import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # tests/, for helpers
