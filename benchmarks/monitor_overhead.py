@@ -71,6 +71,8 @@ def child(args: argparse.Namespace) -> None:
     trainer.fit(CausalLM(hidden_size=args.hidden, num_layers=args.layers), data)
     steps = [b - a for a, b in zip(timer.starts[args.warmup :], timer.starts[args.warmup + 1 :])]
     result = {"median_step_s": statistics.median(steps), "steps": len(steps), "hook_s_per_step": hook_seconds[0] / args.steps}
+    if args.child == "monitor" and args.mode == "dispatch":
+        result["dispatch_cost_s"] = dispatch_cost(trainer.lightning_module, data, args.accelerator)
     if args.child == "monitor" and args.accelerator == "cpu" and args.mode == "allocator":
         import torch
 
@@ -90,6 +92,41 @@ def child(args: argparse.Namespace) -> None:
             x.append(torch.empty(256)); x.pop(0)
         result["allocator_cost_s"] = with_counter - (time.perf_counter() - start) / 100_000
     print(json.dumps(result))
+
+
+def dispatch_cost(module: object, data: object, accelerator: str, rounds: int = 7) -> float:
+    """The dispatch tracker's cost per training step: the same step (forward, backward, AdamW) timed without and
+    with a ``TensorMemoryTracker`` active, alternating in this process (so that the machine's load drifts out),
+    median difference."""
+    import torch
+
+    from lightning_memopt.utilities.tensor_tracker import TensorMemoryTracker
+
+    device = torch.device("cuda" if accelerator == "gpu" else "cpu")
+    module = module.to(device)
+    batch = next(iter(data.train_dataloader())).to(device)
+    optimizer = torch.optim.AdamW(module.parameters())
+    tracker = TensorMemoryTracker(device)
+
+    def step() -> float:
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = module.model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    step()
+    tracker.track(module, optimizer)
+    differences = []
+    for _ in range(rounds):
+        plain = step()
+        with tracker:
+            differences.append(step() - plain)
+    return statistics.median(differences)
 
 
 def main() -> None:
@@ -131,6 +168,11 @@ def main() -> None:
     print(f"overhead, end to end: {100 * (monitored / base - 1):+.1f} % (noisy on a shared machine)")
     hooks = statistics.median(d["hook_s_per_step"] for d in details)
     print(f"time in the monitor's hooks: {hooks * 1e3:.3f} ms per step = {100 * hooks / base:.2f} % of a step")
+    if "dispatch_cost_s" in details[0]:
+        cost = statistics.median(d["dispatch_cost_s"] for d in details)
+        print(f"dispatch tracker (alternating steps without / with it): {cost * 1e3:.2f} ms per step ="
+              f" {100 * cost / base:.2f} % of a step")
+        print(f"overhead, hooks + dispatch tracker: {100 * (hooks + cost) / base:.2f} %")
     if "allocations_per_step" in details[0]:
         allocs = statistics.median(d["allocations_per_step"] for d in details)
         cost = statistics.median(d["allocator_cost_s"] for d in details)

@@ -1,7 +1,8 @@
-"""Every private Lightning API the Lightning glue uses, in one place (checked on Lightning 2.5-2.6).
+"""Every private Lightning API the Lightning glue uses, in one place (written and tested against Lightning 2.6.6).
 
-Each helper names the private attribute it reads and checks it by feature: when a Lightning version no longer has
-it, the helper degrades to the public path (build the loader again, call the hook again) instead of failing.
+Each helper names the private attribute it reads and guards it by feature rather than by version number: when a
+Lightning version no longer has it, the helper degrades to the public path (the fit loop builds the loader again,
+the Trainer calls the hook again) instead of failing.
 """
 
 import itertools
@@ -83,18 +84,22 @@ def peek_first_batch(trainer: "pl.Trainer") -> "tuple[bool, Any]":
 
 def call_configure_optimizers(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Any:
     """``configure_optimizers()`` called as the Trainer calls it (``trainer.call._call_lightning_module_hook``,
-    private: it sets the hook name that ``self.log`` checks and profiles the call)."""
+    private: it sets the hook name that ``self.log`` checks and profiles the call); a plain call without it."""
     from lightning.pytorch.trainer import call
 
-    return call._call_lightning_module_hook(trainer, "configure_optimizers", pl_module=pl_module)
+    hook = getattr(call, "_call_lightning_module_hook", None)
+    if hook is None:
+        return pl_module.configure_optimizers()
+    return hook(trainer, "configure_optimizers", pl_module=pl_module)
 
 
 def parse_optimizers(optim_conf: Any) -> list:
     """The optimizers in a ``configure_optimizers`` result, read and checked by Lightning itself
-    (``lightning.pytorch.core.optimizer._configure_optimizers``, private)."""
-    from lightning.pytorch.core.optimizer import _configure_optimizers
+    (``lightning.pytorch.core.optimizer._configure_optimizers``, private); empty (unknown) without it."""
+    from lightning.pytorch.core import optimizer
 
-    return list(_configure_optimizers(optim_conf)[0])
+    parse = getattr(optimizer, "_configure_optimizers", None)
+    return [] if parse is None else list(parse(optim_conf)[0])
 
 
 def init_optimizers_and_lr_schedulers(pl_module: "pl.LightningModule") -> "tuple[list, list]":

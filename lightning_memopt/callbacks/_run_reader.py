@@ -292,8 +292,6 @@ def quiet_logging(pl_module: nn.Module) -> Iterator[None]:
                 pl_module.__dict__[name] = value
 
 
-
-
 class ReadsRun(Callback):
     """A callback that uses the fit's :class:`RunReader`: it drops the reader when the fit ends or fails."""
 

@@ -63,13 +63,7 @@ def fused_linear_cross_entropy(
 
 
 def _flce(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    bias: Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    chunk: int,
+    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, ignore_index: int, reduction: str, chunk: int
 ) -> Tensor:
     if hidden.is_cuda and _imports._LIGER_KERNEL_AVAILABLE:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
