@@ -1,4 +1,4 @@
-"""Every GPU check of issues 2-5 in one call (at most 10 minutes on one H100), results written to files.
+"""Every GPU check of issues 2-5 and 10 in one call (at most 10 minutes on one H100), results written to files.
 
 Each check runs in its own Python process (fresh CUDA state; Liger patches transformers' modules process-wide), with
 a share of the time budget; a check that fails or runs out of time is recorded as such and the others still run.
@@ -18,6 +18,9 @@ Checks:
   ``torch.cuda.max_memory_allocated`` (issue 2).
 - ``predictor_accuracy``: ``estimate_memory`` vs ``max_memory_allocated`` of a training step of a ~0.3B Llama,
   for attention x checkpointing x micro-batch (issue 3).
+- ``predictor_families``: the predictor on eight families (dense, LoRA, two MoE routers, sliding window,
+  encoder-decoder, masked LM, vision), from the model on the GPU and from the config alone (issue 10;
+  ``gpu_families.py``).
 - ``liger_numerics``: loss and gradients of a Liger-patched Llama vs the unpatched one, same weights (issue 4).
 - ``throughput``: tokens/s and peak memory of a ~0.85B Llama: HF eager, +sdpa, +liger, +both, +checkpointing (issue 4).
 - ``monitor``: MemoryMonitor's per-step actual vs predicted peak, and its step-time overhead (issue 5).
@@ -38,11 +41,12 @@ SMOKE = False
 
 TOTAL_SECONDS = 590
 CHECKS = {  # name: (description, seconds allowed in all)
-    "zero_stages": ("ZeRO 0-3 on 1 GPU: MemOptStrategy vs Lightning DeepSpeedStrategy, step time + peak memory", 200),
-    "predictor_accuracy": ("estimate_memory vs torch.cuda.max_memory_allocated, ~0.3B Llama, 8 settings", 80),
+    "zero_stages": ("ZeRO 0-3 on 1 GPU: MemOptStrategy vs Lightning DeepSpeedStrategy, step time + peak memory", 170),
+    "predictor_accuracy": ("estimate_memory vs torch.cuda.max_memory_allocated, ~0.3B Llama, 8 settings", 70),
+    "predictor_families": ("predict (module on the GPU) and estimate_memory (config) vs measured, 8 families", 90),
     "liger_numerics": ("Liger-patched vs unpatched Llama: loss and gradient differences", 35),
-    "throughput": ("tokens/s + peak, ~0.85B Llama: eager, sdpa, liger, sdpa+liger, sdpa+checkpointing", 150),
-    "monitor": ("MemoryMonitor per-step actual vs predicted, and its overhead", 100),
+    "throughput": ("tokens/s + peak, ~0.85B Llama: eager, sdpa, liger, sdpa+liger, sdpa+checkpointing", 130),
+    "monitor": ("MemoryMonitor per-step actual vs predicted, and its overhead", 85),
 }
 THROUGHPUT_VARIANTS = {  # name: (attention, liger, checkpointing)
     "eager": ("eager", False, False),
@@ -196,7 +200,8 @@ def check_predictor_accuracy(variant: str | None) -> dict:
                 if checkpointing:
                     apply_activation_checkpointing(model)
                 est = estimate_memory(model, engine="torch", precision="bf16-mixed", micro_batch_size=batch,
-                                      seq_len=seq, attention=attention, activation_checkpointing=checkpointing)
+                                      seq_len=seq, attention=attention, activation_checkpointing=checkpointing,
+                                      optimizer="adamw" if SMOKE else "adamw-foreach")  # torch's default there
                 measured = train_steps(model, batch, seq, steps=3, warmup=1)["peak_bytes"]
                 rows.append({"attention": attention, "checkpointing": checkpointing, "micro_batch": batch,
                              "seq_len": seq, "predicted_bytes": est.total, "measured_bytes": measured,
@@ -281,7 +286,14 @@ def check_monitor(variant: str | None) -> dict:
     return {"per_step": rows, "overhead_stdout": overhead.stdout[-3000:], "overhead_rc": overhead.returncode}
 
 
+def check_predictor_families(variant: str | None) -> dict:
+    from gpu_families import check_predictor_families as run
+
+    return run(SMOKE, PeakMemory)
+
+
 RUNNERS = {"zero_stages": check_zero_stages, "predictor_accuracy": check_predictor_accuracy,
+           "predictor_families": check_predictor_families,
            "liger_numerics": check_liger_numerics, "throughput": check_throughput, "monitor": check_monitor}
 VARIANTS = {"zero_stages": [f"{s}:{z}" for z in range(4) for s in ("memopt", "lightning")],
             "throughput": list(THROUGHPUT_VARIANTS)}
@@ -305,52 +317,6 @@ def _child(check: str, variant: str | None, timeout: float) -> dict:
         return {"check": check, "variant": variant, "status": f"failed (exit {proc.returncode})", "wall_s": wall,
                 "stderr_tail": proc.stderr[-3000:]}
     return {"status": "ok", "wall_s": wall, **json.loads(lines[-1][len("RESULT "):])}
-
-
-def _tables(results: dict) -> str:
-    out = []
-    if results.get("zero_stages", {}).get("runs"):
-        out += ["zero_stages", "| strategy | stage | median step | peak allocated | bytes/param |", "|---|---|---|---|---|"]
-        for r in results["zero_stages"]["runs"]:
-            if r.get("status") == "ok":
-                out.append(f"| {r['strategy']} | {r['stage']} | {r['median_step_s'] * 1e3:.1f} ms | "
-                           f"{r['peak_bytes'] / 2**30:.2f} GiB | {r['peak_bytes_per_param']:.1f} |")
-            else:
-                out.append(f"| {r.get('variant')} | | {r.get('status')} | | |")
-    if results.get("predictor_accuracy", {}).get("rows"):
-        out += ["predictor_accuracy", "| attention | ckpt | micro-batch | predicted | measured | error |",
-                "|---|---|---|---|---|---|"]
-        for r in results["predictor_accuracy"]["rows"]:
-            out.append(f"| {r['attention']} | {r['checkpointing']} | {r['micro_batch']} | "
-                       f"{r['predicted_bytes'] / 2**30:.2f} GiB | {r['measured_bytes'] / 2**30:.2f} GiB | "
-                       f"{100 * r['error']:+.1f} % |")
-    if results.get("liger_numerics", {}).get("skipped"):
-        out += ["liger_numerics", f"skipped: {results['liger_numerics']['skipped']}"]
-    elif results.get("liger_numerics", {}).get("status") == "ok":
-        r = results["liger_numerics"]
-        out += ["liger_numerics", (f"loss {r['loss_unpatched']:.5f} vs {r['loss_liger']:.5f} (|diff| {r['loss_abs_diff']:.2e});"
-                f" gradient relative difference: max {r['grad_rel_diff_max']:.2e} ({r['grad_rel_diff_max_param']}),"
-                f" median {r['grad_rel_diff_median']:.2e}")]
-    if results.get("throughput", {}).get("runs"):
-        out += ["throughput", "| variant | tokens/s | median step | peak allocated |", "|---|---|---|---|"]
-        for r in results["throughput"]["runs"]:
-            if r.get("skipped"):
-                out.append(f"| {r['variant']} | skipped: {r['skipped']} | | |")
-            elif r.get("status") == "ok":
-                out.append(f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['median_step_s'] * 1e3:.1f} ms | "
-                           f"{r['peak_bytes'] / 2**30:.2f} GiB |")
-            else:
-                out.append(f"| {r.get('variant')} | {r.get('status')} | | |")
-    if results.get("monitor", {}).get("per_step"):
-        out += ["monitor", "| zero | step | actual | predicted | error |", "|---|---|---|---|---|"]
-        for r in results["monitor"]["per_step"]:
-            out.append(f"| {r['zero']} | {r['step']} | {r['actual_peak_bytes'] / 2**30:.3f} GiB | "
-                       f"{r['predicted_peak_bytes'] / 2**30:.3f} GiB | {100 * (r['prediction_error'] or 0):+.1f} % |")
-        out.append(results["monitor"].get("overhead_stdout", ""))
-    for name, r in results.items():
-        if r.get("status") != "ok":
-            out.append(f"{name}: {r.get('status')}")
-    return "\n".join(out)
 
 
 def main() -> int:
@@ -396,7 +362,9 @@ def main() -> int:
     name = "CPU (smoke: toy sizes, not measurements)" if SMOKE else torch.cuda.get_device_name(0)
     summary = {"device": name, "torch": torch.__version__, "results": results}
     (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    tables = _tables(results)
+    from gpu_tables import tables as render
+
+    tables = render(results)
     (args.out_dir / "tables.md").write_text(tables + "\n")
     print(f"device: {summary['device']}\n{tables}")
     return 0

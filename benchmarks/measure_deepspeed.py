@@ -232,7 +232,8 @@ def measure_overhead(rounds: int, micro_batch: int, seq_len: int) -> dict:
         optimizer.zero_grad()
 
     step()
-    probes = {"none": None, "allocator": DeviceMemoryProbe("cpu"), "dispatch": DeviceMemoryProbe("cpu", "dispatch")}
+    probes = {"none": None, "allocator": DeviceMemoryProbe("cpu", "allocator"),
+              "dispatch": DeviceMemoryProbe("cpu", "dispatch")}  # fmt: skip
     for probe in probes.values():
         if probe is not None:
             probe.track(model, optimizer)

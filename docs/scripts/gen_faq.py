@@ -71,8 +71,12 @@ def render(node: ast.expr) -> "str | None":
     return None
 
 
+#: exceptions the package raises and catches itself (never seen by a user): not in the FAQ
+INTERNAL = {"SynthesisError"}
+
+
 def messages(path: Path) -> list[tuple[str, str]]:
-    """``(exception name, message)`` of every raise with a literal message in ``path``."""
+    """``(exception name, message)`` of every raise with a literal message in ``path`` a user can see."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if not isinstance(node, ast.Raise) or not isinstance(node.exc, ast.Call) or not node.exc.args:
@@ -81,6 +85,8 @@ def messages(path: Path) -> list[tuple[str, str]]:
         if text is None:
             continue
         name = ast.unparse(node.exc.func).split(".")[-1]
+        if name in INTERNAL:
+            continue
         found.append((name, " ".join(text.split())))
     return found
 

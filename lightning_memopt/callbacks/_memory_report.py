@@ -1,25 +1,37 @@
-"""The pure part of MemoryMonitor's report: the prediction error, a per-rank summary, its table and the PNG plot."""
+"""The pure part of MemoryMonitor's report: the fit-check message, a per-rank summary, its table and the PNG plot."""
 
 import itertools
-import math
 from pathlib import Path
 from typing import Any
 
+from lightning_memopt.utilities.memory_steps import prediction_error
 from lightning_memopt.utilities.units import format_bytes
 
+__all__ = ["describe_fix", "fit_check_message", "plot_history", "prediction_error", "save_plot", "summarize",
+           "summary_table", "unit_for"]  # fmt: skip
 
-def prediction_error(predicted: float, actual: float) -> float:
-    """Signed relative error of a prediction: ``(predicted - actual) / actual``; positive means over-predicted.
 
-    Example:
-        >>> prediction_error(110, 100)
-        0.1
-        >>> prediction_error(0, 0)
-        0.0
-    """
-    if actual <= 0:
-        return 0.0 if predicted <= 0 else math.inf
-    return (predicted - actual) / actual
+def unit_for(num_bytes: int) -> str:
+    """``"GiB"`` from 1 GiB on, else ``"MiB"``: the unit the monitor prints a size in."""
+    return "GiB" if num_bytes >= 2**30 else "MiB"
+
+
+def describe_fix(fix: Any) -> str:
+    """One suggestion as ``"<change> -> <predicted peak> (fits|too large)"``."""
+    verdict = "fits" if fix.fits else "too large"
+    return f"{fix.description} -> {format_bytes(fix.predicted_total, unit_for(fix.predicted_total))} ({verdict})"
+
+
+def fit_check_message(estimate: Any, device_memory: int, margin: float, fixes: list) -> str:
+    """The fit check's error: the budget, the predicted breakdown, the ranked suggestions with their peaks."""
+    unit = unit_for(device_memory)
+    budget = int(device_memory * (1.0 - margin))
+    lines = [f"  {i}. {describe_fix(fix)}" for i, fix in enumerate(fixes, 1)] or ["  (none found)"]
+    return (
+        f"Expected the predicted peak per rank to fit in {format_bytes(budget, unit)} ({format_bytes(device_memory, unit)}"
+        f" with {margin:.0%} kept free), got {format_bytes(estimate.total, unit)}.\n{estimate.table(unit)}\n"
+        "Fix: one of these changes (cheapest first), each with its predicted peak:\n" + "\n".join(lines)
+    )
 
 
 def summarize(history: "list[dict[str, Any]]") -> "list[dict[str, Any]]":

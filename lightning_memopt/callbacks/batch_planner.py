@@ -13,17 +13,16 @@ import math
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.parsing import lightning_hasattr, lightning_setattr
+from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr, lightning_setattr
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lightning_memopt.callbacks._run_settings import batch_shape, optimizer_from_module, quiet_logging, run_settings
+from lightning_memopt.callbacks._run_reader import ReadsRun, RunReader, quiet_logging, read_run
 from lightning_memopt.utilities.units import format_bytes, parse_bytes
 
 
-class BatchPlanner(Callback):
+class BatchPlanner(ReadsRun):
     """Choose the micro-batch (the model's or datamodule's ``batch_size``) and ``accumulate_grad_batches`` in setup.
 
     With the run's own settings (strategy, ZeRO stage, offload, transforms, precision, optimizer, world size), it
@@ -112,30 +111,36 @@ class BatchPlanner(Callback):
                 f"Expected `Trainer(accumulate_grad_batches=1)` with BatchPlanner, got {trainer.accumulate_grad_batches}."
                 " Fix: drop it; BatchPlanner sets it."
             )
-        decision = self._decide(trainer, pl_module) if trainer.is_global_zero else None
+        run = read_run(trainer)
+        run.first_batch()  # on every rank: Lightning builds its loader collectively
+        optimizer = self.optimizer or run.optimizer_name()  # configure_optimizers, on every rank
+        decision = self._decide(run, optimizer) if trainer.is_global_zero else None
         decision = trainer.strategy.broadcast(decision, src=0)
         if isinstance(decision, BaseException):
             raise decision
         self.result = decision
-        lightning_setattr(pl_module, self.batch_size_attr, decision["micro_batch_size"])
-        trainer.accumulate_grad_batches = decision["accumulate_grad_batches"]
+        if (lightning_getattr(pl_module, self.batch_size_attr), trainer.accumulate_grad_batches) != (
+            decision["micro_batch_size"], decision["accumulate_grad_batches"]
+        ):
+            lightning_setattr(pl_module, self.batch_size_attr, decision["micro_batch_size"])
+            trainer.accumulate_grad_batches = decision["accumulate_grad_batches"]
+            run.batch_changed()  # the loader (and an LR schedule sized by the steps) are built again, with it
         rank_zero_info(self._table())
         for logger in trainer.loggers:
             logger.log_hyperparams({f"batch_planner/{k}": v for k, v in decision.items()})
 
-    def _decide(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Any:
+    def _decide(self, run: RunReader, optimizer: str | None) -> Any:
         """Rank zero's plan, or the exception to raise on every rank (so that no rank waits forever)."""
         try:
-            return self._search(trainer, pl_module)
+            return self._search(run, optimizer)
         except Exception as err:  # noqa: BLE001 -- sent to every rank, raised there
             return err
 
-    def _search(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[str, Any]:
+    def _search(self, run: RunReader, optimizer: str | None) -> dict[str, Any]:
         from lightning_memopt.planning.estimate import estimate_memory
+        from lightning_memopt.planning.plan import _largest_fitting
 
-        source = trainer.fit_loop._data_source
-        batch = next(iter(source.dataloader())) if source.is_defined() else None
-        shape = batch_shape(batch) if batch is not None else None
+        shape = run.batch_shape()
         if shape is None or (shape[1] is None and self.seq_len is None):
             raise MisconfigurationException(
                 "Expected training batches of shape (batch, seq_len, ...) to read seq_len from, got"
@@ -147,51 +152,45 @@ class BatchPlanner(Callback):
                 f"Expected BatchPlanner(seq_len=...) to match the training batches' length ({shape[1]}), got"
                 f" {seq_len}. Fix: drop seq_len (it is read from the batches) or change the dataloader."
             )
-        optimizer = self.optimizer or optimizer_from_module(pl_module)
         if optimizer is None:
             raise MisconfigurationException("Expected to read the optimizer from configure_optimizers, could not."
                                             " Fix: pass BatchPlanner(optimizer='adamw').")  # fmt: skip
-        kwargs = run_settings(trainer, pl_module, (1, shape[1]), optimizer)
-        kwargs.update(model=pl_module, example_batch=batch)
+        kwargs = run.estimate_kwargs((1, shape[1]), optimizer)
+        kwargs.update(model=run.pl_module, example_batch=run.first_batch())
         world = kwargs["world_size"]
         budget = int(self.device_memory * (1.0 - self.margin))
-
         cap = max(1, math.ceil(self.global_batch_tokens / (seq_len * world)))  # no accumulation needed beyond it
+        estimates: dict[int, Any] = {}
 
-        def peak(micro: int) -> int:
-            # the accumulation this micro-batch needs: accumulating keeps gradients between micro-steps
-            accumulate = math.ceil(self.global_batch_tokens / (micro * seq_len * world))
-            change = {"micro_batch_size": micro, "accumulate_grad_batches": accumulate}
-            with quiet_logging(pl_module):
-                return estimate_memory(**{**kwargs, **change}).total
+        def estimate(micro: int) -> Any:
+            # with the accumulation this micro-batch needs: accumulating keeps gradients between micro-steps
+            if micro not in estimates:
+                accumulate = math.ceil(self.global_batch_tokens / (micro * seq_len * world))
+                with quiet_logging(run.pl_module):
+                    change = {"micro_batch_size": micro, "accumulate_grad_batches": accumulate}
+                    estimates[micro] = estimate_memory(**{**kwargs, **change})
+            return estimates[micro]
 
-        if peak(1) > budget:
+        largest, _, at_one = _largest_fitting(estimate, budget, cap)
+        if largest == 0:
             raise MisconfigurationException(
                 f"Expected micro-batch 1 to fit in {format_bytes(budget)}, got a predicted peak of"
-                f" {format_bytes(peak(1))} at seq_len {seq_len}. Fix: add MemoryMonitor(device_memory=...) to see the"
+                f" {format_bytes(at_one)} at seq_len {seq_len}. Fix: add MemoryMonitor(device_memory=...) to see the"
                 " suggestions, or use lightning_memopt.planning.plan_batch to choose ZeRO and checkpointing."
             )
-        # the largest micro-batch in [1, cap] that fits: the peak is monotone in the micro-batch below the cap (all
-        # accumulate), and at the cap (no accumulation) it may be lower, so the cap is tried first
-        lo, hi = (cap, cap) if peak(cap) <= budget else (1, cap - 1)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if peak(mid) <= budget else (lo, mid - 1)
-        accumulate = math.ceil(self.global_batch_tokens / (lo * seq_len * world))
-        micro = math.ceil(
-            self.global_batch_tokens / (accumulate * seq_len * world)
-        )  # same steps, least overshoot
+        accumulate = math.ceil(self.global_batch_tokens / (largest * seq_len * world))
+        micro = math.ceil(self.global_batch_tokens / (accumulate * seq_len * world))  # same steps, least overshoot
         return {
             "micro_batch_size": micro,
-            "max_micro_batch_size": lo,
+            "max_micro_batch_size": largest,
             "accumulate_grad_batches": accumulate,
             "global_batch_tokens": self.global_batch_tokens,
             "achieved_global_batch_tokens": micro * seq_len * accumulate * world,
             "seq_len": seq_len,
             "world_size": world,
             "budget_bytes": budget,
-            "predicted_peak_bytes": peak(micro),
-            "next_predicted_peak_bytes": peak(lo + 1),
+            "predicted_peak_bytes": estimate(micro).total,
+            "next_predicted_peak_bytes": estimate(largest + 1).total,
         }
 
     def _table(self) -> str:

@@ -1,4 +1,9 @@
-"""MemoryMonitor: predicted vs actual per-device memory every step, a fit check before step one, an OOM report."""
+"""MemoryMonitor: predicted vs actual per-device memory every step, a fit check before step one, an OOM report.
+
+A thin callback, as Lightning's ``ThroughputMonitor``: it reads the run (the shared run reader), measures
+(:class:`~lightning_memopt.utilities.memory.DeviceMemoryProbe`), hands each step to the Lightning-free
+:class:`~lightning_memopt.utilities.memory_steps.MemoryStepAggregator`, gathers over ranks and logs.
+"""
 
 import gc
 from pathlib import Path
@@ -6,65 +11,36 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_memopt._imports import _MATPLOTLIB_AVAILABLE, requires
-from lightning_memopt.callbacks._memory_report import prediction_error, save_plot, summarize, summary_table
-from lightning_memopt.callbacks._run_settings import (
-    batch_shape,
-    optimizer_from_module,
-    optimizer_name,
-    quiet_logging,
-    run_settings,
+from lightning_memopt.callbacks._memory_prediction import (
+    FitPrediction,
+    MemoryDoesNotFitError,
+    default_device_memory,
+    transforms_pending,
 )
+from lightning_memopt.callbacks._memory_report import (
+    describe_fix,
+    save_plot,
+    summarize,
+    summary_table,
+    unit_for,
+)
+from lightning_memopt.callbacks._run_reader import ReadsRun, batch_shape, optimizer_name, read_run
 from lightning_memopt.predictor.estimate import CATEGORIES, MemoryEstimate
-from lightning_memopt.utilities.units import format_bytes, parse_bytes
+from lightning_memopt.utilities.memory_steps import FIELDS, MemoryStepAggregator, storage_bytes
+from lightning_memopt.utilities.units import parse_bytes
 
-#: What is gathered from every rank at a logged step, in this order.
-_FIELDS = ("actual_peak_bytes", "current_bytes", "reserved_bytes", "device_total_bytes", "device_free_bytes",
-           "rss_bytes", "predicted_peak_bytes")  # fmt: skip
+__all__ = ["MemoryDoesNotFitError", "MemoryMonitor"]
 
-
-class MemoryDoesNotFitError(MisconfigurationException):
-    """The predicted peak exceeds the device memory minus the margin; carries the estimate and the suggestions.
-
-    Attributes:
-        estimate: the prediction that does not fit.
-        suggestions: the ranked :class:`~lightning_memopt.planning.Suggestion` s, each with its prediction.
-    """
-
-    def __init__(self, message: str, estimate: MemoryEstimate, suggestions: list) -> None:
-        super().__init__(message)
-        self.estimate = estimate
-        self.suggestions = suggestions
+_MODES = ("dispatch", "allocator")
 
 
-def _unit(num_bytes: int) -> str:
-    return "GiB" if num_bytes >= 2**30 else "MiB"
-
-
-def _describe(fix: Any) -> str:
-    verdict = "fits" if fix.fits else "too large"
-    return f"{fix.description} -> {format_bytes(fix.predicted_total, _unit(fix.predicted_total))} ({verdict})"
-
-
-def _storage_bytes(module: Any) -> int:
-    """Bytes of the distinct CPU storages of a module's tensors."""
-    from lightning_memopt.utilities.tensor_walk import iter_tensors
-
-    storages = {
-        t.untyped_storage()._cdata: t.untyped_storage().nbytes()
-        for t in iter_tensors(module)
-        if t.device.type == "cpu"
-    }
-    return sum(storages.values())
-
-
-class MemoryMonitor(Callback):
+class MemoryMonitor(ReadsRun):
     r"""Log actual vs predicted memory of every rank's device during training; fail early when it cannot fit.
 
     In ``setup`` it predicts one rank's peak (:func:`~lightning_memopt.planning.estimate_memory`) from the run
@@ -73,13 +49,21 @@ class MemoryMonitor(Callback):
     training batch. Rank zero prints the breakdown; if the peak exceeds ``device_memory * (1 - margin)`` the run fails
     before its first step with the breakdown and ranked suggestions, each with its predicted peak. The prediction is
     refreshed in ``on_train_start`` (the real optimizer and DeepSpeed config) and whenever the batch shape changes.
+    The batch and the optimizer come from the run reader the other callbacks and the strategy share: the training
+    loader is built once and ``configure_optimizers`` called once per fit.
 
-    Every step, each rank measures its peak: CUDA ``max_memory_allocated`` / ``max_memory_reserved`` (reset every
-    step) and ``mem_get_info``; CPU the peak of live tensor bytes, from a counting allocator
-    (:class:`~lightning_memopt.utilities.memory.DeviceMemoryProbe`), less the live bytes that were in the process
-    before ``setup`` and are not the model's (an earlier run's objects), and the process RSS. At every
-    ``log_every_n_steps``-th optimizer step the values are gathered from all ranks (one ``all_gather`` of 7 numbers)
-    and logged through the Trainer's loggers; the peaks are the maxima over the steps since the last log.
+    Every step, each rank measures the peak of its live tensor bytes with
+    :class:`~lightning_memopt.utilities.memory.DeviceMemoryProbe`. By default (``"dispatch"`` modes) a
+    ``TorchDispatchMode`` counts the tensor storages every op returns, on CPU and on CUDA, disturbing nothing else:
+    the CUDA allocator's peak statistics that ``DeviceStatsMonitor`` and ``torch.cuda.max_memory_allocated`` report
+    are left alone. Opt-in ``cuda_mode="allocator"`` reads the caching allocator's ``max_memory_allocated`` /
+    ``max_memory_reserved`` instead (cheaper and it sees kernel workspaces, but it resets those statistics every step,
+    so other readers of them see per-step peaks); opt-in ``cpu_mode="allocator"`` installs a counting CPU allocator
+    for the fit (it needs a C++ compiler; put back at the end of the fit). On CPU the live bytes that were in the
+    process before ``setup`` and are not the model's (an earlier run's objects) are not counted. The process RSS is
+    reported too. At every ``log_every_n_steps``-th optimizer step the values are gathered from all ranks (one
+    ``all_gather`` of 7 numbers) and logged through the Trainer's loggers; the peaks are the maxima over the steps
+    since the last log.
 
     Logged keys (bytes unless noted; the unsuffixed ones are rank zero's, ``*_max`` the maximum over ranks):
 
@@ -88,15 +72,20 @@ class MemoryMonitor(Callback):
     - ``memory/prediction_error``: ``(predicted - actual) / actual`` (signed, relative; > 0 over-predicts), and
       ``memory/prediction_error_max``: the rank's error with the largest magnitude (signed)
     - ``memory/current_bytes``: live bytes at the end of the step
-    - ``memory/reserved_bytes``, ``memory/reserved_bytes_max``: the caching allocator's peak (CUDA only)
+    - ``memory/reserved_bytes``, ``memory/reserved_bytes_max``: the caching allocator's reserved bytes (CUDA only):
+      its peak during the step with ``cuda_mode="allocator"``, at the end of the step with ``"dispatch"``
     - ``memory/device_total_bytes``, ``memory/device_free_bytes``: the device (CPU: system memory)
     - ``memory/rss_bytes``, ``memory/rss_bytes_max``: the process resident set size
     - ``memory/predicted/<category>`` for ``parameters``, ``gradients``, ``optimizer_states``, ``activations``,
       ``logits``, ``buffers`` (the predicted breakdown at the peak) and ``memory/predicted/cpu_offloaded``
+    - at the end of every training epoch, over its optimizer steps and all ranks (torchmetrics metrics logged through
+      ``LightningModule.log``, synchronised over the ranks): ``memory/run/prediction_mape`` (mean absolute
+      percentage error of the predicted peak, a fraction), ``memory/run/prediction_worst_ape`` (its largest absolute
+      relative error) and ``memory/run/actual_peak_bytes`` (the highest peak). The error statistics leave out the
+      fit's first optimizer step, whose optimizer states are created after its peak.
 
-    With ``accumulate_grad_batches > 1`` the prediction includes what the engine keeps between micro-steps; a step
-    made of a single micro-batch (the last, incomplete accumulation window of an epoch) is compared with the
-    prediction without accumulation.
+    With ``accumulate_grad_batches > 1`` the prediction includes what the engine keeps between micro-steps; the
+    first (or lone) micro-batch of an accumulation window is compared with the prediction without accumulation.
 
     On a CPU device the predicted peak compared is ``total + cpu_offloaded`` (offloaded states live in the same
     memory). At the end of fit rank zero prints a summary per rank and, with matplotlib, saves
@@ -116,15 +105,16 @@ class MemoryMonitor(Callback):
         plot: save the PNG at the end of fit; ``None``: when matplotlib is installed.
         snapshot_on_oom: record the CUDA allocation history and dump it on out-of-memory (CUDA only).
         optimizer: the predictor's optimizer name (``"adamw"``, ``"sgd-momentum"``, ...); ``None``: read from the
-            run (``configure_optimizers`` is called once in ``setup``, before the Trainer calls it).
+            run (the ``configure_optimizers`` result the Trainer then uses).
         method: the predictor's method, ``"trace"`` (the only one: a fake-tensor trace of the module's own step).
-        cpu_mode: the CPU probe's mode, ``"allocator"`` (default) or ``"dispatch"``.
+        cpu_mode: how CPU memory is counted, ``"dispatch"`` (default) or ``"allocator"`` (see above).
+        cuda_mode: how CUDA memory is counted, ``"dispatch"`` (default) or ``"allocator"`` (see above).
         max_suggestions: at most this many suggestions in the fit-check error.
         progress_bar: show the actual and predicted peak in the progress bar at every optimizer step (not logged).
 
     Raises:
         ValueError: for ``log_every_n_steps < 1``, a margin outside [0, 1), an unparsable ``device_memory``, an
-            unknown ``optimizer``, ``method`` or ``cpu_mode``.
+            unknown ``optimizer``, ``method``, ``cpu_mode`` or ``cuda_mode``.
         ModuleNotFoundError: ``plot=True`` without matplotlib.
         MisconfigurationException: in ``setup``, with ``Trainer(logger=False)`` or an unsupported strategy.
         MemoryDoesNotFitError: before the first step, when the predicted peak does not fit.
@@ -149,18 +139,15 @@ class MemoryMonitor(Callback):
         snapshot_on_oom: bool = True,
         optimizer: str | None = None,
         method: str = "trace",
-        cpu_mode: str = "allocator",
+        cpu_mode: str = "dispatch",
         max_suggestions: int = 5,
         progress_bar: bool = False,
+        cuda_mode: str = "dispatch",
     ) -> None:
         if log_every_n_steps is not None and (
-            not isinstance(log_every_n_steps, int)
-            or isinstance(log_every_n_steps, bool)
-            or log_every_n_steps < 1
+            not isinstance(log_every_n_steps, int) or isinstance(log_every_n_steps, bool) or log_every_n_steps < 1
         ):
-            raise ValueError(
-                f"Expected `log_every_n_steps` to be an int >= 1 or None, got {log_every_n_steps!r}."
-            )
+            raise ValueError(f"Expected `log_every_n_steps` to be an int >= 1 or None, got {log_every_n_steps!r}.")
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < 1.0:
             raise ValueError(
                 f"Expected `margin` in [0, 1), got {margin!r}. Fix: e.g. margin=0.1 keeps 10 % of the device free."
@@ -182,8 +169,9 @@ class MemoryMonitor(Callback):
                 f"Expected `method='trace'`, got {method!r}: the closed-form ('analytic') formulas were removed; the"
                 " trace of the module's own step is exact for any model. Fix: drop `method`."
             )
-        if cpu_mode not in ("allocator", "dispatch"):
-            raise ValueError(f"Expected `cpu_mode` 'allocator' or 'dispatch', got {cpu_mode!r}.")
+        for name, mode in (("cpu_mode", cpu_mode), ("cuda_mode", cuda_mode)):
+            if mode not in _MODES:
+                raise ValueError(f"Expected `{name}` 'dispatch' or 'allocator', got {mode!r}.")
         if plot:
             requires(_MATPLOTLIB_AVAILABLE, "MemoryMonitor(plot=True)", "plot")
         self.log_every_n_steps = log_every_n_steps
@@ -193,29 +181,25 @@ class MemoryMonitor(Callback):
         self.snapshot_on_oom = snapshot_on_oom
         self.optimizer = optimizer
         self.method = method
-        self.cpu_mode = cpu_mode
+        self.cpu_mode, self.cuda_mode = cpu_mode, cuda_mode
         self.max_suggestions = max_suggestions
         self.progress_bar = progress_bar
-        #: the current prediction (``None`` before setup).
-        self.estimate: MemoryEstimate | None = None
         #: rows ``{"step", "rank", <gathered fields>, "prediction_error"}`` of every logged step (all ranks on rank 0).
         self.history: list[dict[str, Any]] = []
         self._reset_run_state()
 
-    def _reset_run_state(self) -> None:
+    def _reset_run_state(self) -> None:  # the state of one fit
         self._probe: Any = None
-        self._warned_unpredictable = False
-        self._shape: Any = None
-        self._optimizer_name: str | None = None
-        self._estimates: dict[Any, tuple[MemoryEstimate, dict[str, Any]]] = {}
-        self._kwargs: dict[str, Any] = {}
-        self._checked = False
-        self._budget_device = 0
-        self._interval: dict[str, int] = {}
+        self._agg = MemoryStepAggregator()
+        self._pred = FitPrediction(self.device_memory or 0, self.margin, self.fail_if_not_fits, self.max_suggestions)
         self._last_global_step = 0
-        self._micro_steps = 0  # micro-batches since the last optimizer step
+        self._optimizer_steps = 0
         self._recording = False
-        self._foreign = 0
+
+    @property
+    def estimate(self) -> MemoryEstimate | None:
+        """The current prediction (``None`` before setup, or when the model cannot be predicted)."""
+        return self._pred.estimate
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -244,15 +228,16 @@ class MemoryMonitor(Callback):
         self._finish(trainer)
 
     @override
-    def on_exception(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException
-    ) -> None:
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         self._report_oom(trainer, exception)
+        self._close()
+        super().on_exception(trainer, pl_module, exception)
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":
             self._close()
+        super().teardown(trainer, pl_module, stage)
 
     # ------------------------------------------------------------------ setup and prediction
     def _setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -261,173 +246,54 @@ class MemoryMonitor(Callback):
                 "Expected a logger for `MemoryMonitor`, got `Trainer(logger=False)`. Fix: pass a logger, e.g."
                 " `Trainer(logger=CSVLogger('logs'))`, or drop the callback."
             )
-        from lightning_memopt.callbacks._run_settings import strategy_settings
+        from lightning_memopt.callbacks._run_reader import strategy_settings
         from lightning_memopt.utilities.memory import DeviceMemoryProbe, record_cuda_memory_history
 
         self._reset_run_state()
         self.history = []
         strategy_settings(trainer.strategy, pl_module)  # raises early for an unsupported strategy
         device = trainer.strategy.root_device
-        self._budget_device = self.device_memory or self._default_device_memory(trainer, device)
-        # created before the engine allocates, so that the CPU allocator counts all of it
-        self._probe = DeviceMemoryProbe(device, cpu_mode=self.cpu_mode)
+        self._pred.device_memory = self.device_memory or default_device_memory(trainer, device)
+        # created before the engine allocates, so that what it allocates is counted
+        self._probe = DeviceMemoryProbe(device, cpu_mode=self.cpu_mode, cuda_mode=self.cuda_mode)
         self._probe.start()
-        if device.type == "cpu":
-            # live bytes of the process that are not this run's (an earlier fit's objects) are not counted
-            self._probe.track(pl_module)
-            own = _storage_bytes(pl_module)
+        self._probe.track(pl_module)
+        foreign = 0
+        if device.type == "cpu":  # live bytes of the process that are not this run's (an earlier fit's objects)
+            own = storage_bytes(pl_module)
             if self._probe.current_bytes > own:  # free an earlier run's unreachable objects before measuring
                 gc.collect()
-            self._foreign = max(0, self._probe.current_bytes - own)
+            foreign = max(0, self._probe.current_bytes - own)
+        self._agg = MemoryStepAggregator(foreign).to(device)
         if device.type == "cuda" and self.snapshot_on_oom:
             record_cuda_memory_history(True)
             self._recording = True
-        self._optimizer_name = self.optimizer or optimizer_from_module(pl_module)
-        batch = self._first_batch(trainer)
-        shape = batch_shape(batch) if batch is not None else None
-        deferred = (
-            self._pending_transforms(trainer, pl_module) or self._optimizer_name is None or shape is None
-        )
-        if is_overridden("configure_model", pl_module):
-            deferred = True  # its layers do not exist yet
-        if deferred:
-            rank_zero_info(
-                "MemoryMonitor: the prediction waits for on_train_start (transforms, optimizer or batch pending)."
-            )
+        if is_overridden("configure_model", pl_module) or transforms_pending(trainer, pl_module):
+            rank_zero_info("MemoryMonitor: the prediction waits for on_train_start (transforms or layers pending).")
             return
-        if self._predict(trainer, pl_module, shape, batch):
-            rank_zero_info(f"MemoryMonitor: predicted memory per rank\n{self.estimate.table(_unit(self.estimate.total))}")
-            self._check_fit(trainer)
+        run = read_run(trainer)
+        self._pred.optimizer_name = self.optimizer or self._run_optimizer(pl_module, run.optimizer_name)
+        shape = self._run_shape(run)
+        if self._pred.optimizer_name is None or shape is None:
+            rank_zero_info("MemoryMonitor: the prediction waits for on_train_start (optimizer or batch pending).")
+            return
+        if self._pred.predict(trainer, pl_module, shape):
+            rank_zero_info(f"MemoryMonitor: predicted memory per rank\n{self._pred.table()}")
+            self._pred.check_fit(trainer)
 
     @staticmethod
-    def _default_device_memory(trainer: "pl.Trainer", device: torch.device) -> int:
-        if device.type == "cuda":
-            return int(torch.cuda.get_device_properties(device).total_memory)
-        import psutil
-
-        return int(psutil.virtual_memory().total // max(1, trainer.num_devices))
-
-    @staticmethod
-    def _first_batch(trainer: "pl.Trainer") -> Any:
-        source = trainer.fit_loop._data_source
-        if not source.is_defined():
-            return None
+    def _run_shape(run: Any) -> Any:
         try:
-            return next(iter(source.dataloader()))
-        except Exception:  # noqa: BLE001 -- a loader that cannot be built yet (e.g. needs the strategy); predicted at train start
+            return run.batch_shape()
+        except Exception:  # noqa: BLE001 -- a loader that cannot be built yet (e.g. needs the strategy); read at train start
             return None
 
-    @staticmethod
-    def _pending_transforms(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> bool:
-        from lightning_memopt.callbacks import transforms as transform_callbacks
-        from lightning_memopt.transforms import applied_transforms
-
-        applied = applied_transforms(pl_module)
-        base = getattr(transform_callbacks, "_TransformCallback", ())
-        return any(isinstance(cb, base) and cb._key not in applied for cb in trainer.callbacks)
-
-    def _predict(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", shape: Any, batch: Any = None
-    ) -> bool:
-        """Predict for this batch shape (once per shape and optimizer); ``False`` when the model cannot be predicted,
-        after one warning: the monitor then logs the actual memory only."""
-        from lightning_memopt.planning.estimate import estimate_memory
-
-        key = (shape, self._optimizer_name)
-        if key not in self._estimates:
-            if batch is None:
-                batch = self._first_batch(trainer)
-            kwargs = run_settings(trainer, pl_module, shape, self._optimizer_name or "adamw")
-            kwargs.update(model=pl_module, example_batch=batch)
-            try:
-                with quiet_logging(pl_module):
-                    self._estimates[key] = (estimate_memory(**kwargs), kwargs)
-            except Exception as err:  # noqa: BLE001 -- a callback never ends the run it observes
-                self._unpredictable(pl_module, err)
-                return False
-        self.estimate, self._kwargs = self._estimates[key]
-        self._shape = shape
-        return True
-
-    def _unpredictable(self, pl_module: "pl.LightningModule", err: BaseException) -> None:
-        self.estimate = None
-        if not self._warned_unpredictable:
-            self._warned_unpredictable = True
-            rank_zero_warn(
-                f"MemoryMonitor cannot predict the memory of {type(pl_module).__name__}: {type(err).__name__}: {err}"
-                " It logs the actual memory only, and the fit check is skipped. Fix: what the error says, or"
-                " report the model at the project's issue tracker."
-            )
-
-    def _predicted_peak(self) -> int:
-        est = self.estimate
-        if est is None:
-            return -1  # no prediction: the predicted keys are not logged
-        if self._micro_steps <= 1 and self._kwargs.get("accumulate_grad_batches", 1) > 1:
-            est = self._first_micro_step_estimate()
-        on_cpu = self._probe is not None and self._probe.device.type == "cpu"
-        return est.total + (est.cpu_offloaded if on_cpu else 0)
-
-    def _first_micro_step_estimate(self) -> MemoryEstimate:
-        """The estimate of a micro-step that holds no earlier micro-step's gradients: the first of an accumulation
-        window, or a lone one (the last, incomplete window of an epoch steps after one micro-batch)."""
-        from lightning_memopt.planning.estimate import estimate_memory
-
-        key = (self._shape, self._optimizer_name, "first micro-step")
-        if key not in self._estimates:
-            kwargs = dict(self._kwargs, accumulate_grad_batches=1)
-            with quiet_logging(kwargs["model"]):
-                self._estimates[key] = (estimate_memory(**kwargs), kwargs)
-        return self._estimates[key][0]
-
-    def _suggestions(self, trainer: "pl.Trainer") -> list:
-        from lightning_memopt.planning.plan import suggest_fixes
-
-        kwargs = dict(self._kwargs)
-        zero_config = None
-        if kwargs.get("engine") == "torch":  # a ZeRO suggestion means MemOptStrategy, with its "auto" bucket sizes
-            from lightning_memopt.strategies.deepspeed_config import (
-                apply_bucket_sizes,
-                auto_bucket_sizes,
-                infer_hidden_size,
-            )
-
-            module = trainer.lightning_module
-            largest = max((p.numel() for p in module.parameters()), default=0)
-            zero_config = {}
-            apply_bucket_sizes(zero_config, auto_bucket_sizes(infer_hidden_size(module), largest))
-        with quiet_logging(trainer.lightning_module):
-            return suggest_fixes(
-                kwargs,
-                self._budget_device,
-                self.margin,
-                max_suggestions=self.max_suggestions,
-                cuda=trainer.strategy.root_device.type == "cuda",  # Liger's Triton kernels need a CUDA GPU
-                zero_config=zero_config,
-            )
-
-    def _check_fit(self, trainer: "pl.Trainer") -> None:
-        self._checked = True
-        est = self.estimate
-        budget = int(self._budget_device * (1.0 - self.margin))
-        if est is None or est.total <= budget:
-            if est is not None:
-                unit = _unit(self._budget_device)
-                rank_zero_info(f"MemoryMonitor: fits: predicted peak {format_bytes(est.total, unit)} <= budget"
-                               f" {format_bytes(budget, unit)} ({format_bytes(self._budget_device, unit)} with"
-                               f" {self.margin:.0%} kept free)")  # fmt: skip
-            return
-        fixes = self._suggestions(trainer)
-        unit = _unit(self._budget_device)
-        lines = [f"  {i}. {_describe(fix)}" for i, fix in enumerate(fixes, 1)] or ["  (none found)"]
-        message = (
-            f"Expected the predicted peak per rank to fit in {format_bytes(budget, unit)} ({format_bytes(self._budget_device, unit)}"
-            f" with {self.margin:.0%} kept free), got {format_bytes(est.total, unit)}.\n{est.table(unit)}\n"
-            "Fix: one of these changes (cheapest first), each with its predicted peak:\n" + "\n".join(lines)
-        )
-        if self.fail_if_not_fits:
-            raise MemoryDoesNotFitError(message, est, fixes)
-        rank_zero_warn(message)
+    def _run_optimizer(self, pl_module: "pl.LightningModule", read: Any) -> str | None:
+        try:
+            return read()
+        except MisconfigurationException as err:  # an optimizer the predictor does not know
+            self._pred.unpredictable(pl_module, err)
+            return None
 
     # ------------------------------------------------------------------ per step
     def _start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -435,82 +301,53 @@ class MemoryMonitor(Callback):
             self._setup(trainer, pl_module)
         self._probe.track(trainer.strategy.model, pl_module, *trainer.optimizers)
         if trainer.optimizers and self.optimizer is None:
-            try:
-                self._optimizer_name = optimizer_name(trainer.optimizers[0])
-            except MisconfigurationException as err:
-                self._unpredictable(pl_module, err)
-        shape = self._shape or batch_shape(self._first_batch(trainer))
-        if shape is not None and self._optimizer_name is not None:
-            self._estimates.clear()  # the resolved DeepSpeed config and the real optimizer
-            if self._predict(trainer, pl_module, shape) and not self._checked:
-                rank_zero_info(f"MemoryMonitor: predicted memory per rank\n{self.estimate.table(_unit(self.estimate.total))}")
-                self._check_fit(trainer)
+            self._pred.optimizer_name = self._run_optimizer(pl_module, lambda: optimizer_name(trainer.optimizers[0]))
+        shape = self._pred.shape or self._run_shape(read_run(trainer))
+        if shape is not None and self._pred.optimizer_name is not None:
+            self._pred.refresh()  # the resolved DeepSpeed config and the real optimizer
+            if self._pred.predict(trainer, pl_module, shape) and not self._pred.checked:
+                rank_zero_info(f"MemoryMonitor: predicted memory per rank\n{self._pred.table()}")
+                self._pred.check_fit(trainer)
         self._last_global_step = trainer.global_step
 
     def _before_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any) -> None:
         shape = batch_shape(batch)
-        if shape is not None and shape != self._shape and self._optimizer_name is not None:
-            if self._predict(trainer, pl_module, shape, batch) and not self._checked:
-                self._check_fit(trainer)
-        self._micro_steps += 1
+        changed = shape is not None and shape != self._pred.shape and self._pred.optimizer_name is not None
+        if changed and self._pred.predict(trainer, pl_module, shape, batch) and not self._pred.checked:
+            self._pred.check_fit(trainer)
         self._probe.start_step()
 
     def _after_step(self, trainer: "pl.Trainer") -> None:
-        step = self._probe.end_step()
-        values = {
-            "actual_peak_bytes": step.peak_bytes - self._foreign,
-            "current_bytes": step.current_bytes - self._foreign,
-            "reserved_bytes": -1 if step.reserved_bytes is None else step.reserved_bytes,
-            "device_total_bytes": step.device_total,
-            "device_free_bytes": step.device_free,
-            "rss_bytes": step.rss_bytes,
-            "predicted_peak_bytes": self._predicted_peak(),
-        }
-        for (
-            name,
-            value,
-        ) in values.items():  # maxima over the steps since the last log (the last value for the rest)
-            keep_max = name in ("actual_peak_bytes", "reserved_bytes", "rss_bytes", "predicted_peak_bytes")
-            self._interval[name] = max(self._interval.get(name, value), value) if keep_max else value
+        predicted = self._pred.peak(first_micro_step=self._agg.micro_steps == 0, on_cpu=self._probe.device.type == "cpu")
+        self._agg.micro_step(self._probe.end_step(), predicted)
         if trainer.global_step == self._last_global_step:
             return  # accumulating: no optimizer step yet
+        self._agg.optimizer_step(compare=self._optimizer_steps > 0)
+        self._optimizer_steps += 1
+        pl_module = trainer.lightning_module
+        for name, metric in self._agg.run_metrics.items():  # Lightning computes (synced over ranks) at epoch end
+            if metric.update_count:
+                pl_module.log(f"memory/run/{name}", metric, on_step=False, on_epoch=True,
+                              metric_attribute=f"_memory_monitor_{name}")  # fmt: skip
         if self.progress_bar:  # the peaks since the last log, as they are logged: rank zero's in the bar
-            unit = _unit(max(self._interval["predicted_peak_bytes"], self._interval["actual_peak_bytes"]))
+            interval = self._agg.interval
+            unit = unit_for(max(interval["predicted_peak_bytes"], interval["actual_peak_bytes"]))
             scale = 2**30 if unit == "GiB" else 2**20
             for key, name in ((f"mem_{unit}", "actual_peak_bytes"), (f"pred_{unit}", "predicted_peak_bytes")):
-                if self._interval[name] >= 0:  # -1: no prediction
-                    trainer.lightning_module.log(key, self._interval[name] / scale, prog_bar=True, logger=False,
-                                                 on_step=True, on_epoch=False)  # fmt: skip
+                if interval[name] >= 0:  # -1: no prediction
+                    pl_module.log(key, interval[name] / scale, prog_bar=True, logger=False, on_step=True,
+                                  on_epoch=False)  # fmt: skip
         self._last_global_step = trainer.global_step
-        self._micro_steps = 0
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if trainer.global_step % every == 0:
             self._log(trainer)
 
     def _log(self, trainer: "pl.Trainer") -> None:
-        local = torch.tensor(
-            [self._interval[name] for name in _FIELDS], dtype=torch.int64, device=trainer.strategy.root_device
-        )
-        self._interval = {}
-        gathered = trainer.strategy.all_gather(local).reshape(-1, len(_FIELDS)).cpu().tolist()
-        rows = []
-        for rank, values in enumerate(gathered):
-            row: dict[str, Any] = {"step": trainer.global_step, "rank": rank, **dict(zip(_FIELDS, values))}
-            predicted = row["predicted_peak_bytes"]  # -1: no prediction on that rank
-            row["prediction_error"] = prediction_error(predicted, row["actual_peak_bytes"]) if predicted >= 0 else None
-            rows.append(row)
+        local = torch.tensor(self._agg.take_interval(), dtype=torch.int64, device=trainer.strategy.root_device)
+        gathered = trainer.strategy.all_gather(local).reshape(-1, len(FIELDS)).cpu().tolist()
+        rows = MemoryStepAggregator.rows(gathered, trainer.global_step)
         self.history.extend(rows)
-        def known(name: str, value: Any) -> bool:  # reserved (CPU) and the prediction (none) may be missing
-            return value is not None and not (name in ("reserved_bytes", "predicted_peak_bytes") and value < 0)
-
-        metrics = {f"memory/{name}": float(value) for name, value in rows[trainer.global_rank].items()
-                   if name not in ("step", "rank") and known(name, value)}  # fmt: skip
-        for name in ("actual_peak_bytes", "predicted_peak_bytes", "reserved_bytes", "rss_bytes"):
-            if rows[0][name] >= 0:
-                metrics[f"memory/{name}_max"] = float(max(row[name] for row in rows))
-        errors = [row["prediction_error"] for row in rows if row["prediction_error"] is not None]
-        if errors:
-            metrics["memory/prediction_error_max"] = max(errors, key=abs)
+        metrics = MemoryStepAggregator.metrics(rows, trainer.global_rank)
         if self.estimate is not None:
             for name in (*CATEGORIES, "cpu_offloaded"):
                 metrics[f"memory/predicted/{name}"] = float(getattr(self.estimate, name))
@@ -529,7 +366,7 @@ class MemoryMonitor(Callback):
             return
         rank_zero_info("MemoryMonitor: peak memory per rank over the run\n" + summary_table(self.summary()))
         if self.plot and log_dir is not None:
-            path = save_plot(self.history, Path(log_dir) / "memory_monitor.png", self._budget_device, self.margin)
+            path = save_plot(self.history, Path(log_dir) / "memory_monitor.png", self._pred.device_memory, self.margin)
             rank_zero_info(f"MemoryMonitor: plot of predicted vs actual memory per rank saved to {path}")
 
     def _report_oom(self, trainer: "pl.Trainer", exception: BaseException) -> None:
@@ -540,23 +377,19 @@ class MemoryMonitor(Callback):
         parts = [f"MemoryMonitor: CUDA out of memory on rank {trainer.global_rank}."]
         if self.snapshot_on_oom and self._recording:
             path = Path(trainer.default_root_dir) / "memory_snapshots" / f"rank{trainer.global_rank}.pickle"
-            parts.append(
-                f"Memory snapshot: {dump_cuda_memory_snapshot(path)} (open it at https://pytorch.org/memory_viz)"
-            )
+            parts.append(f"Memory snapshot: {dump_cuda_memory_snapshot(path)} (open it at https://pytorch.org/memory_viz)")
         if self.estimate is not None:
-            parts.append(f"Predicted per rank:\n{self.estimate.table(_unit(self.estimate.total))}")
+            parts.append(f"Predicted per rank:\n{self._pred.table()}")
             try:
-                fixes = self._suggestions(trainer)
+                fixes = self._pred.suggestions(trainer)
             except Exception as err:  # noqa: BLE001 -- never hide the OOM behind a second error
                 fixes, parts = [], parts + [f"(no suggestions: {err})"]
-            parts += ["Suggestions (cheapest first):"] + [
-                f"  {i}. {_describe(fix)}" for i, fix in enumerate(fixes, 1)
-            ]
+            parts += ["Suggestions (cheapest first):"] + [f"  {i}. {describe_fix(fix)}" for i, fix in enumerate(fixes, 1)]
         print("\n".join(parts), flush=True)
 
     def _close(self) -> None:
         if self._probe is not None:
-            self._probe.close()
+            self._probe.close()  # leaves the dispatch mode, puts the CPU allocator back
         if self._recording:
             from lightning_memopt.utilities.memory import record_cuda_memory_history
 

@@ -17,12 +17,13 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
+from lightning_memopt.callbacks._run_reader import ReadsRun
+from lightning_memopt.planning.budget import CheckpointPlan, _parse_budget
 from lightning_memopt.predictor.precision import resolve_precision
 from lightning_memopt.strategies.transforms import checkpoint_run_to_fit
 from lightning_memopt.transforms import apply_activation_checkpointing, apply_attention, apply_liger
 from lightning_memopt.transforms._applied import applied_transforms
 from lightning_memopt.transforms.attention import IMPLEMENTATIONS
-from lightning_memopt.planning.budget import CheckpointPlan, _parse_budget
 from lightning_memopt.transforms.checkpointing import Policy, _validate_selection
 from lightning_memopt.transforms.liger import _validate as _validate_liger
 
@@ -63,7 +64,7 @@ class _TransformCallback(Callback):
         raise NotImplementedError
 
 
-class ActivationCheckpointing(_TransformCallback):
+class ActivationCheckpointing(_TransformCallback, ReadsRun):
     """Checkpoint the repeated blocks of the LightningModule (see ``apply_activation_checkpointing``).
 
     With ``budget``, the fewest leading blocks whose predicted step peak fits the budget are checkpointed (see

@@ -6,6 +6,7 @@ Examples::
     lightning-memopt estimate meta-llama/Llama-3.1-8B --seq-len 4096   # a Hub id (HF_HUB_OFFLINE: from the cache)
     lightning-memopt estimate 8B --engine torch            # model states only: the lecture's 16/32/64/32 GB
     lightning-memopt estimate llama-3-8b --quantization q8_0 --inference
+    lightning-memopt estimate llama-3-8b --lora-rank 16 --lora-targets q_proj,v_proj --seq-len 2048
     lightning-memopt plan llama-3-8b --gpu-memory 80GiB --gpus 8 --seq-len 4096 --global-batch-tokens 4M
 
 An option that has no effect with the other options given is an error (``_options.Applies`` rules below).
@@ -14,11 +15,16 @@ An option that has no effect with the other options given is an error (``_option
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
+import sys
+from collections.abc import Callable
 from typing import Any
 
+from lightning_memopt.cli import _cache
 from lightning_memopt.cli._options import Applies, check_applicable, fill_defaults
 from lightning_memopt.utilities.units import format_bytes, parse_bytes
 
@@ -107,7 +113,7 @@ def _margin(text: str) -> float:
 #: Defaults of the options declared with ``default=None`` (so that "given" can be told from "left alone").
 DEFAULTS: dict[str, Any] = {
     "gpus": 1, "precision": "bf16-mixed", "optimizer": "adamw", "attention": "sdpa", "engine": "deepspeed",
-    "margin": 0.1, "zero": 0, "micro_batch": 1, "lora_rank": 16, "zero_stages": "0,1,2,3", "offload_device": "cpu",
+    "margin": 0.1, "zero": 0, "micro_batch": 1, "zero_stages": "0,1,2,3", "offload_device": "cpu",
 }  # fmt: skip
 
 
@@ -147,7 +153,7 @@ def _training(args: argparse.Namespace) -> bool:
 _COUNT_NEEDS = (
     "with a model that has shapes (a preset, a Hub id or a config.json; a parameter count gives model states only)"
 )
-#: ``estimate``: which options apply with which others. LoRA on a 16-bit base will extend the ``--lora-rank`` entry.
+#: ``estimate``: which options apply with which others.
 ESTIMATE_RULES: tuple[Applies, ...] = (
     Applies("--gpus", "gpus", lambda a: not _quantized(a), "without --quantization (a quantized model is estimated on"
             " one device)"),
@@ -157,10 +163,11 @@ ESTIMATE_RULES: tuple[Applies, ...] = (
     Applies("--offload-parameters", "offload_parameters", lambda a: not _quantized(a), "without --quantization"),
     Applies("--engine", "engine", lambda a: not _quantized(a), "without --quantization"),
     Applies("--inference", "inference", _quantized, "with --quantization (the quantized model's inference)"),
-    Applies("--lora-rank", "lora_rank", lambda a: _quantized(a) and _training(a),
-            "with --quantization and without --inference (QLoRA: LoRA adapters on a frozen quantized base; LoRA on"
-            " a 16-bit base is not predicted yet)",
-            fix="add --quantization nf4 (QLoRA) to estimate LoRA on a quantized base"),
+    Applies("--lora-rank", "lora_rank", lambda a: _training(a) and _shapes(a),
+            f"when training {_COUNT_NEEDS} (LoRA adapters on a frozen base; with --quantization: QLoRA)"),
+    Applies("--lora-targets", "lora_targets", lambda a: a.lora_rank is not None and not _quantized(a),
+            "with --lora-rank and without --quantization (QLoRA adapts every linear layer)",
+            fix="add --lora-rank 16"),
     Applies("--optimizer", "optimizer", _training, "without --inference (nothing is optimized)"),
     Applies("--precision", "precision", _training, "without --inference (the quantized weights set the precision)"),
     Applies("--checkpointing", "checkpointing", lambda a: _training(a) and _shapes(a),
@@ -205,8 +212,13 @@ def add_parser(subparsers: Any) -> None:
     est.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every block")
     est.add_argument("--quantization", default=None, help="q8_0, q6_k, q4_0, q4_k, int8, int4, nf4, nf4-dq")
     est.add_argument("--inference", action="store_true", help="with --quantization: inference, not QLoRA")
-    est.add_argument("--lora-rank", type=_positive_int, default=None, help="with --quantization: LoRA rank (16)")
+    est.add_argument("--lora-rank", type=_positive_int, default=None,
+                     help="LoRA adapters of this rank on a frozen base (with --quantization: QLoRA, default 16)")
+    est.add_argument("--lora-targets", default=None,
+                     help="with --lora-rank: modules that get adapters, e.g. q_proj,v_proj or all-linear"
+                          " (default: PEFT's for the architecture)")  # fmt: skip
     est.add_argument("--gpu-memory", type=_bytes_arg, default=None, help="device memory, e.g. 80GiB")
+    est.add_argument("--no-cache", action="store_true", help="answer afresh (see LIGHTNING_MEMOPT_CLI_CACHE)")
     est.set_defaults(handler=run_estimate)
 
     plan = subparsers.add_parser("plan", help="largest micro-batch, accumulation and cheapest setting that fits")
@@ -218,6 +230,7 @@ def add_parser(subparsers: Any) -> None:
     plan.add_argument("--no-checkpointing", action="store_true", help="never turn on checkpointing")
     plan.add_argument("--no-offload", action="store_true", help="never offload")
     plan.add_argument("--offload-device", choices=("cpu", "nvme"), default=None, help="where to offload (cpu)")
+    plan.add_argument("--no-cache", action="store_true", help="answer afresh (see LIGHTNING_MEMOPT_CLI_CACHE)")
     plan.set_defaults(handler=run_plan)
 
 
@@ -253,20 +266,44 @@ def _setting(args: argparse.Namespace, details: dict[str, Any]) -> str:
     tokens = (", model states only (a parameter count has no shapes)" if _is_count(args)
               else f", micro-batch {details['micro_batch_size']} x {details['seq_len']} tokens")  # fmt: skip
     stage = "plain torch" if details["engine"] == "torch" else f"ZeRO-{details['zero']} ({details['engine']})"
-    return f"{model}, {details['world_size']} GPU(s), {stage}{tokens}, {details['precision']}"
+    lora = ""
+    if details.get("lora_rank"):
+        lora = f", LoRA rank {details['lora_rank']} ({details.get('trainable_parameters', 0) / 1e6:.1f}M trainable)"
+    return f"{model}, {details['world_size']} GPU(s), {stage}{tokens}, {details['precision']}{lora}"
+
+
+def cached(answer: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Print the answer of a prepared command from the disk cache (:mod:`._cache`) when it was asked before, else
+    answer it and store what it printed; returns the exit code."""
+    cache_key = _cache.key(args)
+    hit = _cache.lookup(cache_key) if cache_key is not None else None
+    if hit is not None:
+        sys.stdout.write(hit[0])
+        return hit[1]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = answer(args)
+    sys.stdout.write(out.getvalue())
+    if cache_key is not None:
+        _cache.store(cache_key, out.getvalue(), code)
+    return code
 
 
 def run_estimate(args: argparse.Namespace) -> int:
     """Handler of ``estimate``: print the breakdown (and whether it fits); returns the exit code."""
-    args = prepare(args, ESTIMATE_RULES)
+    return cached(_estimate, prepare(args, ESTIMATE_RULES))
+
+
+def _estimate(args: argparse.Namespace) -> int:
     model = args.model_value
+    lora_rank = args.lora_rank  # not filled in by DEFAULTS: without it, a 16-bit estimate trains every weight
     if args.quantization is not None:
-        from lightning_memopt.predictor.quantization import estimate_quantized
+        from lightning_memopt.planning.quantized import estimate_quantized
 
         estimate = estimate_quantized(
             model, args.quantization, mode="inference" if args.inference else "qlora",
             micro_batch_size=args.micro_batch, seq_len=args.seq_len, precision=args.precision,
-            optimizer=args.optimizer, lora_rank=args.lora_rank, activation_checkpointing=args.checkpointing,
+            optimizer=args.optimizer, lora_rank=lora_rank or 16, activation_checkpointing=args.checkpointing,
             attention=args.attention, liger=args.liger,
         )  # fmt: skip
     else:
@@ -276,7 +313,8 @@ def run_estimate(args: argparse.Namespace) -> int:
             model, world_size=args.gpus, zero=args.zero, micro_batch_size=args.micro_batch,
             seq_len=args.seq_len, offload_optimizer=args.offload_optimizer or False,
             offload_parameters=args.offload_parameters or False,
-            activation_checkpointing=args.checkpointing, **common_kwargs(args),
+            activation_checkpointing=args.checkpointing, lora_rank=lora_rank, lora_targets=_targets(args),
+            **common_kwargs(args),
         )  # fmt: skip
     fits = None if args.gpu_memory is None else estimate.fits(args.gpu_memory, margin=args.margin)
     if args.json:
@@ -295,6 +333,14 @@ def run_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _targets(args: argparse.Namespace) -> str | list[str] | None:
+    """``--lora-targets q_proj,v_proj`` -> a list; ``all-linear`` stays PEFT's keyword."""
+    text = args.lora_targets
+    if text is None or text == "all-linear":
+        return text
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def _num_parameters(model: Any, estimate: Any) -> int:
     details = estimate.details or {}
     if "num_parameters" in details:
@@ -306,9 +352,12 @@ def _num_parameters(model: Any, estimate: Any) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     """Handler of ``plan``: print the plan; returns 1 when nothing fits."""
+    return cached(_plan, prepare(args, PLAN_RULES))
+
+
+def _plan(args: argparse.Namespace) -> int:
     from lightning_memopt.planning.plan import NoFitError, plan_batch
 
-    args = prepare(args, PLAN_RULES)
     torch_engine = args.engine == "torch"
     try:
         plan = plan_batch(

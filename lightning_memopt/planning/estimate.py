@@ -6,6 +6,7 @@ applies them the way the run would (``apply_liger``; PEFT's ``get_peft_model``) 
 the user passes is predicted as it is: its kernels and adapters are what it has.
 """
 
+import warnings
 from typing import Any
 
 from lightning_memopt.predictor.api import predict
@@ -88,7 +89,7 @@ def _prepared(model: Any, switches: "dict[str, bool]", lora_rank: "int | None", 
 
     def prepare(module: Any) -> Any:
         if lora_rank is not None:
-            module = _with_lora(module, lora_rank, targets)
+            module = with_lora(module, lora_rank, targets)
         if switches:
             from lightning_memopt.transforms.liger import apply_liger
 
@@ -119,14 +120,18 @@ def _as_is(source: Source, switches: "dict[str, bool]", lora_rank: "int | None")
     return source
 
 
-def _with_lora(module: Any, rank: int, targets: Any) -> Any:
+def with_lora(module: Any, rank: int, targets: Any) -> Any:
+    """``module`` with PEFT LoRA adapters of ``rank`` on ``targets`` (PEFT's default for the architecture when
+    ``None``); the base is frozen, as ``get_peft_model`` leaves it."""
     from lightning_memopt._imports import _PEFT_AVAILABLE, requires
 
     requires(_PEFT_AVAILABLE, "LoRA estimates (lora_rank)", "peft")
     from peft import LoraConfig, get_peft_model
 
     try:
-        return get_peft_model(module, LoraConfig(r=rank, target_modules=targets))
+        with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+            warnings.simplefilter("ignore", FutureWarning)
+            return get_peft_model(module, LoraConfig(r=rank, target_modules=targets))
     except ValueError as err:
         raise ValueError(
             f"Expected LoRA target modules PEFT can place on {type(module).__name__}, got {targets!r}: {err}"

@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from lightning_memopt.core.blocks import checkpoint_flags
 from lightning_memopt.predictor.estimate import MemoryEstimate
 from lightning_memopt.predictor.model_states import (
     ENGINES,
@@ -224,7 +225,8 @@ def predict(
         for r in ranks
     }
     em = ems[ranks[-1]]
-    grad_bytes = prec.param_bytes(act_engine)
+    checkpointed = sum(checkpoint_flags(source.module, activation_checkpointing)) if source.module is not None else 0
+    grad_bytes = prec.param_bytes(act_engine)  # DeepSpeed: every trainable parameter in its dtype
     per_rank, best, phases = {}, None, []
     for r, em_r in ems.items():
         phases_r = _phases(em_r, timeline, grad_bytes, accumulate > 1)
@@ -245,6 +247,7 @@ def predict(
         "micro_batch_size": shape[0],
         "seq_len": shape[1],
         "accumulate_grad_batches": accumulate,
+        "checkpointed_blocks": checkpointed,
         **timeline.details,
         **em.details,
     }
@@ -302,8 +305,9 @@ def _phases(
     """
     base = em.base
     best = None
+    unit = em.grad_unit or grad_bytes
     for live, grads, logits, forward, gathered in timeline.moments():
-        g, buf = em.backward_extra(grads // grad_bytes)
+        g, buf = em.backward_extra(grads // unit)
         if forward:
             g = max(g, em.forward_gradients)
         if accumulating:

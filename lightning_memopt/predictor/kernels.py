@@ -5,9 +5,9 @@ torch and then launches Triton kernels that fill them. The trace runs the wrappe
 skips the launches (:func:`~lightning_memopt.core.compat.triton_launches_skipped`): what the step allocates and
 keeps is then exactly what Liger allocates and keeps, with no GPU. The model is traced as it was given: a model
 patched with Liger (``apply_liger`` / the ``LigerKernel`` callback / ``MemOptStrategy(liger=...)``) is traced
-with its Liger kernels. One difference from a GPU run remains: the fake tensors are CPU tensors, so a wrapper that
-sizes a scratch buffer by the GPU's multiprocessor count (Liger's RMSNorm weight gradient, ``sm_count x hidden``
-fp32) sizes it for one.
+with its Liger kernels. A module on a GPU is traced with fake CUDA tensors, so a wrapper that sizes a scratch buffer
+by the GPU's multiprocessor count (Liger's RMSNorm weight gradient, ``sm_count x hidden`` fp32) sizes it as the run
+does; a config build is traced on the CPU, where that count is one.
 """
 
 import contextlib

@@ -141,6 +141,7 @@ class EngineMemory:
     details: "dict[str, Any]" = field(default_factory=dict)
     accumulation_hold: "tuple[int, int]" = (0, 0)
     forward_gradients: int = 0
+    grad_unit: int = 0  # bytes per element of the timeline's gradient bytes (0: the engine's parameter dtype)
 
     def accumulating_extra(self) -> "tuple[int, int]":
         """(gradient bytes, buffer bytes) held through a micro-step that follows another one before the optimizer
@@ -361,31 +362,31 @@ def _first_bucket_elements(numels: "list[int]", bucket: int) -> int:
 
 
 def _torch_engine(reading: ModelReading, world: int, precision: Precision, state_bytes: int, kind: str) -> EngineMemory:
-    """Plain Lightning (single device or DDP): parameters (frozen ones too) in the parameter dtype, gradients and
-    optimizer states for the trainable ones.
+    """Plain Lightning (single device or DDP): parameters (frozen ones too), gradients and optimizer states of the
+    trainable ones, each in its parameter's dtype: as the module holds them under ``*-mixed`` (autocast; fp32
+    weights are the usual choice, Micikevicius et al. 2018, section 3), converted under ``*-true``.
 
-    ``*-mixed``: fp32 parameters, gradients and states (Micikevicius et al. 2018, section 3); autocast's
-    half-precision weight copies live from their first use in forward to their use in backward (live tensors of the
-    trace). DDP (``world > 1``) adds its gradient buckets, a second copy of the trainable gradients
+    Autocast's half-precision weight copies live from their first use in forward to their use in backward (live
+    tensors of the trace). DDP (``world > 1``) adds its gradient buckets, a second copy of the trainable gradients
     (``gradient_as_bucket_view=False``, Lightning's default; frozen parameters are not in DDP's buckets).
     """
     dtype = precision.param_dtype("torch")
-    b = precision.param_bytes("torch")
-    T = reading.trainable_parameters
     held = reading.param_bytes(dtype)
-    module_buffers = reading.buffer_bytes(None if precision.mixed else dtype)
-    states = state_bytes * T * b // 4
-    ddp = b * T if world > 1 else 0
-    temps = _temporaries(kind, _trainable_numels(reading)) * b // 4
+    grads = reading.param_bytes(dtype, trainable=True)  # a gradient has its parameter's dtype
+    module_buffers = reading.buffer_bytes(dtype)
+    states = state_bytes * grads // 4  # Adam's states have the parameter's dtype
+    ddp = grads if world > 1 else 0
+    numels = _trainable_numels(reading)
+    temps = _temporaries(kind, numels) * grads // max(4 * sum(numels), 1) if numels else 0
     base = Phase("steady", held, 0, states, module_buffers + ddp)
-    phases = (Phase("step", held, b * T, states, module_buffers + ddp + temps),)
+    phases = (Phase("step", held, grads, states, module_buffers + ddp + temps),)
     # accumulation: param.grad of every parameter stays between micro-steps (Lightning skips DDP's all-reduce
     # with no_sync until the last micro-step)
     # Lightning's automatic optimization calls optimizer.zero_grad() (set_to_none) after training_step and before
     # backward (loops/optimization/automatic.py, Closure.closure), so the previous step's gradients are live
-    # through the forward
+    # through the forward. The timeline's gradients are bytes here (unit 1): parameters may differ in dtype.
     details = {"ddp_bucket_bytes": ddp, "module_buffer_bytes": module_buffers}
-    return EngineMemory(base, 0, phases, 0, 0, b, 0, 0, 0, details, (b * T, 0), b * T)
+    return EngineMemory(base, 0, phases, 0, 0, 1, 0, 0, 0, details, (grads, 0), grads, grad_unit=1)
 
 
 def _zero_paper(P: int, W: int, zero: int, precision: Precision, state_bytes: int) -> EngineMemory:

@@ -33,28 +33,29 @@ class Precision:
         """Bytes per element of the compute dtype."""
         return torch.empty((), dtype=self.compute_dtype).element_size()
 
-    def param_dtype(self, engine: str) -> torch.dtype:
-        """The dtype of the parameters the forward pass reads.
+    def param_dtype(self, engine: str) -> "torch.dtype | None":
+        """The dtype of the floating parameters the forward pass reads (``None``: as the module holds them).
 
         DeepSpeed casts the module to fp16/bf16 for every 16-bit setting and keeps an fp32 master copy in its
-        optimizer (DeepSpeed ``engine.py``, ``_configure_distributed_model``); plain torch ``*-mixed`` keeps
-        fp32 parameters and autocasts (Micikevicius et al. 2018, "Mixed Precision Training", section 3).
+        optimizer (DeepSpeed ``engine.py``, ``_configure_distributed_model``); Lightning's ``*-true`` precisions
+        convert the module to their dtype; plain torch ``*-mixed`` leaves the module as it is and autocasts (fp32
+        weights are the usual choice: Micikevicius et al. 2018, "Mixed Precision Training", section 3).
 
         Example:
             >>> resolve_precision("bf16-mixed").param_dtype("deepspeed")
             torch.bfloat16
-            >>> resolve_precision("bf16-mixed").param_dtype("torch")
-            torch.float32
+            >>> resolve_precision("bf16-mixed").param_dtype("torch") is None
+            True
         """
         if engine == "deepspeed" and self.half:
             return self.compute_dtype
         if self.mixed:
-            return torch.float32
+            return None
         return self.compute_dtype
 
-    def param_bytes(self, engine: str) -> int:
-        """Bytes per parameter element of :meth:`param_dtype`."""
-        return torch.empty((), dtype=self.param_dtype(engine)).element_size()
+    def param_bytes(self, engine: str, held: torch.dtype = torch.float32) -> int:
+        """Bytes per parameter element of :meth:`param_dtype` (``held`` when the module keeps its own)."""
+        return torch.empty((), dtype=self.param_dtype(engine) or held).element_size()
 
 
 PRECISIONS = {

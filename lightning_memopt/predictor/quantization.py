@@ -43,15 +43,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from lightning_memopt.predictor.estimate import MemoryEstimate
 
 __all__ = [
     "QUANTIZATIONS",
     "QuantizationFormat",
     "TensorShape",
-    "estimate_quantized",
     "hf_config",
-    "lora_parameters",
     "model_tensors",
     "quantized_weight_bytes",
 ]
@@ -342,33 +339,6 @@ def quantized_weight_bytes(model: Any, quantization: "str | QuantizationFormat")
     return sum(tensor_bytes(t, fmt) for t in tensors)
 
 
-#: Bytes per trainable LoRA parameter: fp32 weight + fp32 gradient (PEFT upcasts adapters to fp32 by default,
-#: ``autocast_adapter_dtype=True``) plus the optimizer's fp32 states.
-_OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "sgd": 0, "adamw8bit": 2}
-
-
-def lora_parameters(model: Any, rank: int) -> int:
-    """Trainable LoRA parameters when every block linear gets rank-``rank`` adapters (QLoRA's "all-linear").
-
-    LoRA (Hu et al. 2021, section 4.1): ``W + B A`` with ``A: r x in`` and ``B: out x r``, so ``r (in + out)``
-    parameters per adapted matrix. QLoRA (Dettmers et al. 2023, section 4) adapts every linear layer.
-
-    Example:
-        >>> import torch
-        >>> lora_parameters(torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2)), rank=2)
-        36
-    """
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"Expected `lora_rank` to be a positive int, got {rank!r}.")
-    tensors = model_tensors(model)
-    if not tensors:
-        raise ValueError(
-            "Expected a model with known layer shapes to place LoRA adapters, got a bare parameter count."
-            " Fix: pass a preset name, a Hugging Face config or an nn.Module."
-        )
-    return sum(rank * (t.rows + t.cols) * t.count for t in tensors if t.kind == "linear")
-
-
 def _shape_attr(model: Any, *names: str) -> "int | None":
     for obj in (model, getattr(model, "config", None)):
         for name in names:
@@ -396,100 +366,3 @@ def _dims(model: Any) -> "dict[str, int]":
     head_dim = _shape_attr(source, "head_dim") or hidden // heads
     inter = _shape_attr(source, "intermediate_size", "n_inner") or 4 * hidden
     return {"layers": layers, "hidden": hidden, "kv": kv_heads * head_dim, "inter": inter, "vocab": vocab}
-
-
-def estimate_quantized(
-    model: Any,
-    quantization: "str | QuantizationFormat",
-    *,
-    mode: str = "inference",
-    micro_batch_size: int = 1,
-    seq_len: "int | None" = None,
-    precision: str = "bf16-mixed",
-    optimizer: str = "adamw",
-    lora_rank: int = 16,
-    activation_checkpointing: bool = False,
-    attention: str = "sdpa",
-    liger: bool = False,
-    kv_cache_bytes: int = 2,
-) -> MemoryEstimate:
-    """Memory of a quantized model, for inference or for frozen-base (QLoRA-style) fine-tuning, on one device.
-
-    ``mode="inference"``: ``parameters`` = quantized weights; ``buffers`` = the KV cache,
-    ``2 * layers * micro_batch_size * seq_len * kv_heads * head_dim * kv_cache_bytes`` (one K and one V per
-    layer and token); ``logits`` = one fp32 row of logits per sequence (generation keeps the last position);
-    ``activations`` = a prefill working set of one block, ``b s (2 h + 2 i)`` 16-bit elements (residual,
-    normed input, gate and up outputs of the MLP); this last term is an approximation, not a measurement.
-
-    ``mode="qlora"``: ``parameters`` = quantized frozen base + fp32 LoRA adapters on every block linear
-    (:func:`lora_parameters`); ``gradients`` = fp32 adapter gradients only; ``optimizer_states`` = the
-    adapters' optimizer states; ``activations`` and ``logits`` as for full training
-    (:func:`~lightning_memopt.planning.estimate_memory` with ``engine="torch"``: a frozen linear still
-    saves its input for the adapter's ``A``); ``buffers`` = one dequantized 16-bit copy of the largest block
-    matrix (bitsandbytes dequantizes a weight per matmul). LoRA dropout is assumed 0 (PEFT's default); with
-    dropout each adapted layer saves one more copy of its input.
-
-    Args:
-        model: a preset, a Hugging Face config (object, dict or path), an ``nn.Module``, or (inference without
-            ``seq_len`` only) a parameter count.
-        quantization: a name in :data:`QUANTIZATIONS`.
-        mode: ``"inference"`` or ``"qlora"``.
-        micro_batch_size: sequences per forward.
-        seq_len: tokens per sequence (KV cache length at inference; required for ``"qlora"``).
-        precision: Lightning precision of the compute (QLoRA activations).
-        optimizer: the adapters' optimizer: ``"adamw"``, ``"adam"``, ``"sgd"`` or ``"adamw8bit"``.
-        lora_rank: LoRA rank ``r``.
-        activation_checkpointing: QLoRA only: checkpoint every block.
-        attention: QLoRA only: attention backend, as in ``estimate_memory``.
-        liger: QLoRA only: Liger kernels, as in ``estimate_memory``.
-        kv_cache_bytes: bytes per cached K/V element (2 for fp16/bf16, 1 for an 8-bit cache).
-
-    Example:
-        >>> est = estimate_quantized(8e9, "q8_0")
-        >>> est.parameters, est.total
-        (8500000000, 8500000000)
-    """
-    fmt = get_format(quantization)
-    if mode not in ("inference", "qlora"):
-        raise ValueError(f"Expected `mode` to be 'inference' or 'qlora', got {mode!r}.")
-    for name, value in (("micro_batch_size", micro_batch_size), ("kv_cache_bytes", kv_cache_bytes)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"Expected `{name}` to be a positive int, got {value!r}.")
-    if seq_len is not None and (not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1):
-        raise ValueError(f"Expected `seq_len` to be a positive int or None, got {seq_len!r}.")
-    weights = quantized_weight_bytes(model, fmt)
-    details: "dict[str, Any]" = {"quantization": fmt.name, "mode": mode, "quantized_weight_bytes": weights}
-    if mode == "inference":
-        kv_cache = activations = logits = 0
-        if seq_len is not None:
-            d = _dims(model)
-            kv_cache = 2 * d["layers"] * micro_batch_size * seq_len * d["kv"] * kv_cache_bytes
-            activations = micro_batch_size * seq_len * (2 * d["hidden"] + 2 * d["inter"]) * _F16
-            logits = micro_batch_size * d["vocab"] * _F32
-        details["kv_cache_bytes"] = kv_cache
-        parts = {"parameters": weights, "gradients": 0, "optimizer_states": 0, "activations": activations,
-                 "logits": logits, "buffers": kv_cache}
-        return MemoryEstimate(**parts, total=sum(parts.values()), details=details)
-
-    if seq_len is None:
-        raise ValueError("Expected `seq_len` for mode='qlora' (activations grow with it), got None.")
-    if optimizer not in _OPTIMIZER_STATE_BYTES:
-        raise ValueError(f"Expected `optimizer` in {sorted(_OPTIMIZER_STATE_BYTES)} for QLoRA, got {optimizer!r}.")
-    from lightning_memopt.planning.estimate import estimate_memory
-
-    lora = lora_parameters(model, lora_rank)
-    full = estimate_memory(
-        model, micro_batch_size=micro_batch_size, seq_len=seq_len, precision=precision, optimizer="adamw",
-        activation_checkpointing=activation_checkpointing, attention=attention, liger=liger, engine="torch",
-    )
-    largest = max((t.numel for t in model_tensors(model) if t.kind == "linear"), default=0)
-    details["lora_parameters"] = lora
-    parts = {
-        "parameters": weights + 4 * lora,
-        "gradients": 4 * lora,
-        "optimizer_states": _OPTIMIZER_STATE_BYTES[optimizer] * lora,
-        "activations": full.activations,
-        "logits": full.logits,
-        "buffers": largest * _F16,
-    }
-    return MemoryEstimate(**parts, total=sum(parts.values()), details=details)

@@ -177,6 +177,30 @@ def config_of(model: Any) -> "dict[str, Any] | None":
     return None
 
 
+def _tasks(cfg: Any) -> "tuple[str, ...]":
+    """The task classes to try, in order: an encoder-decoder trains as sequence-to-sequence (BART's causal-LM class is
+    its decoder alone); an encoder (not ``is_decoder``) with a masked-LM head as a masked LM (BERT's causal-LM head
+    is for ``is_decoder=True``); anything else as a causal LM first."""
+    from transformers import MODEL_FOR_MASKED_LM_MAPPING
+
+    first = None
+    if getattr(cfg, "is_encoder_decoder", False):
+        first = "AutoModelForSeq2SeqLM"
+    elif not getattr(cfg, "is_decoder", False) and type(cfg) in MODEL_FOR_MASKED_LM_MAPPING:
+        first = "AutoModelForMaskedLM"
+    return _TASKS if first is None else (first, *(t for t in _TASKS if t != first))
+
+
+def _base_model_class(cfg: Any) -> "type | None":
+    """The headless base model class of a config (what ``AutoModel`` builds), ``None`` if there is none."""
+    from transformers import MODEL_MAPPING
+
+    try:
+        return MODEL_MAPPING[type(cfg)]
+    except (KeyError, ValueError):
+        return None
+
+
 def _build(config: "dict[str, Any]") -> nn.Module:
     import transformers
 
@@ -194,14 +218,19 @@ def _build(config: "dict[str, Any]") -> nn.Module:
             f"Expected a model_type that transformers {transformers.__version__} knows, got {model_type!r} ({err})."
             " Fix: upgrade transformers, or build the model yourself and pass it (an nn.Module)."
         ) from None
+    # a headless architecture (``ViTModel``, ``BertModel``: the base model, no loss) trains with a task head: the
+    # first of _TASKS that transformers has for the model type
+    headless = _base_model_class(cfg)
     classes = [getattr(transformers, a, None) for a in (cfg.architectures or [])]
-    candidates = [c for c in classes if c is not None] + [getattr(transformers, t) for t in _TASKS]
+    candidates = [c for c in classes if c is not None and c is not headless] + [getattr(transformers, t) for t in _tasks(cfg)]
     errors = []
     for cls in candidates:
         try:
             with torch.device("meta"):
-                # an Auto class picks the model class; a model class builds itself (``_from_config``)
-                return cls.from_config(cfg) if cls.__name__.startswith("Auto") else cls._from_config(cfg)
+                # an Auto class picks the model class; a model class builds itself (``_from_config``). The weights
+                # are fp32, as a model is trained: 16-bit engines and *-true precisions cast them, autocast not.
+                model = cls.from_config(cfg) if cls.__name__.startswith("Auto") else cls._from_config(cfg)
+                return model.float()
         except ValueError as err:  # an Auto class without this model_type: try the next task
             errors.append(f"{getattr(cls, '__name__', cls)}: {str(err).splitlines()[0][:120]}")
     raise ValueError(

@@ -4,7 +4,8 @@ Nothing is allocated: parameters, buffers, tensors held as plain attributes and 
 :class:`~torch._subclasses.fake_tensor.FakeTensor` s (shapes, dtypes and storages without data), and a
 ``TorchDispatchMode`` follows every storage the step creates until it dies (``weakref`` on the untyped storage), so
 the result is the live-tensor timeline of the real eager step (the same kernels run their shape functions; SDPA and
-CPU autocast take their real paths, which the meta device does not). Gradients of trainable parameters are reported
+autocast take their real paths, which the meta device does not). The step is traced on the device the module is on
+(:func:`trace_device`): a module on a GPU with CUDA's kernels and autocast rules, a CPU or meta module on the CPU. Gradients of trainable parameters are reported
 to a post-accumulate hook and dropped, so the timeline says, after every op, how many bytes of activations, logits
 and temporaries are live and how many gradient bytes the engine has received; each engine then keeps what it keeps
 (:mod:`.model_states`). Parameters, buffers and attributes are the model states' and are not in the timeline.
@@ -172,6 +173,7 @@ def trace_step(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     dtype = precision.param_dtype(engine)
+    device = trace_device(module, example_batch)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     exclude: "set[int]" = set()  # the model states' fake storages: not the step's
     tracker = LiveTensorTracker(exclude, _vocab_size(module), blocks is not None, fake_mode)
@@ -212,16 +214,24 @@ def trace_step(
 
         weakref.finalize(view, _unpin)
 
+    moved: "dict[int, torch.Tensor]" = {}
+
     def to_fake(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
             return x
-        if x.is_floating_point() and dtype != torch.float32:
+        if x.is_floating_point() and dtype is not None and dtype != torch.float32:
             # a module run in 16 bits gets 16-bit inputs (Lightning's DeepSpeed and *-true precisions convert them)
             x = x.to(dtype) if x.device.type != "meta" else x.new_empty(x.shape, dtype=dtype)
-        if x.device.type == "meta":
-            return _fake_like(x, x.dtype, fake_mode)
+        if x.device.type == "meta" or x.device != device:  # one fake for a tensor passed twice (labels = inputs)
+            if id(x) not in moved:
+                moved[id(x)] = _fake_like(x, x.dtype, device, fake_mode)
+            fake = moved[id(x)]
+        else:
+            fake = fake_mode.from_tensor(x)  # keeps the batch's aliasing
+        if x.device.type == "meta" or x.numel() > SHADOW_LIMIT:
+            return fake
         # the batch's values are known: the step may inspect them (padding checks), as the eager one does
-        return tracker.shadowed(fake_mode.from_tensor(x), x.detach().clone())
+        return tracker.shadowed(fake, x.detach().to(device, copy=True))
 
     batch = tree_map(to_fake, example_batch)
     for t in tree_flatten(batch)[0]:  # the batch is on the device through the whole step
@@ -230,7 +240,7 @@ def trace_step(
     # (lightning/pytorch/plugins/precision/amp.py, 2.6): no weight cast outlives the op that made it unless autograd
     # saves it (with the cache, a checkpointed block's casts would live until the forward ends)
     autocast = (
-        torch.autocast("cpu", dtype=precision.compute_dtype, cache_enabled=False)
+        torch.autocast(device.type, dtype=precision.compute_dtype, cache_enabled=False)
         if engine == "torch" and precision.mixed
         else contextlib.nullcontext()
     )
@@ -247,8 +257,8 @@ def trace_step(
             stack.enter_context(checkpointed_as(module, activation_checkpointing))
             if blocks is not None:  # the skipped blocks leave the module: their states need no fakes
                 stack.enter_context(blocks.installed(module, tracker))
-            fakes, trainable = _fake_states(module, fake_mode, dtype)
-            fake_attributes = _fake_attributes(module, fake_mode, tracker)
+            fakes, trainable = _fake_states(module, fake_mode, dtype, device)
+            fake_attributes = _fake_attributes(module, fake_mode, tracker, device)
             exclude.update(t.untyped_storage()._cdata for t in fakes.values())
             exclude.update(t.untyped_storage()._cdata for _, t in fake_attributes)
             param_ids.update(id(t) for t in fakes.values())
@@ -303,37 +313,55 @@ def trace_step(
     )
 
 
-def _fake_like(t: torch.Tensor, dtype: torch.dtype, mode: Any = None) -> torch.Tensor:
-    """A fake CPU tensor of ``t``'s shape (``mode`` entered when given)."""
-    with mode if mode is not None else contextlib.nullcontext():
-        return torch.empty(t.shape, dtype=dtype, device="cpu")
+def trace_device(module: nn.Module, batch: Any) -> torch.device:
+    """The device the step is traced on: the accelerator the module (or the batch) is on, else the CPU.
+
+    A module on an accelerator (the monitor's, in a GPU run) is traced with that device's fake kernels and autocast
+    rules, so the trace sees what the run sees (e.g. CUDA's SDPA backends and autocast op lists). A CPU or
+    meta-device module (a config build) is traced on the CPU, with the same result on every machine.
+    """
+    for t in (*module.parameters(), *module.buffers(), *tree_flatten(batch)[0]):
+        if isinstance(t, torch.Tensor) and t.device.type not in ("cpu", "meta"):
+            return t.device
+    return torch.device("cpu")
 
 
-def _fake_attributes(module: nn.Module, mode: Any, tracker: LiveTensorTracker) -> "list[tuple[str, torch.Tensor]]":
+def _fake_like(t: torch.Tensor, dtype: torch.dtype, device: torch.device, mode: Any) -> torch.Tensor:
+    """A fake tensor of ``t``'s shape and strides on ``device``, made in ``mode``."""
+    with mode:
+        return torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=device)
+
+
+def _fake_attributes(
+    module: nn.Module, mode: Any, tracker: LiveTensorTracker, device: torch.device
+) -> "list[tuple[str, torch.Tensor]]":
     """Fakes for the tensors held as plain attributes, with their values when small (the step may inspect them)."""
     out = []
     for name, t in tensor_attributes(module):
-        fake = _fake_like(t, t.dtype, mode)
+        fake = _fake_like(t, t.dtype, device if t.device.type == "meta" else t.device, mode)
         if t.device.type != "meta":
             tracker.shadowed(fake, t.detach().clone() if t.numel() <= SHADOW_LIMIT else t)
         out.append((name, fake))
     return out
 
 
-def _fake_states(module: nn.Module, mode: Any, dtype: torch.dtype) -> "tuple[dict[str, torch.Tensor], list]":
-    """Fake parameters (tied ones shared) and buffers by name, in the engine's dtype; the trainable fakes."""
+def _fake_states(
+    module: nn.Module, mode: Any, dtype: "torch.dtype | None", device: torch.device
+) -> "tuple[dict[str, torch.Tensor], list]":
+    """Fake parameters (tied ones shared) and buffers by name on ``device``, floating ones in the engine's dtype
+    (``None``: as held); the trainable fakes."""
     fakes: "dict[str, torch.Tensor]" = {}
     by_id: "dict[int, torch.Tensor]" = {}
     with mode:
         for name, p in module.named_parameters(remove_duplicate=False):
             if id(p) not in by_id:
-                target = dtype if p.is_floating_point() else p.dtype
+                target = dtype if dtype is not None and p.is_floating_point() else p.dtype
                 shape = _compat.full_shape(p)  # ZeRO-3 partitions a parameter's data away, not its shape
-                by_id[id(p)] = torch.empty(shape, dtype=target, device="cpu").requires_grad_(p.requires_grad)
+                by_id[id(p)] = torch.empty(shape, dtype=target, device=device).requires_grad_(p.requires_grad)
             fakes[name] = by_id[id(p)]
         for name, b in module.named_buffers(remove_duplicate=False):
-            target = dtype if (b.is_floating_point() and dtype != torch.float32) else b.dtype
-            fakes[name] = torch.empty(b.shape, dtype=target, device="cpu")
+            target = dtype if (b.is_floating_point() and dtype not in (None, torch.float32)) else b.dtype
+            fakes[name] = torch.empty(b.shape, dtype=target, device=device)
     return fakes, [p for p in by_id.values() if p.requires_grad]
 
 

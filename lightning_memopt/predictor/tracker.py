@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
@@ -141,6 +142,8 @@ class LiveTensorTracker(TorchDispatchMode):
 
     def _known(self, flat: "list[Any]") -> "list[Any] | None":
         """The real counterparts of ``flat`` (tensors by their shadows), or ``None`` when one is unknown."""
+        if not self.shadow and any(isinstance(a, torch.Tensor) for a in flat):
+            return None
         out = []
         for a in flat:
             if isinstance(a, torch.Tensor):
@@ -154,11 +157,13 @@ class LiveTensorTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 
-        if self._paused:
-            return func(*args, **(kwargs or {}))
-        flat, spec = tree_flatten((args, kwargs or {}))
-        flat = [self._as_fake(a) for a in flat]
-        args, kwargs = tree_unflatten(flat, spec)
+        kwargs = kwargs or {}
+        if self._paused or func.namespace == "prim":  # prim: metadata queries of fake tensors, no storage
+            return func(*args, **kwargs)
+        flat, spec = tree_flatten((args, kwargs))
+        if any(isinstance(a, torch.Tensor) and not isinstance(a, FakeTensor) for a in flat):
+            flat = [self._as_fake(a) for a in flat]
+            args, kwargs = tree_unflatten(flat, spec)
         real = self._known(flat)
         try:
             fix = _FAKE_KERNEL_FIXES.get(func)
@@ -168,25 +173,23 @@ class LiveTensorTracker(TorchDispatchMode):
                 raise
             real_out = _run_real(func, real, spec)  # the value the eager step would see
             out = tree_map(self._fake_of, real_out)
+            outputs = _tensors(out)
         else:
-            if real is not None and all(t.numel() <= SHADOW_LIMIT for t in _tensors(out)):
-                for fake, value in zip(_tensors(out), _tensors(_run_real(func, real, spec))):
+            outputs = _tensors(out)
+            if real is not None and all(t.numel() <= SHADOW_LIMIT for t in outputs):
+                for fake, value in zip(outputs, _tensors(_run_real(func, real, spec))):
                     self.shadow.put(fake, value)
-            elif real is None:  # a written argument whose new value is unknown loses its shadow
+            elif real is None and self.shadow:  # a written argument whose new value is unknown loses its shadow
                 for i in _mutated(func):
                     if i < len(args) and isinstance(args[i], torch.Tensor):
                         self.shadow.drop(args[i])
-        if func.namespace == "prim":  # metadata queries of fake tensors (prim.device): no storage, not an op
-            return out
-        for t in _tensors(out):
+        for t in outputs:
             self.add(t)
         self.mark()
         return out
 
     def _as_fake(self, a: Any) -> Any:
         """A real tensor that reaches the step (a constant held outside the module) becomes a shadowed fake."""
-        from torch._subclasses.fake_tensor import FakeTensor
-
         if isinstance(a, torch.Tensor) and not isinstance(a, FakeTensor) and a.device.type != "meta":
             return self.shadowed(self.fake_mode.from_tensor(a), a)
         return a
@@ -194,7 +197,7 @@ class LiveTensorTracker(TorchDispatchMode):
     def _fake_of(self, real: Any) -> Any:
         if not isinstance(real, torch.Tensor):
             return real
-        fake = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device="cpu")
+        fake = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=real.device)
         return self.shadowed(fake, real)
 
 
@@ -210,6 +213,9 @@ class _Shadows:
         if key not in self._values:
             weakref.finalize(fake, self._values.pop, key, None)
         self._values[key] = real
+
+    def __bool__(self) -> bool:
+        return bool(self._values)
 
     def get(self, fake: torch.Tensor) -> "torch.Tensor | None":
         return self._values.get(id(fake))

@@ -329,9 +329,9 @@ class MemOptStrategy(DeepSpeedStrategy):
 
     @override
     def _init_optimizers(self) -> tuple[Optimizer, Any]:
-        from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+        from lightning_memopt.callbacks._lightning_compat import init_optimizers_and_lr_schedulers
 
-        optimizers, schedulers = _init_optimizers_and_lr_schedulers(self.lightning_module)
+        optimizers, schedulers = init_optimizers_and_lr_schedulers(self.lightning_module)
         if len(optimizers) != 1 or len(schedulers) > 1:
             raise MisconfigurationException(
                 f"Expected one optimizer and at most one LR scheduler from `configure_optimizers` with DeepSpeed,"
@@ -373,7 +373,11 @@ class MemOptStrategy(DeepSpeedStrategy):
 
     @override
     def teardown(self) -> None:
+        from lightning_memopt.callbacks._run_reader import forget_run
+
+        trainer = getattr(self.lightning_module, "_trainer", None)
         super().teardown()
+        forget_run(trainer)  # this fit's run reader, and a configure_optimizers result the fit did not take
         compat.restore_torch_linear()
         if self._restore_checkpointing is not None:
             self._restore_checkpointing()

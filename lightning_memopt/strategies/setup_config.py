@@ -39,7 +39,7 @@ def format_batch_sizes(config: dict[str, Any], trainer: "pl.Trainer", world_size
     if micro is None:
         micro = config["train_micro_batch_size_per_gpu"] = micro_batch_size(trainer)
     else:
-        loader = _loader_batch_size(trainer)
+        loader = _run(trainer).loader_batch_size()
         if loader is not None and loader != micro:
             _warning_cache.warn(
                 f"The DeepSpeed config's `train_micro_batch_size_per_gpu` ({micro}) differs from the training"
@@ -56,19 +56,21 @@ def format_batch_sizes(config: dict[str, Any], trainer: "pl.Trainer", world_size
 
 
 def micro_batch_size(trainer: "pl.Trainer") -> int:
-    """DeepSpeed's ``train_micro_batch_size_per_gpu`` from the training DataLoader; 1 without training data
-    (validate, test, predict), as in Lightning.
+    """DeepSpeed's ``train_micro_batch_size_per_gpu`` from the training DataLoader (the one the run reader shares:
+    built once per fit); 1 without training data (validate, test, predict), as in Lightning.
 
     Raises:
         MisconfigurationException: the training data has no batch size to read (``DataLoader(batch_size=None)``,
             a batch sampler without ``batch_size``, or another iterable), where Lightning fails with an
             ``AttributeError``.
     """
-    if not trainer.fit_loop._data_source.is_defined():  # Lightning private API, as its own strategy reads it
+    from lightning_memopt.callbacks._lightning_compat import train_source_defined
+
+    if not train_source_defined(trainer):
         return 1
-    size = _loader_batch_size(trainer)
+    size = _run(trainer).loader_batch_size()
     if size is None:
-        got = f"a {type(trainer.fit_loop._data_source.dataloader()).__name__} without a batch size"
+        got = f"a {type(_run(trainer).train_loader()).__name__} without a batch size"
         raise MisconfigurationException(
             "Expected a training DataLoader with a batch size (MemOptStrategy hands it to DeepSpeed as"
             f" `train_micro_batch_size_per_gpu`), got {got}. Fix: `DataLoader(batch_size=N)`, or give the size of"
@@ -78,12 +80,10 @@ def micro_batch_size(trainer: "pl.Trainer") -> int:
     return size
 
 
-def _loader_batch_size(trainer: "pl.Trainer") -> int | None:
-    source = trainer.fit_loop._data_source
-    if not source.is_defined():
-        return None
-    size = getattr(getattr(source.dataloader(), "batch_sampler", None), "batch_size", None)
-    return size if isinstance(size, int) and not isinstance(size, bool) else None
+def _run(trainer: "pl.Trainer") -> Any:
+    from lightning_memopt.callbacks._run_reader import read_run
+
+    return read_run(trainer)
 
 
 def check_checkpointing_conflict(config: dict[str, Any], transforms: TransformSettings) -> None:

@@ -1,17 +1,17 @@
 """The strategy's transform options: validated at construction, applied at setup (one place for both)."""
 
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
+from lightning_memopt.planning.budget import CheckpointPlan, _parse_budget, checkpoint_to_fit
 from lightning_memopt.predictor.precision import resolve_precision
 from lightning_memopt.transforms import apply_activation_checkpointing, apply_attention, apply_liger
 from lightning_memopt.transforms.attention import IMPLEMENTATIONS
-from lightning_memopt.planning.budget import CheckpointPlan, _parse_budget, checkpoint_to_fit
 from lightning_memopt.transforms.checkpointing import _validate_selection
 from lightning_memopt.transforms.liger import DEFAULT_KERNELS
 from lightning_memopt.transforms.liger import _validate as _validate_liger
@@ -26,21 +26,21 @@ class TransformSettings:
     ``budget_mode`` checkpoints the fewest blocks that fit ``budget`` bytes (``None``: the device's memory).
     """
 
-    fraction: Optional[float] = None
+    fraction: float | None = None
     budget_mode: bool = False
-    budget: Optional[int] = None
-    policy: Union[str, list[str]] = "auto"
-    attention: Optional[str] = None
-    liger: Optional[dict[str, bool]] = None
+    budget: int | None = None
+    policy: str | list[str] = "auto"
+    attention: str | None = None
+    liger: dict[str, bool] | None = None
     liger_strict: bool = True
 
 
 def validate_transforms(
-    activation_checkpointing: Union[bool, float, str],
-    policy: Union[str, list[str]],
-    attention: Optional[str],
-    liger: Union[bool, dict[str, bool]],
-    memory_budget: Optional[Union[int, float, str]] = None,
+    activation_checkpointing: bool | float | str,
+    policy: str | list[str],
+    attention: str | None,
+    liger: bool | dict[str, bool],
+    memory_budget: float | str | None = None,
 ) -> TransformSettings:
     """Check the strategy's transform arguments; raise ``ValueError``/``TypeError`` with the fix.
 
@@ -69,7 +69,7 @@ def validate_transforms(
         )
     budget = None if memory_budget is None else _parse_budget(memory_budget)
     if budget_mode:
-        fraction: Optional[float] = None
+        fraction: float | None = None
     elif activation_checkpointing is True:
         fraction = 1.0
     elif activation_checkpointing is False or activation_checkpointing is None:
@@ -82,7 +82,7 @@ def validate_transforms(
             f"Expected `attention` to be None or one of {IMPLEMENTATIONS}, got {attention!r}."
             " Fix: e.g. `MemOptStrategy(attention='sdpa')`."
         )
-    switches: Optional[dict[str, bool]] = None
+    switches: dict[str, bool] | None = None
     strict = True
     if liger is True:
         switches = dict(DEFAULT_KERNELS)
@@ -108,7 +108,7 @@ def apply_transforms(
     settings: TransformSettings,
     device: torch.device,
     precision: str,
-    trainer: Optional[Any] = None,
+    trainer: Any | None = None,
 ) -> None:
     """Apply ``settings`` to ``module``: attention, then Liger, then checkpointing of the patched blocks.
 
@@ -130,8 +130,8 @@ def apply_transforms(
 
 
 def checkpoint_run_to_fit(
-    trainer: Any, pl_module: nn.Module, budget: Optional[int], policy: Any = "auto", reentrant: bool = False
-) -> Optional[CheckpointPlan]:
+    trainer: Any, pl_module: nn.Module, budget: int | None, policy: Any = "auto", reentrant: bool = False
+) -> CheckpointPlan | None:
     """Checkpoint the fewest blocks of ``pl_module`` that make the predicted peak of this run fit ``budget``.
 
     The predictor is told the module and the run: the strategy (ZeRO stage, offload, DeepSpeed config),
@@ -153,7 +153,7 @@ def checkpoint_run_to_fit(
     """
     from lightning.pytorch.trainer.states import TrainerFn
 
-    from lightning_memopt.callbacks._run_settings import batch_shape, optimizer_from_module, quiet_logging, run_settings
+    from lightning_memopt.callbacks._run_reader import quiet_logging, read_run
 
     if trainer.state.fn != TrainerFn.FITTING:
         rank_zero_info(f"Budget-driven checkpointing plans for `fit` only; skipped for {trainer.state.fn}.")
@@ -168,28 +168,22 @@ def checkpoint_run_to_fit(
                 " ActivationCheckpointing(budget='8GiB')."
             )
         budget = int(torch.cuda.get_device_properties(device).total_memory * (1 - DEVICE_MARGIN))
-    batch = _first_training_batch(trainer)
-    shape = batch_shape(batch)
+    run = read_run(trainer)
+    shape = run.batch_shape()
     if shape is None or shape[1] is None:
         raise MisconfigurationException(
             "Expected the first training batch to hold a (batch, sequence) tensor for budget-driven"
             f" checkpointing, got shape {shape}. Fix: give the batch `input_ids` of shape (batch, seq_len),"
             " or call checkpoint_to_fit(model, budget, micro_batch_size=..., seq_len=...) yourself."
         )
-    optimizer = optimizer_from_module(pl_module)
+    optimizer = run.optimizer_name()
     if optimizer is None:
         rank_zero_info("Budget-driven checkpointing: optimizer unknown at setup; predicting with AdamW.")
-    kwargs = run_settings(trainer, pl_module, shape, optimizer or "adamw")
+    kwargs = run.estimate_kwargs(shape, optimizer or "adamw")
     kwargs.pop("activation_checkpointing", None)
-    kwargs["example_batch"] = batch
+    kwargs["example_batch"] = run.first_batch()
     with quiet_logging(pl_module):
         plan = checkpoint_to_fit(pl_module, budget, policy=policy, reentrant=reentrant, **kwargs)
     rank_zero_info(f"Budget-driven checkpointing: {plan}")
     return plan
 
-
-def _first_training_batch(trainer: Any) -> Any:
-    source = trainer.fit_loop._data_source
-    if not source.is_defined():
-        return None
-    return next(iter(source.dataloader()))

@@ -11,7 +11,8 @@ from lightning_memopt.transforms.checkpointing import (
     blocks_to_checkpoint,
     remove_activation_checkpointing,
 )
-from lightning_memopt.transforms.liger import apply_liger, fused_linear_cross_entropy
+from lightning_memopt.transforms.fused_cross_entropy import fused_linear_cross_entropy
+from lightning_memopt.transforms.liger import apply_liger
 
 __all__ = [
     "applied_transforms",

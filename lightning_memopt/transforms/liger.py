@@ -3,13 +3,14 @@
 Hugging Face models are patched by Liger's own per-architecture function (``MODEL_TYPE_TO_APPLY_LIGER_FN``)
 with ``model=`` the instance. Those functions also overwrite names of the ``transformers`` modeling module
 (the RMSNorm/MLP classes, ``apply_rotary_pos_emb``) and ``torch.nn.functional.cross_entropy`` process-wide.
-Here every such global change is undone right after the call and, where the patched instance needs it at run
-time (the RoPE function read by its attention's ``forward``), re-bound on that instance only; see
-``docs/transforms.md``. Plain modules get Liger's RMSNorm for ``torch.nn.RMSNorm``; a LightningModule computes
-its loss with :func:`fused_linear_cross_entropy`. Under ZeRO-3 the ``lm_head`` weight is gathered around the
-fused loss (Liger-Kernel #767).
+Here every such global change is undone right after the call and given to the patched instance only: its layers
+run their ``forward`` with Liger's names in place (the RoPE function its attention reads, the cross-entropy its
+loss uses); see ``docs/transforms.md``. Plain modules get Liger's RMSNorm for ``torch.nn.RMSNorm``; a
+LightningModule computes its loss with :func:`~lightning_memopt.transforms.fused_linear_cross_entropy`. Under
+ZeRO-3 the ``lm_head`` weight is gathered around the fused loss (Liger-Kernel #767).
 """
 
+import functools
 import inspect
 import sys
 import types
@@ -19,11 +20,12 @@ from typing import Any
 
 import torch
 from lightning_utilities.core.rank_zero import WarningCache
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_memopt import _imports
 from lightning_memopt.transforms._applied import _record
 from lightning_memopt.transforms.attention import _hf_models
+from lightning_memopt.transforms.fused_cross_entropy import _partitioned
 
 KERNELS = ("rms_norm", "rope", "swiglu", "cross_entropy", "fused_linear_cross_entropy")
 #: The kernel switches of :func:`apply_liger` and their defaults.
@@ -134,127 +136,6 @@ def apply_liger(
     return module
 
 
-def fused_linear_cross_entropy(
-    hidden: Tensor,
-    lm_head_weight: Tensor,
-    labels: Tensor,
-    *,
-    bias: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    chunk_size: int = 1024,
-) -> Tensor:
-    """Cross-entropy of ``hidden @ lm_head_weight.T (+ bias)`` against ``labels``, logits never all in memory.
-
-    On CUDA this is Liger's fused kernel (Hsu et al. 2024, "Liger Kernel", section 3.2); elsewhere a chunked
-    PyTorch version of the same method (logits of ``chunk_size`` rows at a time, gradients computed in
-    forward), so the same LightningModule runs on CPU. Under DeepSpeed ZeRO-3 (the weight carries ``ds_id``)
-    the weight and bias are gathered for the call unless DeepSpeed already gathered them (as it does when they
-    are read through their module inside the engine's forward, e.g. in a LightningModule's ``training_step``).
-    Labels are not shifted: shift them for causal LM.
-
-    Args:
-        hidden: ``(..., hidden_size)`` final hidden states.
-        lm_head_weight: ``(vocab, hidden_size)`` output projection.
-        labels: ``(...)`` target ids, ``ignore_index`` where no loss is taken.
-        bias: optional ``(vocab,)`` output bias.
-        ignore_index: label id that is ignored.
-        reduction: ``"mean"`` (over non-ignored tokens) or ``"sum"``.
-        chunk_size: rows per chunk in the PyTorch version.
-
-    Example:
-        >>> import torch
-        >>> h, w = torch.randn(6, 4, requires_grad=True), torch.randn(10, 4, requires_grad=True)
-        >>> y = torch.tensor([1, 2, 3, -100, 5, 6])
-        >>> loss = fused_linear_cross_entropy(h, w, y)
-        >>> torch.allclose(loss, torch.nn.functional.cross_entropy(h @ w.T, y))
-        True
-    """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"Expected reduction 'mean' or 'sum', got {reduction!r}.")
-    if hidden.shape[:-1] != labels.shape:
-        raise ValueError(
-            f"Expected labels of shape {tuple(hidden.shape[:-1])} (hidden without its last dim), got"
-            f" {tuple(labels.shape)}. Fix: shift/flatten hidden and labels alike."
-        )
-    hidden2d, labels1d = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    params = _partitioned([lm_head_weight, bias])
-    if params:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params):
-            return _flce(hidden2d, lm_head_weight, labels1d, bias, ignore_index, reduction, chunk_size)
-    return _flce(hidden2d, lm_head_weight, labels1d, bias, ignore_index, reduction, chunk_size)
-
-
-def _flce(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    bias: Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    chunk: int,
-) -> Tensor:
-    if hidden.is_cuda and _imports._LIGER_KERNEL_AVAILABLE:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
-        return liger_fused_linear_cross_entropy(
-            hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction=reduction
-        )
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, bias, ignore_index, reduction, chunk)
-
-
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Linear + cross-entropy by row chunks, gradients computed in forward (as Liger's kernel does)."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        hidden: Tensor,
-        weight: Tensor,
-        labels: Tensor,
-        bias: Tensor | None,
-        ignore_index: int,
-        reduction: str,
-        chunk: int,
-    ) -> Tensor:
-        valid = labels != ignore_index
-        denominator = (
-            valid.sum().clamp(min=1) if reduction == "mean" else torch.ones((), device=hidden.device)
-        )
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
-        for start in range(0, hidden.shape[0], chunk):
-            h, y, ok = (
-                hidden[start : start + chunk],
-                labels[start : start + chunk],
-                valid[start : start + chunk],
-            )
-            logits = (h @ weight.T + (bias if bias is not None else 0)).float()
-            log_probs = torch.log_softmax(logits, dim=-1)
-            target = y.clamp(min=0).unsqueeze(1)
-            loss += -(log_probs.gather(1, target).squeeze(1) * ok).sum()
-            grad_logits = log_probs.exp()
-            grad_logits.scatter_add_(1, target, -torch.ones_like(target, dtype=grad_logits.dtype))
-            grad_logits *= ok.unsqueeze(1) / denominator
-            grad_hidden[start : start + chunk] = (grad_logits @ weight.float()).to(hidden.dtype)
-            grad_weight += grad_logits.T @ h.float()
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        ctx.grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
-        return (loss / denominator).to(hidden.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grad_bias = ctx.grad_bias * grad_output if ctx.grad_bias is not None else None
-        return grad_hidden * grad_output, grad_weight * grad_output, None, grad_bias, None, None, None
-
-
 def _validate(switches: dict[str, bool], device: Any, allow_cpu: bool, module: nn.Module) -> None:
     for name, value in switches.items():
         if not isinstance(value, bool):
@@ -306,164 +187,103 @@ def _zero3_gathering_forward(liger_forward: Callable) -> Callable:
     return forward
 
 
-def _partitioned(params: list[Tensor | None]) -> list[Tensor]:
-    """The ZeRO-3 parameters among ``params`` that are not gathered now.
-
-    Inside a DeepSpeed engine's forward, reading a parameter through its module already gathers it
-    (DeepSpeed's external-parameter getter): those are left to DeepSpeed, which would refuse a second owner.
-    """
-    return [
-        p for p in params if p is not None and hasattr(p, "ds_id") and p.ds_status.name == "NOT_AVAILABLE"
-    ]
-
-
 # --- keeping Liger's process-wide patches off other models -------------------------------------------------
 
 
 def _call_isolated(apply_fn: Callable, model: nn.Module, kwargs: dict[str, bool]) -> list[str]:
-    """Run Liger's ``apply_fn`` on ``model``, then undo its module-level changes for every other model.
+    """Run Liger's ``apply_fn`` on ``model`` and keep its module-level changes to that instance.
 
-    Changed module globals are restored; functions and class attributes the instance needs at run time are
-    re-bound on its submodules only. Returns the changes that stay process-wide (none for the common models).
+    The namespaces Liger assigns to (transformers' modeling modules, ``torch.nn.functional``) and their classes are
+    snapshotted before the call and restored after it. The functions it changed are then given to the patched
+    instance only: each of its submodules whose class comes from a changed modeling module (the top-level model for
+    ``torch.nn.functional``) runs its ``forward`` with Liger's values in place (:func:`_with_names`; a block that
+    activation checkpointing recomputes sees them too). A changed class is not re-bound (Liger patched the existing
+    layers itself; a class matters when a model is built); a changed class attribute is bound on the instances.
+    Returns what stays process-wide: modules Liger imported for the first time.
     """
-    watched = _watched_modules()
-    before = {name: dict(vars(mod)) for name, mod in watched.items()}
-    classes_before = {cls: dict(vars(cls)) for cls in _classes(watched)}
-    ce_before = torch.nn.functional.cross_entropy
+    namespaces = _namespaces()
+    before = {name: dict(vars(namespace)) for name, namespace in namespaces.items()}
+    classes = {cls: dict(vars(cls)) for cls in _classes(namespaces)}
     try:
         apply_fn(model=model, **kwargs)
     except (AssertionError, NotImplementedError, ValueError) as error:
-        for name, mod in watched.items():  # undo whatever it changed before failing
-            vars(mod).update({k: v for k, v in before[name].items() if vars(mod).get(k) is not v})
-        for cls, attrs in classes_before.items():
-            for key, old in attrs.items():
-                if vars(cls).get(key) is not old:
-                    setattr(cls, key, old)
-        torch.nn.functional.cross_entropy = ce_before
+        _restore(namespaces, before, classes)
         raise ValueError(
-            f"Expected Liger's {apply_fn.__name__} to accept {kwargs}, got: {error}. Fix: switch that kernel"
-            " off."
+            f"Expected Liger's {apply_fn.__name__} to accept {kwargs}, got: {error}. Fix: switch that kernel off."
         ) from error
-    process_wide: list[str] = []
-    for name, mod in watched.items():
-        namespace = vars(mod)
-        changed = {k: v for k, v in namespace.items() if k in before[name] and before[name][k] is not v}
-        for key, new in changed.items():
-            namespace[key] = before[name][key]
-            if isinstance(new, type) or key in ("logger",):
-                # a class only matters when models are built: Liger patched the instance itself
-                continue
-            if not _localize_global(model, namespace, key, new):
-                namespace[key] = new
-                process_wide.append(f"{name}.{key}")
-    for cls, attrs in classes_before.items():
-        for key, old in attrs.items():
-            new = vars(cls).get(key)
-            if new is not old:
-                setattr(cls, key, old)
-                for sub in model.modules():
-                    if isinstance(sub, cls) and key not in sub.__dict__:
-                        sub.__dict__[key] = new.__get__(sub, type(sub)) if hasattr(new, "__get__") else new
-    new_modules = sorted(set(_watched_modules()) - set(watched))
-    process_wide += [f"{name} (imported by Liger, patched as Liger left it)" for name in new_modules]
-    if torch.nn.functional.cross_entropy is not ce_before:
-        liger_ce = torch.nn.functional.cross_entropy
-        torch.nn.functional.cross_entropy = ce_before
-        if not _localize_cross_entropy(model, liger_ce):
-            torch.nn.functional.cross_entropy = liger_ce
-            process_wide.append("torch.nn.functional.cross_entropy")
+    changed, class_changes = _restore(namespaces, before, classes)
+    overrides: dict[nn.Module, list[tuple[Any, str, Any]]] = {}
+    for (name, key), new in changed.items():
+        if isinstance(new, type) or key == "logger":
+            continue
+        owners = [model] if name.startswith("torch.") else [m for m in model.modules() if type(m).__module__ == name]
+        for owner in owners:
+            overrides.setdefault(owner, []).append((namespaces[name], key, new))
+    for owner, names in overrides.items():
+        forward = owner.forward
+        owner.forward = MethodType(_with_names(getattr(forward, "__func__", forward), names), owner)
+    for cls, key, new in class_changes:
+        for sub in model.modules():
+            if isinstance(sub, cls) and key not in sub.__dict__:
+                sub.__dict__[key] = new.__get__(sub, type(sub)) if hasattr(new, "__get__") else new
+    process_wide = [f"{name} (imported by Liger, patched as Liger left it)"
+                    for name in sorted(set(_namespaces()) - set(namespaces))]  # fmt: skip
     if process_wide:
-        _warning_cache.warn(
-            f"Liger's patches {process_wide} stay process-wide: they also apply to other models."
-        )
+        _warning_cache.warn(f"Liger's patches {process_wide} stay process-wide: they also apply to other models.")
     return process_wide
 
 
-def _watched_modules() -> dict[str, types.ModuleType]:
-    """Namespaces Liger's functions assign to: transformers' modeling modules and ``torch.nn``.
+def _with_names(forward: Callable, names: list[tuple[Any, str, Any]]) -> Callable:
+    """``forward`` (unbound) run with ``setattr(namespace, key, value)`` for each of ``names`` during the call and
+    the previous values put back after it. Module-level names are process-wide while a call runs: another model run
+    at the same moment in another thread would see them."""
 
-    Some vision patches set ``modeling_x.nn.LayerNorm``, which is ``torch.nn.LayerNorm``.
-    """
+    @functools.wraps(forward)
+    def run(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        saved = [(namespace, key, getattr(namespace, key)) for namespace, key, _ in names]
+        for namespace, key, value in names:
+            setattr(namespace, key, value)
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            for namespace, key, value in reversed(saved):
+                setattr(namespace, key, value)
+
+    return run
+
+
+def _restore(
+    namespaces: dict[str, types.ModuleType], before: dict[str, dict], classes: dict[type, dict]
+) -> tuple[dict[tuple[str, str], Any], list[tuple[type, str, Any]]]:
+    """Put back every name and class attribute that changed since the snapshot; return what the changes were."""
+    changed = {}
+    for name, namespace in namespaces.items():
+        now = vars(namespace)
+        for key, old in before[name].items():
+            if now.get(key) is not old:
+                changed[(name, key)] = now.get(key)
+                setattr(namespace, key, old)
+    class_changes = []
+    for cls, attrs in classes.items():
+        for key, old in attrs.items():
+            new = vars(cls).get(key)
+            if new is not old:
+                class_changes.append((cls, key, new))
+                setattr(cls, key, old)
+    return changed, class_changes
+
+
+def _namespaces() -> dict[str, types.ModuleType]:
+    """The modules Liger's functions assign to: transformers' modeling modules and loss utilities, ``torch.nn`` (some
+    vision patches set ``modeling_x.nn.LayerNorm``) and ``torch.nn.functional`` (its cross-entropy)."""
     watched = {
         name: mod
         for name, mod in list(sys.modules.items())
-        if mod is not None
-        and (name.startswith("transformers.models.") or name == "transformers.loss.loss_utils")
+        if mod is not None and (name.startswith("transformers.models.") or name == "transformers.loss.loss_utils")
     }
-    return {**watched, "torch.nn": torch.nn}
+    return {**watched, "torch.nn": torch.nn, "torch.nn.functional": torch.nn.functional}
 
 
-def _classes(watched: dict[str, types.ModuleType]) -> list[type]:
-    return [
-        obj
-        for name, mod in watched.items()
-        for obj in vars(mod).values()
-        if isinstance(obj, type) and obj.__module__ == name
-    ]
-
-
-def _uses(code: types.CodeType, name: str) -> bool:
-    return name in code.co_names or any(
-        isinstance(c, types.CodeType) and _uses(c, name) for c in code.co_consts
-    )
-
-
-def _with_globals(fn: types.FunctionType, overrides: dict[str, Any]) -> types.FunctionType:
-    new = types.FunctionType(
-        fn.__code__, {**fn.__globals__, **overrides}, fn.__name__, fn.__defaults__, fn.__closure__
-    )
-    new.__kwdefaults__, new.__qualname__ = fn.__kwdefaults__, fn.__qualname__
-    new.__wrapped__ = fn  # type: ignore[attr-defined]
-    return new
-
-
-def _localize_global(model: nn.Module, namespace: dict, key: str, new: Any) -> bool:
-    """Re-bind the methods of ``model``'s submodules that read global ``key`` so they see ``key -> new``.
-
-    Returns False when a plain function of the module reads it (then it cannot be made instance-local).
-    """
-    for value in namespace.values():
-        if isinstance(value, types.FunctionType) and _localized(value, namespace, key, new) is not None:
-            return False
-    for sub in model.modules():
-        for cls in type(sub).__mro__:
-            for attr, fn in vars(cls).items():
-                if isinstance(fn, types.FunctionType) and attr not in sub.__dict__:
-                    local = _localized(fn, namespace, key, new)
-                    if local is not None:
-                        sub.__dict__[attr] = MethodType(local, sub)
-    return True
-
-
-def _localized(fn: types.FunctionType, namespace: dict, key: str, new: Any) -> types.FunctionType | None:
-    """A copy of ``fn`` (and of its decorators) reading ``key -> new``; None if ``fn`` doesn't read it."""
-    if fn.__globals__ is namespace and _uses(fn.__code__, key):
-        return _with_globals(fn, {key: new})
-    for i, cell in enumerate(fn.__closure__ or ()):
-        try:
-            inner = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        if isinstance(inner, types.FunctionType) and inner is not fn:
-            local = _localized(inner, namespace, key, new)
-            if local is not None:
-                cells = list(fn.__closure__)
-                cells[i] = types.CellType(local)
-                copy = types.FunctionType(
-                    fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, tuple(cells)
-                )
-                copy.__kwdefaults__, copy.__qualname__ = fn.__kwdefaults__, fn.__qualname__
-                copy.__dict__.update({**fn.__dict__, "__wrapped__": local})
-                return copy
-    return None
-
-
-def _localize_cross_entropy(model: nn.Module, liger_ce: Callable) -> bool:
-    """Give ``model`` a loss function whose cross-entropy is Liger's, leaving ``torch`` untouched."""
-    loss_fn = getattr(model, "loss_function", None)
-    if not isinstance(loss_fn, types.FunctionType) or not _uses(loss_fn.__code__, "fixed_cross_entropy"):
-        return False
-    fixed = loss_fn.__globals__["fixed_cross_entropy"]
-    shim = types.SimpleNamespace(functional=types.SimpleNamespace(cross_entropy=liger_ce))
-    model.loss_function = _with_globals(loss_fn, {"fixed_cross_entropy": _with_globals(fixed, {"nn": shim})})
-    return True
+def _classes(namespaces: dict[str, types.ModuleType]) -> list[type]:
+    return [obj for name, mod in namespaces.items() for obj in vars(mod).values()
+            if isinstance(obj, type) and obj.__module__ == name]  # fmt: skip

@@ -1,28 +1,26 @@
-"""A counting CPU allocator: live and peak bytes of every CPU tensor storage, at almost no cost.
+"""A counting CPU allocator: live and peak bytes of every CPU tensor storage, at almost no cost (opt-in).
 
 PyTorch keeps no allocation statistics for CPU memory (``torch.cuda.max_memory_allocated`` has no CPU
-twin in torch 2.13). This module compiles, once, a 60-line C++ allocator that wraps the default CPU
-allocator through ``c10::SetCPUAllocator`` and counts the bytes it hands out and takes back (atomics;
-a ``ptr -> size`` table under a mutex), and loads it with :mod:`ctypes`. Every CPU storage allocated
-afterwards is counted, in every thread, whatever created it (an aten op, a kernel's own workspace,
-DeepSpeed's flat buffers, ``torch.empty`` in Python). Storages allocated *before* installation are not
-seen by the allocator; :meth:`CPUAllocationCounter.track` adds them (de-duplicated by storage) and
-removes them again when they are freed.
+twin in torch 2.13). This module compiles, once, a 60-line C++ allocator with
+:func:`torch.utils.cpp_extension.load_inline` (the system C++ compiler and ninja, against torch's own headers;
+cached in torch's extension directory, ``$TORCH_EXTENSIONS_DIR``). It wraps the current CPU allocator through
+``c10::SetCPUAllocator`` and counts the bytes it hands out and takes back (atomics; a ``ptr -> size`` table under a
+mutex). While installed, every CPU storage allocated is counted, in every thread, whatever created it (an aten op, a
+kernel's own workspace, DeepSpeed's flat buffers, ``torch.empty`` in Python). Storages allocated *before*
+installation are not seen by the allocator; :meth:`CPUAllocationCounter.track` adds them (de-duplicated by storage)
+and removes them again when they are freed.
 
-The shared library is built with the system C++ compiler against torch's own headers and cached in
-``$LIGHTNING_MEMOPT_CACHE`` (default ``~/.cache/lightning_memopt``), keyed by the torch version.
+It is process-wide while installed, so it is opt-in (``MemoryMonitor(cpu_mode="allocator")``) and
+:meth:`CPUAllocationCounter.close` puts the previous allocator back. What torch allows: the previous allocator is
+restored with ``c10::SetCPUAllocator`` at the same priority, so new storages are no longer counted; the storages
+allocated meanwhile keep this library's deleter, so the library stays loaded for the life of the process (it is
+never unloaded) and still takes them off the count when they are freed.
 """
 
 import ctypes
-import hashlib
-import os
-import shutil
 import subprocess
 import threading
 import weakref
-from pathlib import Path
-
-import torch
 
 from lightning_memopt.utilities.tensor_walk import iter_tensors
 
@@ -119,44 +117,35 @@ _LIB: ctypes.CDLL | None = None
 _LOCK = threading.Lock()
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("LIGHTNING_MEMOPT_CACHE", Path.home() / ".cache" / "lightning_memopt"))
+def _build_library() -> str:
+    """Compile the counting allocator against the installed torch (once: ``load_inline`` caches the build by source
+    and torch version) and return the shared library's path."""
+    from torch.utils import cpp_extension
 
-
-def _build_library() -> Path:
-    """Compile the counting allocator against the installed torch, once per torch version and source."""
-    torch_dir = Path(torch.__file__).parent
-    key = hashlib.sha256(f"{torch.__version__}|{torch_dir}|{_SOURCE}".encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_counting_allocator_{key}.so"
-    if target.exists():
-        return target
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if compiler is None:
+    if not cpp_extension.is_ninja_available():
         raise RuntimeError(
-            "Expected a C++ compiler (g++, c++ or clang++, or $CXX) to build the CPU counting allocator,"
-            " found none. Fix: install one (e.g. `apt-get install g++`), or measure CPU memory with"
-            " `TensorMemoryTracker` (cpu_mode='dispatch'), which needs no compiler."
+            "Expected ninja to build the CPU counting allocator (torch.utils.cpp_extension.load_inline needs it),"
+            " found none. Fix: `pip install ninja`, or measure CPU memory with the dispatch tracker"
+            " (MemoryMonitor(cpu_mode='dispatch'), the default), which needs no compiler."
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    source = target.with_suffix(".cpp")
-    source.write_text(_SOURCE)
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    tmp = target.with_suffix(f".{os.getpid()}.tmp")
-    cmd = [compiler, "-O2", "-shared", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-           f"-I{torch_dir / 'include'}", str(source), "-o", str(tmp), f"-L{torch_dir / 'lib'}", "-lc10",
-           f"-Wl,-rpath,{torch_dir / 'lib'}"]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"Building the CPU counting allocator failed ({' '.join(cmd)}):\n{result.stderr}")
-    os.replace(tmp, target)  # atomic: concurrent ranks may build at the same time
-    return target
+    try:
+        return cpp_extension.load_inline(
+            "lightning_memopt_cpu_counting_allocator", [_SOURCE], extra_cflags=["-O2"],
+            is_python_module=False, no_implicit_headers=True,
+        )  # fmt: skip
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
+        raise RuntimeError(
+            f"Building the CPU counting allocator failed ({type(err).__name__}: {err}). Fix: install a C++ compiler"
+            " (e.g. `apt-get install g++`), or measure CPU memory with the dispatch tracker"
+            " (MemoryMonitor(cpu_mode='dispatch'), the default)."
+        ) from err
 
 
 def _library() -> ctypes.CDLL:
     global _LIB
     with _LOCK:
         if _LIB is None:
-            lib = ctypes.CDLL(str(_build_library()))
+            lib = ctypes.CDLL(_build_library())
             for name in ("lmo_current", "lmo_peak", "lmo_count"):
                 getattr(lib, name).restype = ctypes.c_int64
             lib.lmo_add.argtypes = [ctypes.c_int64]
@@ -168,12 +157,16 @@ def _library() -> ctypes.CDLL:
 class CPUAllocationCounter:
     """Live and peak bytes of CPU tensor storages, counted by a process-wide counting allocator.
 
-    Installing is process-wide and stays until :meth:`uninstall`; several counters share one count.
-    Storages allocated before installation count only once registered with :meth:`track`.
-    The count includes everything the CPU allocator hands out: also the workspaces that kernels
-    allocate and free inside one op, which a dispatch-level tracker does not see.
+    Creating one installs the allocator (unless it is installed already); :meth:`close` restores the previous one
+    if this counter installed it. Several counters share one count. Storages allocated before installation count
+    only once registered with :meth:`track`. The count includes everything the CPU allocator hands out: also the
+    workspaces that kernels allocate and free inside one op, which a dispatch-level tracker does not see.
+
+    Raises:
+        RuntimeError: no C++ compiler or ninja to build it, or another allocator with a higher priority is set.
 
     Example:
+        >>> import torch
         >>> counter = CPUAllocationCounter()
         >>> counter.reset_peak()
         >>> before = counter.current_bytes
@@ -183,19 +176,25 @@ class CPUAllocationCounter:
         >>> del x
         >>> counter.current_bytes - before, counter.peak_bytes - before
         (0, 1000)
+        >>> counter.close()
+        >>> CPUAllocationCounter.installed()
+        False
     """
 
     def __init__(self) -> None:
         self._lib = _library()
-        if self._lib.lmo_install() < 0:
+        status = self._lib.lmo_install()
+        if status < 0:
             raise RuntimeError("Could not install the CPU counting allocator (a higher-priority one is set).")
+        self._installed_here = status == 1
         self._tracked: dict[int, weakref.finalize] = {}
 
-    @staticmethod
-    def uninstall() -> None:
-        """Restore the previous CPU allocator (storages already counted are still discounted when freed)."""
-        if _LIB is not None:
-            _LIB.lmo_uninstall()
+    def close(self) -> None:
+        """Restore the CPU allocator that was in place, if this counter installed the counting one (storages
+        already counted are still taken off the count when freed)."""
+        if self._installed_here:
+            self._lib.lmo_uninstall()
+            self._installed_here = False
 
     @staticmethod
     def installed() -> bool:

@@ -1,18 +1,22 @@
 """Measure per-step memory on CPU and CUDA with one API: :class:`DeviceMemoryProbe` -> :class:`StepMemory`.
 
-CUDA uses the caching allocator's statistics (``max_memory_allocated`` and ``max_memory_reserved``, reset
-at every step start) and ``mem_get_info`` for the device. CPU has no such statistics in torch, so the
-probe counts live tensor storages itself, in one of two modes:
+Two ways to count, on either device:
 
-- ``"allocator"`` (default): a process-wide counting allocator
-  (:class:`~lightning_memopt.utilities.cpu_allocator.CPUAllocationCounter`). Cheap (a few hundred
-  nanoseconds per allocation) and complete: every thread, every storage, kernel workspaces included.
-- ``"dispatch"``: a :class:`~lightning_memopt.utilities.tensor_tracker.TensorMemoryTracker`, which counts
-  the outputs of aten ops in Python. Slower, but needs no compiler; it does not see kernel workspaces.
+- ``"dispatch"`` (default): a :class:`~lightning_memopt.utilities.tensor_tracker.TensorMemoryTracker`, a
+  ``TorchDispatchMode`` that counts the storages every aten op returns (forward, backward, optimizer steps, DeepSpeed's
+  flattening and partitioning), while it is active and in the threads autograd runs in. It changes nothing outside
+  itself: the CUDA allocator's statistics (``max_memory_allocated``, ``DeviceStatsMonitor``'s ``*.peak`` keys) are
+  left alone. It does not see memory a kernel allocates and frees inside one op (workspaces), and costs some Python
+  per op.
+- ``"allocator"`` (opt-in): on CUDA the caching allocator's statistics, ``max_memory_allocated`` and
+  ``max_memory_reserved``, whose peaks are reset at every step start (process-wide: other readers of those peaks
+  then see per-step values); on CPU a counting allocator installed for the process until :meth:`close`
+  (:class:`~lightning_memopt.utilities.cpu_allocator.CPUAllocationCounter`, compiled once with a C++ compiler).
+  Cheap (a few hundred nanoseconds per allocation) and complete: every thread, every storage, workspaces included.
 
-Both need the storages that existed before measuring started registered with :meth:`DeviceMemoryProbe.track`
-(model, optimizer, or a DeepSpeed engine), unless the probe was created before they were allocated.
-The process resident set size (RSS, from psutil) is reported alongside on both devices.
+The storages that existed before measuring started count once registered with :meth:`DeviceMemoryProbe.track`
+(model, optimizer, or a DeepSpeed engine); the CUDA allocator mode knows them already. The process resident set size
+(RSS, from psutil) is reported alongside on both devices.
 """
 
 from dataclasses import asdict, dataclass
@@ -21,7 +25,7 @@ from pathlib import Path
 import psutil
 import torch
 
-_CPU_MODES = ("allocator", "dispatch")
+_MODES = ("dispatch", "allocator")
 
 
 @dataclass(frozen=True)
@@ -29,10 +33,10 @@ class StepMemory:
     """Memory of one step on one rank, in bytes.
 
     Attributes:
-        peak_bytes: the highest live tensor bytes during the step (CUDA: ``max_memory_allocated``).
-        current_bytes: live tensor bytes at the end of the step (CUDA: ``memory_allocated``).
-        reserved_bytes: the highest bytes reserved by the caching allocator during the step (CUDA:
-            ``max_memory_reserved``); ``None`` on CPU, which has no caching allocator.
+        peak_bytes: the highest live tensor bytes during the step (CUDA allocator mode: ``max_memory_allocated``).
+        current_bytes: live tensor bytes at the end of the step (CUDA allocator mode: ``memory_allocated``).
+        reserved_bytes: bytes reserved by the CUDA caching allocator: the step's peak in allocator mode
+            (``max_memory_reserved``), at the end of the step in dispatch mode; ``None`` on CPU.
         device_total: the device's memory (CUDA: ``mem_get_info``; CPU: total system memory).
         device_free: free device memory at the end of the step (CPU: available system memory).
         rss_bytes: the resident set size of this process at the end of the step.
@@ -59,17 +63,17 @@ class DeviceMemoryProbe:
 
     Args:
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (a :class:`torch.device` works too).
-        cpu_mode: how CPU memory is counted, ``"allocator"`` or ``"dispatch"`` (see the module docs).
+        cpu_mode: how CPU memory is counted, ``"dispatch"`` or ``"allocator"`` (see the module docs).
+        cuda_mode: how CUDA memory is counted, ``"dispatch"`` or ``"allocator"`` (see the module docs).
 
     Raises:
-        ValueError: for a device other than CPU or CUDA, or an unknown ``cpu_mode``.
+        ValueError: for a device other than CPU or CUDA, or an unknown mode.
         RuntimeError: for a CUDA device when CUDA is not available.
 
     Example:
         >>> probe = DeviceMemoryProbe("cpu")
+        >>> probe.start()
         >>> weights = torch.zeros(256, 256)
-        >>> probe.track(weights) >= 0
-        True
         >>> probe.start_step()
         >>> activation = weights @ weights  # +256 KiB while it lives
         >>> del activation
@@ -79,13 +83,17 @@ class DeviceMemoryProbe:
         >>> probe.close()
     """
 
-    def __init__(self, device: "torch.device | str" = "cpu", cpu_mode: str = "allocator") -> None:
+    def __init__(
+        self, device: "torch.device | str" = "cpu", cpu_mode: str = "dispatch", cuda_mode: str = "dispatch"
+    ) -> None:
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"Expected a 'cpu' or 'cuda' device, got {str(device)!r}. Fix: pass one of those.")
-        if cpu_mode not in _CPU_MODES:
-            raise ValueError(f"Expected cpu_mode in {_CPU_MODES}, got {cpu_mode!r}.")
-        self.cpu_mode = cpu_mode
+        for name, mode in (("cpu_mode", cpu_mode), ("cuda_mode", cuda_mode)):
+            if mode not in _MODES:
+                raise ValueError(f"Expected {name} in {_MODES}, got {mode!r}.")
+        self.cpu_mode, self.cuda_mode = cpu_mode, cuda_mode
+        self.mode = cuda_mode if self.device.type == "cuda" else cpu_mode
         self._process = psutil.Process()
         self._counter = None
         self._tracker = None
@@ -95,28 +103,29 @@ class DeviceMemoryProbe:
                 raise RuntimeError(f"Expected CUDA for device {str(self.device)!r}, but CUDA is not available.")
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
-        elif cpu_mode == "allocator":
-            from lightning_memopt.utilities.cpu_allocator import CPUAllocationCounter
-
-            self._counter = CPUAllocationCounter()
-        else:
+        if self.mode == "dispatch":
             from lightning_memopt.utilities.tensor_tracker import TensorMemoryTracker
 
             self._tracker = TensorMemoryTracker(self.device)
+        elif self.device.type == "cpu":
+            from lightning_memopt.utilities.cpu_allocator import CPUAllocationCounter
+
+            self._counter = CPUAllocationCounter()
+
+    @property
+    def _cuda_allocator(self) -> bool:
+        return self.device.type == "cuda" and self.mode == "allocator"
 
     def track(self, *objects: object) -> int:
-        """Register tensors that existed before the probe (model, optimizer, DeepSpeed engine) on CPU.
+        """Register tensors that existed before the probe (model, optimizer, DeepSpeed engine).
 
-        On CUDA the allocator already knows every tensor; this returns 0.
+        With the CUDA allocator's statistics the allocator already knows every tensor; this returns 0.
 
         Returns:
             The bytes newly added to the count.
         """
-        if self._counter is not None:
-            return self._counter.track(*objects)
-        if self._tracker is not None:
-            return self._tracker.track(*objects)
-        return 0
+        source = self._counter or self._tracker
+        return 0 if source is None else source.track(*objects)
 
     def start(self) -> None:
         """Start counting (``"dispatch"`` mode enters its tracker, which stays active until :meth:`close`)."""
@@ -125,22 +134,25 @@ class DeviceMemoryProbe:
             self._entered = True
 
     def close(self) -> None:
-        """Stop counting (``"dispatch"`` mode exits its tracker). The allocator mode stays installed."""
+        """Stop counting: ``"dispatch"`` mode leaves its tracker, the CPU allocator mode puts the previous CPU
+        allocator back (if this probe installed the counting one)."""
         if self._tracker is not None and self._entered:
             self._tracker.__exit__(None, None, None)
             self._entered = False
+        if self._counter is not None:
+            self._counter.close()
 
     @property
     def current_bytes(self) -> int:
         """Live tensor bytes on the device now."""
-        if self.device.type == "cuda":
+        if self._cuda_allocator:
             return int(torch.cuda.memory_allocated(self.device))
         return (self._counter or self._tracker).current_bytes  # type: ignore[union-attr]
 
     def start_step(self) -> None:
-        """Reset the peak statistics (call right before the step)."""
+        """Reset the peak (call right before the step): the tracker's own, or the CUDA allocator's statistics."""
         self.start()
-        if self.device.type == "cuda":
+        if self._cuda_allocator:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             (self._counter or self._tracker).reset_peak()  # type: ignore[union-attr]
@@ -150,14 +162,12 @@ class DeviceMemoryProbe:
         rss = int(self._process.memory_info().rss)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            return StepMemory(
-                peak_bytes=int(torch.cuda.max_memory_allocated(self.device)),
-                current_bytes=int(torch.cuda.memory_allocated(self.device)),
-                reserved_bytes=int(torch.cuda.max_memory_reserved(self.device)),
-                device_total=int(total),
-                device_free=int(free),
-                rss_bytes=rss,
-            )
+            reserved = torch.cuda.max_memory_reserved if self._cuda_allocator else torch.cuda.memory_reserved
+            if self._cuda_allocator:
+                peak, current = torch.cuda.max_memory_allocated(self.device), torch.cuda.memory_allocated(self.device)
+            else:
+                peak, current = self._tracker.peak_bytes, self._tracker.current_bytes  # type: ignore[union-attr]
+            return StepMemory(int(peak), int(current), int(reserved(self.device)), int(total), int(free), rss)
         source = self._counter or self._tracker
         system = psutil.virtual_memory()
         return StepMemory(

@@ -13,7 +13,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu_checks.py"
 def test_list_names_every_check():
     out = subprocess.run([sys.executable, str(SCRIPT), "--list"], capture_output=True, text=True, check=True).stdout
     names = [line.split()[0] for line in out.splitlines()]
-    assert names == ["zero_stages", "predictor_accuracy", "liger_numerics", "throughput", "monitor"]
+    assert names == ["zero_stages", "predictor_accuracy", "predictor_families", "liger_numerics", "throughput", "monitor"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
@@ -36,7 +36,7 @@ def test_smoke_runs_every_check_on_cpu_and_writes_the_results(tmp_path):
     assert summary["device"].startswith("CPU (smoke")
     results = summary["results"]
     assert {name: r["status"] for name, r in results.items()} == dict.fromkeys(
-        ["zero_stages", "predictor_accuracy", "liger_numerics", "throughput", "monitor"], "ok"
+        ["zero_stages", "predictor_accuracy", "predictor_families", "liger_numerics", "throughput", "monitor"], "ok"
     )
     assert [(r["strategy"], r["stage"]) for r in results["zero_stages"]["runs"]] == [("memopt", z) for z in range(4)]
     # bf16-mixed AdamW keeps at least 16 bytes per parameter (bf16 weights and gradients, fp32 master and 2 states)
@@ -44,9 +44,12 @@ def test_smoke_runs_every_check_on_cpu_and_writes_the_results(tmp_path):
     # the predictor against the same loop's live tensors (Lightning's order: zero_grad after the forward)
     rows = results["predictor_accuracy"]["rows"]
     assert len(rows) == 4 and all(abs(r["error"]) <= 0.02 for r in rows), rows
+    # eight families, from the module and from the config alone, against the same loop's live tensors
+    families = results["predictor_families"]["rows"]
+    assert len(families) == 8 and all(abs(r[k]) <= 0.005 for r in families for k in ("module_error", "config_error"))
     assert results["liger_numerics"]["skipped"] == "Liger's Triton kernels need CUDA"
     skipped = [r["variant"] for r in results["throughput"]["runs"] if r.get("skipped")]
     assert skipped == ["eager+liger", "sdpa+liger"]
     assert {r["zero"] for r in results["monitor"]["per_step"]} == {0, 3}
     tables = (tmp_path / "tables.md").read_text()
-    assert "predictor_accuracy" in tables and "skipped: Liger's Triton kernels need CUDA" in tables
+    assert "predictor_accuracy" in tables and "| t5 (encoder-decoder) |" in tables and "skipped: Liger's Triton kernels need CUDA" in tables

@@ -68,6 +68,17 @@ def fit(tmp_path: Path, strategy, monitor: MemoryMonitor, batch_size: int = 8, s
     return trainer
 
 
+def assert_run_statistics(metrics_csv: "str | Path", history: "list[dict]") -> None:
+    """The torchmetrics statistics logged at the epoch's end are those of every rank's steps from the second on."""
+    with open(metrics_csv) as f:
+        rows = [row for row in csv.DictReader(f) if row.get("memory/run/prediction_mape")]
+    assert len(rows) == 1  # one epoch
+    errors = [abs(h["prediction_error"]) for h in history if h["step"] >= 2]
+    assert float(rows[0]["memory/run/prediction_mape"]) == pytest.approx(sum(errors) / len(errors), rel=1e-9)
+    assert float(rows[0]["memory/run/prediction_worst_ape"]) == pytest.approx(max(errors), rel=1e-9)
+    assert float(rows[0]["memory/run/actual_peak_bytes"]) == max(h["actual_peak_bytes"] for h in history)
+
+
 def assert_keys_at_every_step(metrics_csv: "str | Path", steps: int) -> list[dict[str, float]]:
     rows = memory_rows(metrics_csv)
     assert [int(row["step"]) for row in rows] == list(range(1, steps + 1))
@@ -98,6 +109,7 @@ def test_two_ranks_memopt_log_the_keys_at_every_step_gathered_over_ranks(two_ran
         assert row["memory/actual_peak_bytes"] == next(
             h["actual_peak_bytes"] for h in same_step if h["rank"] == 0
         )
+    assert_run_statistics(ranks[0]["metrics_csv"], history)
     assert Path(ranks[0]["plot"]).stat().st_size > 1000  # the PNG
     assert [row["rank"] for row in ranks[0]["summary"]] == [0, 1]
 
@@ -117,6 +129,7 @@ def test_two_ranks_memopt_prediction_error_within_the_predictor_target(two_rank_
 def test_ddp_two_ranks_logs_every_step(two_rank_run):
     ranks = two_rank_run("--strategy", "ddp")
     assert_keys_at_every_step(ranks[0]["metrics_csv"], ranks[0]["global_step"])
+    assert_run_statistics(ranks[0]["metrics_csv"], ranks[0]["history"])  # synchronised over both ranks
     assert [row["rank"] for row in ranks[0]["summary"]] == [0, 1]
     assert ranks[0]["history"][0]["predicted_peak_bytes"] > 0
 
@@ -134,6 +147,7 @@ def test_single_process_memopt_stages_within_the_predictor_target(tmp_path, zero
     monitor = MemoryMonitor(log_every_n_steps=1)
     trainer = fit(tmp_path, MemOptStrategy(zero=zero), monitor)
     assert_keys_at_every_step(Path(trainer.log_dir) / "metrics.csv", 3)
+    assert_run_statistics(Path(trainer.log_dir) / "metrics.csv", monitor.history)
     errors = [h["prediction_error"] for h in monitor.history if h["step"] >= 2]
     assert max(map(abs, errors)) <= TARGET, errors
     summary = monitor.summary()
@@ -150,6 +164,30 @@ def test_single_device_without_memopt_logs_at_every_nth_step(tmp_path):
     assert monitor.estimate.details["engine"] == "torch"
     assert monitor.estimate.details["micro_batch_size"] == 4
     assert (Path(trainer.log_dir) / "memory_monitor.png").exists()
+
+
+def test_a_model_it_cannot_predict_trains_with_one_warning_and_the_actual_memory(tmp_path):
+    """A step whose shapes depend on the data cannot be traced: the monitor says so once, skips the fit check and
+    logs the actual memory; the run is not stopped."""
+
+    class Routed(CausalLM):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            hidden = self.model.get_input_embeddings()(batch)
+            keep = hidden[hidden.sum(-1) > 0]  # the rows kept depend on the activations' values
+            return loss + 0.0 * keep.float().sum()
+
+    monitor = MemoryMonitor(log_every_n_steps=1, device_memory=1)  # 1 byte: a fit check would fail the run
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=CSVLogger(tmp_path, name="run"),
+                         callbacks=[monitor], enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
+    with pytest.warns(UserWarning, match="MemoryMonitor cannot predict the memory of Routed.*depend on the data"):
+        trainer.fit(Routed(hidden_size=64, num_layers=2), TextDataModule(batch_size=2, seq_len=16))
+    assert trainer.global_step == 2 and monitor.estimate is None
+    rows = memory_rows(Path(trainer.log_dir) / "metrics.csv")
+    assert len(rows) == 2 and all(row["memory/actual_peak_bytes"] > 0 for row in rows)
+    assert not any("memory/predicted_peak_bytes" in row for row in rows)
+    assert [row["prediction_error"] for row in monitor.summary()] == [None]
 
 
 def test_a_run_that_does_not_fit_fails_before_the_first_step_and_the_first_suggestion_fixes_it(tmp_path):
@@ -263,6 +301,26 @@ def test_one_gpu_llama_logs_actual_vs_predicted(tmp_path, strategy):
     assert all(row["memory/reserved_bytes"] >= row["memory/actual_peak_bytes"] for row in rows)
     errors = [h["prediction_error"] for h in monitor.history if h["step"] >= 2]
     assert max(map(abs, errors)) <= TARGET, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_peak_statistics_of_device_stats_monitor_are_left_alone(tmp_path):
+    """The default (dispatch) mode never resets the CUDA allocator's peaks: DeviceStatsMonitor's peak key only grows."""
+    from lightning.pytorch.callbacks import DeviceStatsMonitor
+
+    monitor = MemoryMonitor(log_every_n_steps=1)
+    trainer = pl.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=4, logger=CSVLogger(tmp_path),
+                         callbacks=[monitor, DeviceStatsMonitor()], enable_progress_bar=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
+    trainer.fit(CausalLM(hidden_size=256, num_layers=2), TextDataModule(batch_size=8, seq_len=128))
+    with open(Path(trainer.log_dir) / "metrics.csv") as f:
+        key = next(k for k in csv.DictReader(f).fieldnames if k.endswith("allocated_bytes.all.peak"))
+    with open(Path(trainer.log_dir) / "metrics.csv") as f:
+        peaks = [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+    assert len(peaks) >= 4 and peaks == sorted(peaks)  # a process peak: never reset
+    assert peaks[-1] <= torch.cuda.max_memory_allocated()
+    assert all(0 < h["actual_peak_bytes"] <= peaks[-1] for h in monitor.history)
 
 
 def test_progress_bar_shows_the_logged_step_peaks(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from lightning_memopt.cli import main
 from lightning_memopt.cli.estimate import parse_count, parse_model
 from lightning_memopt.planning import estimate_memory
-from lightning_memopt.predictor.quantization import estimate_quantized
+from lightning_memopt.planning.quantized import estimate_quantized
 
 
 def test_parse_count_and_model():
@@ -121,6 +121,15 @@ def test_lora_rank_counts_with_quantization(capsys):
                                                      lora_rank=8).parameters  # fmt: skip
 
 
+def test_lora_on_a_16bit_base_is_the_what_if_estimate(capsys):
+    argv = ["estimate", "llama-3-8b", "--seq-len", "512", "--lora-rank", "16", "--lora-targets", "q_proj,v_proj"]
+    data = _json(capsys, argv)
+    expected = estimate_memory("llama-3-8b", seq_len=512, lora_rank=16, lora_targets=["q_proj", "v_proj"])
+    assert data["total"] == expected.total and data["details"]["lora_rank"] == 16
+    assert data["details"]["trainable_parameters"] == 32 * 16 * (4096 + 4096 + 4096 + 1024)  # A and B of q and v
+    assert main(argv[:-2]) == 0 and "LoRA rank 16" in capsys.readouterr().out.splitlines()[0]
+
+
 def test_the_table_says_what_was_estimated(capsys):
     assert main(["estimate", "llama-3.1-8b", "--gpus", "8", "--zero", "3", "--micro-batch", "2"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
@@ -137,7 +146,6 @@ def test_plan_with_plain_torch_searches_no_zero_stage(capsys):
 @pytest.mark.parametrize(
     ("argv", "option"),
     [
-        (["estimate", "llama-3-8b", "--lora-rank", "16"], "--lora-rank"),  # LoRA on a 16-bit base: not yet
         (["estimate", "llama-3-8b", "--quantization", "q8_0", "--inference", "--lora-rank", "8"], "--lora-rank"),
         (["estimate", "llama-3-8b", "--inference"], "--inference"),
         (["estimate", "llama-3-8b", "--quantization", "nf4", "--seq-len", "512", "--gpus", "8"], "--gpus"),

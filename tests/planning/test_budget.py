@@ -31,7 +31,7 @@ def _predicted(model, checkpointing, attention):
 def _measured_step_peak(build) -> int:
     """Peak live CPU bytes of building the model and one AdamW training step (counting allocator)."""
     gc.collect()
-    probe = DeviceMemoryProbe("cpu")
+    probe = DeviceMemoryProbe("cpu", cpu_mode="allocator")
     base = probe.current_bytes
     probe.start_step()
     model = build()
@@ -134,7 +134,7 @@ class _MeasureStep(pl.Callback):
 
     def setup(self, trainer, pl_module, stage):
         gc.collect()
-        self.probe = DeviceMemoryProbe("cpu")
+        self.probe = DeviceMemoryProbe("cpu", cpu_mode="allocator")
         self.probe.track(pl_module)
         own = sum(t.untyped_storage().nbytes() for t in pl_module.state_dict().values())
         self.foreign = self.probe.current_bytes - own

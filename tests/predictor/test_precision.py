@@ -9,10 +9,10 @@ def test_aliases_map_to_lightning_names(alias, name):
     assert resolve_precision(alias).name == name
 
 
-def test_deepspeed_trains_16bit_weights_torch_keeps_fp32():
+def test_deepspeed_trains_16bit_weights_torch_keeps_them_as_held():
     p = resolve_precision("16-mixed")
     assert p.param_dtype("deepspeed") == torch.float16
-    assert p.param_dtype("torch") == torch.float32
+    assert p.param_dtype("torch") is None  # plain AMP trains the weights in the dtype the module holds them in
     assert resolve_precision("bf16-true").param_dtype("torch") == torch.bfloat16
     assert resolve_precision("32-true").param_bytes("deepspeed") == 4
 

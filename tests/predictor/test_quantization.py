@@ -1,4 +1,4 @@
-"""Quantized weight bytes: GGUF block structs, tool conventions, the lecture's 8B Q8_0 figure, QLoRA."""
+"""Quantized weight bytes: GGUF block structs, tool conventions, the lecture's 8B Q8_0 figure."""
 
 import pytest
 import torch
@@ -7,8 +7,6 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from lightning_memopt.predictor.quantization import (
     QUANTIZATIONS,
     TensorShape,
-    estimate_quantized,
-    lora_parameters,
     model_tensors,
     quantized_weight_bytes,
     tensor_bytes,
@@ -106,36 +104,6 @@ def test_bare_parameter_count_uses_average_bits():
 def test_unknown_quantization_lists_known_names():
     with pytest.raises(ValueError, match=r"Expected a quantization in \[.*'q8_0'.*got 'q3_x'"):
         quantized_weight_bytes(1e9, "q3_x")
-
-
-def test_inference_adds_kv_cache_and_last_logits():
-    model = LlamaForCausalLM(LlamaConfig(**TINY))
-    est = estimate_quantized(model, "q8_0", micro_batch_size=3, seq_len=100)
-    kv = 2 * 2 * 3 * 100 * (2 * 16) * 2  # K and V x layers x batch x tokens x kv width x bf16
-    assert est.buffers == kv and est.details["kv_cache_bytes"] == kv
-    assert est.parameters == quantized_weight_bytes(model, "q8_0")
-    assert est.logits == 3 * 256 * 4 and est.gradients == est.optimizer_states == 0
-    assert est.total == sum(est.to_dict()[k] for k in ("parameters", "buffers", "activations", "logits"))
-    longer = estimate_quantized(model, "q8_0", micro_batch_size=3, seq_len=200)
-    assert longer.buffers == 2 * kv
-
-
-def test_lora_parameters_count_every_block_linear():
-    model = LlamaForCausalLM(LlamaConfig(**TINY))
-    # per layer: q 64->64, k 64->32, v 64->32, o 64->64, gate/up 64->128, down 128->64; r (in + out) each
-    per_layer = (128 + 96 + 96 + 128 + 192 + 192 + 192) * 8
-    assert lora_parameters(model, rank=8) == 2 * per_layer
-    with pytest.raises(ValueError, match="bare parameter count"):
-        lora_parameters(8e9, rank=8)
-    with pytest.raises(ValueError, match="positive int"):
-        lora_parameters(model, rank=0)
-
-
-def test_bad_mode_and_missing_seq_len():
-    with pytest.raises(ValueError, match="'inference' or 'qlora'"):
-        estimate_quantized(1e9, "q8_0", mode="train")
-    with pytest.raises(ValueError, match="seq_len"):
-        estimate_quantized(LlamaForCausalLM(LlamaConfig(**TINY)), "nf4", mode="qlora")
 
 
 def test_presets_and_config_paths_count_like_the_built_model(tmp_path):

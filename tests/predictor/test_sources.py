@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_memopt.predictor import predict
 from lightning_memopt.predictor.sources import resolve_model, resolve_source, synthetic_batch
 from predictor._modules import hf_from_config, tiny_config
 
@@ -16,6 +17,22 @@ def test_a_config_is_the_model_transformers_builds(model_type):
     assert source.module.device.type == "meta" and type(source.module) is type(real)
     assert source.reading.num_parameters == sum(p.numel() for p in real.parameters())
     assert resolve_model(real.config).num_parameters == source.reading.num_parameters  # a config object too
+
+
+@pytest.mark.parametrize(
+    ("model_type", "architecture", "trained_as"),
+    [("vit", "ViTModel", "ViTForImageClassification"), ("bert", "BertModel", "BertForMaskedLM"),
+     ("llama", "LlamaModel", "LlamaForCausalLM"), ("t5", "T5Model", "T5ForConditionalGeneration"),
+     ("bert", None, "BertForMaskedLM"), ("bert", "BertForSequenceClassification", "BertForSequenceClassification")],
+)  # fmt: skip
+def test_a_headless_config_trains_with_a_task_head(model_type, architecture, trained_as):
+    """A base-model architecture computes no loss: the config is built with the task head it trains with (an
+    encoder's masked-LM head before BERT's decoder-only causal head); a task architecture is kept."""
+    config = tiny_config(model_type, architectures=[architecture] if architecture else None)
+    source = resolve_source(config)
+    assert type(source.module).__name__ == trained_as
+    batch = synthetic_batch(source.module, 2, None if model_type == "vit" else 16)
+    assert predict(config, engine="torch", precision="32-true", example_batch=batch).activations > 0
 
 
 def test_config_json_path_directory_and_preset(tmp_path):

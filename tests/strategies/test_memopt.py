@@ -168,8 +168,21 @@ def test_liger_on_cpu_is_refused_at_setup(tmp_path):
         _fit(MemOptStrategy(zero=1, liger=True), tmp_path)
 
 
-def test_zero3_leaves_torch_linear_as_it_found_it(tmp_path):
-    """DeepSpeed's zero.Init replaces torch.nn.functional.linear process-wide; the strategy restores it at teardown."""
-    before = torch.nn.functional.linear
-    _fit(MemOptStrategy(zero=3), tmp_path, precision="32-true")
-    assert torch.nn.functional.linear is before
+@pytest.mark.parametrize("fails", [False, True])
+def test_zero3_leaves_the_process_as_it_found_it(tmp_path, fails):
+    """DeepSpeed's zero.Init replaces torch.nn.functional.linear process-wide and the CPU workaround wraps
+    deepspeed.initialize during the call: both are as before after the fit, also when it fails mid-step."""
+    import deepspeed
+
+    before = (torch.nn.functional.linear, deepspeed.initialize)
+
+    class Fails(pl.Callback):
+        def on_train_batch_end(self, *args) -> None:
+            raise RuntimeError("the step failed")
+
+    if fails:
+        with pytest.raises(RuntimeError, match="the step failed"):
+            _fit(MemOptStrategy(zero=3), tmp_path, precision="32-true", callbacks=[Fails()])
+    else:
+        _fit(MemOptStrategy(zero=3), tmp_path, precision="32-true")
+    assert (torch.nn.functional.linear, deepspeed.initialize) == before

@@ -116,6 +116,23 @@ def test_allocator_sees_allocations_in_other_threads() -> None:
     assert counter.current_bytes - base == MiB
     box.clear()
     assert counter.current_bytes - base == 0
+    counter.close()
+
+
+def test_allocator_is_removed_by_the_probe_that_installed_it() -> None:
+    assert not CPUAllocationCounter.installed()  # opt-in: nothing installs it by default
+    DeviceMemoryProbe("cpu").close()
+    assert not CPUAllocationCounter.installed()
+    probe = DeviceMemoryProbe("cpu", cpu_mode="allocator")
+    assert CPUAllocationCounter.installed()
+    kept = torch.empty(MiB, dtype=torch.uint8)  # counted, and taken off the count when freed after removal
+    base = probe.current_bytes
+    probe.close()
+    assert not CPUAllocationCounter.installed()
+    x = torch.empty(MiB, dtype=torch.uint8)  # no longer counted
+    assert probe.current_bytes == base
+    del kept, x
+    assert probe.current_bytes == base - MiB
 
 
 def test_modes_agree_on_a_training_step() -> None:
@@ -168,6 +185,7 @@ def test_step_memory_fields_on_cpu() -> None:
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"device": "meta"}, "Expected a 'cpu' or 'cuda' device"),
     ({"device": "cpu", "cpu_mode": "profiler"}, "Expected cpu_mode in"),
+    ({"device": "cpu", "cuda_mode": "allocators"}, "Expected cuda_mode in"),
 ])  # fmt: skip
 def test_bad_input(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -184,8 +202,26 @@ def test_cuda_without_cuda_raises() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_dispatch_mode_leaves_the_allocator_peaks_alone() -> None:
+    probe = DeviceMemoryProbe("cuda")  # dispatch: counts the op outputs itself
+    probe.start()
+    x = torch.empty(64 * MiB, dtype=torch.uint8, device="cuda")
+    del x
+    peak = torch.cuda.max_memory_allocated()
+    probe.start_step()
+    base = probe.current_bytes
+    y = torch.ones(8 * MiB, dtype=torch.uint8, device="cuda") + 1  # two 8 MiB storages at once
+    del y
+    step = probe.end_step()
+    probe.close()
+    assert torch.cuda.max_memory_allocated() == peak  # not reset: DeviceStatsMonitor's peak keys stay the run's
+    assert step.peak_bytes - base == 16 * MiB and step.current_bytes == base
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_step_and_snapshot(tmp_path) -> None:
-    probe = DeviceMemoryProbe("cuda")
+    probe = DeviceMemoryProbe("cuda", cuda_mode="allocator")
     record_cuda_memory_history(True)
     probe.start_step()
     base = probe.current_bytes

@@ -2,10 +2,10 @@
 
 import json
 import math
-
-import torch
 import sys
 from pathlib import Path
+
+import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # tests/, for helpers
@@ -29,7 +29,7 @@ def plan_settings() -> dict:
     from tiny_llm import CausalLM
 
     from lightning_memopt import MemOptStrategy
-    from lightning_memopt.callbacks._run_settings import strategy_settings
+    from lightning_memopt.callbacks._run_reader import strategy_settings
 
     module = CausalLM(hidden_size=PLAN["hidden"], num_layers=2)
     settings = strategy_settings(MemOptStrategy(zero=PLAN["zero"]), module)
