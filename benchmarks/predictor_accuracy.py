@@ -116,12 +116,13 @@ def planned_settings(cfg: dict, module: pl.LightningModule, batch: Any) -> dict:
     """``estimate_memory``'s settings of a configuration before its run, read as ``MemoryMonitor`` reads them in
     setup (the strategy's ``"auto"`` bucket sizes resolved by the strategy's own rule on the module), with the
     configuration's checkpointing (applied by the strategy or the callback during setup)."""
-    from lightning_memopt.callbacks._run_settings import batch_shape, optimizer_from_module, strategy_settings
+    from lightning_memopt.callbacks._run_reader import batch_shape, optimizer_name, strategy_settings
 
     micro, seq = batch_shape(batch)
     settings = strategy_settings(strategy_of(cfg), module)
-    settings.update(world_size=cfg["world_size"], precision=cfg["precision"], optimizer=optimizer_from_module(module),
-                    micro_batch_size=micro, accumulate_grad_batches=1, activation_checkpointing=cfg["checkpointing"])  # fmt: skip
+    settings.update(world_size=cfg["world_size"], precision=cfg["precision"],
+                    optimizer=optimizer_name(module.configure_optimizers()), micro_batch_size=micro,
+                    accumulate_grad_batches=1, activation_checkpointing=cfg["checkpointing"])  # fmt: skip
     if seq is not None:
         settings["seq_len"] = seq
     return settings
@@ -129,10 +130,10 @@ def planned_settings(cfg: dict, module: pl.LightningModule, batch: Any) -> dict:
 
 def read_run_settings(trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -> dict:
     """The settings of a running fit (``run_settings``), with the checkpointing and attention read from the module."""
-    from lightning_memopt.callbacks._run_settings import batch_shape, optimizer_name, run_settings
+    from lightning_memopt.callbacks._run_reader import RunReader, batch_shape, optimizer_name
     from lightning_memopt.core.blocks import checkpoint_flags
 
-    settings = run_settings(trainer, module, batch_shape(batch), optimizer_name(trainer.optimizers[0]))
+    settings = RunReader(trainer).estimate_kwargs(batch_shape(batch), optimizer_name(trainer.optimizers[0]))
     flags = checkpoint_flags(module, None)
     checkpointed = sum(flags)
     settings["activation_checkpointing"] = checkpointed == len(flags) if checkpointed in (0, len(flags)) else checkpointed
@@ -164,7 +165,7 @@ def checkpoint_callbacks(cfg: dict) -> list:
 def predict(cfg: dict) -> dict:
     """Both methods' prediction of every rank of a configuration, on a freshly built copy of its model."""
     from lightning_memopt import estimate_memory
-    from lightning_memopt.callbacks._run_settings import quiet_logging
+    from lightning_memopt.callbacks._run_reader import quiet_logging
 
     module, batch = build_module(cfg), first_batch(cfg)
     settings = planned_settings(cfg, module, batch)
