@@ -270,6 +270,7 @@ def trace_step(
                 gathering = stack.enter_context(
                     Zero3Gathering(module, zero3, dtype.itemsize, lambda: len(tracker.live))
                 )
+                tracker.on_state_alias = gathering.state_alias
             stack.enter_context(fake_mode)
             stack.enter_context(tracker)
             with _readable_errors(module), warnings.catch_warnings():
@@ -444,14 +445,17 @@ def _zero3_module_inputs(module: nn.Module, zero3: bool):
 
 @contextlib.contextmanager
 def _attention(module: nn.Module, attention: "str | None"):
-    """Set a Hugging Face model's attention implementation for the trace (plain modules keep theirs)."""
-    config = getattr(find_hf_model(module), "config", None)
-    if attention is None or config is None or not hasattr(config, "_attn_implementation"):
-        yield
-        return
-    before = config._attn_implementation
-    config._attn_implementation = attention
+    """Set a Hugging Face model's attention implementation for the trace (plain modules keep theirs): on every
+    config its modules hold (T5's encoder and decoder stacks hold copies of the model's config)."""
+    hf_model = find_hf_model(module)
+    configs = {} if attention is None or hf_model is None else {
+        id(c): c for m in hf_model.modules() if hasattr(c := getattr(m, "config", None), "_attn_implementation")
+    }  # fmt: skip
+    before = {key: c._attn_implementation for key, c in configs.items()}
+    for c in configs.values():
+        c._attn_implementation = attention
     try:
         yield
     finally:
-        config._attn_implementation = before
+        for key, c in configs.items():
+            c._attn_implementation = before[key]

@@ -72,6 +72,8 @@ class LiveTensorTracker(TorchDispatchMode):
         self.labels: "list[int]" = []
         self.storages: "list[tuple[int, int, int, int]]" = []  # (allocated at, freed at, bytes, storage key)
         self.label: "Callable[[], int] | None" = None
+        #: called with (storage, tensor) for an op's output that aliases an excluded (model-state) storage
+        self.on_state_alias: "Callable[[int, torch.Tensor], Any] | None" = None
         self._paused = False
         self.shadow = _Shadows()
 
@@ -81,6 +83,8 @@ class LiveTensorTracker(TorchDispatchMode):
             return
         st = t.untyped_storage()
         key = st._cdata
+        if key in self.exclude and self.on_state_alias is not None:
+            self.on_state_alias(key, t)
         if key in self.sizes or key in self.exclude:
             return
         nbytes = st.nbytes()

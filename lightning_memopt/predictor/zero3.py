@@ -126,6 +126,14 @@ class Zero3Gathering:
         weakref.finalize(view, lambda: entry.__setitem__(2, self.clock()))
         return True
 
+    def state_alias(self, storage: int, view: torch.Tensor) -> None:
+        """An op's output that aliases a parameter: during backward, a recomputed checkpointed op saving its weight
+        (``torch.utils.checkpoint``'s recomputation saves ``x.detach()`` of a tensor that requires grad). DeepSpeed
+        releases the parameter after the recomputed forward, but that alias keeps the gathered storage until the
+        op's backward has used it, while the module's backward gathers the parameter anew (two copies, measured)."""
+        if torch._C._current_graph_task_id() != -1:
+            self.pin(storage, view)
+
     # ------------------------------------------------------------------ recording (DeepSpeed's hook points)
     def _event(self, kind: str, m: int, forward: bool) -> None:
         in_backward = torch._C._current_graph_task_id() != -1  # as DeepSpeed tells a recomputation
