@@ -153,3 +153,36 @@ def predictor_fingerprint() -> str:
     for path in sorted(Path(predictor.__file__).parent.glob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def merge(paths: "list[Path]", methods: "tuple[str, ...]", kinds: "tuple[str, ...]") -> dict:
+    """One result from several runs of ``predictor_accuracy.py`` over disjoint parts of the matrix (e.g. the
+    strategies split over two commands): rows joined, summary and verdict recomputed, every command kept."""
+    import json
+
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [r for part in parts for r in part["rows"]]
+    sources = {part["predictor_sources_sha256"] for part in parts}
+    if len(sources) != 1:
+        raise SystemExit(f"Expected runs of one predictor, got sources {sorted(sources)}. Fix: rerun the older part.")
+    out = {k: v for k, v in parts[0].items() if k not in ("rows", "summary", "verdict", "command")}
+    out.update(rows=rows, summary=summary(rows, methods, kinds), verdict=verdict(rows, methods),
+               commands=[part["command"] for part in parts], seconds=sum(p["seconds"] for p in parts),
+               predicting_seconds=sum(p["predicting_seconds"] for p in parts),
+               configurations=sum(p["configurations"] for p in parts),
+               failed_runs=[f for p in parts for f in p["failed_runs"]])  # fmt: skip
+    print_report(rows, out["summary"], out["verdict"], methods)
+    return out
+
+
+if __name__ == "__main__":  # python benchmarks/accuracy_report.py part1.json part2.json --out merged.json
+    import argparse
+    import json
+
+    from accuracy_kinds import KINDS
+
+    parser = argparse.ArgumentParser(description="Merge predictor_accuracy.py results of disjoint parts")
+    parser.add_argument("parts", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.write_text(json.dumps(merge(args.parts, ("module", "config"), KINDS), indent=1, default=str))

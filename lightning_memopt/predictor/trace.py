@@ -24,19 +24,20 @@ op's name and what to do instead.
 import contextlib
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from lightning_memopt.core import compat as _compat
 from lightning_memopt.core.blocks import checkpointed_as
 from lightning_memopt.predictor.precision import Precision
-from lightning_memopt.core import compat as _compat
 from lightning_memopt.predictor.reading import find_hf_model, tensor_attributes
-from lightning_memopt.predictor.zero3 import Zero3Gathering, Zero3Settings
 from lightning_memopt.predictor.tracker import SHADOW_LIMIT, LiveTensorTracker
+from lightning_memopt.predictor.zero3 import Zero3Gathering, Zero3Settings
 
 #: a function from one step's batch to its loss; the default steps a LightningModule or calls the module
 StepFn = Callable[[nn.Module, Any], Any]
@@ -175,11 +176,11 @@ def trace_step(
     dtype = precision.param_dtype(engine)
     device = trace_device(module, example_batch)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    exclude: "set[int]" = set()  # the model states' fake storages: not the step's
+    exclude: set[int] = set()  # the model states' fake storages: not the step's
     tracker = LiveTensorTracker(exclude, _vocab_size(module), blocks is not None, fake_mode)
-    saved: "dict[int, int]" = {}
-    pinned: "dict[int, int]" = {}  # parameter storage -> live saved views of it (ZeRO-3 keeps it gathered)
-    param_ids: "set[int]" = set()
+    saved: dict[int, int] = {}
+    pinned: dict[int, int] = {}  # parameter storage -> live saved views of it (ZeRO-3 keeps it gathered)
+    param_ids: set[int] = set()
     grad_bytes = 0
 
     def on_grad(p: torch.Tensor) -> None:
@@ -214,7 +215,7 @@ def trace_step(
 
         weakref.finalize(view, _unpin)
 
-    moved: "dict[int, torch.Tensor]" = {}
+    moved: dict[int, torch.Tensor] = {}
 
     def to_fake(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
@@ -244,7 +245,7 @@ def trace_step(
         if engine == "torch" and precision.mixed
         else contextlib.nullcontext()
     )
-    gathering: "Zero3Gathering | None" = None
+    gathering: Zero3Gathering | None = None
     was_training = module.training
     module.train()
     handles: list = []
@@ -351,8 +352,8 @@ def _fake_states(
 ) -> "tuple[dict[str, torch.Tensor], list]":
     """Fake parameters (tied ones shared) and buffers by name on ``device``, floating ones in the engine's dtype
     (``None``: as held); the trainable fakes."""
-    fakes: "dict[str, torch.Tensor]" = {}
-    by_id: "dict[int, torch.Tensor]" = {}
+    fakes: dict[str, torch.Tensor] = {}
+    by_id: dict[int, torch.Tensor] = {}
     with mode:
         for name, p in module.named_parameters(remove_duplicate=False):
             if id(p) not in by_id:

@@ -78,7 +78,7 @@ class Zero3Gathering:
         self.modules = list(module.modules())
         index = {id(m): i for i, m in enumerate(self.modules)}
         params: dict[int, _Param] = {}
-        kept: "dict[int, torch.Tensor]" = {}
+        kept: dict[int, torch.Tensor] = {}
         self.owned: list[list[int]] = []  # per module: its own parameters' keys, in DeepSpeed's ds_id order
         order = {id(p): k for k, p in enumerate(module.parameters())}
         self.names: dict[int, str] = {}  # parameter key -> qualified name
@@ -97,7 +97,7 @@ class Zero3Gathering:
         self.params = params
         self._index = index
         self._storages = {p.untyped_storage()._cdata: k for k, p in kept.items()}
-        self.pins: "list[list[Any]]" = []  # [parameter key, pinned at, unpinned at (None: alive at the end)]
+        self.pins: list[list[Any]] = []  # [parameter key, pinned at, unpinned at (None: alive at the end)]
         # (op, "fetch" | "release", module, forward, during backward)
         self.events: list[tuple[int, str, int, bool, bool]] = []
         self._remaining = collections.Counter()

@@ -16,9 +16,9 @@ from helpers import ROOT, run_script
 SCRIPT = ROOT / "benchmarks" / "predictor_accuracy.py"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from accuracy_kinds import CONFIG_ONLY, KINDS  # noqa: E402
-from accuracy_report import TARGET_MEDIAN, TARGET_WORST  # noqa: E402
-from predictor_accuracy import QUICK  # noqa: E402
+from accuracy_kinds import CONFIG_ONLY, KINDS
+from accuracy_report import TARGET_MEDIAN, TARGET_WORST
+from predictor_accuracy import QUICK
 
 
 @pytest.fixture(scope="module")
