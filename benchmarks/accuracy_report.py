@@ -11,6 +11,18 @@ _ROW_KEYS = ("kind", "stage", "world_size", "precision", "attention", "checkpoin
              "micro_batch", "seq_len", "leaked", "seconds", "settings_match", "settings_diff")  # fmt: skip
 
 
+def settings_diff(planned: dict, run: dict) -> dict:
+    """The settings that differ between the prediction and the run (of the DeepSpeed config: ``zero_optimization``)."""
+
+    def comparable(settings: dict) -> dict:
+        out = {k: v for k, v in settings.items() if k != "deepspeed_config"}
+        out["zero_optimization"] = (settings.get("deepspeed_config") or {}).get("zero_optimization")
+        return out
+
+    plan, ran = comparable(planned), comparable(run)
+    return {k: [plan.get(k), ran.get(k)] for k in sorted(set(plan) | set(ran)) if plan.get(k) != ran.get(k)}
+
+
 def rows_of(results: "list[dict]", predictions: "dict[int, dict]", methods: "tuple[str, ...]") -> "list[dict]":
     """One row per configuration and rank: measured (steps 2..N) vs each method's prediction for that rank.
 

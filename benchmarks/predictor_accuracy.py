@@ -75,6 +75,7 @@ from accuracy_report import (
     predictor_fingerprint,
     print_report,
     rows_of,
+    settings_diff,
     summary,
     verdict,
 )
@@ -338,18 +339,6 @@ def configurations(args: argparse.Namespace) -> list[dict]:
 def untrainable(kind: str, stage: str, precision: str) -> "str | None":
     """Why a kind does not train with this strategy and precision here (``None``: it trains)."""
     return UNTRAINABLE.get((kind, "single" if stage == "single" else "zero", precision))
-
-
-def settings_diff(planned: dict, run: dict) -> dict:
-    """The settings that differ between the prediction and the run (of the DeepSpeed config: ``zero_optimization``)."""
-
-    def comparable(settings: dict) -> dict:
-        out = {k: v for k, v in settings.items() if k != "deepspeed_config"}
-        out["zero_optimization"] = (settings.get("deepspeed_config") or {}).get("zero_optimization")
-        return out
-
-    plan, ran = comparable(planned), comparable(run)
-    return {k: [plan.get(k), ran.get(k)] for k in sorted(set(plan) | set(ran)) if plan.get(k) != ran.get(k)}
 
 
 def main(argv: "list[str] | None" = None) -> None:
