@@ -75,7 +75,7 @@ class PeakMemory:
     def __init__(self) -> None:
         self._probe = None
         if SMOKE:
-            from lightning_memopt.utilities.memory import DeviceMemoryProbe
+            from lightning_memopt.measuring.memory import DeviceMemoryProbe
 
             self._probe = DeviceMemoryProbe("cpu", cpu_mode="dispatch")
             self._probe.start()

@@ -3,7 +3,7 @@
 Two processes (torch.multiprocessing, gloo, 127.0.0.1, a free port) train tiny models with
 ``deepspeed.initialize`` over a matrix of ZeRO stage x precision x attention x checkpointing, 3 steps each,
 and every rank records, per step, the peak and end-of-step live CPU tensor bytes counted by
-:class:`lightning_memopt.utilities.memory.DeviceMemoryProbe` (the counting allocator is installed before
+:class:`lightning_memopt.measuring.memory.DeviceMemoryProbe` (the counting allocator is installed before
 the model is built, so the model, DeepSpeed's flat buffers, fp32 partitions and Adam states are all
 counted). All bytes are relative to the bytes alive before the model was built.
 
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_memopt.utilities.memory import DeviceMemoryProbe
+from lightning_memopt.measuring.memory import DeviceMemoryProbe
 
 VOCAB = 256
 
@@ -214,7 +214,7 @@ def measure_overhead(rounds: int, micro_batch: int, seq_len: int) -> dict:
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lightning_memopt.utilities.cpu_allocator import CPUAllocationCounter
+    from lightning_memopt.measuring.cpu_allocator import CPUAllocationCounter
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

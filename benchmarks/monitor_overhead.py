@@ -28,7 +28,7 @@ def child(args: argparse.Namespace) -> None:
     from lightning.pytorch.loggers import CSVLogger
     from tiny_llm import CausalLM, TextDataModule
 
-    from lightning_memopt.callbacks.memory_monitor import MemoryMonitor
+    from lightning_memopt.lightning.callbacks.memory_monitor import MemoryMonitor
 
     class StepTimer(pl.Callback):
         def __init__(self) -> None:
@@ -42,7 +42,7 @@ def child(args: argparse.Namespace) -> None:
                 torch.cuda.synchronize()
             self.starts.append(time.perf_counter())
             if args.child == "monitor" and args.accelerator == "cpu" and args.mode == "allocator":
-                from lightning_memopt.utilities.cpu_allocator import CPUAllocationCounter
+                from lightning_memopt.measuring.cpu_allocator import CPUAllocationCounter
 
                 self.allocations.append(CPUAllocationCounter().num_allocations)  # the monitor's, installed
 
@@ -76,7 +76,7 @@ def child(args: argparse.Namespace) -> None:
     if args.child == "monitor" and args.accelerator == "cpu" and args.mode == "allocator":
         import torch
 
-        from lightning_memopt.utilities.cpu_allocator import CPUAllocationCounter
+        from lightning_memopt.measuring.cpu_allocator import CPUAllocationCounter
 
         counts = timer.allocations[args.warmup :]
         result["allocations_per_step"] = statistics.median(b - a for a, b in itertools.pairwise(counts))
@@ -100,7 +100,7 @@ def dispatch_cost(module: object, data: object, accelerator: str, rounds: int = 
     median difference."""
     import torch
 
-    from lightning_memopt.utilities.tensor_tracker import TensorMemoryTracker
+    from lightning_memopt.measuring.tensor_tracker import TensorMemoryTracker
 
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
     module = module.to(device)

@@ -2,7 +2,7 @@
 
 For each stage, a fresh process trains the repo's tiny Llama (``examples/tiny_llm.py``) for 4 steps on CPU with
 ``--devices`` processes (gloo), bf16-mixed, torch AdamW; every rank reads its engine's live model-state tensors
-with :func:`lightning_memopt.utilities.zero_state.model_state_bytes` twice in the third step: before the
+with :func:`lightning_memopt.measuring.zero_state.model_state_bytes` twice in the third step: before the
 optimizer step (gradients held, Adam states created by the earlier steps) and after it (gradients released).
 The ideal is Rajbhandari et al. (2020), "ZeRO", Section 5.1 / Figure 1, with K = 12 bytes of fp32 master
 parameters and Adam states per parameter and N ranks: stage 0 2 + 2 + K; stage 1 2 + 2 + K/N;
@@ -37,7 +37,7 @@ def child(args: argparse.Namespace) -> None:
     from tiny_llm import CausalLM, TextDataModule
 
     from lightning_memopt import MemOptStrategy
-    from lightning_memopt.utilities.zero_state import model_state_bytes
+    from lightning_memopt.measuring.zero_state import model_state_bytes
 
     class Reader(pl.Callback):
         def __init__(self) -> None:

@@ -21,7 +21,7 @@ from lightning_memopt.cli.estimate import (
     print_json,
 )
 from lightning_memopt.predictor.estimate import CATEGORIES
-from lightning_memopt.utilities.units import format_bytes
+from lightning_memopt.core.units import format_bytes
 
 __all__ = ["PLOT_RULES", "add_parser", "memory_grid", "run_plot"]
 
@@ -107,7 +107,7 @@ def _title(args: argparse.Namespace) -> str:
 
 def figure(rows: "list[dict[str, Any]]", args: argparse.Namespace) -> Any:
     """The figure of :func:`memory_grid`'s rows: one panel per ZeRO stage (columns) and checkpointing (rows)."""
-    from lightning_memopt.utilities.plotting import (
+    from lightning_memopt.core.plotting import (
         CATEGORY_GROUPS,
         COLORS,
         draw_limits,
@@ -199,7 +199,7 @@ def run_plot(args: argparse.Namespace) -> int:
     )  # fmt: skip
     path = None
     if args.out:
-        from lightning_memopt.utilities.plotting import save
+        from lightning_memopt.core.plotting import save
 
         path = str(save(figure(rows, args), args.out))
     if args.json:

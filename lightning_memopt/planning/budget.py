@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_memopt.core.units import format_bytes, parse_bytes
 from lightning_memopt.transforms._applied import _record
 from lightning_memopt.transforms.checkpointing import (
     Policy,
@@ -21,7 +22,6 @@ from lightning_memopt.transforms.checkpointing import (
     blocks_to_checkpoint,
     remove_activation_checkpointing,
 )
-from lightning_memopt.utilities.units import format_bytes, parse_bytes
 
 _KEY = "checkpoint_plan"
 _OWN = ("model", "activation_checkpointing")

@@ -7,7 +7,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_memopt.predictor.precision import resolve_precision
 from lightning_memopt.predictor.trace import trace_step
-from lightning_memopt.utilities.tensor_tracker import TensorMemoryTracker
+from lightning_memopt.measuring.tensor_tracker import TensorMemoryTracker
 from predictor._modules import CNN, LMStep, hf_from_config, lora
 
 

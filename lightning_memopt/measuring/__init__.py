@@ -1,0 +1,1 @@
+"""Measuring memory on a device (probes, the counting CPU allocator, the dispatch tracker, per-step aggregation); no Lightning."""
