@@ -20,8 +20,8 @@ from lightning_memopt.cli.estimate import (
     prepare,
     print_json,
 )
-from lightning_memopt.predictor.estimate import CATEGORIES
 from lightning_memopt.core.units import format_bytes
+from lightning_memopt.predictor.estimate import CATEGORIES
 
 __all__ = ["PLOT_RULES", "add_parser", "memory_grid", "run_plot"]
 
@@ -187,7 +187,7 @@ def run_plot(args: argparse.Namespace) -> int:
     """Handler of ``plot``: compute the grid, write the PNG (``--out``), print the totals (or ``--json``)."""
     args = prepare(args, PLOT_RULES)
     if isinstance(args.model_value, int):
-        raise ValueError(f"Expected a model with shapes to plot against the micro-batch, got the parameter count"  # noqa: TRY004
+        raise ValueError(f"Expected a model with shapes to plot against the micro-batch, got the parameter count"
                          f" {args.model!r}. Fix: pass a preset, a Hub id or a config.json.")  # fmt: skip
     if args.out is None and not args.json:
         raise ValueError("Expected --out FILE.png (the plot) or --json (its data), got neither. Fix: add"

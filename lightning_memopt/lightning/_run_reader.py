@@ -143,7 +143,7 @@ class RunReader:
             return None
         try:
             optim_conf = compat.call_configure_optimizers(self.trainer, module)
-        except Exception:  # noqa: BLE001 -- e.g. it needs the strategy set up: the Trainer calls it later
+        except Exception:  # e.g. it needs the strategy set up: the Trainer calls it later
             return None
         if optim_conf is None:
             return None

@@ -5,7 +5,6 @@ from typing import Any, Union
 
 import torch
 
-
 _PATH = Union[str, Path]
 
 

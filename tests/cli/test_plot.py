@@ -7,8 +7,8 @@ import pytest
 from lightning_memopt.cli import build_parser, main
 from lightning_memopt.cli.estimate import prepare
 from lightning_memopt.cli.plot import PLOT_RULES, figure, memory_grid
-from lightning_memopt.planning.estimate import estimate_memory
 from lightning_memopt.core.plotting import pyplot
+from lightning_memopt.planning.estimate import estimate_memory
 
 
 def test_json_rows_are_the_predictors_estimates(capsys):

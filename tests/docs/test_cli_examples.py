@@ -15,8 +15,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, write_hub_cache
 
+from helpers import ROOT, write_hub_cache
 from lightning_memopt.predictor.hub import is_hub_id
 from lightning_memopt.predictor.presets import preset_for_hub_id
 

@@ -3,6 +3,7 @@
 import re
 
 import pytest
+
 from helpers import ROOT, run_script
 
 SCRIPT = ROOT / "examples" / "finetune_hf.py"

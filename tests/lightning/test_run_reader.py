@@ -14,8 +14,8 @@ from tiny_llm import CausalLM, TextDataModule
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from lightning_memopt import MemOptStrategy
-from lightning_memopt.lightning.callbacks import BatchPlanner, MemoryDoesNotFitError, MemoryMonitor
 from lightning_memopt.lightning._run_reader import _KEY
+from lightning_memopt.lightning.callbacks import BatchPlanner, MemoryDoesNotFitError, MemoryMonitor
 from lightning_memopt.transforms import applied_transforms
 
 SEQ = 32

@@ -7,10 +7,10 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lightning_memopt.lightning.callbacks._memory_report import fit_check_message, unit_for
-from lightning_memopt.lightning._run_reader import quiet_logging, read_run
-from lightning_memopt.predictor.estimate import MemoryEstimate
 from lightning_memopt.core.units import format_bytes
+from lightning_memopt.lightning._run_reader import quiet_logging, read_run
+from lightning_memopt.lightning.callbacks._memory_report import fit_check_message, unit_for
+from lightning_memopt.predictor.estimate import MemoryEstimate
 
 
 class MemoryDoesNotFitError(MisconfigurationException):
@@ -86,7 +86,7 @@ class FitPrediction:
             try:
                 with quiet_logging(pl_module):
                     self._estimates[key] = (estimate_memory(**kwargs), kwargs)
-            except Exception as err:  # noqa: BLE001 -- a callback never ends the run it observes
+            except Exception as err:  # a callback never ends the run it observes
                 self.unpredictable(pl_module, err)
                 return False
         self.estimate, self._kwargs = self._estimates[key]

@@ -4,8 +4,8 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from lightning_memopt.measuring.memory_steps import prediction_error
 from lightning_memopt.core.units import format_bytes
+from lightning_memopt.measuring.memory_steps import prediction_error
 
 __all__ = ["describe_fix", "fit_check_message", "plot_history", "prediction_error", "save_plot", "summarize",
            "summary_table", "unit_for"]  # fmt: skip

@@ -18,8 +18,8 @@ from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_has
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lightning_memopt.lightning._run_reader import ReadsRun, RunReader, quiet_logging, read_run
 from lightning_memopt.core.units import format_bytes, parse_bytes
+from lightning_memopt.lightning._run_reader import ReadsRun, RunReader, quiet_logging, read_run
 
 
 class BatchPlanner(ReadsRun):
@@ -133,7 +133,7 @@ class BatchPlanner(ReadsRun):
         """Rank zero's plan, or the exception to raise on every rank (so that no rank waits forever)."""
         try:
             return self._search(run, optimizer)
-        except Exception as err:  # noqa: BLE001 -- sent to every rank, raised there
+        except Exception as err:  # sent to every rank, raised there
             return err
 
     def _search(self, run: RunReader, optimizer: str | None) -> dict[str, Any]:

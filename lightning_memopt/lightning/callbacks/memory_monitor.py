@@ -17,6 +17,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_memopt._imports import _MATPLOTLIB_AVAILABLE, requires
+from lightning_memopt.core.units import parse_bytes
+from lightning_memopt.lightning._run_reader import ReadsRun, batch_shape, optimizer_name, read_run
 from lightning_memopt.lightning.callbacks._memory_prediction import (
     FitPrediction,
     MemoryDoesNotFitError,
@@ -30,10 +32,8 @@ from lightning_memopt.lightning.callbacks._memory_report import (
     summary_table,
     unit_for,
 )
-from lightning_memopt.lightning._run_reader import ReadsRun, batch_shape, optimizer_name, read_run
-from lightning_memopt.predictor.estimate import CATEGORIES, MemoryEstimate
 from lightning_memopt.measuring.memory_steps import FIELDS, MemoryStepAggregator, storage_bytes
-from lightning_memopt.core.units import parse_bytes
+from lightning_memopt.predictor.estimate import CATEGORIES, MemoryEstimate
 
 __all__ = ["MemoryDoesNotFitError", "MemoryMonitor"]
 
@@ -285,7 +285,7 @@ class MemoryMonitor(ReadsRun):
     def _run_shape(run: Any) -> Any:
         try:
             return run.batch_shape()
-        except Exception:  # noqa: BLE001 -- a loader that cannot be built yet (e.g. needs the strategy); read at train start
+        except Exception:  # a loader that cannot be built yet (e.g. needs the strategy); read at train start
             return None
 
     def _run_optimizer(self, pl_module: "pl.LightningModule", read: Any) -> str | None:
@@ -382,7 +382,7 @@ class MemoryMonitor(ReadsRun):
             parts.append(f"Predicted per rank:\n{self._pred.table()}")
             try:
                 fixes = self._pred.suggestions(trainer)
-            except Exception as err:  # noqa: BLE001 -- never hide the OOM behind a second error
+            except Exception as err:  # never hide the OOM behind a second error
                 fixes, parts = [], parts + [f"(no suggestions: {err})"]
             parts += ["Suggestions (cheapest first):"] + [f"  {i}. {describe_fix(fix)}" for i, fix in enumerate(fixes, 1)]
         print("\n".join(parts), flush=True)

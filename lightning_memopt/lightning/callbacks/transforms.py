@@ -18,9 +18,9 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_memopt.lightning._run_reader import ReadsRun
+from lightning_memopt.lightning.strategies.transforms import checkpoint_run_to_fit
 from lightning_memopt.planning.budget import CheckpointPlan, _parse_budget
 from lightning_memopt.predictor.precision import resolve_precision
-from lightning_memopt.lightning.strategies.transforms import checkpoint_run_to_fit
 from lightning_memopt.transforms import apply_activation_checkpointing, apply_attention, apply_liger
 from lightning_memopt.transforms._applied import applied_transforms
 from lightning_memopt.transforms.attention import IMPLEMENTATIONS

@@ -23,19 +23,19 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_memopt.lightning.strategies import _deepspeed_compat as compat
-from lightning_memopt.lightning.strategies.arguments import (
-    LOSS_SCALING,
-    given_arguments,
-    resolve_arguments,
-    signature_defaults,
-)
 from lightning_memopt.core.deepspeed_config import (
     BUCKET_KNOBS,
     check_with_deepspeed,
     resolve_bucket_sizes,
     validate_bucket,
     without_disabled_offload,
+)
+from lightning_memopt.lightning.strategies import _deepspeed_compat as compat
+from lightning_memopt.lightning.strategies.arguments import (
+    LOSS_SCALING,
+    given_arguments,
+    resolve_arguments,
+    signature_defaults,
 )
 from lightning_memopt.lightning.strategies.setup_config import (
     check_checkpointing_conflict,

@@ -21,8 +21,8 @@ from monitor_launch import launch, planner_args
 from tiny_llm import CausalLM, TextDataModule
 
 from lightning_memopt import MemOptStrategy
-from lightning_memopt.lightning.callbacks.memory_monitor import MemoryDoesNotFitError, MemoryMonitor
 from lightning_memopt.core.units import parse_bytes
+from lightning_memopt.lightning.callbacks.memory_monitor import MemoryDoesNotFitError, MemoryMonitor
 
 SCRIPT = Path(__file__).parent / "scripts" / "monitor_run.py"
 TARGET = 0.03  # the predictor's worst-case analytic error on CPU (issue 3)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from lightning_memopt.lightning.callbacks._memory_report import plot_history, save_plot
 from lightning_memopt.core.plotting import pyplot
+from lightning_memopt.lightning.callbacks._memory_report import plot_history, save_plot
 
 MiB = 2**20
 PARTS = {"parameters": 2 * MiB, "gradients": MiB, "optimizer_states": 4 * MiB, "activations": 12 * MiB,

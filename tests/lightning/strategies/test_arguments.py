@@ -60,7 +60,7 @@ def test_the_config_says_what_lightnings_config_says(kwargs, tmp_path):
     zero = ours.get("zero_optimization", {})
     for key, value in theirs.get("zero_optimization", {}).items():
         if key in ("offload_optimizer", "offload_param"):
-            assert zero[key] == {k: v for k, v in value.items() if k != "nvme_path" or v and value["device"] == "nvme"}
+            assert zero[key] == {k: v for k, v in value.items() if k != "nvme_path" or (v and value["device"] == "nvme")}
         elif key not in DIFFERENT_DEFAULTS:
             assert zero[key] == value, key
     if "nvme" in kwargs.values():

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_script
 from tiny_llm import CausalLM
+
+from helpers import run_script
 
 SCRIPT = Path(__file__).parent / "scripts" / "stage_run.py"
 STAGES = (0, 1, 2, 3)

@@ -17,9 +17,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "examples"))
-from tiny_llm import CausalLM, TextDataModule  # noqa: E402
+from tiny_llm import CausalLM, TextDataModule
 
-from lightning_memopt import MemOptStrategy  # noqa: E402
+from lightning_memopt import MemOptStrategy
 
 warnings.filterwarnings("ignore")
 

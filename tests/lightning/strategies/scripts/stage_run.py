@@ -12,11 +12,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "examples"))
-from tiny_llm import CausalLM, TextDataModule  # noqa: E402
+from tiny_llm import CausalLM, TextDataModule
 
-from lightning_memopt import MemOptStrategy  # noqa: E402
-from lightning_memopt.lightning.consolidate import consolidate_checkpoint  # noqa: E402
-from lightning_memopt.measuring.zero_state import model_state_bytes  # noqa: E402
+from lightning_memopt import MemOptStrategy
+from lightning_memopt.lightning.consolidate import consolidate_checkpoint
+from lightning_memopt.measuring.zero_state import model_state_bytes
 
 warnings.filterwarnings("ignore")
 PROBE = torch.arange(2 * 32).reshape(2, 32) % 256  # the same batch on every rank
