@@ -285,13 +285,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.out:
             args.out.write_text(json.dumps(summary, indent=1))
         return
+    # fmt: off
     configs = [
         {"model": m, "stage": int(s), "precision": p, "attention": a, "checkpointing": c == "on",
-         "micro_batch": args.micro_batch, "seq_len": args.seq_len}  # fmt: skip
+         "micro_batch": args.micro_batch, "seq_len": args.seq_len}
         for m, s, p, a, c in itertools.product(args.models.split(","), args.stages.split(","),
                                                args.precisions.split(","), args.attention.split(","),
-                                               args.checkpointing.split(","))  # fmt: skip
+                                               args.checkpointing.split(","))
     ]
+    # fmt: on
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(worker, args=(args.world_size, free_port(), configs, args.steps, args.cpu_mode, tmp),

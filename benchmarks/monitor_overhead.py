@@ -84,12 +84,14 @@ def child(args: argparse.Namespace) -> None:
         counter = CPUAllocationCounter()  # installed again (the monitor removed it at the end of the fit)
         start = time.perf_counter()
         for _ in range(100_000):
-            x.append(torch.empty(256)); x.pop(0)
+            x.append(torch.empty(256))
+            x.pop(0)
         with_counter = (time.perf_counter() - start) / 100_000
         counter.close()
         start = time.perf_counter()
         for _ in range(100_000):
-            x.append(torch.empty(256)); x.pop(0)
+            x.append(torch.empty(256))
+            x.pop(0)
         result["allocator_cost_s"] = with_counter - (time.perf_counter() - start) / 100_000
     print(json.dumps(result))
 

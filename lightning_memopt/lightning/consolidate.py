@@ -1,11 +1,11 @@
 """Turn a sharded DeepSpeed checkpoint directory (as ``MemOptStrategy`` saves it) into one fp32 state dict file."""
 
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
-_PATH = Union[str, Path]
+_PATH = str | Path
 
 
 def consolidate_checkpoint(checkpoint_dir: _PATH, output_file: _PATH) -> dict[str, Any]:

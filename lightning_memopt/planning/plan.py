@@ -142,7 +142,7 @@ class Plan:
         ]
         width = max(len(k) for k, _ in rows)
         lines = [f"{k:<{width}} | {v}" for k, v in rows]
-        return "\n".join(lines + ["", self.estimate.table(unit)])
+        return "\n".join([*lines, "", self.estimate.table(unit)])
 
 
 def _check_margin(margin: float) -> None:

@@ -32,7 +32,7 @@ def cli_examples() -> "list[tuple[str, dict[str, str], list[str]]]":
         for lang, body in _FENCE.findall(path.read_text()):
             if lang.strip() not in _SHELL:
                 continue
-            for n, line in enumerate(body.replace("\\\n", " ").splitlines(), 1):
+            for line in body.replace("\\\n", " ").splitlines():
                 words = shlex.split(line, comments=True)
                 env = {}
                 while words and _ASSIGNMENT.match(words[0]):

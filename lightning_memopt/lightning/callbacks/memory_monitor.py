@@ -383,8 +383,9 @@ class MemoryMonitor(ReadsRun):
             try:
                 fixes = self._pred.suggestions(trainer)
             except Exception as err:  # never hide the OOM behind a second error
-                fixes, parts = [], parts + [f"(no suggestions: {err})"]
-            parts += ["Suggestions (cheapest first):"] + [f"  {i}. {describe_fix(fix)}" for i, fix in enumerate(fixes, 1)]
+                fixes, parts = [], [*parts, f"(no suggestions: {err})"]
+            parts.append("Suggestions (cheapest first):")
+            parts += [f"  {i}. {describe_fix(fix)}" for i, fix in enumerate(fixes, 1)]
         print("\n".join(parts), flush=True)
 
     def _close(self) -> None:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[2]))  # tests/, for helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # tests/, for helpers
 from helpers import run_script
+
+HERE = Path(__file__).resolve().parent
 
 #: The run the planner test plans: MemOptStrategy ZeRO-1, 2 ranks, hidden 256, seq_len 64.
 PLAN = {"zero": 1, "world_size": 2, "hidden": 256, "seq_len": 64, "micro_batch_size": 6, "accumulate_grad_batches": 2}
