@@ -258,9 +258,11 @@ def measure_overhead(rounds: int, micro_batch: int, seq_len: int) -> dict:
     summary = {name: {"min_ms": min(t) * 1e3, "median_ms": statistics.median(t) * 1e3,
                       "overhead_pct": (min(t) / base - 1) * 100} for name, t in times.items()}  # fmt: skip
     params = sum(p.numel() for p in model.parameters())
-    print(f"Llama {params} params, batch {micro_batch}x{seq_len}, bf16 autocast, AdamW, 1 thread, {rounds} rounds, CPU time:")
+    print(f"Llama {params} params, batch {micro_batch}x{seq_len}, bf16 autocast, AdamW, 1 thread, {rounds} rounds,"
+          " CPU time:")  # fmt: skip
     for name, s in summary.items():
-        print(f"  {name:9s} min {s['min_ms']:7.1f} ms  median {s['median_ms']:7.1f} ms  overhead {s['overhead_pct']:+.1f}%")
+        print(f"  {name:9s} min {s['min_ms']:7.1f} ms  median {s['median_ms']:7.1f} ms"
+              f"  overhead {s['overhead_pct']:+.1f}%")  # fmt: skip
     return summary
 
 

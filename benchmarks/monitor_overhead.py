@@ -1,7 +1,8 @@
 """Step-time overhead of MemoryMonitor: the same fit with and without it, each in a fresh process.
 
-Each configuration runs in its own process, the two alternate ``--repeats`` times, and each child reports the median wall time between consecutive
-``on_train_batch_start`` calls after ``--warmup`` steps (the whole step: forward, backward, optimizer, every callback).
+Each configuration runs in its own process, the two alternate ``--repeats`` times, and each child reports the median
+wall time between consecutive ``on_train_batch_start`` calls after ``--warmup`` steps (the whole step: forward,
+backward, optimizer, every callback).
 
     python benchmarks/monitor_overhead.py                      # CPU, MemoryMonitor(log_every_n_steps=1)
     python benchmarks/monitor_overhead.py --mode allocator     # the opt-in counting allocator (CPU) / allocator stats
@@ -70,7 +71,8 @@ def child(args: argparse.Namespace) -> None:
     data = TextDataModule(batch_size=args.batch_size, seq_len=args.seq_len, stride=8)
     trainer.fit(CausalLM(hidden_size=args.hidden, num_layers=args.layers), data)
     steps = [b - a for a, b in zip(timer.starts[args.warmup :], timer.starts[args.warmup + 1 :])]
-    result = {"median_step_s": statistics.median(steps), "steps": len(steps), "hook_s_per_step": hook_seconds[0] / args.steps}
+    result = {"median_step_s": statistics.median(steps), "steps": len(steps),
+              "hook_s_per_step": hook_seconds[0] / args.steps}  # fmt: skip
     if args.child == "monitor" and args.mode == "dispatch":
         result["dispatch_cost_s"] = dispatch_cost(trainer.lightning_module, data, args.accelerator)
     if args.child == "monitor" and args.accelerator == "cpu" and args.mode == "allocator":
@@ -164,9 +166,11 @@ def main() -> None:
                 details.append(result)
     base, monitored = statistics.median(times["none"]), statistics.median(times["monitor"])
     print(f"device: {args.accelerator}, model: hidden {args.hidden} x {args.layers} layers, batch {args.batch_size}"
-          f" x {args.seq_len}, log_every_n_steps={args.log_every}, mode {args.mode}, {args.repeats} runs each")  # fmt: skip
-    print(f"median step without MemoryMonitor: {base * 1e3:.1f} ms  (runs: {[round(t * 1e3, 1) for t in times['none']]})")
-    print(f"median step with MemoryMonitor:    {monitored * 1e3:.1f} ms  (runs: {[round(t * 1e3, 1) for t in times['monitor']]})")
+          f" x {args.seq_len}, log_every_n_steps={args.log_every}, mode {args.mode},"
+          f" {args.repeats} runs each")  # fmt: skip
+    runs = {kind: [round(t * 1e3, 1) for t in times[kind]] for kind in ("none", "monitor")}
+    print(f"median step without MemoryMonitor: {base * 1e3:.1f} ms  (runs: {runs['none']})")
+    print(f"median step with MemoryMonitor:    {monitored * 1e3:.1f} ms  (runs: {runs['monitor']})")
     print(f"overhead, end to end: {100 * (monitored / base - 1):+.1f} % (noisy on a shared machine)")
     hooks = statistics.median(d["hook_s_per_step"] for d in details)
     print(f"time in the monitor's hooks: {hooks * 1e3:.3f} ms per step = {100 * hooks / base:.2f} % of a step")

@@ -66,14 +66,15 @@ def child(args: argparse.Namespace) -> None:
 
 def run_stage(stage: int, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, __file__, "--child-stage", str(stage), "--child-dir", tmp, "--devices", str(args.devices),
-               "--hidden-size", str(args.hidden_size), "--layers", str(args.layers)]
+        cmd = [sys.executable, __file__, "--child-stage", str(stage), "--child-dir", tmp,
+               "--devices", str(args.devices), "--hidden-size", str(args.hidden_size), "--layers", str(args.layers)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"stage {stage} failed:\n{proc.stderr[-4000:]}")
         ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
     n = ranks[0]["n_parameters"]
-    result = {"stage": stage, "n_parameters": n, "world_size": len(ranks), "ideal": ideal_bytes_per_param(stage, len(ranks))}
+    result = {"stage": stage, "n_parameters": n, "world_size": len(ranks),
+              "ideal": ideal_bytes_per_param(stage, len(ranks))}  # fmt: skip
     for moment in ("before_step", "after_step"):
         per_rank = [{c: r[moment][c] / n for c in CATEGORIES} | {"total": sum(r[moment][c] for c in CATEGORIES) / n}
                     for r in ranks]
@@ -87,8 +88,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         m, after = r["before_step"]["max_rank"], r["after_step"]["max_rank"]["total"]
         lines.append(f"| {r['stage']} | {m['parameters']:.2f} | {m['master_parameters']:.2f} | {m['gradients']:.2f} | "
-                     f"{m['optimizer_states']:.2f} | {m['total']:.2f} | {r['ideal']:.2f} | {m['total'] / r['ideal']:.2f} |"
-                     f" {after:.2f} |")
+                     f"{m['optimizer_states']:.2f} | {m['total']:.2f} | {r['ideal']:.2f} | "
+                     f"{m['total'] / r['ideal']:.2f} | {after:.2f} |")
     return "\n".join(lines)
 
 

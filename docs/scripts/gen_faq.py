@@ -47,9 +47,10 @@ FIXES = {
     "Expected `mp_rank_00_model_states.pt`": "Pass the checkpoint directory DeepSpeed wrote (the `.ckpt` directory or"
     " its `checkpoint/` tag directory).",
     "Expected CUDA for device": "Run on a machine with CUDA, or measure the CPU device instead.",
-    "Building the CPU counting allocator failed": "Install a C compiler (gcc) or use `MemoryMonitor(cpu_mode='dispatch')`.",
-    "Could not install the CPU counting allocator": "Start the monitor before anything else sets a CPU allocator, or use"
+    "Building the CPU counting allocator failed": "Install a C compiler (gcc) or use"
     " `MemoryMonitor(cpu_mode='dispatch')`.",
+    "Could not install the CPU counting allocator": "Start the monitor before anything else sets a CPU allocator,"
+    " or use `MemoryMonitor(cpu_mode='dispatch')`.",
 }
 
 

@@ -10,4 +10,11 @@ from lightning_memopt.lightning.callbacks import (
     MemoryMonitor,
 )
 
-__all__ = ["ActivationCheckpointing", "BatchPlanner", "FlashAttention", "LigerKernel", "MemoryDoesNotFitError", "MemoryMonitor"]
+__all__ = [
+    "ActivationCheckpointing",
+    "BatchPlanner",
+    "FlashAttention",
+    "LigerKernel",
+    "MemoryDoesNotFitError",
+    "MemoryMonitor",
+]

@@ -83,7 +83,9 @@ def memory_grid(
         ...                    checkpointing=(False,), world_size=8)
         >>> [(r["zero"], r["micro_batch_size"]) for r in rows]
         [(0, 1), (0, 8), (3, 1), (3, 8)]
-        >>> rows[1]["activations"] > rows[0]["activations"] and rows[2]["optimizer_states"] < rows[0]["optimizer_states"]
+        >>> rows[1]["activations"] > rows[0]["activations"]
+        True
+        >>> rows[2]["optimizer_states"] < rows[0]["optimizer_states"]
         True
     """
     from lightning_memopt.planning.estimate import estimate_memory

@@ -279,7 +279,8 @@ def without_disabled_offload(zero_config: Mapping[str, Any]) -> dict[str, Any]:
         >>> without_disabled_offload({"stage": 2, "offload_optimizer": False})
         {'stage': 2}
     """
-    return {k: v for k, v in zero_config.items() if not (k in ("offload_optimizer", "offload_param") and v in (False, None))}
+    offloads = ("offload_optimizer", "offload_param")
+    return {k: v for k, v in zero_config.items() if not (k in offloads and v in (False, None))}
 
 
 def resolve_bucket_sizes(config: dict[str, Any], module: nn.Module, arguments: Mapping[str, Any]) -> None:

@@ -18,7 +18,8 @@ from typing import Any
 from lightning_memopt._imports import _MATPLOTLIB_AVAILABLE, requires
 
 __all__ = [
-    "CATEGORY_GROUPS", "COLORS", "MONITOR_GROUPS", "draw_limits", "group", "legend_patches", "pyplot", "save", "unit_for",
+    "CATEGORY_GROUPS", "COLORS", "MONITOR_GROUPS", "draw_limits", "group", "legend_patches", "pyplot", "save",
+    "unit_for",
 ]  # fmt: skip
 
 #: The predictor's six categories, each its own band (model states in blues, activations in oranges).
@@ -97,7 +98,9 @@ def draw_limits(
                 ha="right", va="top", fontsize="small", color="#a50f15")  # fmt: skip
         ax.set_ylim(0, ymax)
         return ymax
-    ax.axhline(device / scale, color="#a50f15", linestyle="--", linewidth=1.5, label=f"device ({device / scale:,.1f} {unit})")
+    ax.axhline(
+        device / scale, color="#a50f15", linestyle="--", linewidth=1.5, label=f"device ({device / scale:,.1f} {unit})"
+    )
     if margin:
         budget = device * (1 - margin)
         ax.axhline(budget / scale, color="#a50f15", linestyle=":", linewidth=1.2,

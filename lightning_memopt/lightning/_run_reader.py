@@ -229,7 +229,8 @@ def optimizer_name(optimizer: Any) -> str:
             return f"{base}-fused"
         if defaults.get("foreach"):
             return f"{base}-foreach"
-        # torch picks foreach by itself when every parameter is on CUDA (torch/optim/optimizer.py, _default_to_fused_or_foreach)
+        # torch picks foreach by itself when every parameter is on CUDA
+        # (torch/optim/optimizer.py, _default_to_fused_or_foreach)
         params = [p for group in getattr(optimizer, "param_groups", []) for p in group["params"]]
         if defaults.get("foreach") is None and params and all(p.device.type == "cuda" for p in params):
             return f"{base}-foreach"

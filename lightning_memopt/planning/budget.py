@@ -99,8 +99,8 @@ def checkpoint_to_fit(
     ``estimate_kwargs`` (``micro_batch_size``, ``seq_len``, ``precision``, ``zero``, ``world_size``, ``engine``,
     ``optimizer``, ``deepspeed_config``, ``example_batch`` for a model that is not a Hugging Face one, ...), with
     its first ``k`` candidate blocks checkpointed as the transform wraps them. With ``k = 0`` nothing is wrapped
-    (an earlier checkpointing is removed). The plan is recorded in ``applied_transforms(module)["checkpoint_plan"]``; the
-    wrapped blocks, as usual, under ``"activation_checkpointing"``.
+    (an earlier checkpointing is removed). The plan is recorded in ``applied_transforms(module)["checkpoint_plan"]``;
+    the wrapped blocks, as usual, under ``"activation_checkpointing"``.
 
     Args:
         module: the model (Hugging Face, plain ``nn.Module`` or LightningModule).

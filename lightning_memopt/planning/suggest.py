@@ -54,7 +54,9 @@ def _candidate_changes(
     zero = kwargs.get("zero", 0)
     world = kwargs.get("world_size", 1)
     torch_engine = kwargs.get("engine", "deepspeed") == "torch"
-    switch: "dict[str, Any]" = {"engine": "deepspeed", "deepspeed_config": dict(zero_config or {})} if torch_engine else {}
+    switch: "dict[str, Any]" = {}
+    if torch_engine:
+        switch = {"engine": "deepspeed", "deepspeed_config": dict(zero_config or {})}
     via = "switch to MemOptStrategy(zero={})" if torch_engine else "zero={}"
     out: "list[tuple[str, dict[str, Any]]]" = []
     if kwargs.get("attention", "sdpa") == "eager":

@@ -70,7 +70,10 @@ class FitPrediction:
         self._warned = False
 
     def refresh(self) -> None:
-        """Forget the estimates (the strategy's config or the optimizer changed); the next :meth:`predict` redoes them."""
+        """Forget the estimates (the strategy's config or the optimizer changed).
+
+        The next :meth:`predict` redoes them.
+        """
         self._estimates.clear()
 
     def predict(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", shape: Any, batch: Any = None) -> bool:

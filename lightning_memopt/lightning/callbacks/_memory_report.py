@@ -28,8 +28,9 @@ def fit_check_message(estimate: Any, device_memory: int, margin: float, fixes: l
     budget = int(device_memory * (1.0 - margin))
     lines = [f"  {i}. {describe_fix(fix)}" for i, fix in enumerate(fixes, 1)] or ["  (none found)"]
     return (
-        f"Expected the predicted peak per rank to fit in {format_bytes(budget, unit)} ({format_bytes(device_memory, unit)}"
-        f" with {margin:.0%} kept free), got {format_bytes(estimate.total, unit)}.\n{estimate.table(unit)}\n"
+        f"Expected the predicted peak per rank to fit in {format_bytes(budget, unit)}"
+        f" ({format_bytes(device_memory, unit)} with {margin:.0%} kept free), got {format_bytes(estimate.total, unit)}."
+        f"\n{estimate.table(unit)}\n"
         "Fix: one of these changes (cheapest first), each with its predicted peak:\n" + "\n".join(lines)
     )
 
@@ -136,8 +137,9 @@ def plot_history(history: "list[dict[str, Any]]", device_memory: "int | None" = 
     for i, rank in enumerate(ranks):  # dark lines, told apart by colour, marker and dash (ranks often overlap)
         rows = [row for row in history if row["rank"] == rank]
         ax.plot([r["step"] for r in rows], [r["actual_peak_bytes"] / scale for r in rows], linewidth=1.5,
-                color=_LINE_COLORS[i % len(_LINE_COLORS)], marker="os^Dv<>p"[i % 8], markersize=4, markerfacecolor="none",
-                linestyle=("-", "--", "-.", ":")[i % 4], label=f"rank {rank}: actual peak")  # fmt: skip
+                color=_LINE_COLORS[i % len(_LINE_COLORS)], marker="os^Dv<>p"[i % 8], markersize=4,
+                markerfacecolor="none", linestyle=("-", "--", "-.", ":")[i % 4],
+                label=f"rank {rank}: actual peak")  # fmt: skip
     draw_limits(ax, device_memory, margin, top, scale, unit)
     handles, labels = ax.get_legend_handles_labels()
     patches = legend_patches(names)

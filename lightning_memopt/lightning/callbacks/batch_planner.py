@@ -108,8 +108,8 @@ class BatchPlanner(ReadsRun):
             )
         if trainer.accumulate_grad_batches != 1:
             raise MisconfigurationException(
-                f"Expected `Trainer(accumulate_grad_batches=1)` with BatchPlanner, got {trainer.accumulate_grad_batches}."
-                " Fix: drop it; BatchPlanner sets it."
+                "Expected `Trainer(accumulate_grad_batches=1)` with BatchPlanner,"
+                f" got {trainer.accumulate_grad_batches}. Fix: drop it; BatchPlanner sets it."
             )
         run = read_run(trainer)
         run.first_batch()  # on every rank: Lightning builds its loader collectively
@@ -203,9 +203,11 @@ class BatchPlanner(ReadsRun):
             ("micro-batch (used)", str(r["micro_batch_size"])),
             ("accumulate_grad_batches", str(r["accumulate_grad_batches"])),
             ("world size x seq len", f"{r['world_size']} x {r['seq_len']}"),
-            ("global batch (requested / achieved)", f"{r['global_batch_tokens']:,} / {r['achieved_global_batch_tokens']:,} tokens"),
+            ("global batch (requested / achieved)",
+             f"{r['global_batch_tokens']:,} / {r['achieved_global_batch_tokens']:,} tokens"),
             ("predicted peak per rank", format_bytes(r["predicted_peak_bytes"], "MiB")),
-            (f"predicted at micro-batch {r['max_micro_batch_size'] + 1}", format_bytes(r["next_predicted_peak_bytes"], "MiB")),
+            (f"predicted at micro-batch {r['max_micro_batch_size'] + 1}",
+             format_bytes(r["next_predicted_peak_bytes"], "MiB")),
             ("budget (device - margin)", f"{format_bytes(r['budget_bytes'], 'MiB')} ({self.margin:.0%} kept free)"),
         ]  # fmt: skip
         width = max(len(k) for k, _ in rows)

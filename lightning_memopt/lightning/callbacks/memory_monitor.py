@@ -318,7 +318,8 @@ class MemoryMonitor(ReadsRun):
         self._probe.start_step()
 
     def _after_step(self, trainer: "pl.Trainer") -> None:
-        predicted = self._pred.peak(first_micro_step=self._agg.micro_steps == 0, on_cpu=self._probe.device.type == "cpu")
+        first_micro_step, on_cpu = self._agg.micro_steps == 0, self._probe.device.type == "cpu"
+        predicted = self._pred.peak(first_micro_step=first_micro_step, on_cpu=on_cpu)
         self._agg.micro_step(self._probe.end_step(), predicted)
         if trainer.global_step == self._last_global_step:
             return  # accumulating: no optimizer step yet

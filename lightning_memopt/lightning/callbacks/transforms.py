@@ -157,7 +157,10 @@ class FlashAttention(_TransformCallback):
 
     def _apply(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         apply_attention(
-            pl_module, self.implementation, device=trainer.strategy.root_device, dtype=resolve_precision(trainer.precision).compute_dtype
+            pl_module,
+            self.implementation,
+            device=trainer.strategy.root_device,
+            dtype=resolve_precision(trainer.precision).compute_dtype,
         )
 
 

@@ -112,7 +112,8 @@ def given_arguments(values: Mapping[str, Any], *defaults: Mapping[str, Any]) -> 
     its defaults) sets nothing. Numbers compare by value (a YAML ``0`` is the default ``0.0``), booleans by identity.
 
     Example:
-        >>> sorted(given_arguments({"stage": 2, "zero": 3, "loss_scale": 0}, {"zero": None}, {"stage": 2, "loss_scale": 0.0}))
+        >>> sorted(given_arguments({"stage": 2, "zero": 3, "loss_scale": 0}, {"zero": None},
+        ...                        {"stage": 2, "loss_scale": 0.0}))
         ['zero']
     """
     return {name for name, value in values.items() if not any(_is_default(value, d, name) for d in defaults)}
@@ -287,7 +288,8 @@ def _remote_device(remote: str | None, zero: int, offload_parameters: str | None
         )
     if remote.lower() == "nvme" and offload_parameters != "nvme":
         raise ValueError(
-            f"Expected parameter offload to NVMe with remote_device='nvme', got offload_parameters={offload_parameters!r}."
+            "Expected parameter offload to NVMe with remote_device='nvme',"
+            f" got offload_parameters={offload_parameters!r}."
             " Fix: `offload_parameters=True, offload_params_device='nvme', nvme_path=...`."
         )
     return remote.lower()

@@ -350,7 +350,8 @@ class MemOptStrategy(DeepSpeedStrategy):
     def _initialize_deepspeed_inference(self, model: Module) -> None:
         from deepspeed.runtime import constants
 
-        # Lightning reads this key unconditionally at ZeRO-3 (KeyError for a user config without it): DeepSpeed's default
+        # Lightning reads this key unconditionally at ZeRO-3 (KeyError for a user config without it):
+        # DeepSpeed's default
         self.config.setdefault(constants.ZERO_ALLOW_UNTESTED_OPTIMIZER, constants.ZERO_ALLOW_UNTESTED_OPTIMIZER_DEFAULT)
         if self.root_device.index is not None:
             super()._initialize_deepspeed_inference(model)

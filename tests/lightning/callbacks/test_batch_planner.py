@@ -71,7 +71,8 @@ def test_bad_arguments_raise_at_construction(kwargs, error, match):
 
 def _trainer(tmp_path, planner: BatchPlanner, **kwargs) -> pl.Trainer:
     return pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=CSVLogger(tmp_path), callbacks=[planner],
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, **kwargs)  # fmt: skip
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      **kwargs)  # fmt: skip
 
 
 def test_without_a_batch_size_attribute_setup_raises(tmp_path):

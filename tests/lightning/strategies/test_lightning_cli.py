@@ -46,7 +46,8 @@ def test_yaml_with_lightnings_argument_names_trains(tmp_path):
     cli = main(["fit", "--config", str(config), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
                 "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "2", "--trainer.logger", "false",
                 "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
-                "--data.batch_size", "2", "--data.seq_len", "32", "--model.hidden_size", "32", "--model.num_layers", "1"])
+                "--data.batch_size", "2", "--data.seq_len", "32", "--model.hidden_size", "32",
+                "--model.num_layers", "1"])
     strategy = cli.trainer.strategy
     assert (strategy.zero_stage, strategy.offload_optimizer, strategy.offload_parameters) == (3, "cpu", "cpu")
     assert strategy.config["zero_optimization"]["sub_group_size"] == 100_000_000

@@ -22,7 +22,12 @@ def test_defaults_build_a_zero2_config():
 
 @pytest.mark.parametrize(
     ("name", "zero", "offload"),
-    [("memopt_zero1", 1, None), ("memopt_zero2", 2, None), ("memopt_zero3", 3, None), ("memopt_zero3_offload", 3, "cpu")],
+    [
+        ("memopt_zero1", 1, None),
+        ("memopt_zero2", 2, None),
+        ("memopt_zero3", 3, None),
+        ("memopt_zero3_offload", 3, "cpu"),
+    ],
 )
 def test_registered_names(name, zero, offload):
     assert name in StrategyRegistry

@@ -1,4 +1,7 @@
-"""MemOptStrategy's setup-time config: micro-batch size, DeepSpeed's checkpointing settings, loss scaling (1 process)."""
+"""MemOptStrategy's setup-time config: micro-batch size, DeepSpeed's checkpointing settings, loss scaling.
+
+One process.
+"""
 
 import lightning.pytorch as pl
 import pytest
@@ -86,7 +89,8 @@ class _DeepSpeedCheckpointed(pl.LightningModule):
 
 
 def test_deepspeeds_checkpointing_settings_are_configured_for_the_fit_and_restored(tmp_path):
-    before = {name: getattr(ds_checkpointing, name) for name in ("PARTITION_ACTIVATIONS", "CPU_CHECKPOINT", "SYNCHRONIZE")}
+    names = ("PARTITION_ACTIVATIONS", "CPU_CHECKPOINT", "SYNCHRONIZE")
+    before = {name: getattr(ds_checkpointing, name) for name in names}
     plain = _DeepSpeedCheckpointed()
     _trainer(MemOptStrategy(zero=2), tmp_path, max_steps=3, precision="32-true").fit(plain)
     knobs = _DeepSpeedCheckpointed()

@@ -81,7 +81,8 @@ def main() -> None:
     result = {"rank": first.global_rank, "world_size": first.world_size, "straight": straight.train_losses,
               "probe": straight.probe_losses, "states": straight.states,
               "n_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in first.lightning_module.parameters()),
-              "persistent": sum(p.ds_numel for p in first.lightning_module.parameters() if getattr(p, "ds_persist", False))}
+              "persistent": sum(p.ds_numel for p in first.lightning_module.parameters()
+                                if getattr(p, "ds_persist", False))}
     if not args.no_resume:
         pl.seed_everything(0)
         resumed, predictions = Recorder(), PredictRecorder()
