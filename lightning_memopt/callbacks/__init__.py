@@ -11,10 +11,6 @@ from lightning_memopt.lightning.callbacks import (
 )
 
 __all__ = [
-    "ActivationCheckpointing",
-    "BatchPlanner",
-    "FlashAttention",
-    "LigerKernel",
-    "MemoryDoesNotFitError",
+    "ActivationCheckpointing", "BatchPlanner", "FlashAttention", "LigerKernel", "MemoryDoesNotFitError",
     "MemoryMonitor",
-]
+]  # fmt: skip

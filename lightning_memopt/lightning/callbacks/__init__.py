@@ -5,10 +5,6 @@ from lightning_memopt.lightning.callbacks.memory_monitor import MemoryDoesNotFit
 from lightning_memopt.lightning.callbacks.transforms import ActivationCheckpointing, FlashAttention, LigerKernel
 
 __all__ = [
-    "ActivationCheckpointing",
-    "BatchPlanner",
-    "FlashAttention",
-    "LigerKernel",
-    "MemoryDoesNotFitError",
+    "ActivationCheckpointing", "BatchPlanner", "FlashAttention", "LigerKernel", "MemoryDoesNotFitError",
     "MemoryMonitor",
-]
+]  # fmt: skip
