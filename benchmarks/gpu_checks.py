@@ -182,7 +182,8 @@ def check_zero_stages(variant: str | None) -> dict:
     steps = [b - a for a, b in zip(timer.starts[3:], timer.starts[4:])]
     n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     peak = memory.peak()
-    return {"strategy": strategy_name, "stage": int(stage), "n_parameters": n, "median_step_s": statistics.median(steps),
+    return {"strategy": strategy_name, "stage": int(stage), "n_parameters": n,
+            "median_step_s": statistics.median(steps),
             "peak_bytes": peak, "peak_bytes_per_param": peak / n}
 
 
