@@ -113,8 +113,6 @@ def test_no_import_cycle_between_packages():
 
 def test_the_import_reader_sees_imports_inside_functions(tmp_path, monkeypatch):
     """The walk is not fooled by a function-local import (a hidden cycle is still a cycle)."""
-    fake = PACKAGE / "core" / "units.py"
-    assert "lightning_memopt.core.units" in {_module_name(fake)}
     source = "def f():\n    from lightning_memopt.cli import estimate\n    import lightning.pytorch\n"
     probe = tmp_path / "probe.py"
     probe.write_text(source)
