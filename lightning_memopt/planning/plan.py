@@ -158,14 +158,24 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
-def _largest_fitting(estimate: Any, budget: int, upper: int) -> "tuple[int, MemoryEstimate, int]":
+def largest_fitting(estimate: Any, budget: int, upper: int) -> "tuple[int, MemoryEstimate, int]":
     """Binary search of the largest micro-batch in [1, upper] that fits ``budget``.
 
     The estimate is monotone below ``upper``; ``upper`` itself is tried first, since there it may be lower
     (the global batch needs no gradient accumulation, which keeps gradients between micro-steps).
 
+    Args:
+        estimate: micro-batch -> its :class:`MemoryEstimate` (anything with a ``total``).
+        budget: bytes the peak must not exceed.
+        upper: the largest micro-batch to consider.
+
     Returns ``(largest, its estimate, predicted total at micro-batch 1)``; ``largest`` is 0 when even
     micro-batch 1 does not fit (the estimate is then micro-batch 1's).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> largest_fitting(lambda b: SimpleNamespace(total=10 * b), budget=35, upper=8)[0]
+        3
     """
     first = estimate(1)
     if first.total > budget:
@@ -251,7 +261,7 @@ def plan_batch(
             accumulate = math.ceil(target / (micro * seq_len * world_size))  # the accumulation it needs
             return estimate_memory(model, micro_batch_size=micro, accumulate_grad_batches=accumulate, **kwargs)
 
-        largest, est, at_one = _largest_fitting(estimate, budget, cap)
+        largest, est, at_one = largest_fitting(estimate, budget, cap)
         tried.append((setting.describe(), at_one))
         if largest == 0:
             continue

@@ -1,6 +1,6 @@
 """Fixes for a run that does not fit: each change to the run, its predicted peak, ranked cheapest first.
 
-The cost order and the micro-batch search are :mod:`.plan`'s (one search: :func:`~.plan._largest_fitting`).
+The cost order and the micro-batch search are :mod:`.plan`'s (one search: :func:`~.plan.largest_fitting`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_memopt.core.units import format_bytes, parse_bytes
-from lightning_memopt.planning.plan import _check_margin, _largest_fitting
+from lightning_memopt.planning.plan import _check_margin, largest_fitting
 from lightning_memopt.predictor.estimate import MemoryEstimate
 
 __all__ = ["Suggestion", "suggest_fixes"]
@@ -165,7 +165,7 @@ def suggest_fixes(
             return estimate_memory(**{**base, "micro_batch_size": b,
                                       "accumulate_grad_batches": accumulate * math.ceil(micro / b)})  # fmt: skip
 
-        largest, _, _ = _largest_fitting(smaller_batch, budget, micro)
+        largest, _, _ = largest_fitting(smaller_batch, budget, micro)
         smaller = largest if largest >= 1 else 1
         factor = math.ceil(micro / smaller)
         smaller = math.ceil(micro / factor)  # the same global batch with the fewest extra steps

@@ -138,7 +138,7 @@ class BatchPlanner(ReadsRun):
 
     def _search(self, run: RunReader, optimizer: str | None) -> dict[str, Any]:
         from lightning_memopt.planning.estimate import estimate_memory
-        from lightning_memopt.planning.plan import _largest_fitting
+        from lightning_memopt.planning.plan import largest_fitting
 
         shape = run.batch_shape()
         if shape is None or (shape[1] is None and self.seq_len is None):
@@ -171,7 +171,7 @@ class BatchPlanner(ReadsRun):
                     estimates[micro] = estimate_memory(**{**kwargs, **change})
             return estimates[micro]
 
-        largest, _, at_one = _largest_fitting(estimate, budget, cap)
+        largest, _, at_one = largest_fitting(estimate, budget, cap)
         if largest == 0:
             raise MisconfigurationException(
                 f"Expected micro-batch 1 to fit in {format_bytes(budget)}, got a predicted peak of"
