@@ -40,7 +40,12 @@ def test_strategy_names_registered_after_bare_import(order: str) -> None:
     code = (
         f"{imports}\n"
         "from lightning.pytorch.strategies import StrategyRegistry\n"
-        "print(sorted(n for n in StrategyRegistry if n.startswith('memopt_')))"
+        "print(sorted(n for n in StrategyRegistry if n.startswith('memopt_')))\n"
+        "trainer = lightning.Trainer(strategy='memopt_zero3', accelerator='cpu', devices=1, logger=False)\n"
+        "print(type(trainer.strategy).__name__, trainer.strategy.zero_stage)"
     )
-    names = _run(code)
+    lines = _run(code).splitlines()  # DeepSpeed prints its accelerator notice to stdout too
+    names = next(line for line in lines if line.startswith("['memopt"))
+    strategy = next(line for line in lines if line.startswith("MemOptStrategy"))
     assert names == str(["memopt_zero1", "memopt_zero2", "memopt_zero3", "memopt_zero3_offload"])
+    assert strategy == "MemOptStrategy 3"  # the Trainer resolves the name to the strategy
