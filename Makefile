@@ -1,7 +1,7 @@
 # Quick start targets: each sets up (idempotent) and then runs.
 PYTHON ?= python3
 
-.PHONY: setup demo test docs
+.PHONY: setup demo test test-slow lint docs
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -11,6 +11,12 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m pytest
+
+test-slow: setup
+	$(PYTHON) -m pytest -m slow
+
+lint: setup
+	$(PYTHON) -m ruff check .
 
 docs: setup
 	$(PYTHON) -m pip install --quiet -e ".[docs]"

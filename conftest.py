@@ -3,9 +3,6 @@
 import contextlib
 import io
 
-from lightning_memopt._imports import _DEEPSPEED_AVAILABLE
-
-if _DEEPSPEED_AVAILABLE:
-    # DeepSpeed prints an accelerator notice to stdout on first import; keep it out of the doctests' output.
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        import deepspeed  # noqa: F401
+# DeepSpeed prints an accelerator notice to stdout on first import; keep it out of the doctests' output.
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    import deepspeed  # noqa: F401

@@ -75,7 +75,8 @@ def main() -> None:
                      "num_parameters": details.get("num_parameters"), "traced_blocks": details.get("traced_blocks"),
                      "blocks": details.get("blocks"), "predicted_peak_bytes": estimate.total,
                      "target_s": 10.0 if kwargs is None else 2.0})  # fmt: skip
-    print(f"warm-up (imports, 2-layer models of each family): {warm:.1f} s; {platform.processor() or platform.machine()}")
+    cpu = platform.processor() or platform.machine()
+    print(f"warm-up (imports, 2-layer models of each family): {warm:.1f} s; {cpu}")
     print("| case | parameters | blocks traced | first call | again (median) | target | peak per rank |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:

@@ -75,7 +75,7 @@ class PeakMemory:
     def __init__(self) -> None:
         self._probe = None
         if SMOKE:
-            from lightning_memopt.utilities.memory import DeviceMemoryProbe
+            from lightning_memopt.measuring.memory import DeviceMemoryProbe
 
             self._probe = DeviceMemoryProbe("cpu", cpu_mode="dispatch")
             self._probe.start()
@@ -182,7 +182,8 @@ def check_zero_stages(variant: str | None) -> dict:
     steps = [b - a for a, b in zip(timer.starts[3:], timer.starts[4:])]
     n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     peak = memory.peak()
-    return {"strategy": strategy_name, "stage": int(stage), "n_parameters": n, "median_step_s": statistics.median(steps),
+    return {"strategy": strategy_name, "stage": int(stage), "n_parameters": n,
+            "median_step_s": statistics.median(steps),
             "peak_bytes": peak, "peak_bytes_per_param": peak / n}
 
 

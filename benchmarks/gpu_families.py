@@ -30,7 +30,8 @@ FAMILIES: "dict[str, tuple[dict, dict, int | None]]" = {
     "qwen3_moe (MoE top-8)": (
         dict(model_type="qwen3_moe", hidden_size=768, intermediate_size=2048, moe_intermediate_size=256,
              num_hidden_layers=4, num_attention_heads=12, num_key_value_heads=4, head_dim=64, num_experts=32,
-             num_experts_per_tok=8, vocab_size=32000), dict(moe_intermediate_size=32, num_experts=8, head_dim=16), None),
+             num_experts_per_tok=8, vocab_size=32000),
+        dict(moe_intermediate_size=32, num_experts=8, head_dim=16), None),
     "gemma3_text (sliding window)": (
         dict(model_type="gemma3_text", hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
              num_attention_heads=8, num_key_value_heads=4, head_dim=128, sliding_window=128, vocab_size=32000),

@@ -5,7 +5,8 @@ def tables(results: dict) -> str:
     """Every check's table (markdown), then the checks that did not run to the end."""
     out = []
     if results.get("zero_stages", {}).get("runs"):
-        out += ["zero_stages", "| strategy | stage | median step | peak allocated | bytes/param |", "|---|---|---|---|---|"]
+        out += ["zero_stages", "| strategy | stage | median step | peak allocated | bytes/param |",
+                "|---|---|---|---|---|"]
         for r in results["zero_stages"]["runs"]:
             if r.get("status") == "ok":
                 out.append(f"| {r['strategy']} | {r['stage']} | {r['median_step_s'] * 1e3:.1f} ms | "
@@ -23,7 +24,8 @@ def tables(results: dict) -> str:
         out += ["liger_numerics", f"skipped: {results['liger_numerics']['skipped']}"]
     elif results.get("liger_numerics", {}).get("status") == "ok":
         r = results["liger_numerics"]
-        out += ["liger_numerics", (f"loss {r['loss_unpatched']:.5f} vs {r['loss_liger']:.5f} (|diff| {r['loss_abs_diff']:.2e});"
+        out += ["liger_numerics", (f"loss {r['loss_unpatched']:.5f} vs {r['loss_liger']:.5f}"
+                                   f" (|diff| {r['loss_abs_diff']:.2e});"
                 f" gradient relative difference: max {r['grad_rel_diff_max']:.2e} ({r['grad_rel_diff_max_param']}),"
                 f" median {r['grad_rel_diff_median']:.2e}")]
     if results.get("throughput", {}).get("runs"):

@@ -3,7 +3,7 @@
 Two processes (torch.multiprocessing, gloo, 127.0.0.1, a free port) train tiny models with
 ``deepspeed.initialize`` over a matrix of ZeRO stage x precision x attention x checkpointing, 3 steps each,
 and every rank records, per step, the peak and end-of-step live CPU tensor bytes counted by
-:class:`lightning_memopt.utilities.memory.DeviceMemoryProbe` (the counting allocator is installed before
+:class:`lightning_memopt.measuring.memory.DeviceMemoryProbe` (the counting allocator is installed before
 the model is built, so the model, DeepSpeed's flat buffers, fp32 partitions and Adam states are all
 counted). All bytes are relative to the bytes alive before the model was built.
 
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_memopt.utilities.memory import DeviceMemoryProbe
+from lightning_memopt.measuring.memory import DeviceMemoryProbe
 
 VOCAB = 256
 
@@ -214,7 +214,7 @@ def measure_overhead(rounds: int, micro_batch: int, seq_len: int) -> dict:
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lightning_memopt.utilities.cpu_allocator import CPUAllocationCounter
+    from lightning_memopt.measuring.cpu_allocator import CPUAllocationCounter
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -258,9 +258,11 @@ def measure_overhead(rounds: int, micro_batch: int, seq_len: int) -> dict:
     summary = {name: {"min_ms": min(t) * 1e3, "median_ms": statistics.median(t) * 1e3,
                       "overhead_pct": (min(t) / base - 1) * 100} for name, t in times.items()}  # fmt: skip
     params = sum(p.numel() for p in model.parameters())
-    print(f"Llama {params} params, batch {micro_batch}x{seq_len}, bf16 autocast, AdamW, 1 thread, {rounds} rounds, CPU time:")
+    print(f"Llama {params} params, batch {micro_batch}x{seq_len}, bf16 autocast, AdamW, 1 thread, {rounds} rounds,"
+          " CPU time:")  # fmt: skip
     for name, s in summary.items():
-        print(f"  {name:9s} min {s['min_ms']:7.1f} ms  median {s['median_ms']:7.1f} ms  overhead {s['overhead_pct']:+.1f}%")
+        print(f"  {name:9s} min {s['min_ms']:7.1f} ms  median {s['median_ms']:7.1f} ms"
+              f"  overhead {s['overhead_pct']:+.1f}%")  # fmt: skip
     return summary
 
 
@@ -285,13 +287,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.out:
             args.out.write_text(json.dumps(summary, indent=1))
         return
+    # fmt: off
     configs = [
         {"model": m, "stage": int(s), "precision": p, "attention": a, "checkpointing": c == "on",
-         "micro_batch": args.micro_batch, "seq_len": args.seq_len}  # fmt: skip
+         "micro_batch": args.micro_batch, "seq_len": args.seq_len}
         for m, s, p, a, c in itertools.product(args.models.split(","), args.stages.split(","),
                                                args.precisions.split(","), args.attention.split(","),
-                                               args.checkpointing.split(","))  # fmt: skip
+                                               args.checkpointing.split(","))
     ]
+    # fmt: on
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(worker, args=(args.world_size, free_port(), configs, args.steps, args.cpu_mode, tmp),

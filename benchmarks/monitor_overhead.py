@@ -1,7 +1,8 @@
 """Step-time overhead of MemoryMonitor: the same fit with and without it, each in a fresh process.
 
-Each configuration runs in its own process, the two alternate ``--repeats`` times, and each child reports the median wall time between consecutive
-``on_train_batch_start`` calls after ``--warmup`` steps (the whole step: forward, backward, optimizer, every callback).
+Each configuration runs in its own process, the two alternate ``--repeats`` times, and each child reports the median
+wall time between consecutive ``on_train_batch_start`` calls after ``--warmup`` steps (the whole step: forward,
+backward, optimizer, every callback).
 
     python benchmarks/monitor_overhead.py                      # CPU, MemoryMonitor(log_every_n_steps=1)
     python benchmarks/monitor_overhead.py --mode allocator     # the opt-in counting allocator (CPU) / allocator stats
@@ -28,7 +29,7 @@ def child(args: argparse.Namespace) -> None:
     from lightning.pytorch.loggers import CSVLogger
     from tiny_llm import CausalLM, TextDataModule
 
-    from lightning_memopt.callbacks.memory_monitor import MemoryMonitor
+    from lightning_memopt.lightning.callbacks.memory_monitor import MemoryMonitor
 
     class StepTimer(pl.Callback):
         def __init__(self) -> None:
@@ -42,7 +43,7 @@ def child(args: argparse.Namespace) -> None:
                 torch.cuda.synchronize()
             self.starts.append(time.perf_counter())
             if args.child == "monitor" and args.accelerator == "cpu" and args.mode == "allocator":
-                from lightning_memopt.utilities.cpu_allocator import CPUAllocationCounter
+                from lightning_memopt.measuring.cpu_allocator import CPUAllocationCounter
 
                 self.allocations.append(CPUAllocationCounter().num_allocations)  # the monitor's, installed
 
@@ -70,13 +71,14 @@ def child(args: argparse.Namespace) -> None:
     data = TextDataModule(batch_size=args.batch_size, seq_len=args.seq_len, stride=8)
     trainer.fit(CausalLM(hidden_size=args.hidden, num_layers=args.layers), data)
     steps = [b - a for a, b in zip(timer.starts[args.warmup :], timer.starts[args.warmup + 1 :])]
-    result = {"median_step_s": statistics.median(steps), "steps": len(steps), "hook_s_per_step": hook_seconds[0] / args.steps}
+    result = {"median_step_s": statistics.median(steps), "steps": len(steps),
+              "hook_s_per_step": hook_seconds[0] / args.steps}  # fmt: skip
     if args.child == "monitor" and args.mode == "dispatch":
         result["dispatch_cost_s"] = dispatch_cost(trainer.lightning_module, data, args.accelerator)
     if args.child == "monitor" and args.accelerator == "cpu" and args.mode == "allocator":
         import torch
 
-        from lightning_memopt.utilities.cpu_allocator import CPUAllocationCounter
+        from lightning_memopt.measuring.cpu_allocator import CPUAllocationCounter
 
         counts = timer.allocations[args.warmup :]
         result["allocations_per_step"] = statistics.median(b - a for a, b in itertools.pairwise(counts))
@@ -84,12 +86,14 @@ def child(args: argparse.Namespace) -> None:
         counter = CPUAllocationCounter()  # installed again (the monitor removed it at the end of the fit)
         start = time.perf_counter()
         for _ in range(100_000):
-            x.append(torch.empty(256)); x.pop(0)
+            x.append(torch.empty(256))
+            x.pop(0)
         with_counter = (time.perf_counter() - start) / 100_000
         counter.close()
         start = time.perf_counter()
         for _ in range(100_000):
-            x.append(torch.empty(256)); x.pop(0)
+            x.append(torch.empty(256))
+            x.pop(0)
         result["allocator_cost_s"] = with_counter - (time.perf_counter() - start) / 100_000
     print(json.dumps(result))
 
@@ -100,7 +104,7 @@ def dispatch_cost(module: object, data: object, accelerator: str, rounds: int = 
     median difference."""
     import torch
 
-    from lightning_memopt.utilities.tensor_tracker import TensorMemoryTracker
+    from lightning_memopt.measuring.tensor_tracker import TensorMemoryTracker
 
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
     module = module.to(device)
@@ -162,9 +166,11 @@ def main() -> None:
                 details.append(result)
     base, monitored = statistics.median(times["none"]), statistics.median(times["monitor"])
     print(f"device: {args.accelerator}, model: hidden {args.hidden} x {args.layers} layers, batch {args.batch_size}"
-          f" x {args.seq_len}, log_every_n_steps={args.log_every}, mode {args.mode}, {args.repeats} runs each")  # fmt: skip
-    print(f"median step without MemoryMonitor: {base * 1e3:.1f} ms  (runs: {[round(t * 1e3, 1) for t in times['none']]})")
-    print(f"median step with MemoryMonitor:    {monitored * 1e3:.1f} ms  (runs: {[round(t * 1e3, 1) for t in times['monitor']]})")
+          f" x {args.seq_len}, log_every_n_steps={args.log_every}, mode {args.mode},"
+          f" {args.repeats} runs each")  # fmt: skip
+    runs = {kind: [round(t * 1e3, 1) for t in times[kind]] for kind in ("none", "monitor")}
+    print(f"median step without MemoryMonitor: {base * 1e3:.1f} ms  (runs: {runs['none']})")
+    print(f"median step with MemoryMonitor:    {monitored * 1e3:.1f} ms  (runs: {runs['monitor']})")
     print(f"overhead, end to end: {100 * (monitored / base - 1):+.1f} % (noisy on a shared machine)")
     hooks = statistics.median(d["hook_s_per_step"] for d in details)
     print(f"time in the monitor's hooks: {hooks * 1e3:.3f} ms per step = {100 * hooks / base:.2f} % of a step")

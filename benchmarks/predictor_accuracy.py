@@ -7,7 +7,7 @@ LM), Mixtral (top-2 MoE), ViT, a CNN with BatchNorm, PEFT LoRA on a Llama, a par
 checkpointing off/on (the blocks of every kind, the CNN's convolution blocks included).
 
 Measuring: every process counts its live CPU tensor storages with
-:class:`~lightning_memopt.utilities.memory.DeviceMemoryProbe` (``cpu_mode="dispatch"``, started before any model is
+:class:`~lightning_memopt.measuring.memory.DeviceMemoryProbe` (``cpu_mode="dispatch"``, started before any model is
 built; beside it, every allocation with ``cpu_mode="allocator"``, kernel workspaces included). The baseline of a
 configuration is taken right before its LightningModule is built (after ``gc.collect()``), so the model, DeepSpeed's
 flat buffers, fp32 partitions, Adam states, buckets, activations and the batch are all in the measured bytes. A
@@ -118,7 +118,7 @@ def planned_settings(cfg: dict, module: pl.LightningModule, batch: Any) -> dict:
     """``estimate_memory``'s settings of a configuration before its run, read as ``MemoryMonitor`` reads them in
     setup (the strategy's ``"auto"`` bucket sizes resolved by the strategy's own rule on the module), with the
     configuration's checkpointing (applied by the strategy or the callback during setup)."""
-    from lightning_memopt.callbacks._run_reader import batch_shape, optimizer_name, strategy_settings
+    from lightning_memopt.lightning._run_reader import batch_shape, optimizer_name, strategy_settings
 
     micro, seq = batch_shape(batch)
     settings = strategy_settings(strategy_of(cfg), module)
@@ -132,7 +132,7 @@ def planned_settings(cfg: dict, module: pl.LightningModule, batch: Any) -> dict:
 
 def read_run_settings(trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -> dict:
     """The settings of a running fit (``run_settings``), with the checkpointing and attention read from the module."""
-    from lightning_memopt.callbacks._run_reader import RunReader, batch_shape, optimizer_name
+    from lightning_memopt.lightning._run_reader import RunReader, batch_shape, optimizer_name
     from lightning_memopt.core.blocks import checkpoint_flags
 
     settings = RunReader(trainer).estimate_kwargs(batch_shape(batch), optimizer_name(trainer.optimizers[0]))
@@ -167,7 +167,7 @@ def checkpoint_callbacks(cfg: dict) -> list:
 def predict(cfg: dict) -> dict:
     """Both methods' prediction of every rank of a configuration, on a freshly built copy of its model."""
     from lightning_memopt import estimate_memory
-    from lightning_memopt.callbacks._run_reader import quiet_logging
+    from lightning_memopt.lightning._run_reader import quiet_logging
 
     module, batch = build_module(cfg), first_batch(cfg)
     settings = planned_settings(cfg, module, batch)
@@ -268,7 +268,7 @@ def start_probes() -> "dict[str, Any]":
     Live tensor storages (a dispatch mode, active in the thread that trains) are what the issue measures; the
     counting allocator sees every allocation, kernel workspaces included (oneDNN's bf16 matmuls on CPU take some
     0.2-0.3 MB of scratch inside one op)."""
-    from lightning_memopt.utilities.memory import DeviceMemoryProbe
+    from lightning_memopt.measuring.memory import DeviceMemoryProbe
 
     probes = {"tensors": DeviceMemoryProbe("cpu", cpu_mode="dispatch"),
               "allocations": DeviceMemoryProbe("cpu", cpu_mode="allocator")}  # fmt: skip

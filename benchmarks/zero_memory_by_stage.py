@@ -2,7 +2,7 @@
 
 For each stage, a fresh process trains the repo's tiny Llama (``examples/tiny_llm.py``) for 4 steps on CPU with
 ``--devices`` processes (gloo), bf16-mixed, torch AdamW; every rank reads its engine's live model-state tensors
-with :func:`lightning_memopt.utilities.zero_state.model_state_bytes` twice in the third step: before the
+with :func:`lightning_memopt.measuring.zero_state.model_state_bytes` twice in the third step: before the
 optimizer step (gradients held, Adam states created by the earlier steps) and after it (gradients released).
 The ideal is Rajbhandari et al. (2020), "ZeRO", Section 5.1 / Figure 1, with K = 12 bytes of fp32 master
 parameters and Adam states per parameter and N ranks: stage 0 2 + 2 + K; stage 1 2 + 2 + K/N;
@@ -37,7 +37,7 @@ def child(args: argparse.Namespace) -> None:
     from tiny_llm import CausalLM, TextDataModule
 
     from lightning_memopt import MemOptStrategy
-    from lightning_memopt.utilities.zero_state import model_state_bytes
+    from lightning_memopt.measuring.zero_state import model_state_bytes
 
     class Reader(pl.Callback):
         def __init__(self) -> None:
@@ -66,14 +66,15 @@ def child(args: argparse.Namespace) -> None:
 
 def run_stage(stage: int, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, __file__, "--child-stage", str(stage), "--child-dir", tmp, "--devices", str(args.devices),
-               "--hidden-size", str(args.hidden_size), "--layers", str(args.layers)]
+        cmd = [sys.executable, __file__, "--child-stage", str(stage), "--child-dir", tmp,
+               "--devices", str(args.devices), "--hidden-size", str(args.hidden_size), "--layers", str(args.layers)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"stage {stage} failed:\n{proc.stderr[-4000:]}")
         ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
     n = ranks[0]["n_parameters"]
-    result = {"stage": stage, "n_parameters": n, "world_size": len(ranks), "ideal": ideal_bytes_per_param(stage, len(ranks))}
+    result = {"stage": stage, "n_parameters": n, "world_size": len(ranks),
+              "ideal": ideal_bytes_per_param(stage, len(ranks))}  # fmt: skip
     for moment in ("before_step", "after_step"):
         per_rank = [{c: r[moment][c] / n for c in CATEGORIES} | {"total": sum(r[moment][c] for c in CATEGORIES) / n}
                     for r in ranks]
@@ -87,8 +88,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         m, after = r["before_step"]["max_rank"], r["after_step"]["max_rank"]["total"]
         lines.append(f"| {r['stage']} | {m['parameters']:.2f} | {m['master_parameters']:.2f} | {m['gradients']:.2f} | "
-                     f"{m['optimizer_states']:.2f} | {m['total']:.2f} | {r['ideal']:.2f} | {m['total'] / r['ideal']:.2f} |"
-                     f" {after:.2f} |")
+                     f"{m['optimizer_states']:.2f} | {m['total']:.2f} | {r['ideal']:.2f} | "
+                     f"{m['total'] / r['ideal']:.2f} | {after:.2f} |")
     return "\n".join(lines)
 
 

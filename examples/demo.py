@@ -24,12 +24,13 @@ from lightning.pytorch.loggers import CSVLogger
 from tiny_llm import CausalLM, TextDataModule
 
 from lightning_memopt import MemOptStrategy
-from lightning_memopt.callbacks.batch_planner import BatchPlanner
-from lightning_memopt.callbacks.memory_monitor import MemoryMonitor
+from lightning_memopt.lightning.callbacks.batch_planner import BatchPlanner
+from lightning_memopt.lightning.callbacks.memory_monitor import MemoryMonitor
 
 #: Lightning's and DeepSpeed's set-up messages the demo does not show (the package's own are kept).
-_CHATTER = ("GPU available", "TPU available", "HPU available", "initializing deepspeed distributed", "Enabling DeepSpeed",
-            "You are using a CUDA device", "LOCAL_RANK", "Seed set to", "`Trainer.fit` stopped", "💡 Tip")  # fmt: skip
+_CHATTER = ("GPU available", "TPU available", "HPU available", "initializing deepspeed distributed",
+            "Enabling DeepSpeed", "You are using a CUDA device", "LOCAL_RANK", "Seed set to", "`Trainer.fit` stopped",
+            "💡 Tip")  # fmt: skip
 
 
 class _HideChatter(logging.Filter):

@@ -72,7 +72,8 @@ def memopt_callbacks(device_memory: str) -> list[pl.Callback]:
     """The three-line change: the callbacks that make the project fit, and measure it."""
     from lightning_memopt import ActivationCheckpointing, FlashAttention, MemoryMonitor
 
-    return [MemoryMonitor(device_memory=device_memory, log_every_n_steps=1), ActivationCheckpointing(), FlashAttention("sdpa")]
+    monitor = MemoryMonitor(device_memory=device_memory, log_every_n_steps=1)
+    return [monitor, ActivationCheckpointing(), FlashAttention("sdpa")]
 
 
 def main() -> None:

@@ -52,9 +52,12 @@ from lightning_memopt import MemOptStrategy
 
 #: model shapes built from a config (Llama architecture): hidden size, layers, heads, key/value heads, FFN size.
 PRESETS = {
-    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128},
-    "125m": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4, "intermediate_size": 2048},
-    "1b": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 8192},
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "intermediate_size": 128},
+    "125m": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4,
+             "intermediate_size": 2048},
+    "1b": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+           "intermediate_size": 8192},
 }
 
 
@@ -75,7 +78,8 @@ class TokenWindows(Dataset):
 
 def tokenize(model_path: Path | None) -> torch.Tensor:
     """The shipped text as token ids: the tokenizer at ``model_path`` if there is one, else its bytes."""
-    if model_path is not None and any((model_path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
+    if model_path is not None and any((model_path / name).exists() for name in tokenizer_files):
         from transformers import AutoTokenizer
 
         return torch.tensor(AutoTokenizer.from_pretrained(model_path)(TEXT.read_text())["input_ids"], dtype=torch.long)

@@ -1,4 +1,5 @@
-"""A decoder-only language model in plain PyTorch (no Hugging Face): ``nn.MultiheadAttention``, ``nn.RMSNorm``, GELU MLP.
+"""A decoder-only language model in plain PyTorch (no Hugging Face): ``nn.MultiheadAttention``, ``nn.RMSNorm``, GELU
+MLP.
 
 The "plain PyTorch" family of ``benchmarks/predictor_accuracy.py`` and of the tests: what the predictor reads from
 a module's structure alone. ``attention="eager"`` asks ``nn.MultiheadAttention`` for its attention weights, which

@@ -5,7 +5,7 @@ The model is built from a Hugging Face config with random weights (nothing is do
 """
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -37,7 +37,7 @@ def tiny_config(family: str = "llama", hidden_size: int = 64, num_layers: int = 
 class ByteWindows(Dataset):
     """Consecutive windows of ``seq_len`` bytes of a text, ``stride`` bytes apart."""
 
-    def __init__(self, path: Path = TEXT, seq_len: int = 64, stride: Optional[int] = None) -> None:
+    def __init__(self, path: Path = TEXT, seq_len: int = 64, stride: int | None = None) -> None:
         self.data = torch.tensor(list(path.read_bytes()), dtype=torch.long)
         self.seq_len = seq_len
         self.stride = stride or seq_len
@@ -55,7 +55,7 @@ class ByteWindows(Dataset):
 class TextDataModule(pl.LightningDataModule):
     """Byte windows of the shipped text; no shuffling, so runs are reproducible."""
 
-    def __init__(self, batch_size: int = 4, seq_len: int = 64, stride: Optional[int] = None) -> None:
+    def __init__(self, batch_size: int = 4, seq_len: int = 64, stride: int | None = None) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.seq_len = seq_len

@@ -3,25 +3,25 @@
 The package root is lazy (PEP 562): ``import lightning_memopt`` imports neither Lightning nor DeepSpeed, so the
 predictor and the command line start fast. A name is imported when it is first used. The strategy names
 ``memopt_zero1`` ... ``memopt_zero3_offload`` are registered with Lightning when Lightning is loaded
-(:mod:`lightning_memopt._registration`), so that ``Trainer(strategy="memopt_zero3")`` works after a bare
+(:mod:`lightning_memopt.lightning._registration`), so that ``Trainer(strategy="memopt_zero3")`` works after a bare
 ``import lightning_memopt``.
 """
 
 import importlib
 from typing import Any
 
-from lightning_memopt import _registration
+from lightning_memopt.lightning import _registration
 
 __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _EXPORTS = {
-    "ActivationCheckpointing": "lightning_memopt.callbacks",
-    "BatchPlanner": "lightning_memopt.callbacks",
-    "FlashAttention": "lightning_memopt.callbacks",
-    "LigerKernel": "lightning_memopt.callbacks",
-    "MemoryMonitor": "lightning_memopt.callbacks",
-    "MemOptStrategy": "lightning_memopt.strategies",
+    "ActivationCheckpointing": "lightning_memopt.lightning.callbacks",
+    "BatchPlanner": "lightning_memopt.lightning.callbacks",
+    "FlashAttention": "lightning_memopt.lightning.callbacks",
+    "LigerKernel": "lightning_memopt.lightning.callbacks",
+    "MemoryMonitor": "lightning_memopt.lightning.callbacks",
+    "MemOptStrategy": "lightning_memopt.lightning.strategies",
     "MemoryEstimate": "lightning_memopt.predictor",
     "estimate_memory": "lightning_memopt.planning",
     "plan_batch": "lightning_memopt.planning",

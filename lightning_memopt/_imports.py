@@ -1,4 +1,5 @@
-"""Optional-dependency flags, all in one place.
+"""Optional-dependency flags, all in one place: the extras of ``pyproject.toml`` (``liger``, ``flash``, ``peft``,
+``plot``). Required packages (torch, lightning, deepspeed, transformers, torchmetrics, psutil) have no flag.
 
 Each flag is a :class:`lightning_utilities.core.imports.RequirementCache`: truthy when the requirement is
 installed, and its ``str()`` says how to install it. Import the package itself inside the function that
@@ -7,12 +8,9 @@ needs it, never at module level, so that ``import lightning_memopt`` works with 
 
 from lightning_utilities.core.imports import RequirementCache
 
-_DEEPSPEED_AVAILABLE = RequirementCache("deepspeed")
-_TRANSFORMERS_AVAILABLE = RequirementCache("transformers")
 _LIGER_KERNEL_AVAILABLE = RequirementCache("liger-kernel")
 _FLASH_ATTN_AVAILABLE = RequirementCache("flash-attn")
 _MATPLOTLIB_AVAILABLE = RequirementCache("matplotlib")
-_TORCHMETRICS_AVAILABLE = RequirementCache("torchmetrics")
 _PEFT_AVAILABLE = RequirementCache("peft")
 
 

@@ -16,7 +16,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_script(script: Path, *args: str, timeout: float = 300, env: "dict[str, str] | None" = None) -> subprocess.CompletedProcess:
+def run_script(
+    script: Path, *args: str, timeout: float = 300, env: "dict[str, str] | None" = None
+) -> subprocess.CompletedProcess:
     """Run a Python script in a fresh process (which may launch more) and fail with its output if it fails."""
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(free_port()), **(env or {})}
     full_env.pop("LOCAL_RANK", None)
@@ -24,7 +26,9 @@ def run_script(script: Path, *args: str, timeout: float = 300, env: "dict[str, s
         [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT
     )
     if proc.returncode != 0:
-        raise AssertionError(f"{script.name} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"{script.name} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 

@@ -1,7 +1,16 @@
-"""Lightning callbacks: the transforms for any strategy, the memory monitor and the batch planner."""
+"""Alias of :mod:`lightning_memopt.lightning.callbacks`, kept as a public import path
+(``from lightning_memopt.callbacks import MemoryMonitor``)."""
 
-from lightning_memopt.callbacks.batch_planner import BatchPlanner
-from lightning_memopt.callbacks.memory_monitor import MemoryDoesNotFitError, MemoryMonitor
-from lightning_memopt.callbacks.transforms import ActivationCheckpointing, FlashAttention, LigerKernel
+from lightning_memopt.lightning.callbacks import (
+    ActivationCheckpointing,
+    BatchPlanner,
+    FlashAttention,
+    LigerKernel,
+    MemoryDoesNotFitError,
+    MemoryMonitor,
+)
 
-__all__ = ["ActivationCheckpointing", "BatchPlanner", "FlashAttention", "LigerKernel", "MemoryDoesNotFitError", "MemoryMonitor"]
+__all__ = [
+    "ActivationCheckpointing", "BatchPlanner", "FlashAttention", "LigerKernel", "MemoryDoesNotFitError",
+    "MemoryMonitor",
+]  # fmt: skip

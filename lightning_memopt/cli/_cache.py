@@ -22,8 +22,6 @@ import os
 from importlib import metadata
 from pathlib import Path
 
-import lightning_memopt
-
 ENV = "LIGHTNING_MEMOPT_CLI_CACHE"
 #: libraries whose version changes what a prediction traces
 LIBRARIES = ("torch", "transformers", "deepspeed", "peft", "liger-kernel")
@@ -42,8 +40,8 @@ def cache_dir() -> Path | None:
 @functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
     """A hash of this package's sources and shipped configs and of the libraries' versions."""
-    digest = hashlib.sha256(lightning_memopt.__version__.encode())
-    root = Path(lightning_memopt.__file__).resolve().parent
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]  # the package (its __init__ holds the version)
     for path in sorted([*root.rglob("*.py"), *root.rglob("*.json")]):
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())

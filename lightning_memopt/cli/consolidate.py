@@ -23,7 +23,7 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> None:
 
 def run_consolidate(args: argparse.Namespace) -> int:
     """Consolidate and report the number of tensors written."""
-    from lightning_memopt.utilities.consolidate import consolidate_checkpoint
+    from lightning_memopt.lightning.consolidate import consolidate_checkpoint
 
     # DeepSpeed's converter prints its progress; with --json, stdout is the JSON alone
     with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):

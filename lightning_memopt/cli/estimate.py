@@ -26,7 +26,7 @@ from typing import Any
 
 from lightning_memopt.cli import _cache
 from lightning_memopt.cli._options import Applies, check_applicable, fill_defaults
-from lightning_memopt.utilities.units import format_bytes, parse_bytes
+from lightning_memopt.core.units import format_bytes, parse_bytes
 
 __all__ = ["ENGINES", "add_common", "add_parser", "parse_count", "parse_model", "run_estimate", "run_plan"]
 

@@ -20,8 +20,8 @@ from lightning_memopt.cli.estimate import (
     prepare,
     print_json,
 )
+from lightning_memopt.core.units import format_bytes
 from lightning_memopt.predictor.estimate import CATEGORIES
-from lightning_memopt.utilities.units import format_bytes
 
 __all__ = ["PLOT_RULES", "add_parser", "memory_grid", "run_plot"]
 
@@ -83,7 +83,9 @@ def memory_grid(
         ...                    checkpointing=(False,), world_size=8)
         >>> [(r["zero"], r["micro_batch_size"]) for r in rows]
         [(0, 1), (0, 8), (3, 1), (3, 8)]
-        >>> rows[1]["activations"] > rows[0]["activations"] and rows[2]["optimizer_states"] < rows[0]["optimizer_states"]
+        >>> rows[1]["activations"] > rows[0]["activations"]
+        True
+        >>> rows[2]["optimizer_states"] < rows[0]["optimizer_states"]
         True
     """
     from lightning_memopt.planning.estimate import estimate_memory
@@ -107,7 +109,7 @@ def _title(args: argparse.Namespace) -> str:
 
 def figure(rows: "list[dict[str, Any]]", args: argparse.Namespace) -> Any:
     """The figure of :func:`memory_grid`'s rows: one panel per ZeRO stage (columns) and checkpointing (rows)."""
-    from lightning_memopt.utilities.plotting import (
+    from lightning_memopt.core.plotting import (
         CATEGORY_GROUPS,
         COLORS,
         draw_limits,
@@ -187,7 +189,7 @@ def run_plot(args: argparse.Namespace) -> int:
     """Handler of ``plot``: compute the grid, write the PNG (``--out``), print the totals (or ``--json``)."""
     args = prepare(args, PLOT_RULES)
     if isinstance(args.model_value, int):
-        raise ValueError(f"Expected a model with shapes to plot against the micro-batch, got the parameter count"  # noqa: TRY004
+        raise ValueError(f"Expected a model with shapes to plot against the micro-batch, got the parameter count"
                          f" {args.model!r}. Fix: pass a preset, a Hub id or a config.json.")  # fmt: skip
     if args.out is None and not args.json:
         raise ValueError("Expected --out FILE.png (the plot) or --json (its data), got neither. Fix: add"
@@ -199,7 +201,7 @@ def run_plot(args: argparse.Namespace) -> int:
     )  # fmt: skip
     path = None
     if args.out:
-        from lightning_memopt.utilities.plotting import save
+        from lightning_memopt.core.plotting import save
 
         path = str(save(figure(rows, args), args.out))
     if args.json:

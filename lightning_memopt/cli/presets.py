@@ -26,7 +26,13 @@ def run_presets(args: argparse.Namespace) -> int:
     from lightning_memopt.predictor.presets import CATALOG, PRESETS
 
     rows = [
-        {"name": p.name, "hub_id": p.hub_id, "kind": p.kind, "size": p.size, "model_type": PRESETS[p.name]["model_type"]}
+        {
+            "name": p.name,
+            "hub_id": p.hub_id,
+            "kind": p.kind,
+            "size": p.size,
+            "model_type": PRESETS[p.name]["model_type"],
+        }
         for p in CATALOG
         if args.kind is None or p.kind == args.kind
     ]

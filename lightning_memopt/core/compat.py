@@ -90,7 +90,7 @@ def no_packed_sequence_detection() -> Iterator[None]:
     mu = sys.modules.get("transformers.masking_utils")
     if mu is None:
         try:
-            import transformers.masking_utils as mu  # noqa: PLC0415 -- optional, only when transformers is there
+            import transformers.masking_utils as mu  # optional, only when transformers is there
         except ImportError:
             mu = None
     original = getattr(mu, "find_packed_sequence_indices", None)

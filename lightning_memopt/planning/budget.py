@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_memopt.core.units import format_bytes, parse_bytes
 from lightning_memopt.transforms._applied import _record
 from lightning_memopt.transforms.checkpointing import (
     Policy,
@@ -21,7 +22,6 @@ from lightning_memopt.transforms.checkpointing import (
     blocks_to_checkpoint,
     remove_activation_checkpointing,
 )
-from lightning_memopt.utilities.units import format_bytes, parse_bytes
 
 _KEY = "checkpoint_plan"
 _OWN = ("model", "activation_checkpointing")
@@ -99,8 +99,8 @@ def checkpoint_to_fit(
     ``estimate_kwargs`` (``micro_batch_size``, ``seq_len``, ``precision``, ``zero``, ``world_size``, ``engine``,
     ``optimizer``, ``deepspeed_config``, ``example_batch`` for a model that is not a Hugging Face one, ...), with
     its first ``k`` candidate blocks checkpointed as the transform wraps them. With ``k = 0`` nothing is wrapped
-    (an earlier checkpointing is removed). The plan is recorded in ``applied_transforms(module)["checkpoint_plan"]``; the
-    wrapped blocks, as usual, under ``"activation_checkpointing"``.
+    (an earlier checkpointing is removed). The plan is recorded in ``applied_transforms(module)["checkpoint_plan"]``;
+    the wrapped blocks, as usual, under ``"activation_checkpointing"``.
 
     Args:
         module: the model (Hugging Face, plain ``nn.Module`` or LightningModule).

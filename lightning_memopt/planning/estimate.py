@@ -12,8 +12,8 @@ from typing import Any
 from lightning_memopt.predictor.api import predict
 from lightning_memopt.predictor.estimate import MemoryEstimate
 from lightning_memopt.predictor.sources import Source, config_of, from_config, resolve_source
-
-LIGER_KERNELS = ("rms_norm", "rope", "swiglu", "cross_entropy", "fused_linear_cross_entropy")
+from lightning_memopt.transforms.liger import DEFAULT_KERNELS
+from lightning_memopt.transforms.liger import KERNELS as LIGER_KERNELS
 
 
 def estimate_memory(
@@ -63,8 +63,6 @@ def estimate_memory(
 def _liger_switches(liger: Any) -> "dict[str, bool]":
     if liger is False or liger is None:
         return {}
-    from lightning_memopt.transforms.liger import DEFAULT_KERNELS
-
     if liger is True:
         return dict(DEFAULT_KERNELS)
     if isinstance(liger, dict):

@@ -3,7 +3,7 @@
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from lightning_memopt.utilities.units import format_bytes, parse_bytes
+from lightning_memopt.core.units import format_bytes, parse_bytes
 
 #: Categories that add up to the predicted peak, in table order.
 CATEGORIES = ("parameters", "gradients", "optimizer_states", "activations", "logits", "buffers")

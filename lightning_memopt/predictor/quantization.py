@@ -228,9 +228,6 @@ def model_tensors(model: Any) -> "list[TensorShape]":
         return _module_tensors(model)
     if isinstance(model, (int, float)) and not isinstance(model, bool):
         return []
-    from lightning_memopt._imports import _TRANSFORMERS_AVAILABLE, requires
-
-    requires(_TRANSFORMERS_AVAILABLE, "Counting quantized weights of a config or preset")
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -247,9 +244,6 @@ def hf_config(model: Any) -> Any:
     import json
     import os
 
-    from lightning_memopt._imports import _TRANSFORMERS_AVAILABLE, requires
-
-    requires(_TRANSFORMERS_AVAILABLE, "Reading a Hugging Face config")
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(model, PretrainedConfig):

@@ -1,9 +1,6 @@
-"""Lightning strategies: :class:`MemOptStrategy` and its registered names (``Trainer(strategy="memopt_zero3")``)."""
+"""Alias of :mod:`lightning_memopt.lightning.strategies`, kept as a public import path
+(``from lightning_memopt.strategies import MemOptStrategy``)."""
 
-from lightning.pytorch.strategies import StrategyRegistry
-
-from lightning_memopt.strategies.memopt import MemOptStrategy
-
-MemOptStrategy.register_strategies(StrategyRegistry)
+from lightning_memopt.lightning.strategies import MemOptStrategy
 
 __all__ = ["MemOptStrategy"]

@@ -91,7 +91,7 @@ def apply_liger(
         "fused_linear_cross_entropy": fused_linear_cross_entropy,
     }
     _validate(switches, device, allow_cpu, module)
-    _imports.requires(_imports._LIGER_KERNEL_AVAILABLE, "Liger kernels", None)
+    _imports.requires(_imports._LIGER_KERNEL_AVAILABLE, "Liger kernels", "liger")
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     record: dict[str, Any] = {"models": [], "rms_norm_modules": [], "skipped": [], "process_wide": []}

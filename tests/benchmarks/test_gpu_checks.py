@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+
 from helpers import ROOT
 
 SCRIPT = ROOT / "benchmarks" / "gpu_checks.py"
@@ -13,17 +14,22 @@ SCRIPT = ROOT / "benchmarks" / "gpu_checks.py"
 def test_list_names_every_check():
     out = subprocess.run([sys.executable, str(SCRIPT), "--list"], capture_output=True, text=True, check=True).stdout
     names = [line.split()[0] for line in out.splitlines()]
-    assert names == ["zero_stages", "predictor_accuracy", "predictor_families", "liger_numerics", "throughput", "monitor"]
+    assert names == [
+        "zero_stages", "predictor_accuracy", "predictor_families", "liger_numerics", "throughput", "monitor"
+    ]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_without_cuda_it_exits_with_a_clear_message(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out-dir", str(tmp_path)], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out-dir", str(tmp_path)], capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 2
     assert "expected a CUDA GPU, got none" in proc.stderr
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_check_on_cpu_and_writes_the_results(tmp_path):
     """``--smoke``: every check's own code and the plumbing (children, budgets, JSON files, tables) on the CPU at toy
     sizes, so the first GPU run does not find the script's bugs; what needs CUDA kernels is recorded as skipped."""
@@ -52,4 +58,5 @@ def test_smoke_runs_every_check_on_cpu_and_writes_the_results(tmp_path):
     assert skipped == ["eager+liger", "sdpa+liger"]
     assert {r["zero"] for r in results["monitor"]["per_step"]} == {0, 3}
     tables = (tmp_path / "tables.md").read_text()
-    assert "predictor_accuracy" in tables and "| t5 (encoder-decoder) |" in tables and "skipped: Liger's Triton kernels need CUDA" in tables
+    assert "predictor_accuracy" in tables and "| t5 (encoder-decoder) |" in tables
+    assert "skipped: Liger's Triton kernels need CUDA" in tables

@@ -7,13 +7,13 @@ import pytest
 from lightning_memopt.cli import build_parser, main
 from lightning_memopt.cli.estimate import prepare
 from lightning_memopt.cli.plot import PLOT_RULES, figure, memory_grid
+from lightning_memopt.core.plotting import pyplot
 from lightning_memopt.planning.estimate import estimate_memory
-from lightning_memopt.utilities.plotting import pyplot
 
 
 def test_json_rows_are_the_predictors_estimates(capsys):
-    argv = ["plot", "llama-3.2-1b", "--gpus", "4", "--seq-len", "2048", "--micro-batches", "1,4", "--zero-stages", "1,3",
-            "--gpu-memory", "24GiB", "--json"]  # fmt: skip
+    argv = ["plot", "llama-3.2-1b", "--gpus", "4", "--seq-len", "2048", "--micro-batches", "1,4",
+            "--zero-stages", "1,3", "--gpu-memory", "24GiB", "--json"]  # fmt: skip
     assert main(argv) == 0
     data = json.loads(capsys.readouterr().out)
     assert [(r["zero"], r["checkpointing"], r["micro_batch_size"]) for r in data["rows"]] == [

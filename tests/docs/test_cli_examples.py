@@ -15,8 +15,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, write_hub_cache
 
+from helpers import ROOT, write_hub_cache
 from lightning_memopt.predictor.hub import is_hub_id
 from lightning_memopt.predictor.presets import preset_for_hub_id
 
@@ -32,7 +32,7 @@ def cli_examples() -> "list[tuple[str, dict[str, str], list[str]]]":
         for lang, body in _FENCE.findall(path.read_text()):
             if lang.strip() not in _SHELL:
                 continue
-            for n, line in enumerate(body.replace("\\\n", " ").splitlines(), 1):
+            for line in body.replace("\\\n", " ").splitlines():
                 words = shlex.split(line, comments=True)
                 env = {}
                 while words and _ASSIGNMENT.match(words[0]):

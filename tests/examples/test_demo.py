@@ -24,5 +24,6 @@ def test_demo_shows_where_the_memory_goes(tmp_path):
     assert all(abs(float(error)) < 5 for *_, error in summary), summary
     plot = re.search(r"saved to (\S+memory_monitor\.png)", out).group(1)
     assert plot.startswith(str(tmp_path)) and (tmp_path / plot[len(str(tmp_path)) + 1 :]).stat().st_size > 10_000
-    first, last = map(float, re.search(r"train loss \(rank 0\): ([\d.]+) at the start -> ([\d.]+) after 5 steps", out).groups())
+    losses = re.search(r"train loss \(rank 0\): ([\d.]+) at the start -> ([\d.]+) after 5 steps", out)
+    first, last = map(float, losses.groups())
     assert last < first, out

@@ -3,6 +3,7 @@
 import re
 
 import pytest
+
 from helpers import ROOT, run_script
 
 SCRIPT = ROOT / "examples" / "finetune_hf.py"
@@ -36,6 +37,8 @@ def test_finetune_without_cuda_and_without_cpu_flag_says_how_to_fix():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--steps", "1"], capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--steps", "1"], capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 2
     assert "Expected a CUDA GPU, got none. Fix: pass --cpu" in proc.stderr

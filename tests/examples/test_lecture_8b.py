@@ -5,7 +5,6 @@ import shlex
 import subprocess
 
 from helpers import ROOT
-
 from lightning_memopt.cli import main
 
 SCRIPT = ROOT / "examples" / "lecture_8b.sh"

@@ -10,9 +10,9 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from transforms._models import hf_model
 
+from lightning_memopt.measuring.memory import DeviceMemoryProbe
 from lightning_memopt.planning import CheckpointPlan, checkpoint_to_fit, estimate_memory
 from lightning_memopt.transforms import applied_transforms, apply_activation_checkpointing, blocks_to_checkpoint
-from lightning_memopt.utilities.memory import DeviceMemoryProbe
 
 LAYERS, BATCH, SEQ = 8, 2, 256
 RUN = {
@@ -188,7 +188,7 @@ def test_memopt_strategy_budget_checkpoints_a_strict_subset_and_the_measured_pea
 
 
 def test_callback_budget_plans_under_a_plain_strategy(tmp_path):
-    from lightning_memopt.callbacks.transforms import ActivationCheckpointing
+    from lightning_memopt.lightning.callbacks.transforms import ActivationCheckpointing
 
     callback = ActivationCheckpointing(budget="16MiB")
     trainer = _trainer("auto", [callback], tmp_path)
@@ -199,7 +199,7 @@ def test_callback_budget_plans_under_a_plain_strategy(tmp_path):
 
 def test_budget_without_memory_budget_on_cpu_raises_at_setup(tmp_path):
     from lightning_memopt import MemOptStrategy
-    from lightning_memopt.callbacks.transforms import ActivationCheckpointing
+    from lightning_memopt.lightning.callbacks.transforms import ActivationCheckpointing
 
     with pytest.raises(
         MisconfigurationException, match="Expected an explicit memory budget .* on a 'cpu' device"
@@ -228,7 +228,7 @@ def test_bad_budget_options_raise_at_construction(kwargs, message):
 
 
 def test_bad_callback_budget_raises_at_construction():
-    from lightning_memopt.callbacks.transforms import ActivationCheckpointing
+    from lightning_memopt.lightning.callbacks.transforms import ActivationCheckpointing
 
     with pytest.raises(ValueError, match="Expected either `budget` or `fraction`/`every_k`"):
         ActivationCheckpointing(fraction=0.5, budget="8GiB")
@@ -241,8 +241,8 @@ def test_bad_callback_budget_raises_at_construction():
     not torch.cuda.is_available(), reason="needs a CUDA GPU (the default budget is its memory)"
 )
 def test_device_budget_is_the_cuda_memory_less_the_margin(tmp_path):
-    from lightning_memopt.callbacks.transforms import ActivationCheckpointing
-    from lightning_memopt.strategies.transforms import DEVICE_MARGIN
+    from lightning_memopt.lightning.callbacks.transforms import ActivationCheckpointing
+    from lightning_memopt.lightning.strategies.transforms import DEVICE_MARGIN
 
     callback = ActivationCheckpointing(budget="device")
     trainer = pl.Trainer(

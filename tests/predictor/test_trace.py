@@ -7,9 +7,9 @@ from predictor._modules import CNN, LMStep, hf_from_config, lora
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from lightning_memopt.measuring.tensor_tracker import TensorMemoryTracker
 from lightning_memopt.predictor.precision import resolve_precision
 from lightning_memopt.predictor.trace import trace_step
-from lightning_memopt.utilities.tensor_tracker import TensorMemoryTracker
 
 
 def _batch(kind: str):
@@ -47,7 +47,8 @@ def _real_peak(model: nn.Module, batch, mode: str) -> int:
     """The live-tensor peak of one eager step (forward, zero_grad, backward, as Lightning orders them)."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     # Lightning's MixedPrecision: autocast without its weight-cast cache
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False) if mode == "amp" else contextlib.nullcontext()
+    amp = mode == "amp"
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False) if amp else contextlib.nullcontext()
 
     def step():
         with autocast:
@@ -107,7 +108,8 @@ def test_plain_tensor_attributes_and_value_checks_are_traced():
 def test_trace_does_not_touch_the_module():
     model = hf_from_config("llama")
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    trace_step(model, _batch("llama"), resolve_precision("bf16-mixed"), activation_checkpointing=True, attention="eager")
+    bf16 = resolve_precision("bf16-mixed")
+    trace_step(model, _batch("llama"), bf16, activation_checkpointing=True, attention="eager")
     assert model.config._attn_implementation == "sdpa"
     assert not any("forward" in vars(m) for m in model.modules())
     assert all(torch.equal(before[n], p) and p.grad is None for n, p in model.state_dict().items())
@@ -149,7 +151,8 @@ def test_forward_of_checkpointed_blocks_under_lightning_autocast(kind):
         with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
             loss = model.training_step(batch, 0) if hasattr(model, "training_step") else model(**batch).loss
         forward_peak = tracker.peak_bytes - base
-    batch_bytes = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tree_flatten(batch)[0]}.values())
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tree_flatten(batch)[0]}
+    batch_bytes = sum(storages.values())
     assert max(res.live[: res.forward_end + 1]) == forward_peak + batch_bytes
     loss.backward()
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))  # also in processes the tests spawn
-from plain_transformer import PlainBlock  # noqa: E402 (the plain family, shared with the accuracy benchmark)
+from plain_transformer import PlainBlock  # the plain family, shared with the accuracy benchmark
 
 
 def hf_config(kind: str, layers: int = 2, **overrides):

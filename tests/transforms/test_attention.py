@@ -3,12 +3,11 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from transforms import _models as M
 
 import lightning_memopt.transforms.attention as attention_module
 from lightning_memopt import _imports
 from lightning_memopt.transforms import applied_transforms, apply_attention
-from transforms import _models as M
-
 
 KINDS = ["llama", "qwen2", "mistral", "plain"]
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from torch import nn
+from transforms import _models as M
 
 from lightning_memopt.transforms import (
     applied_transforms,
@@ -8,8 +9,6 @@ from lightning_memopt.transforms import (
     blocks_to_checkpoint,
     remove_activation_checkpointing,
 )
-from transforms import _models as M
-
 
 KINDS = ["llama", "qwen2", "mistral", "plain"]
 

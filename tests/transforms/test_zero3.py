@@ -1,7 +1,7 @@
 """The fused linear cross-entropy under DeepSpeed ZeRO-3, 2 CPU ranks (gloo): the lm_head weight is gathered.
 
-Checkpointing under ZeRO-3 through MemOptStrategy is covered by tests/strategies/test_memopt_distributed.py; set
-``MEMOPT_RUN_DISTRIBUTED=1`` to also run this file's raw-DeepSpeed checkpointing case (about 30 s more).
+Checkpointing under ZeRO-3 through MemOptStrategy is covered by tests/lightning/strategies/test_memopt_distributed.py;
+set ``MEMOPT_RUN_DISTRIBUTED=1`` to also run this file's raw-DeepSpeed checkpointing case (about 30 s more).
 """
 
 import os
@@ -11,12 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lightning_memopt import _imports
-
-pytestmark = [
-    pytest.mark.distributed,
-    pytest.mark.skipif(not _imports._DEEPSPEED_AVAILABLE, reason="needs deepspeed"),
-]
+pytestmark = pytest.mark.distributed
 
 
 class _Wrap(torch.nn.Module):

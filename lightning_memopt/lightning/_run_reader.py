@@ -1,0 +1,305 @@
+"""One reader of the run, shared by the callbacks and the strategy: what the predictor needs, read once per fit.
+
+The glue between a live Lightning run and the pure predictor. :func:`read_run` returns the fit's
+:class:`RunReader` (created at the first call, kept on the Trainer until the fit ends, see :func:`forget_run`). It
+reads the first training batch from the loader Lightning trains with (built once, the batch handed back to the fit
+loop) and the optimizer from one call of ``configure_optimizers`` whose result the Trainer receives when it asks;
+the strategy settings (ZeRO stage, offload, the DeepSpeed config with MemOptStrategy's ``"auto"`` buckets resolved by
+the strategy's own rule), world size, precision and accumulation are read when asked (they change during setup).
+Private Lightning access is in :mod:`~lightning_memopt.lightning._compat`.
+"""
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+from typing_extensions import override
+
+from lightning_memopt.lightning import _compat as compat
+from lightning_memopt.predictor.timeline import batch_shape
+
+__all__ = ["ReadsRun", "RunReader", "batch_shape", "forget_run", "optimizer_name", "quiet_logging", "read_run",
+           "strategy_settings"]  # fmt: skip
+
+_KEY = "_lightning_memopt_run"
+_UNREAD = object()
+
+
+def read_run(trainer: "pl.Trainer") -> "RunReader":
+    """The :class:`RunReader` of the Trainer's current run (the same object for every caller during a fit)."""
+    reader = trainer.__dict__.get(_KEY)
+    if reader is None or reader.pl_module is not trainer.lightning_module:
+        forget_run(trainer)
+        reader = trainer.__dict__[_KEY] = RunReader(trainer)
+    return reader
+
+
+def forget_run(trainer: "pl.Trainer | None") -> None:
+    """Drop the reader of the run that ends (teardown, exception), with a ``configure_optimizers`` result the Trainer
+    did not take; the next fit reads its own run."""
+    reader = None if trainer is None else trainer.__dict__.pop(_KEY, None)
+    if reader is not None:
+        reader._release_optimizers()
+
+
+class RunReader:
+    """What the predictor needs from one fit, read once: the first training batch and the optimizer; the strategy
+    settings, world size, precision and accumulation on request (:meth:`estimate_kwargs`).
+
+    Args:
+        trainer: the Trainer of the fit (its LightningModule is attached).
+    """
+
+    def __init__(self, trainer: "pl.Trainer") -> None:
+        self.trainer = trainer
+        self.pl_module = trainer.lightning_module
+        self._batch: Any = _UNREAD
+        self._optim_conf: Any = _UNREAD
+        self._handover: Any = None
+
+    # ------------------------------------------------------------------ the first batch
+    def first_batch(self) -> Any:
+        """The first training batch of the fit, on the CPU as the loader yields it (``None`` without training data).
+
+        The loader is the one Lightning trains with: built once by the fit loop's own ``setup_data`` (earlier than
+        the loop would), and the batch read here stays the first one the loop trains on (the loader's workers start
+        once). A stateful loader (``state_dict``), which Lightning restores on resume after setup, is built again by
+        the fit loop after this read.
+        """
+        if self._batch is _UNREAD:
+            self._batch = self._read_first_batch()
+        return self._batch
+
+    def batch_shape(self) -> "tuple[int, int | None] | None":
+        """``(micro-batch size, sequence length)`` of :meth:`first_batch` (``None`` without one)."""
+        batch = self.first_batch()
+        return None if batch is None else batch_shape(batch)
+
+    def _read_first_batch(self) -> Any:
+        trainer = self.trainer
+        if not compat.train_source_defined(trainer):
+            return None
+        loader = compat.fit_train_loader(trainer)
+        if loader is None:  # not fitting, or no training batches (limit_train_batches=0)
+            return None
+        kept, batch = compat.peek_first_batch(trainer)
+        if not kept:  # another Lightning's fetcher: read a batch of our own and let the loop build its loader again
+            batch = next(iter(loader), None)
+        if not kept or compat.loader_is_stateful(trainer):
+            compat.drop_train_loader(trainer)
+        return batch
+
+    def train_loader(self) -> Any:
+        """The training loader: in ``fit`` the one Lightning trains with (built once); outside ``fit`` (or when the fit
+        trains on no batch) the user's hook is asked for it, as Lightning's DeepSpeed strategy does. ``None`` without
+        training data."""
+        if not compat.train_source_defined(self.trainer):
+            return None
+        loader = compat.fit_train_loader(self.trainer)  # None outside fit or with limit_train_batches=0
+        return compat.request_train_loader(self.trainer) if loader is None else loader
+
+    def loader_batch_size(self) -> int | None:
+        """The training loader's batch size (its batch sampler's); ``None`` when it has none."""
+        size = getattr(getattr(self.train_loader(), "batch_sampler", None), "batch_size", None)
+        return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+    # ------------------------------------------------------------------ the optimizer
+    def optimizer(self) -> "torch.optim.Optimizer | None":
+        """The run's (first) optimizer, before the strategy builds it: ``configure_optimizers`` is called once, as the
+        Trainer calls it, and its result is handed to the Trainer when the strategy asks for it, unless the module's
+        parameters changed in between (then the Trainer calls the hook again). ``None`` when the hook fails or is
+        not overridden (the Trainer calls it later and reports the error)."""
+        if self._optim_conf is _UNREAD:
+            self._optim_conf = self._configure_optimizers()
+        if self._optim_conf is None:
+            return None
+        try:
+            optimizers = compat.parse_optimizers(self._optim_conf)
+        except MisconfigurationException:  # Lightning raises it again, with its message, when it builds them
+            return None
+        return optimizers[0] if optimizers else None
+
+    def optimizer_name(self) -> str | None:
+        """The predictor's name of :meth:`optimizer` (``None`` when unknown).
+
+        Raises:
+            MisconfigurationException: an optimizer the predictor does not know, with the fix.
+        """
+        optimizer = self.optimizer()
+        return None if optimizer is None else optimizer_name(optimizer)
+
+    def _configure_optimizers(self) -> Any:
+        module = self.pl_module
+        if not is_overridden("configure_optimizers", module):
+            return None
+        try:
+            optim_conf = compat.call_configure_optimizers(self.trainer, module)
+        except Exception:  # e.g. it needs the strategy set up: the Trainer calls it later
+            return None
+        if optim_conf is None:
+            return None
+        params = [id(p) for p in module.parameters()]
+
+        def configure_optimizers() -> Any:  # the Trainer's call: once, then the module's own method again
+            module.__dict__.pop("configure_optimizers", None)
+            if [id(p) for p in module.parameters()] != params:  # layers built or replaced since (configure_model)
+                return module.configure_optimizers()
+            return optim_conf
+
+        module.__dict__["configure_optimizers"] = self._handover = configure_optimizers
+        return optim_conf
+
+    def _release_optimizers(self) -> None:
+        if self._handover is not None and self.pl_module.__dict__.get("configure_optimizers") is self._handover:
+            del self.pl_module.__dict__["configure_optimizers"]
+        self._handover = None
+
+    # ------------------------------------------------------------------ changes and settings
+    def batch_changed(self) -> None:
+        """The micro-batch or the accumulation changed (BatchPlanner): the loader is built again and
+        ``configure_optimizers`` called again when next needed, so that both see the change (an LR schedule sized by
+        ``trainer.estimated_stepping_batches`` included)."""
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            compat.drop_train_loader(self.trainer)
+        self._release_optimizers()
+        self._batch = self._optim_conf = _UNREAD
+
+    def estimate_kwargs(self, shape: "tuple[int, int | None]", optimizer: str) -> dict[str, Any]:
+        """The ``estimate_memory`` keyword arguments of this run at a batch ``shape``: the strategy's settings, world
+        size, precision, ``optimizer`` (a predictor name), micro-batch, sequence length and the Trainer's
+        ``accumulate_grad_batches`` (gradient accumulation keeps gradients between micro-steps)."""
+        trainer = self.trainer
+        settings = strategy_settings(trainer.strategy, self.pl_module)
+        settings.update(world_size=int(trainer.world_size), precision=str(trainer.precision), optimizer=optimizer,
+                        micro_batch_size=int(shape[0]), accumulate_grad_batches=int(trainer.accumulate_grad_batches))
+        if shape[1] is not None:
+            settings["seq_len"] = int(shape[1])
+        return settings
+
+
+#: torch optimizer class name -> predictor optimizer name (``foreach``/``fused`` and momentum are read from defaults).
+_OPTIMIZER_NAMES = {
+    "adamw": "adamw",
+    "adam": "adam",
+    "sgd": "sgd",
+    "fusedadam": "adamw",
+    "deepspeedcpuadam": "adamw",
+}
+
+
+def optimizer_name(optimizer: Any) -> str:
+    """The predictor's name for an optimizer instance (unwrapping Lightning's and DeepSpeed's wrappers).
+
+    Raises:
+        MisconfigurationException: for an optimizer the predictor does not know, with the fix.
+
+    Example:
+        >>> optimizer_name(torch.optim.AdamW([nn.Parameter(torch.zeros(1))], foreach=True))
+        'adamw-foreach'
+        >>> optimizer_name(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9))
+        'sgd-momentum'
+    """
+    seen = 0
+    while type(optimizer).__name__.lower() not in _OPTIMIZER_NAMES and seen < 4:
+        inner = getattr(optimizer, "_optimizer", None) or getattr(optimizer, "optimizer", None)
+        if inner is None:
+            break
+        optimizer, seen = inner, seen + 1
+    cls = type(optimizer).__name__
+    base = _OPTIMIZER_NAMES.get(cls.lower())
+    if base is None:
+        raise MisconfigurationException(
+            f"Expected an optimizer the memory predictor knows (Adam, AdamW, SGD), got {cls}."
+            " Fix: pass the closest one explicitly, e.g. MemoryMonitor(optimizer='adamw')."
+        )
+    defaults = getattr(optimizer, "defaults", {}) or {}
+    if base == "sgd":
+        return "sgd-momentum" if defaults.get("momentum", 0) else "sgd"
+    if cls.lower() in ("adam", "adamw"):
+        if defaults.get("fused"):
+            return f"{base}-fused"
+        if defaults.get("foreach"):
+            return f"{base}-foreach"
+        # torch picks foreach by itself when every parameter is on CUDA
+        # (torch/optim/optimizer.py, _default_to_fused_or_foreach)
+        params = [p for group in getattr(optimizer, "param_groups", []) for p in group["params"]]
+        if defaults.get("foreach") is None and params and all(p.device.type == "cuda" for p in params):
+            return f"{base}-foreach"
+    return base
+
+
+def strategy_settings(strategy: Strategy, pl_module: nn.Module | None = None) -> dict[str, Any]:
+    """``engine``, ``zero``, offload and ``deepspeed_config`` for ``estimate_memory`` from a strategy.
+
+    ``MemOptStrategy`` resolves its ``"auto"`` bucket sizes during its setup; before that they are resolved here on a
+    copy of its config (from ``pl_module``), with the strategy's own rule.
+
+    Raises:
+        MisconfigurationException: for a strategy other than single-device, DDP or DeepSpeed.
+
+    Example:
+        >>> from lightning.pytorch.strategies import SingleDeviceStrategy
+        >>> strategy_settings(SingleDeviceStrategy("cpu"))
+        {'engine': 'torch', 'zero': 0}
+    """
+    if isinstance(strategy, DeepSpeedStrategy):
+        config = copy.deepcopy(strategy.config or {})
+        zero_config = config.get("zero_optimization") or {}
+        arguments = getattr(strategy, "_bucket_arguments", None)  # MemOptStrategy before its setup resolved them
+        if arguments and getattr(strategy, "_buckets_resolved", True) is False and pl_module is not None:
+            from lightning_memopt.core.deepspeed_config import resolve_bucket_sizes
+
+            resolve_bucket_sizes(config, pl_module, arguments)
+        return {
+            "engine": "deepspeed",
+            "zero": int(zero_config.get("stage", 0)),
+            "offload_optimizer": (zero_config.get("offload_optimizer") or {}).get("device") or False,
+            "offload_parameters": (zero_config.get("offload_param") or {}).get("device") or False,
+            "deepspeed_config": config,
+        }
+    if isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)):
+        return {"engine": "torch", "zero": 0}
+    raise MisconfigurationException(
+        f"Expected a single-device, DDP or DeepSpeed strategy for the memory predictor, got {type(strategy).__name__}."
+        " Fix: use `lightning_memopt.MemOptStrategy(zero=3)` (ZeRO-3 is what FSDP does) or strategy='ddp'."
+    )
+
+
+@contextlib.contextmanager
+def quiet_logging(pl_module: nn.Module) -> Iterator[None]:
+    """Trace ``training_step`` without logging: ``self.log``/``self.log_dict`` do nothing for the duration (the
+    predictor runs the step with fake tensors, outside any hook Lightning allows logging in)."""
+    if not hasattr(pl_module, "log"):
+        yield
+        return
+    had = {name: pl_module.__dict__.get(name) for name in ("log", "log_dict")}
+    pl_module.__dict__["log"] = pl_module.__dict__["log_dict"] = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for name, value in had.items():
+            if value is None:
+                pl_module.__dict__.pop(name, None)
+            else:
+                pl_module.__dict__[name] = value
+
+
+class ReadsRun(Callback):
+    """A callback that uses the fit's :class:`RunReader`: it drops the reader when the fit ends or fails."""
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        forget_run(trainer)
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        forget_run(trainer)
