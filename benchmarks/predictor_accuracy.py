@@ -1,45 +1,53 @@
-"""Accuracy of ``estimate_memory`` against real ``MemOptStrategy`` runs: Lightning, DeepSpeed ZeRO 0-3, CPU, 2 ranks.
+"""Accuracy of ``estimate_memory`` against real Lightning runs on CPU: single device, and ``MemOptStrategy`` ZeRO 0-3
+on 2 ranks.
 
-One ``Trainer(accelerator="cpu", devices=2, strategy=MemOptStrategy(zero=k, activation_checkpointing=c))`` per
-configuration, all of them in one 2-process launch (Lightning starts the second process at the first fit; every
-later Trainer finds the process group already up). Each rank counts its live CPU tensor bytes with
-:class:`~lightning_memopt.utilities.memory.DeviceMemoryProbe` (the counting allocator, installed at process start,
-before anything is built). For every configuration the baseline is taken right before the LightningModule is built
-(after ``gc.collect()``), so the model built before ``fit``, DeepSpeed's flat buffers, fp32 partitions, Adam states,
-activations and buckets are all in the measured bytes. A callback resets the peak at ``on_train_batch_start`` and
-reads it at ``on_train_batch_end`` (forward, backward and optimizer step); "measured" is the highest per-step peak
-of the steady state, steps 2..N (Adam states are created at step 1).
+Kinds (``benchmarks/accuracy_kinds.py``): Llama, Qwen2 (tied), plain PyTorch, T5 (encoder-decoder), BERT (masked
+LM), Mixtral (top-2 MoE), ViT, a CNN with BatchNorm, PEFT LoRA on a Llama, a partly frozen Llama and GPT-NeoX
+(parallel residual); x {single device, ZeRO 0, 1, 2, 3} x {fp32, bf16-mixed} x {eager, SDPA} (not for the CNN) x
+checkpointing off/on (the blocks of every kind, the CNN's convolution blocks included).
 
-Before the first fit, rank 0 predicts every configuration in a clean process, on a freshly built copy of its
-model: ``method="analytic"`` on its spec and ``method="trace"`` on the module with one real batch, with the settings
-``MemoryMonitor`` reads in its ``setup`` (``strategy_settings``: ZeRO stage, the DeepSpeed config with the strategy's
-own ``"auto"`` bucket sizes; world size, precision, optimizer, checkpointing, and the attention the model was built
-with). In ``on_train_start`` every run's own settings (``run_settings``) are compared with those
-(``settings_match``). A rank is compared with its own prediction (``details["per_rank_total"]`` at ZeRO 1-2, else
-``total``); error = (predicted - measured) / measured. A prediction that raises is reported as failed.
+Measuring: every process counts its live CPU tensor storages with
+:class:`~lightning_memopt.measuring.memory.DeviceMemoryProbe` (``cpu_mode="dispatch"``, started before any model is
+built; beside it, every allocation with ``cpu_mode="allocator"``, kernel workspaces included). The baseline of a
+configuration is taken right before its LightningModule is built (after ``gc.collect()``), so the model, DeepSpeed's
+flat buffers, fp32 partitions, Adam states, buckets, activations and the batch are all in the measured bytes. A
+callback resets the peak at ``on_train_batch_start`` and reads it at ``on_train_batch_end``; "measured" is the
+highest per-step peak of the steady state, steps 2..N (Adam states are created at step 1). Single-device runs
+(Lightning's single-device strategy, bf16-mixed = autocast, checkpointing by the ``ActivationCheckpointing``
+callback) run first in the main process; then one 2-process launch holds every ``MemOptStrategy`` configuration
+(Lightning starts the second process at the first 2-device fit; later Trainers find the process group up).
 
-Models (random weights, nothing downloaded): ``CausalLM`` of ``examples/tiny_llm.py`` as Llama (GQA 4/2) and Qwen2
-(GQA 4/2, tied embeddings), and ``PlainLM`` of ``examples/plain_transformer.py`` (plain PyTorch:
-``nn.MultiheadAttention``, ``nn.RMSNorm``, GELU MLP; "eager" returns the attention weights, "sdpa" does not, which
-makes PyTorch call ``scaled_dot_product_attention``). Data: byte windows of the shipped text (``TextDataModule``).
+Predicting: before anything is measured, in a clean process (a ZeRO-3 engine leaves DeepSpeed's Linear patched in
+process-wide), each configuration is predicted on a freshly built copy of its model with the settings
+``MemoryMonitor`` reads (``strategy_settings`` with the strategy's own ``"auto"`` bucket sizes, world size,
+precision, optimizer, the batch's shape) and the configuration's checkpointing:
+
+* ``module``: ``estimate_memory(module, example_batch=the run's first batch, ...)``;
+* ``config``: ``estimate_memory(config.json dict, micro_batch_size=..., seq_len=..., attention=..., ...)`` for the
+  kinds whose LightningModule is the Hugging Face model and its loss (LoRA through ``lora_rank``/``lora_targets``).
+
+In ``on_train_start`` every run's own settings (``run_settings``, the checkpointing and attention read from the
+module) are compared with the predicted ones (``settings_match``). A rank is compared with its own prediction
+(``details["per_rank_total"]`` at ZeRO 1-2); error = (predicted - measured) / measured. A prediction that raises a
+clear ``ValueError``/``TypeError`` is a refusal, any other exception a crash; both count as failed.
 
 Usage::
 
-    python benchmarks/predictor_accuracy.py --out accuracy.json            # 96 configurations x 2 ranks
-    python benchmarks/predictor_accuracy.py --families llama --stages 0,3
-    python benchmarks/predictor_accuracy.py --quick                        # 4 configurations covering every axis
+    python benchmarks/predictor_accuracy.py --out accuracy.json          # 412 configurations
+    python benchmarks/predictor_accuracy.py --kinds t5,vit --stages single,3
+    python benchmarks/predictor_accuracy.py --quick                      # 13 configurations, every kind and axis
 """
 
 import argparse
-import copy
 import gc
 import itertools
 import json
 import os
-import statistics
+import shlex
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -47,59 +55,170 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-FAMILIES = ("llama", "qwen2", "plain")
+from accuracy_kinds import (
+    CONFIG_ONLY,
+    KINDS,
+    LORA_RANK,
+    LORA_TARGETS,
+    NO_ATTENTION,
+    UNTRAINABLE,
+    build_module,
+    dataloader,
+    first_batch,
+    hf_config,
+)
+from accuracy_report import (
+    describe,
+    failed_runs,
+    predictor_fingerprint,
+    print_report,
+    rows_of,
+    settings_diff,
+    summary,
+    verdict,
+)
+
+STAGES = ("single", "0", "1", "2", "3")
 PRECISIONS = ("bf16-mixed", "32-true")
 ATTENTIONS = ("eager", "sdpa")
-#: ``--quick``: one configuration per ZeRO stage, together covering every family, precision, attention and
-#: checkpointing setting.
+METHODS = ("module", "config")
+#: ``--quick``: every kind, every strategy, precision, attention and checkpointing setting at least once.
 QUICK = (
-    ("llama", 0, "32-true", "eager", False),
-    ("qwen2", 1, "bf16-mixed", "sdpa", True),
-    ("plain", 2, "bf16-mixed", "eager", True),
-    ("llama", 3, "bf16-mixed", "sdpa", False),
+    ("llama", "0", "32-true", "eager", False),
+    ("qwen2", "1", "bf16-mixed", "sdpa", True),
+    ("plain", "3", "bf16-mixed", "sdpa", False),  # nn.MultiheadAttention's packed projection, saved as views
+    ("t5", "3", "bf16-mixed", "eager", False),  # the config path switches the attention of T5's stacks too
+    ("bert", "2", "bf16-mixed", "sdpa", False),
+    ("mixtral", "1", "bf16-mixed", "eager", False),
+    ("vit", "3", "32-true", "eager", True),
+    ("cnn", "single", "bf16-mixed", None, True),
+    ("lora", "3", "bf16-mixed", "sdpa", True),  # frozen base weights recomputed inside a trainable block
+    ("frozen", "3", "32-true", "sdpa", True),
+    ("neox", "2", "32-true", "eager", False),
+    ("llama", "single", "bf16-mixed", "sdpa", True),
+    ("plain", "single", "32-true", "eager", True),
 )
 
 
-def build_module(cfg: dict) -> pl.LightningModule:
-    """The configuration's LightningModule, random weights from seed 0."""
-    torch.manual_seed(0)
-    if cfg["family"] == "plain":
-        from plain_transformer import PlainLM
+# ---------------------------------------------------------------- the Lightning glue (one place for its imports)
+def strategy_of(cfg: dict) -> Any:
+    """The configuration's strategy: Lightning's single-device one, or ``MemOptStrategy`` at its ZeRO stage."""
+    if cfg["stage"] == "single":
+        from lightning.pytorch.strategies import SingleDeviceStrategy
 
-        return PlainLM(hidden=cfg["hidden"], layers=cfg["layers"], attention=cfg["attention"])
-    from tiny_llm import CausalLM
+        return SingleDeviceStrategy(torch.device("cpu"))
+    from lightning_memopt import MemOptStrategy
 
-    return CausalLM(family=cfg["family"], hidden_size=cfg["hidden"], num_layers=cfg["layers"],
-                    attn_implementation=cfg["attention"])  # fmt: skip
+    return MemOptStrategy(zero=int(cfg["stage"]), activation_checkpointing=cfg["checkpointing"])
 
 
+def planned_settings(cfg: dict, module: pl.LightningModule, batch: Any) -> dict:
+    """``estimate_memory``'s settings of a configuration before its run, read as ``MemoryMonitor`` reads them in
+    setup (the strategy's ``"auto"`` bucket sizes resolved by the strategy's own rule on the module), with the
+    configuration's checkpointing (applied by the strategy or the callback during setup)."""
+    from lightning_memopt.lightning._run_reader import batch_shape, optimizer_name, strategy_settings
+
+    micro, seq = batch_shape(batch)
+    settings = strategy_settings(strategy_of(cfg), module)
+    settings.update(world_size=cfg["world_size"], precision=cfg["precision"],
+                    optimizer=optimizer_name(module.configure_optimizers()), micro_batch_size=micro,
+                    accumulate_grad_batches=1, activation_checkpointing=cfg["checkpointing"])  # fmt: skip
+    if seq is not None:
+        settings["seq_len"] = seq
+    return settings
+
+
+def read_run_settings(trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -> dict:
+    """The settings of a running fit (``run_settings``), with the checkpointing and attention read from the module."""
+    from lightning_memopt.lightning._run_reader import RunReader, batch_shape, optimizer_name
+    from lightning_memopt.core.blocks import checkpoint_flags
+
+    settings = RunReader(trainer).estimate_kwargs(batch_shape(batch), optimizer_name(trainer.optimizers[0]))
+    flags = checkpoint_flags(module, None)
+    checkpointed = sum(flags)
+    settings["activation_checkpointing"] = checkpointed == len(flags) if checkpointed in (0, len(flags)) else checkpointed
+    settings["attention"] = module_attention(module)
+    return settings
+
+
+def module_attention(module: torch.nn.Module) -> "str | None":
+    """The attention a module runs: its Hugging Face config's, the plain model's own setting, else ``None``."""
+    for sub in module.modules():
+        implementation = getattr(getattr(sub, "config", None), "_attn_implementation", None)
+        if isinstance(implementation, str):
+            return implementation
+        if isinstance(getattr(sub, "attention", None), str):
+            return sub.attention
+    return None
+
+
+def checkpoint_callbacks(cfg: dict) -> list:
+    """Single device: checkpointing as a user of another strategy applies it (``MemOptStrategy`` does it itself)."""
+    if cfg["stage"] != "single" or not cfg["checkpointing"]:
+        return []
+    from lightning_memopt import ActivationCheckpointing
+
+    return [ActivationCheckpointing()]
+
+
+# ---------------------------------------------------------------- predicting
+def predict(cfg: dict) -> dict:
+    """Both methods' prediction of every rank of a configuration, on a freshly built copy of its model."""
+    from lightning_memopt import estimate_memory
+    from lightning_memopt.lightning._run_reader import quiet_logging
+
+    module, batch = build_module(cfg), first_batch(cfg)
+    settings = planned_settings(cfg, module, batch)
+    calls = {"module": lambda: estimate_memory(module, example_batch=batch, **settings)}
+    if cfg["kind"] in CONFIG_ONLY:
+        extra = {"lora_rank": LORA_RANK, "lora_targets": list(LORA_TARGETS)} if cfg["kind"] == "lora" else {}
+        config_settings = {**settings, "attention": cfg["attention"], **extra}
+        if cfg["kind"] == "vit":
+            config_settings.pop("seq_len", None)  # an image model's tokens come from its config
+        config = hf_config(cfg["kind"], cfg["hidden"], cfg["layers"])
+        calls["config"] = lambda: estimate_memory(config, **config_settings)
+    out: dict = {"settings": {**settings, "attention": cfg["attention"]}}
+    for method, call in calls.items():
+        start = time.perf_counter()
+        try:
+            with quiet_logging(module):
+                est = call()
+        except (ValueError, TypeError) as err:  # a clear refusal: reported as failed
+            out[method] = {"failed": "refusal", "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+            continue
+        except Exception as err:  # noqa: BLE001 -- a crashing prediction is a result of the benchmark, reported
+            where = traceback.extract_tb(err.__traceback__)[-1]
+            out[method] = {"failed": "crash", "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                                                      f" ({Path(where.filename).name}:{where.lineno})"}  # fmt: skip
+            continue
+        per_rank = est.details.get("per_rank_total") or {}
+        out[method] = {"total": est.total, "per_rank": {int(r): int(v) for r, v in per_rank.items()},
+                       "peak_phase": est.details.get("peak_phase"), "seconds": time.perf_counter() - start}  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------- measuring
 class StepRecorder(pl.Callback):
     """Per training step: the peak bytes of each probe (relative to its ``base``); at train start: the settings.
 
     ``probes``: ``{"tensors": live tensor storages (the issue's measure), "allocations": every allocation}``.
     """
 
-    def __init__(self, probes: "dict[str, Any]", base: "dict[str, int]", cfg: dict) -> None:
-        self.probes, self.base, self.cfg = probes, base, cfg
+    def __init__(self, probes: "dict[str, Any]", base: "dict[str, int]") -> None:
+        self.probes, self.base = probes, base
         self.steps: list[dict[str, int]] = []
         self.settings: dict[str, Any] = {}
         self.after_setup = 0
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_memopt.callbacks._run_settings import optimizer_name, run_settings
-
-        shape = (self.cfg["micro_batch"], self.cfg["seq_len"])
-        settings = run_settings(trainer, pl_module, shape, optimizer_name(trainer.optimizers[0]))
-        settings["read_attention"] = settings.get("attention")
-        settings["attention"] = self.cfg["attention"]  # a plain module has no config to read it from
-        self.settings = copy.deepcopy(settings)
-        self.after_setup = self.probes["tensors"].current_bytes - self.base["tensors"]
+        self._read = False
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:  # fmt: skip
+        if not self._read:  # on_train_start has no batch; read the settings before the first step
+            self._read = True
+            self.settings = read_run_settings(trainer, pl_module, batch)
+            self.after_setup = self.probes["tensors"].current_bytes - self.base["tensors"]
         for probe in self.probes.values():
             probe.start_step()
 
@@ -115,206 +234,69 @@ class StepRecorder(pl.Callback):
 
 def run_config(probes: "dict[str, Any]", cfg: dict) -> dict:
     """Fit one configuration in a fresh Trainer; its memory relative to the bytes alive before the model."""
-    from tiny_llm import TextDataModule
-
-    from lightning_memopt import MemOptStrategy
-
-    data = TextDataModule(batch_size=cfg["micro_batch"], seq_len=cfg["seq_len"])  # the text: host data, not the step's
+    loader = dataloader(cfg)  # the samples' source (the text): host data, not the step's
     gc.collect()
     base = {name: probe.current_bytes for name, probe in probes.items()}
     start = time.perf_counter()
     module = build_module(cfg)
     n_params = sum(p.numel() for p in module.parameters())
-    recorder = StepRecorder(probes, base, cfg)
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    recorder = StepRecorder(probes, base)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, num_nodes=1,
-        strategy=MemOptStrategy(zero=cfg["zero"], activation_checkpointing=cfg["checkpointing"]),
+        accelerator="cpu", devices=cfg["world_size"], num_nodes=1, strategy=strategy_of(cfg),
         precision=cfg["precision"], max_steps=cfg["steps"], accumulate_grad_batches=1, logger=False,
-        callbacks=[recorder], enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[recorder, *checkpoint_callbacks(cfg)], enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
     )  # fmt: skip
-    trainer.fit(module, data)
-    rank = trainer.global_rank
-    result = {**cfg, "rank": rank, "n_params": n_params, "after_setup": recorder.after_setup,
-              "steps": recorder.steps, "settings": recorder.settings}  # fmt: skip
-    del trainer, module, recorder, data
+    try:
+        trainer.fit(module, train_dataloaders=loader)
+        failed = None
+    except Exception as err:  # noqa: BLE001 -- a run that fails is a result (every rank fails alike: same step)
+        failed = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    result = {**cfg, "rank": trainer.global_rank, "n_params": n_params, "trainable": trainable, "failed": failed,
+              "after_setup": recorder.after_setup, "steps": recorder.steps, "run_settings": recorder.settings}  # fmt: skip
+    del trainer, module, recorder, loader
     gc.collect()
     result["leaked"] = probes["tensors"].current_bytes - base["tensors"]
     result["seconds"] = time.perf_counter() - start
     return result
 
 
-def planned_settings(cfg: dict) -> dict:
-    """``estimate_memory`` settings of a configuration before its run, read as ``MemoryMonitor`` reads them in setup.
+def start_probes() -> "dict[str, Any]":
+    """The two counters, started before anything is built (everything after counts).
 
-    The strategy's ``"auto"`` bucket sizes are resolved by the strategy's own rule on the module; the transforms and
-    the attention are the configuration's. ``on_train_start`` checks them against the run's (``settings_match``).
-    """
-    from lightning_memopt import MemOptStrategy
-    from lightning_memopt.callbacks._run_settings import optimizer_from_module, strategy_settings
+    Live tensor storages (a dispatch mode, active in the thread that trains) are what the issue measures; the
+    counting allocator sees every allocation, kernel workspaces included (oneDNN's bf16 matmuls on CPU take some
+    0.2-0.3 MB of scratch inside one op)."""
+    from lightning_memopt.measuring.memory import DeviceMemoryProbe
 
-    module = build_module(cfg)
-    strategy = MemOptStrategy(zero=cfg["zero"], activation_checkpointing=cfg["checkpointing"])
-    settings = strategy_settings(strategy, module)
-    settings.update(activation_checkpointing=cfg["checkpointing"], liger=False, attention=cfg["attention"],
-                    world_size=2, precision=cfg["precision"], optimizer=optimizer_from_module(module),
-                    micro_batch_size=cfg["micro_batch"], seq_len=cfg["seq_len"], accumulate_grad_batches=1)  # fmt: skip
-    return settings
-
-
-def comparable(settings: dict) -> dict:
-    """The settings that matter to the prediction (of the DeepSpeed config: its ``zero_optimization``)."""
-    out = {k: v for k, v in settings.items() if k not in ("deepspeed_config", "read_attention")}
-    out["zero_optimization"] = (settings.get("deepspeed_config") or {}).get("zero_optimization")
-    return out
-
-
-def predict(cfg: dict, settings: dict) -> dict:
-    """Analytic and trace predictions of every rank of a configuration, on a freshly built copy of its model."""
-    from tiny_llm import ByteWindows
-
-    from lightning_memopt.planning import estimate_memory
-    from lightning_memopt.predictor.model_spec import resolve_model
-
-    module = build_module(cfg)
-    data = ByteWindows(seq_len=cfg["seq_len"])
-    batch = torch.stack([data[i] for i in range(cfg["micro_batch"])])
-    out = {}
-    for method in ("analytic", "trace"):
-        start = time.perf_counter()
-        try:
-            if method == "analytic":
-                est = estimate_memory(resolve_model(module), method=method, **settings)
-            else:
-                est = estimate_memory(module, method=method, example_batch=batch, **settings)
-        except Exception as err:  # noqa: BLE001 -- a failing prediction is a result of the benchmark, reported
-            out[method] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
-            continue
-        per_rank = est.details.get("per_rank_total") or {}
-        out[method] = {"total": est.total, "per_rank": {int(r): int(v) for r, v in per_rank.items()},
-                       "peak_phase": est.details.get("peak_phase"), "seconds": time.perf_counter() - start}  # fmt: skip
-    return out
-
-
-def rank_main(configs: list[dict], out_dir: Path) -> None:
-    """What every rank runs (rank 1 is started by Lightning at the first fit and re-runs this script)."""
-    from lightning_memopt.utilities.memory import DeviceMemoryProbe
-
-    # before anything is built: everything counts. Live tensor storages (a dispatch mode, active in the thread that
-    # trains) are what the issue measures; the counting allocator sees every allocation, kernel workspaces included
-    # (oneDNN's bf16 matmuls on CPU take some 0.2-0.3 MB of scratch inside one op).
     probes = {"tensors": DeviceMemoryProbe("cpu", cpu_mode="dispatch"),
               "allocations": DeviceMemoryProbe("cpu", cpu_mode="allocator")}  # fmt: skip
     for probe in probes.values():
         probe.start()
+    return probes
+
+
+def rank_main(configs: list[dict], out_dir: Path, probes: "dict[str, Any] | None" = None) -> None:
+    """The 2-rank runs (rank 1 is started by Lightning at the first fit and re-runs this script)."""
+    probes = probes or start_probes()
     results = [run_config(probes, cfg) for cfg in configs]
-    rank = results[0]["rank"]
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results, default=str))
+    Path(out_dir, f"rank{results[0]['rank']}.json").write_text(json.dumps(results, default=str))
     torch.distributed.barrier()
     for probe in probes.values():
         probe.close()
 
 
-def attach(results: list[dict], predictions: dict[int, dict]) -> list[dict]:
-    """One row per configuration and rank: measured (steps 2..N) vs each method's prediction for that rank."""
-    rows = []
-    for r in results:
-        steps = r["steps"][1:] or r["steps"]
-        steady = [s["tensors_peak"] for s in steps]
-        measured, allocations = max(steady), max(s["allocations_peak"] for s in steps)
-        row = {k: r[k] for k in ("family", "zero", "precision", "attention", "checkpointing", "rank", "n_params",
-                                 "micro_batch", "seq_len", "leaked", "seconds")}  # fmt: skip
-        row.update(measured=measured, measured_allocations=allocations, steady_spread=max(steady) - min(steady),
-                   first_step=r["steps"][0]["tensors_peak"],
-                   read_attention=r["settings"].get("read_attention"), settings_match=r["settings_match"],
-                   settings_diff=r["settings_diff"])  # fmt: skip
-        pred = predictions[r["index"]]  # keyed by configuration index
-        for method in ("analytic", "trace"):
-            if "error" in pred[method]:
-                row.update({method: None, f"{method}_error_pct": None, f"{method}_allocations_error_pct": None,
-                            f"{method}_failed": pred[method]["error"]})  # fmt: skip
-                continue
-            value = pred[method]["per_rank"].get(r["rank"], pred[method]["total"])
-            row[method] = value
-            row[f"{method}_error_pct"] = 100.0 * (value - measured) / measured
-            row[f"{method}_allocations_error_pct"] = 100.0 * (value - allocations) / allocations
-            row[f"{method}_phase"] = pred[method]["peak_phase"]
-        rows.append(row)
-    return rows
-
-
-def describe(row: dict) -> str:
-    return (f"{row['family']:5s} zero{row['zero']} {row['precision']:10s} {row['attention']:5s} "
-            f"ckpt={'on ' if row['checkpointing'] else 'off'}")  # fmt: skip
-
-
-def summary(rows: list[dict]) -> list[dict]:
-    """Median and worst |error| per method, over all rows and per family: against live tensors (the targets) and
-    against every allocation (``*_allocations``: kernel workspaces included)."""
-    out = []
-    for family in ("all", *FAMILIES):
-        sel = [r for r in rows if family == "all" or r["family"] == family]
-        if not sel:
-            continue
-        for method in ("analytic", "trace"):
-            errors = [abs(r[f"{method}_error_pct"]) for r in sel if r[f"{method}_error_pct"] is not None]
-            alloc = [abs(r[f"{method}_allocations_error_pct"]) for r in sel if r[f"{method}_error_pct"] is not None]
-            out.append({"family": family, "method": method, "peaks": len(errors), "failed": len(sel) - len(errors),
-                        "median_abs_error_pct": statistics.median(errors) if errors else None,
-                        "worst_abs_error_pct": max(errors) if errors else None,
-                        "median_abs_error_allocations_pct": statistics.median(alloc) if alloc else None,
-                        "worst_abs_error_allocations_pct": max(alloc) if alloc else None})  # fmt: skip
-    return out
-
-
-def _cell(value: "int | None", error: "float | None", width: int) -> str:
-    if value is None:
-        return f"{'failed':>{width}s} {'':7s}"
-    return f"{value / 1024:{width}.1f} {error:+7.2f}"
-
-
-def _pct(value: "float | None") -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def _pct7(value: "float | None") -> str:
-    return f"{'':7s}" if value is None else f"{value:+7.2f}"
-
-
-def print_report(rows: list[dict], summ: list[dict], seconds: float, n_configs: int) -> None:
-    print(f"{'config':40s} rank {'tensors KiB':>11s} {'allocs KiB':>10s} {'analytic KiB':>12s} {'err %':>7s}"
-          f" {'alloc %':>7s} {'trace KiB':>10s} {'err %':>7s} {'alloc %':>7s}")  # fmt: skip
-    for r in rows:
-        print(f"{describe(r):40s} {r['rank']:4d} {r['measured'] / 1024:11.1f} {r['measured_allocations'] / 1024:10.1f} "
-              f"{_cell(r['analytic'], r['analytic_error_pct'], 12)} {_pct7(r['analytic_allocations_error_pct'])} "
-              f"{_cell(r['trace'], r['trace_error_pct'], 10)} {_pct7(r['trace_allocations_error_pct'])}")  # fmt: skip
-    failures = sorted(
-        {(m, r[f"{m}_failed"]) for r in rows for m in ("analytic", "trace") if r.get(f"{m}_failed")}
-    )
-    for method, error in failures:
-        print(f"{method} failed: {error}")
-    print(f"\n{'family':6s} {'method':8s} {'peaks':>5s} {'failed':>6s} {'median |err| %':>15s} {'worst |err| %':>14s}"
-          f" {'vs all allocations: median':>27s} {'worst':>6s}")  # fmt: skip
-    for s in summ:
-        print(f"{s['family']:6s} {s['method']:8s} {s['peaks']:5d} {s['failed']:6d} {_pct(s['median_abs_error_pct']):>15s} "
-              f"{_pct(s['worst_abs_error_pct']):>14s} {_pct(s['median_abs_error_allocations_pct']):>27s}"
-              f" {_pct(s['worst_abs_error_allocations_pct']):>6s}")  # fmt: skip
-    print(f"\n{n_configs} configurations x 2 ranks in one launch: {seconds:.0f} s wall")
-
-
+# ---------------------------------------------------------------- the matrix
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--families", default=",".join(FAMILIES))
-    parser.add_argument("--stages", default="0,1,2,3")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"among {','.join(KINDS)}")
+    parser.add_argument("--stages", default=",".join(STAGES), help="'single' (one device) and ZeRO stages 0-3")
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
     parser.add_argument("--attention", default=",".join(ATTENTIONS))
     parser.add_argument("--checkpointing", default="off,on")
-    parser.add_argument(
-        "--quick", action="store_true", help=f"only the {len(QUICK)} configurations of QUICK, 3 steps"
-    )
-    parser.add_argument(
-        "--steps", type=int, default=4, help="optimizer steps per configuration (steady: 2..N)"
-    )
+    parser.add_argument("--quick", action="store_true", help=f"only the {len(QUICK)} configurations of QUICK, 3 steps")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per configuration (steady: 2..N)")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--micro-batch", type=int, default=4)
@@ -324,82 +306,93 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _axis(text: str, allowed: "tuple[str, ...]", name: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise SystemExit(f"Expected --{name} among {','.join(allowed)}, got {text!r}. Fix: e.g. --{name} {allowed[0]}")
+    return values
+
+
 def configurations(args: argparse.Namespace) -> list[dict]:
+    """The matrix (or ``QUICK``), single-device configurations first (they run before the 2-rank launch)."""
     common = {"hidden": args.hidden, "layers": args.layers, "micro_batch": args.micro_batch, "seq_len": args.seq_len,
               "steps": 3 if args.quick and args.steps == 4 else args.steps}  # fmt: skip
     if args.quick:
-        axes = QUICK
+        axes = list(QUICK)
     else:
-        axes = itertools.product(args.families.split(","), [int(s) for s in args.stages.split(",")],
-                                 args.precisions.split(","), args.attention.split(","),
-                                 [c == "on" for c in args.checkpointing.split(",")])  # fmt: skip
-    configs = []
-    for i, (family, zero, precision, attention, ckpt) in enumerate(axes):
-        if (
-            family not in FAMILIES
-            or zero not in (0, 1, 2, 3)
-            or precision not in PRECISIONS
-            or attention not in ATTENTIONS
-        ):
-            raise SystemExit(f"Expected families in {FAMILIES}, stages 0-3, precisions in {PRECISIONS}, attention in"
-                             f" {ATTENTIONS}; got {family!r}, {zero!r}, {precision!r}, {attention!r}.")  # fmt: skip
-        configs.append({"index": i, "family": family, "zero": zero, "precision": precision, "attention": attention,
-                        "checkpointing": ckpt, **common})  # fmt: skip
-    return configs
+        attentions = _axis(args.attention, ATTENTIONS, "attention")
+        axes = [
+            (kind, stage, precision, attention, ckpt == "on")
+            for kind, stage, precision, ckpt in itertools.product(
+                _axis(args.kinds, KINDS, "kinds"), _axis(args.stages, STAGES, "stages"),
+                _axis(args.precisions, PRECISIONS, "precisions"), _axis(args.checkpointing, ("off", "on"), "checkpointing"))
+            for attention in ([None] if kind in NO_ATTENTION else attentions)
+        ]  # fmt: skip
+    axes = [a for a in axes if untrainable(a[0], a[1], a[2]) is None]
+    axes.sort(key=lambda a: a[1] != "single")
+    return [{"index": i, "kind": kind, "stage": stage, "world_size": 1 if stage == "single" else 2,
+             "precision": precision, "attention": attention, "checkpointing": ckpt, **common}
+            for i, (kind, stage, precision, attention, ckpt) in enumerate(axes)]  # fmt: skip
 
 
-def predictor_fingerprint() -> str:
-    """SHA-256 of the predictor's sources, to tie a result to the code that predicted it."""
-    import hashlib
-
-    from lightning_memopt import predictor
-
-    digest = hashlib.sha256()
-    for path in sorted(Path(predictor.__file__).parent.glob("*.py")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+def untrainable(kind: str, stage: str, precision: str) -> "str | None":
+    """Why a kind does not train with this strategy and precision here (``None``: it trains)."""
+    return UNTRAINABLE.get((kind, "single" if stage == "single" else "zero", precision))
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: "list[str] | None" = None) -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     configs = configurations(args)
-    start = time.perf_counter()
-    # rank 1 is started by Lightning's launcher at the first fit, with the same argv
-    if "LOCAL_RANK" in os.environ:
-        rank_main(configs, args.work_dir)
+    if not configs:
+        raise SystemExit("Expected at least one configuration that trains, got none. Fix: widen the axis filters.")
+    distributed = [cfg for cfg in configs if cfg["stage"] != "single"]
+    if "LOCAL_RANK" in os.environ:  # rank 1, started by Lightning's launcher at the first fit, with the same argv
+        rank_main(distributed, args.work_dir)
         return
-    # Predict first, in a clean process: a ZeRO-3 engine leaves DeepSpeed's Linear autograd function patched in
-    # process-wide (it shows in a later trace's backward), and rank 1 only starts at the first fit.
-    planned = {cfg["index"]: planned_settings(cfg) for cfg in configs}
-    predictions = {cfg["index"]: predict(cfg, planned[cfg["index"]]) for cfg in configs}
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    start = time.perf_counter()
+    predictions = {cfg["index"]: predict(cfg) for cfg in configs}
     predicting = time.perf_counter() - start
-    work = Path(tempfile.mkdtemp(prefix="predictor_accuracy_"))
-    sys.argv += ["--work-dir", str(work)]  # rank 1 re-runs this script with sys.argv
-    rank_main(configs, work)
-    results = [r for rank in (0, 1) for r in json.loads(Path(work, f"rank{rank}.json").read_text())]
-    for name in ("rank0.json", "rank1.json"):
-        Path(work, name).unlink()
-    work.rmdir()
+    probes = start_probes()
+    results = [run_config(probes, cfg) for cfg in configs if cfg["stage"] == "single"]
+    if distributed:
+        work = Path(tempfile.mkdtemp(prefix="predictor_accuracy_"))
+        sys.argv += ["--work-dir", str(work)]  # rank 1 re-runs this script with sys.argv
+        rank_main(distributed, work, probes)
+        for rank in (0, 1):
+            results += json.loads(Path(work, f"rank{rank}.json").read_text())
+            Path(work, f"rank{rank}.json").unlink()
+        work.rmdir()
+    else:
+        for probe in probes.values():
+            probe.close()
     for r in results:
-        run, plan = comparable(r["settings"]), comparable(planned[r["index"]])
-        r["settings_diff"] = {
-            k: [plan.get(k), run.get(k)] for k in sorted(set(run) | set(plan)) if run.get(k) != plan.get(k)
-        }
+        r["settings_diff"] = settings_diff(predictions[r["index"]]["settings"], r["run_settings"])
         r["settings_match"] = not r["settings_diff"]
-    rows = attach(sorted(results, key=lambda r: (r["index"], r["rank"])), predictions)
-    summ = summary(rows)
+    rows = rows_of(sorted(results, key=lambda r: (r["index"], r["rank"])), predictions, METHODS)
+    summ = summary(rows, METHODS, KINDS)
     seconds = time.perf_counter() - start
-    print_report(rows, summ, seconds, len(configs))
-    mismatched = [describe(r) for r in rows if not r["settings_match"]]
-    print(f"(predicting {predicting:.0f} s, measuring {seconds - predicting:.0f} s; run settings differ from the"
-          f" predicted ones in {len(mismatched)} rows{': ' + ', '.join(mismatched) if mismatched else ''})")  # fmt: skip
+    verdicts = verdict(rows, METHODS)
+    print_report(rows, summ, verdicts, METHODS)
+    mismatched = [describe(r) for r in rows if not r["run_failed"] and not r["settings_match"]]
+    failures = failed_runs(rows)
+    print(f"Runs that failed: {len(failures)}" + "".join(f"\n  {f}" for f in failures))
+    left_out = {k: v for k, v in UNTRAINABLE.items() if k[0] in {cfg["kind"] for cfg in configs}}
+    for (kind, strategy, precision), reason in left_out.items():
+        print(f"Left out: {kind} with {'MemOptStrategy' if strategy == 'zero' else strategy} {precision}: {reason}.")
+    print(f"\n{len(configs)} configurations ({len(configs) - len(distributed)} single device, {len(distributed)} x 2"
+          f" ranks in one launch), {len(rows)} measured peaks: {seconds:.0f} s wall (predicting {predicting:.0f} s)."
+          f"\nRun settings differ from the predicted ones in {len(mismatched)} rows"
+          f"{': ' + ', '.join(mismatched) if mismatched else ''}.\nCommand: {command}")  # fmt: skip
     if args.out:
-        args.out.write_text(json.dumps({"rows": rows, "summary": summ, "seconds": seconds,
+        args.out.write_text(json.dumps({"rows": rows, "summary": summ, "verdict": verdicts, "seconds": seconds,
+                                        "failed_runs": failures, "left_out": [[*k, v] for k, v in left_out.items()],
                                         "predicting_seconds": predicting, "configurations": len(configs),
-                                        "torch": torch.__version__, "lightning": pl.__version__,
-                                        "predictor_sources_sha256": predictor_fingerprint()}, indent=1))  # fmt: skip
+                                        "command": command, "torch": torch.__version__, "lightning": pl.__version__,
+                                        "predictor_sources_sha256": predictor_fingerprint()}, indent=1, default=str))  # fmt: skip
 
 
 if __name__ == "__main__":

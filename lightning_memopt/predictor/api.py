@@ -4,10 +4,18 @@ from typing import Any
 
 from lightning_memopt.core.blocks import checkpoint_flags
 from lightning_memopt.predictor.estimate import MemoryEstimate
-from lightning_memopt.predictor.model_states import ENGINES, EngineMemory, Phase, engine_memory, resolve_optimizer
+from lightning_memopt.predictor.model_states import (
+    ENGINES,
+    EngineMemory,
+    Phase,
+    engine_memory,
+    resolve_optimizer,
+    zero_settings,
+)
 from lightning_memopt.predictor.precision import resolve_precision
 from lightning_memopt.predictor.sources import resolve_source
 from lightning_memopt.predictor.timeline import Timeline, step_timeline
+from lightning_memopt.predictor.zero3 import Zero3Settings
 
 METHODS = ("trace",)
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
@@ -177,7 +185,7 @@ def predict(
     resolve_optimizer(optimizer)
     source = resolve_source(model)
     reading = source.reading
-    zero3 = engine == "deepspeed" and zero == 3
+    zero3 = _zero3_settings(reading, deepspeed_config) if engine == "deepspeed" and zero == 3 else False
     act_engine = "deepspeed" if engine == "zero-paper" else engine
     if source.module is None or engine == "zero-paper":
         timeline = Timeline.empty()
@@ -221,7 +229,7 @@ def predict(
     grad_bytes = prec.param_bytes(act_engine)  # DeepSpeed: every trainable parameter in its dtype
     per_rank, best, phases = {}, None, []
     for r, em_r in ems.items():
-        phases_r = _phases(em_r, timeline, grad_bytes, accumulate > 1, checkpointed > 0)
+        phases_r = _phases(em_r, timeline, grad_bytes, accumulate > 1)
         top = max(phases_r, key=lambda p: p[0].total + p[1] + p[2])
         per_rank[r] = top[0].total + top[1] + top[2]
         if best is None or per_rank[r] > best[0].total + best[1] + best[2]:
@@ -273,24 +281,32 @@ def predict(
     )
 
 
+def _zero3_settings(reading: Any, deepspeed_config: "dict[str, Any] | None") -> Zero3Settings:
+    """What DeepSpeed's parameter coordinator decides with (:mod:`.zero3`)."""
+    cfg = zero_settings(deepspeed_config)
+    return Zero3Settings(
+        persistence_threshold=int(cfg["stage3_param_persistence_threshold"]),
+        max_reuse_distance=int(cfg["stage3_max_reuse_distance"]),
+        prefetch_bucket_size=int(cfg["stage3_prefetch_bucket_size"]),
+        max_live_parameters=int(cfg["stage3_max_live_parameters"]),
+        complete_trace=not reading.step_calls_root,
+    )
+
+
 def _phases(
-    em: EngineMemory, timeline: Timeline, grad_bytes: int, accumulating: bool = False, recompute: bool = False
+    em: EngineMemory, timeline: Timeline, grad_bytes: int, accumulating: bool = False
 ) -> "list[tuple[Phase, int, int]]":
     """Every moment as (model-state phase, activation bytes, logits bytes): the step's highest moment of forward
-    and backward, then the engine's moments without activations (gradient reduction, optimizer step).
-
-    A backward moment adds ``em.backward_gathered`` once gradients are produced (twice with ``recompute``:
-    activation checkpointing re-runs a block's forward inside the backward of its last module, whose parameters
-    stay gathered while each recomputed module gathers its own).
+    and backward, then the engine's moments without activations (gradient reduction, optimizer step). ZeRO-3
+    parameters gathered at a moment (in the traced timeline) count as parameters.
 
     ``accumulating``: the moments of a micro-step that follows another one (gradient accumulation), when what the
     engine holds between micro-steps is there from the start and the new gradients are added into it.
     """
     base = em.base
     best = None
-    in_backward = em.backward_gathered * (2 if recompute else 1)
     unit = em.grad_unit or grad_bytes
-    for live, grads, logits, forward in timeline.moments():
+    for live, grads, logits, forward, gathered in timeline.moments():
         g, buf = em.backward_extra(grads // unit)
         if forward:
             g = max(g, em.forward_gradients)
@@ -299,12 +315,12 @@ def _phases(
             g, buf = max(g, held_g), max(buf, held_buf)
         phase = Phase(
             "backward",
-            base.parameters + em.gathered + (0 if forward or not grads else in_backward),
+            base.parameters + em.gathered + gathered,
             base.gradients + g,
             base.optimizer_states,
             base.buffers + buf,
         )
-        item = (phase, live - logits, logits)
-        if best is None or phase.total + live > best[0].total + best[1] + best[2]:
+        item = (phase, live - logits - gathered, logits)
+        if best is None or phase.total + item[1] + logits > best[0].total + best[1] + best[2]:
             best = item
     return [best, *((p, 0, 0) for p in em.phases)]

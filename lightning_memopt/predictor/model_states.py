@@ -17,9 +17,9 @@ Sources (DeepSpeed 0.19.8, ``deepspeed/runtime``):
   backward.
 * ``zero/stage3.py`` + ``partitioned_param_coordinator.py``: 16-bit parameter partitions, a persistent 16-bit
   gradient partition (``grad_partitions_flat_buffer``), one IPG bucket of ``reduce_bucket_size`` allocated at
-  init, full copies of parameters below ``stage3_param_persistence_threshold``, and gathered parameters that
-  are kept when reused within ``stage3_max_reuse_distance`` elements (so small models stay gathered from
-  forward to backward).
+  init, full copies of parameters below ``stage3_param_persistence_threshold``; the parameters gathered along
+  the step (fetched before a module's forward and backward, released after them unless reused within
+  ``stage3_max_reuse_distance`` elements) are replayed on the traced step (:mod:`.zero3`).
 * Optimizer step temporaries (``torch/optim/adam.py``): the single-tensor path (the CPU default) makes two
   temporaries per tensor (``exp_avg_sq.sqrt()`` and its division), the foreach path (CUDA default) one for the
   whole list, the fused path none.
@@ -125,9 +125,8 @@ class EngineMemory:
 
     ``base`` holds what is on the device for the whole step (steady state, after the first optimizer step);
     ``phases`` the moments without activations (end of backward, optimizer step). During forward/backward the
-    engine adds ``backward_extra(grad_elements)`` on top of ``base`` + ``gathered`` + activations, and while a
-    module's backward runs (gradients being produced) ``backward_gathered``: that module's gathered ZeRO-3
-    parameters when they are not among ``gathered`` already.
+    engine adds ``backward_extra(grad_elements)`` on top of ``base`` + ``gathered`` + activations (ZeRO-3 parameters
+    gathered op by op are in the traced timeline, :mod:`.zero3`).
     """
 
     base: Phase
@@ -142,7 +141,6 @@ class EngineMemory:
     details: "dict[str, Any]" = field(default_factory=dict)
     accumulation_hold: "tuple[int, int]" = (0, 0)
     forward_gradients: int = 0
-    backward_gathered: int = 0
     grad_unit: int = 0  # bytes per element of the timeline's gradient bytes (0: the engine's parameter dtype)
 
     def accumulating_extra(self) -> "tuple[int, int]":
@@ -181,32 +179,16 @@ def _temporaries(kind: str, tensors: "list[int]") -> int:
 
 
 def _gathered_stage3(reading: ModelReading, threshold: int, reuse: int, bytes_: int) -> "tuple[int, int]":
-    """(gathered bytes kept from forward into backward, persistent full-copy bytes) at ZeRO-3.
+    """(gathered bytes held through forward and backward, persistent full-copy bytes) at ZeRO-3.
 
-    ``partitioned_param_coordinator.__params_to_release``: after a module's forward, its parameters stay
-    gathered when they are used again within ``max_reuse_distance`` elements of the trace (forward rest +
-    backward). When the LightningModule's step calls the module itself the trace never completes
-    (:func:`~lightning_memopt.predictor.reading.step_calls_root`) and nothing stays gathered. Frozen parameters are
-    partitioned and gathered like trainable ones (``zero.Init`` converts every parameter).
+    A model that is traced holds its gathered parameters in the traced step, op by op, as DeepSpeed's coordinator
+    fetches and releases them (:mod:`.zero3`): nothing here. A bare parameter count has no modules: the last
+    ``max_reuse_distance / 2`` elements of the trace are taken to stay gathered from forward into backward
+    (``partitioned_param_coordinator.__params_to_release``).
     """
-    modules = reading.module_params()
-    persistent = sum(p.numel for _, params in modules for p in params if p.numel <= threshold)
-    if reading.step_calls_root:  # the trace never completes: every sub-module's parameters are freed after use
-        return 0, persistent * bytes_
-    if not reading.traceable:  # a bare count: modules unknown, the last reuse/2 elements stay gathered
+    if not reading.traceable:
         return min(reading.num_parameters, reuse // 2) * bytes_, 0
-    names = [name for name, _ in modules]
-    # a module owning parameters *and* parameterised children (nn.MultiheadAttention reads its out_proj's weight
-    # itself) fetches them outside the recorded module trace: DeepSpeed releases them after use (measured)
-    parents = {name.rsplit(".", k)[0] for name in names for k in range(1, name.count(".") + 1)}
-    owners = parents.intersection(names)
-    fetched = [n in owners or n.rsplit(".", 1)[0] in owners for n in names]
-    after = kept = 0
-    for (_, params), outside in zip(reversed(modules), reversed(fetched)):
-        if 2 * after < reuse and not outside:
-            kept += sum(p.numel for p in params if p.numel > threshold)
-        after += sum(p.numel for p in params)
-    return kept * bytes_, persistent * bytes_
+    return 0, sum(p.numel for p in reading.params if p.numel <= threshold) * bytes_
 
 
 def _partition_grad_elements(numels: "list[int]", world: int, rank: int) -> "tuple[int, int]":
@@ -344,17 +326,7 @@ def engine_memory(
     base = Phase("steady", params, grad_part, opt_bytes, module_buffers + bucket)
     details["persistent_param_bytes"] = persistent
     phases = (Phase("step", params, grad_part, opt_bytes, module_buffers + bucket + grad32 + temps),)
-    # without a complete trace each sub-module gathers its parameters for its own backward (pre-backward hook)
-    # and frees them after it: the largest module's non-persistent parameters bound what is gathered then
-    in_backward = (
-        b * max((sum(p.numel for p in ps if p.numel > threshold) for _, ps in reading.module_params()), default=0)
-        if reading.step_calls_root
-        else 0
-    )
-    details["backward_gathered_bytes"] = in_backward
-    return EngineMemory(
-        base, gathered, phases, where["cpu"], where["nvme"], 0, 0, 0, 0, details, backward_gathered=in_backward
-    )
+    return EngineMemory(base, gathered, phases, where["cpu"], where["nvme"], 0, 0, 0, 0, details)
 
 
 def _itemsize(dtype: Any) -> int:

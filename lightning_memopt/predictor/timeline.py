@@ -21,6 +21,7 @@ from lightning_memopt.predictor.sources import Source, synthetic_batch
 from lightning_memopt.predictor.expand import synthesize
 from lightning_memopt.predictor.synthesis import Replica, SynthesisError, block_classes, choose_run
 from lightning_memopt.predictor.trace import trace_step
+from lightning_memopt.predictor.zero3 import Zero3Settings
 
 #: models with at least this many blocks are traced at reduced depth
 SYNTHESIS_MIN_BLOCKS = 8
@@ -39,6 +40,7 @@ class Timeline:
         logits: of ``live``, the logits' bytes.
         forward_end: index of the last op of forward.
         details: how it was obtained (for ``MemoryEstimate.details``).
+        gathered: of ``live``, the ZeRO-3 parameters gathered (empty: none, or not told apart).
     """
 
     live: "tuple[int, ...]"
@@ -46,27 +48,30 @@ class Timeline:
     logits: "tuple[int, ...]"
     forward_end: int
     details: "dict[str, Any]" = field(default_factory=dict)
+    gathered: "tuple[int, ...]" = ()
 
     @classmethod
     def empty(cls) -> "Timeline":
         """No activations (a parameter count)."""
         return cls((0,), (0,), (0,), -1)
 
-    def moments(self) -> "Iterator[tuple[int, int, int, bool]]":
-        """``(live, gradient bytes, logits, in forward)``: the highest op of every run of ops between two gradients.
+    def moments(self) -> "Iterator[tuple[int, int, int, bool, int]]":
+        """``(live, gradient bytes, logits, in forward, gathered)``: the highest op of every run of ops between two
+        gradients.
 
         Example:
             >>> list(Timeline((1, 5, 2, 3, 1), (0, 0, 0, 4, 4), (0, 0, 0, 0, 0), 1).moments())
-            [(5, 0, 0, True), (2, 0, 0, False), (3, 4, 0, False)]
+            [(5, 0, 0, True, 0), (2, 0, 0, False, 0), (3, 4, 0, False, 0)]
         """
         best = None
+        gathered = self.gathered or (0,) * len(self.live)
         for i, (live, grads, logits) in enumerate(zip(self.live, self.grads, self.logits)):
             key = (grads, i <= self.forward_end)
             if best is not None and key == best[0] and live <= best[1][0]:
                 continue
             if best is not None and key != best[0]:
                 yield best[1]
-            best = (key, (live, grads, logits, key[1]))
+            best = (key, (live, grads, logits, key[1], gathered[i]))
         if best is not None:
             yield best[1]
 
@@ -129,7 +134,7 @@ def step_timeline(
     engine: str,
     activation_checkpointing: "bool | float | int | None",
     attention: "str | None",
-    zero3: bool,
+    zero3: "bool | Zero3Settings",
 ) -> "tuple[Timeline, tuple[int, int | None]]":
     """The timeline of one step of ``source`` and the ``(micro-batch, seq_len)`` it was traced at.
 
@@ -193,6 +198,7 @@ def _affine(two: Timeline, three: Timeline, micro: int) -> "Timeline | None":
         tuple(a + k * (b - a) for a, b in zip(two.logits, three.logits)),
         two.forward_end,
         {**two.details, "micro_batch_from": "affine in the micro-batch (traced at 2 and 3)"},
+        tuple(a + k * (b - a) for a, b in zip(two.gathered, three.gathered)),
     )
 
 
@@ -204,7 +210,7 @@ def trace_timeline(
     engine: str,
     activation_checkpointing: "bool | float | int | None",
     attention: "str | None",
-    zero3: bool,
+    zero3: "bool | Zero3Settings",
 ) -> Timeline:
     """Trace one step of ``module`` on ``batch``: at reduced depth with synthesis when it has at least
     :data:`SYNTHESIS_MIN_BLOCKS` blocks and synthesis holds (:mod:`.synthesis`), else every block."""
@@ -229,4 +235,4 @@ def trace_timeline(
                     details["synthesis"] = f"every block traced: {err}"
         res = trace_step(module, batch, **kwargs)
     details.update(traced_blocks=len(names), saved_bytes=res.saved_bytes)
-    return Timeline(res.live, res.grads, res.logits, res.forward_end, details)
+    return Timeline(res.live, res.grads, res.logits, res.forward_end, details, res.gathered)

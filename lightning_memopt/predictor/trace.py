@@ -24,18 +24,20 @@ op's name and what to do instead.
 import contextlib
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from lightning_memopt.core import compat as _compat
 from lightning_memopt.core.blocks import checkpointed_as
 from lightning_memopt.predictor.precision import Precision
-from lightning_memopt.core import compat as _compat
 from lightning_memopt.predictor.reading import find_hf_model, tensor_attributes
 from lightning_memopt.predictor.tracker import SHADOW_LIMIT, LiveTensorTracker
+from lightning_memopt.predictor.zero3 import Zero3Gathering, Zero3Settings
 
 #: a function from one step's batch to its loss; the default steps a LightningModule or calls the module
 StepFn = Callable[[nn.Module, Any], Any]
@@ -58,6 +60,7 @@ class TraceResult:
             passed (synthesis).
         storages: ``(allocated at, freed at, bytes, storage key)`` of every storage the step created (``freed at`` =
             ``len(live)`` when it outlived the step), when recorded.
+        gathered: of ``live``, the ZeRO-3 parameters gathered after each op (empty without ``zero3`` settings).
     """
 
     live: "tuple[int, ...]"
@@ -69,6 +72,7 @@ class TraceResult:
     labels: "tuple[int, ...]" = ()
     markers: "tuple[tuple[int, int, str, int], ...]" = ()
     storages: "tuple[tuple[int, int, int, int], ...]" = ()
+    gathered: "tuple[int, ...]" = ()
 
     @property
     def peak(self) -> int:
@@ -130,7 +134,7 @@ def trace_step(
     engine: str = "deepspeed",
     activation_checkpointing: "bool | float | int | None" = None,
     attention: "str | None" = None,
-    zero3: bool = False,
+    zero3: "bool | Zero3Settings" = False,
     step: "StepFn | None" = None,
     blocks: "Any" = None,
 ) -> TraceResult:
@@ -151,7 +155,9 @@ def trace_step(
         attention: set a Hugging Face model's attention implementation for the trace (``None`` keeps it).
         zero3: step as a DeepSpeed ZeRO-3 run does: Linear layers through ``zero3_linear_wrap``, every module's
             tensor inputs as new tensors (``_post_backward_module_hook``), and a parameter whose view is saved for
-            backward kept gathered (counted) until that saved view is released.
+            backward kept gathered (counted) until that saved view is released. With
+            :class:`~lightning_memopt.predictor.zero3.Zero3Settings`, also the parameters DeepSpeed gathers along
+            the step, op by op (in ``live`` and ``gathered``).
         step: ``(module, batch) -> output`` holding the loss (default :func:`default_step`).
         blocks: a :class:`~lightning_memopt.predictor.synthesis.Replica` that marks blocks and skips some of them.
 
@@ -170,11 +176,11 @@ def trace_step(
     dtype = precision.param_dtype(engine)
     device = trace_device(module, example_batch)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    exclude: "set[int]" = set()  # the model states' fake storages: not the step's
+    exclude: set[int] = set()  # the model states' fake storages: not the step's
     tracker = LiveTensorTracker(exclude, _vocab_size(module), blocks is not None, fake_mode)
-    saved: "dict[int, int]" = {}
-    pinned: "dict[int, int]" = {}  # parameter storage -> live saved views of it (ZeRO-3 keeps it gathered)
-    param_ids: "set[int]" = set()
+    saved: dict[int, int] = {}
+    pinned: dict[int, int] = {}  # parameter storage -> live saved views of it (ZeRO-3 keeps it gathered)
+    param_ids: set[int] = set()
     grad_bytes = 0
 
     def on_grad(p: torch.Tensor) -> None:
@@ -191,7 +197,7 @@ def trace_step(
             st = t.untyped_storage()
             if st._cdata not in exclude:
                 saved[st._cdata] = st.nbytes()
-            elif zero3 and id(t) not in param_ids:
+            elif zero3 and id(t) not in param_ids and (gathering is None or not gathering.pin(st._cdata, t)):
                 _pin(st._cdata, st.nbytes(), t)
         return t
 
@@ -209,7 +215,7 @@ def trace_step(
 
         weakref.finalize(view, _unpin)
 
-    moved: "dict[int, torch.Tensor]" = {}
+    moved: dict[int, torch.Tensor] = {}
 
     def to_fake(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
@@ -231,11 +237,15 @@ def trace_step(
     batch = tree_map(to_fake, example_batch)
     for t in tree_flatten(batch)[0]:  # the batch is on the device through the whole step
         tracker.add(t)
+    # Lightning's MixedPrecision runs the step under ``torch.autocast(..., cache_enabled=False)``
+    # (lightning/pytorch/plugins/precision/amp.py, 2.6): no weight cast outlives the op that made it unless autograd
+    # saves it (with the cache, a checkpointed block's casts would live until the forward ends)
     autocast = (
-        torch.autocast(device.type, dtype=precision.compute_dtype)
+        torch.autocast(device.type, dtype=precision.compute_dtype, cache_enabled=False)
         if engine == "torch" and precision.mixed
         else contextlib.nullcontext()
     )
+    gathering: Zero3Gathering | None = None
     was_training = module.training
     module.train()
     handles: list = []
@@ -257,6 +267,11 @@ def trace_step(
             stack.enter_context(_swapped_attributes(module, fake_attributes))
             stack.enter_context(_compat.reparametrized(module, fakes))
             stack.enter_context(_zero3_module_inputs(module, zero3))
+            if isinstance(zero3, Zero3Settings):  # DeepSpeed's fetch and release events, replayed after the step
+                gathering = stack.enter_context(
+                    Zero3Gathering(module, zero3, dtype.itemsize, lambda: len(tracker.live))
+                )
+                tracker.on_state_alias = gathering.state_alias
             stack.enter_context(fake_mode)
             stack.enter_context(tracker)
             with _readable_errors(module), warnings.catch_warnings():
@@ -278,8 +293,16 @@ def trace_step(
         for h in handles:
             h.remove()
         module.train(was_training)
+    live, gathered = list(tracker.live), [0] * len(tracker.live)
+    if gathering is not None:  # the gathered parameters join the live bytes (and the records, for synthesis)
+        for born, freed, nbytes, key in gathering.intervals(len(live) - 1):
+            for i in range(born, freed):
+                gathered[i] += nbytes
+            if tracker.record:
+                tracker.storages.append((born, freed, nbytes, -key))
+        live = [a + b for a, b in zip(live, gathered)]
     return TraceResult(
-        live=tuple(tracker.live),
+        live=tuple(live),
         grads=tuple(tracker.grad_log),
         logits=tuple(tracker.logit_log),
         forward_end=forward_end,
@@ -288,6 +311,7 @@ def trace_step(
         labels=tuple(tracker.labels),
         markers=tuple(blocks.markers) if blocks is not None else (),
         storages=tuple(tracker.finished()) if blocks is not None else (),
+        gathered=tuple(gathered) if gathering is not None else (),
     )
 
 
@@ -328,8 +352,8 @@ def _fake_states(
 ) -> "tuple[dict[str, torch.Tensor], list]":
     """Fake parameters (tied ones shared) and buffers by name on ``device``, floating ones in the engine's dtype
     (``None``: as held); the trainable fakes."""
-    fakes: "dict[str, torch.Tensor]" = {}
-    by_id: "dict[int, torch.Tensor]" = {}
+    fakes: dict[str, torch.Tensor] = {}
+    by_id: dict[int, torch.Tensor] = {}
     with mode:
         for name, p in module.named_parameters(remove_duplicate=False):
             if id(p) not in by_id:
@@ -422,14 +446,17 @@ def _zero3_module_inputs(module: nn.Module, zero3: bool):
 
 @contextlib.contextmanager
 def _attention(module: nn.Module, attention: "str | None"):
-    """Set a Hugging Face model's attention implementation for the trace (plain modules keep theirs)."""
-    config = getattr(find_hf_model(module), "config", None)
-    if attention is None or config is None or not hasattr(config, "_attn_implementation"):
-        yield
-        return
-    before = config._attn_implementation
-    config._attn_implementation = attention
+    """Set a Hugging Face model's attention implementation for the trace (plain modules keep theirs): on every
+    config its modules hold (T5's encoder and decoder stacks hold copies of the model's config)."""
+    hf_model = find_hf_model(module)
+    configs = {} if attention is None or hf_model is None else {
+        id(c): c for m in hf_model.modules() if hasattr(c := getattr(m, "config", None), "_attn_implementation")
+    }  # fmt: skip
+    before = {key: c._attn_implementation for key, c in configs.items()}
+    for c in configs.values():
+        c._attn_implementation = attention
     try:
         yield
     finally:
-        config._attn_implementation = before
+        for key, c in configs.items():
+            c._attn_implementation = before[key]

@@ -63,15 +63,17 @@ class LiveTensorTracker(TorchDispatchMode):
         self.vocab = vocab
         self.record = record
         self.fake_mode = fake_mode
-        self.sizes: "dict[int, tuple[int, bool, int]]" = {}  # storage -> (bytes, logits, allocated at)
-        self.held: "dict[int, tuple[int, int]]" = {}  # key -> (bytes, held since): memory held without a tensor
+        self.sizes: dict[int, tuple[int, bool, int]] = {}  # storage -> (bytes, logits, allocated at)
+        self.held: dict[int, tuple[int, int]] = {}  # key -> (bytes, held since): memory held without a tensor
         self.cur = self.cur_logits = self.grads = 0
-        self.live: "list[int]" = []
-        self.grad_log: "list[int]" = []
-        self.logit_log: "list[int]" = []
-        self.labels: "list[int]" = []
-        self.storages: "list[tuple[int, int, int, int]]" = []  # (allocated at, freed at, bytes, storage key)
-        self.label: "Callable[[], int] | None" = None
+        self.live: list[int] = []
+        self.grad_log: list[int] = []
+        self.logit_log: list[int] = []
+        self.labels: list[int] = []
+        self.storages: list[tuple[int, int, int, int]] = []  # (allocated at, freed at, bytes, storage key)
+        self.label: Callable[[], int] | None = None
+        #: called with (storage, tensor) for an op's output that aliases an excluded (model-state) storage
+        self.on_state_alias: Callable[[int, torch.Tensor], Any] | None = None
         self._paused = False
         self.shadow = _Shadows()
 
@@ -81,6 +83,8 @@ class LiveTensorTracker(TorchDispatchMode):
             return
         st = t.untyped_storage()
         key = st._cdata
+        if key in self.exclude and self.on_state_alias is not None:
+            self.on_state_alias(key, t)
         if key in self.sizes or key in self.exclude:
             return
         nbytes = st.nbytes()
@@ -206,7 +210,7 @@ class _Shadows:
     dropped when the fake dies."""
 
     def __init__(self) -> None:
-        self._values: "dict[int, torch.Tensor]" = {}
+        self._values: dict[int, torch.Tensor] = {}
 
     def put(self, fake: torch.Tensor, real: torch.Tensor) -> None:
         key = id(fake)

@@ -33,4 +33,4 @@ def test_an_example_batch_is_resized_to_the_micro_batch():
 
 def test_moments_keep_the_highest_op_between_gradients():
     line = Timeline((1, 5, 2, 3, 1), (0, 0, 0, 4, 4), (0, 0, 0, 0, 0), 1)
-    assert list(line.moments()) == [(5, 0, 0, True), (2, 0, 0, False), (3, 4, 0, False)]
+    assert list(line.moments()) == [(5, 0, 0, True, 0), (2, 0, 0, False, 0), (3, 4, 0, False, 0)]

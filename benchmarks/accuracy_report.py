@@ -1,0 +1,200 @@
+"""Rows, summaries, the verdict against the issue's targets and the printed report of ``predictor_accuracy.py``."""
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+#: the targets of issue 10, |error| against live tensors, in %
+TARGET_MEDIAN, TARGET_WORST = 0.5, 1.0
+
+_ROW_KEYS = ("kind", "stage", "world_size", "precision", "attention", "checkpointing", "rank", "n_params", "trainable",
+             "micro_batch", "seq_len", "leaked", "seconds", "settings_match", "settings_diff")  # fmt: skip
+
+
+def settings_diff(planned: dict, run: dict) -> dict:
+    """The settings that differ between the prediction and the run (of the DeepSpeed config: ``zero_optimization``)."""
+
+    def comparable(settings: dict) -> dict:
+        out = {k: v for k, v in settings.items() if k != "deepspeed_config"}
+        out["zero_optimization"] = (settings.get("deepspeed_config") or {}).get("zero_optimization")
+        return out
+
+    plan, ran = comparable(planned), comparable(run)
+    return {k: [plan.get(k), ran.get(k)] for k in sorted(set(plan) | set(ran)) if plan.get(k) != ran.get(k)}
+
+
+def rows_of(results: "list[dict]", predictions: "dict[int, dict]", methods: "tuple[str, ...]") -> "list[dict]":
+    """One row per configuration and rank: measured (steps 2..N) vs each method's prediction for that rank.
+
+    A method that does not apply to the kind leaves ``None``; one that raised leaves ``None`` and
+    ``<method>_failed`` (``"refusal"`` or ``"crash"``) with ``<method>_error`` (the message).
+    """
+    rows = []
+    for r in results:
+        row = {k: r.get(k) for k in _ROW_KEYS}
+        row["run_failed"] = r["failed"] if r["failed"] or len(r["steps"]) < 2 else None
+        if row["run_failed"]:  # no steady state measured: the row only says so
+            row.update({"measured": None, **{f"{m}{x}": None for m in methods for x in ("", "_error_pct")}})
+            rows.append(row)
+            continue
+        steps = r["steps"][1:]
+        steady = [s["tensors_peak"] for s in steps]
+        measured, allocations = max(steady), max(s["allocations_peak"] for s in steps)
+        row.update(measured=measured, measured_allocations=allocations, steady_spread=max(steady) - min(steady),
+                   first_step=r["steps"][0]["tensors_peak"], after_setup=r["after_setup"])  # fmt: skip
+        pred = predictions[r["index"]]
+        for method in methods:
+            row.update({method: None, f"{method}_error_pct": None, f"{method}_allocations_error_pct": None})
+            if method not in pred:
+                continue
+            if "failed" in pred[method]:
+                row.update({f"{method}_failed": pred[method]["failed"], f"{method}_error": pred[method]["error"]})
+                continue
+            value = pred[method]["per_rank"].get(r["rank"], pred[method]["total"])
+            row.update({method: value, f"{method}_error_pct": 100.0 * (value - measured) / measured,
+                        f"{method}_allocations_error_pct": 100.0 * (value - allocations) / allocations,
+                        f"{method}_phase": pred[method]["peak_phase"],
+                        f"{method}_seconds": pred[method]["seconds"]})  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def _stats(rows: "list[dict]", method: str) -> "dict[str, Any]":
+    applied = [r for r in rows if not r["run_failed"] and (r[method] is not None or r.get(f"{method}_failed"))]
+    errors = [abs(r[f"{method}_error_pct"]) for r in applied if r[method] is not None]
+    alloc = [abs(r[f"{method}_allocations_error_pct"]) for r in applied if r[method] is not None]
+    return {
+        "peaks": len(errors),
+        "refusals": sum(r.get(f"{method}_failed") == "refusal" for r in applied),
+        "crashes": sum(r.get(f"{method}_failed") == "crash" for r in applied),
+        "median_abs_error_pct": statistics.median(errors) if errors else None,
+        "worst_abs_error_pct": max(errors) if errors else None,
+        "median_abs_error_allocations_pct": statistics.median(alloc) if alloc else None,
+        "worst_abs_error_allocations_pct": max(alloc) if alloc else None,
+    }
+
+
+def summary(rows: "list[dict]", methods: "tuple[str, ...]", kinds: "tuple[str, ...]") -> "list[dict]":
+    """Median and worst |error| per method: over all rows, per kind and per strategy; against live tensors (the
+    targets) and against every allocation (``*_allocations``: kernel workspaces included)."""
+    groups = [("all", "all")] + [(k, "all") for k in kinds] + [("all", s) for s in ("single", "0", "1", "2", "3")]
+    out = []
+    for kind, stage in groups:
+        sel = [r for r in rows if kind in ("all", r["kind"]) and stage in ("all", r["stage"])]
+        for method in methods:
+            stats = _stats(sel, method)
+            if stats["peaks"] or stats["refusals"] or stats["crashes"]:
+                out.append({"kind": kind, "stage": stage, "method": method, **stats})
+    return out
+
+
+def verdict(rows: "list[dict]", methods: "tuple[str, ...]") -> "dict[str, dict]":
+    """Each method against the targets: median |error| <= 0.5 %, worst <= 1 %, no refusal, no crash."""
+    out = {}
+    for method in methods:
+        stats = _stats(rows, method)
+        if not (stats["peaks"] or stats["refusals"] or stats["crashes"]):
+            continue
+        median, worst = stats["median_abs_error_pct"], stats["worst_abs_error_pct"]
+        met = (median is not None and median <= TARGET_MEDIAN and worst <= TARGET_WORST
+               and stats["refusals"] == 0 and stats["crashes"] == 0)  # fmt: skip
+        over = sorted((r for r in rows if r[method] is not None and abs(r[f"{method}_error_pct"]) > TARGET_WORST),
+                      key=lambda r: -abs(r[f"{method}_error_pct"]))  # fmt: skip
+        out[method] = {**stats, "met": met, "over_worst_target": [f"{describe(r)} rank {r['rank']}" for r in over]}
+    return out
+
+
+def failed_runs(rows: "list[dict]") -> "list[str]":
+    """The runs that did not train (no prediction is compared for them)."""
+    return [f"{describe(r)} rank {r['rank']}: {r['run_failed']}" for r in rows if r["run_failed"]]
+
+
+def describe(row: dict) -> str:
+    stage = "single" if row["stage"] == "single" else f"zero{row['stage']}"
+    return (f"{row['kind']:7s} {stage:6s} {row['precision']:10s} {row['attention'] or '-':5s} "
+            f"ckpt={'on ' if row['checkpointing'] else 'off'}")  # fmt: skip
+
+
+def _cell(row: dict, method: str) -> str:
+    if row.get(f"{method}_failed"):
+        return f"{row[f'{method}_failed']:>10s} {'':7s} {'':7s}"
+    if row[method] is None:
+        return f"{'-':>10s} {'':7s} {'':7s}"
+    return (f"{row[method] / 1024:10.1f} {row[f'{method}_error_pct']:+7.2f}"
+            f" {row[f'{method}_allocations_error_pct']:+7.2f}")  # fmt: skip
+
+
+def _pct(value: "float | None") -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def print_report(rows: "list[dict]", summ: "list[dict]", verdicts: "dict[str, dict]", methods: "tuple[str, ...]") -> None:
+    head = "".join(f" {m + ' KiB':>10s} {'err %':>7s} {'alloc %':>7s}" for m in methods)
+    print(f"{'configuration':40s} rank {'tensors KiB':>11s} {'allocs KiB':>10s}{head}")
+    for r in rows:
+        if r["run_failed"]:
+            print(f"{describe(r):40s} {r['rank']:4d} run failed: {r['run_failed']}")
+            continue
+        cells = "".join(f" {_cell(r, m)}" for m in methods)
+        print(f"{describe(r):40s} {r['rank']:4d} {r['measured'] / 1024:11.1f} {r['measured_allocations'] / 1024:10.1f}"
+              f"{cells}{'' if r['settings_match'] else '  settings differ'}")  # fmt: skip
+    failures = sorted({(m, r[f"{m}_failed"], r[f"{m}_error"]) for r in rows for m in methods if r.get(f"{m}_failed")})
+    for method, failed, error in failures:
+        print(f"{method} {failed}: {error}")
+    print(f"\n{'kind':8s} {'stage':6s} {'method':7s} {'peaks':>5s} {'refused':>7s} {'crashed':>7s} {'median |err| %':>15s}"
+          f" {'worst |err| %':>14s} {'vs all allocations: median':>27s} {'worst':>6s}")  # fmt: skip
+    for s in summ:
+        print(f"{s['kind']:8s} {s['stage']:6s} {s['method']:7s} {s['peaks']:5d} {s['refusals']:7d} {s['crashes']:7d}"
+              f" {_pct(s['median_abs_error_pct']):>15s} {_pct(s['worst_abs_error_pct']):>14s}"
+              f" {_pct(s['median_abs_error_allocations_pct']):>27s} {_pct(s['worst_abs_error_allocations_pct']):>6s}")  # fmt: skip
+    print(f"\nTargets (issue 10, vs live tensors): median |error| <= {TARGET_MEDIAN} %, worst <= {TARGET_WORST} %,"
+          " no refusal, no crash.")
+    for method, v in verdicts.items():
+        print(f"  {method:7s} {'MET' if v['met'] else 'NOT MET'}: median {_pct(v['median_abs_error_pct'])} %, worst"
+              f" {_pct(v['worst_abs_error_pct'])} %, {v['refusals']} refusals, {v['crashes']} crashes over"
+              f" {v['peaks']} peaks; over {TARGET_WORST} %: {len(v['over_worst_target'])}")  # fmt: skip
+
+
+def predictor_fingerprint() -> str:
+    """SHA-256 of the predictor's sources, to tie a result to the code that predicted it."""
+    import hashlib
+
+    from lightning_memopt import predictor
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(predictor.__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def merge(paths: "list[Path]", methods: "tuple[str, ...]", kinds: "tuple[str, ...]") -> dict:
+    """One result from several runs of ``predictor_accuracy.py`` over disjoint parts of the matrix (e.g. the
+    strategies split over two commands): rows joined, summary and verdict recomputed, every command kept."""
+    import json
+
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [r for part in parts for r in part["rows"]]
+    sources = {part["predictor_sources_sha256"] for part in parts}
+    if len(sources) != 1:
+        raise SystemExit(f"Expected runs of one predictor, got sources {sorted(sources)}. Fix: rerun the older part.")
+    out = {k: v for k, v in parts[0].items() if k not in ("rows", "summary", "verdict", "command")}
+    out.update(rows=rows, summary=summary(rows, methods, kinds), verdict=verdict(rows, methods),
+               commands=[part["command"] for part in parts], seconds=sum(p["seconds"] for p in parts),
+               predicting_seconds=sum(p["predicting_seconds"] for p in parts),
+               configurations=sum(p["configurations"] for p in parts),
+               failed_runs=[f for p in parts for f in p["failed_runs"]])  # fmt: skip
+    print_report(rows, out["summary"], out["verdict"], methods)
+    return out
+
+
+if __name__ == "__main__":  # python benchmarks/accuracy_report.py part1.json part2.json --out merged.json
+    import argparse
+    import json
+
+    from accuracy_kinds import KINDS
+
+    parser = argparse.ArgumentParser(description="Merge predictor_accuracy.py results of disjoint parts")
+    parser.add_argument("parts", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.write_text(json.dumps(merge(args.parts, ("module", "config"), KINDS), indent=1, default=str))
