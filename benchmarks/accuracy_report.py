@@ -128,7 +128,9 @@ def _pct(value: "float | None") -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def print_report(rows: "list[dict]", summ: "list[dict]", verdicts: "dict[str, dict]", methods: "tuple[str, ...]") -> None:
+def print_report(
+    rows: "list[dict]", summ: "list[dict]", verdicts: "dict[str, dict]", methods: "tuple[str, ...]"
+) -> None:
     head = "".join(f" {m + ' KiB':>10s} {'err %':>7s} {'alloc %':>7s}" for m in methods)
     print(f"{'configuration':40s} rank {'tensors KiB':>11s} {'allocs KiB':>10s}{head}")
     for r in rows:
@@ -141,12 +143,14 @@ def print_report(rows: "list[dict]", summ: "list[dict]", verdicts: "dict[str, di
     failures = sorted({(m, r[f"{m}_failed"], r[f"{m}_error"]) for r in rows for m in methods if r.get(f"{m}_failed")})
     for method, failed, error in failures:
         print(f"{method} {failed}: {error}")
-    print(f"\n{'kind':8s} {'stage':6s} {'method':7s} {'peaks':>5s} {'refused':>7s} {'crashed':>7s} {'median |err| %':>15s}"
-          f" {'worst |err| %':>14s} {'vs all allocations: median':>27s} {'worst':>6s}")  # fmt: skip
+    print(f"\n{'kind':8s} {'stage':6s} {'method':7s} {'peaks':>5s} {'refused':>7s} {'crashed':>7s}"
+          f" {'median |err| %':>15s} {'worst |err| %':>14s}"
+          f" {'vs all allocations: median':>27s} {'worst':>6s}")  # fmt: skip
     for s in summ:
         print(f"{s['kind']:8s} {s['stage']:6s} {s['method']:7s} {s['peaks']:5d} {s['refusals']:7d} {s['crashes']:7d}"
               f" {_pct(s['median_abs_error_pct']):>15s} {_pct(s['worst_abs_error_pct']):>14s}"
-              f" {_pct(s['median_abs_error_allocations_pct']):>27s} {_pct(s['worst_abs_error_allocations_pct']):>6s}")  # fmt: skip
+              f" {_pct(s['median_abs_error_allocations_pct']):>27s}"
+              f" {_pct(s['worst_abs_error_allocations_pct']):>6s}")  # fmt: skip
     print(f"\nTargets (issue 10, vs live tensors): median |error| <= {TARGET_MEDIAN} %, worst <= {TARGET_WORST} %,"
           " no refusal, no crash.")
     for method, v in verdicts.items():

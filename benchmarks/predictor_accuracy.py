@@ -132,13 +132,14 @@ def planned_settings(cfg: dict, module: pl.LightningModule, batch: Any) -> dict:
 
 def read_run_settings(trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -> dict:
     """The settings of a running fit (``run_settings``), with the checkpointing and attention read from the module."""
-    from lightning_memopt.lightning._run_reader import RunReader, batch_shape, optimizer_name
     from lightning_memopt.core.blocks import checkpoint_flags
+    from lightning_memopt.lightning._run_reader import RunReader, batch_shape, optimizer_name
 
     settings = RunReader(trainer).estimate_kwargs(batch_shape(batch), optimizer_name(trainer.optimizers[0]))
     flags = checkpoint_flags(module, None)
     checkpointed = sum(flags)
-    settings["activation_checkpointing"] = checkpointed == len(flags) if checkpointed in (0, len(flags)) else checkpointed
+    all_or_none = checkpointed in (0, len(flags))
+    settings["activation_checkpointing"] = checkpointed == len(flags) if all_or_none else checkpointed
     settings["attention"] = module_attention(module)
     return settings
 
@@ -188,7 +189,7 @@ def predict(cfg: dict) -> dict:
         except (ValueError, TypeError) as err:  # a clear refusal: reported as failed
             out[method] = {"failed": "refusal", "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
             continue
-        except Exception as err:  # noqa: BLE001 -- a crashing prediction is a result of the benchmark, reported
+        except Exception as err:
             where = traceback.extract_tb(err.__traceback__)[-1]
             out[method] = {"failed": "crash", "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
                                                       f" ({Path(where.filename).name}:{where.lineno})"}  # fmt: skip
@@ -251,10 +252,11 @@ def run_config(probes: "dict[str, Any]", cfg: dict) -> dict:
     try:
         trainer.fit(module, train_dataloaders=loader)
         failed = None
-    except Exception as err:  # noqa: BLE001 -- a run that fails is a result (every rank fails alike: same step)
+    except Exception as err:
         failed = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
     result = {**cfg, "rank": trainer.global_rank, "n_params": n_params, "trainable": trainable, "failed": failed,
-              "after_setup": recorder.after_setup, "steps": recorder.steps, "run_settings": recorder.settings}  # fmt: skip
+              "after_setup": recorder.after_setup, "steps": recorder.steps,
+              "run_settings": recorder.settings}  # fmt: skip
     del trainer, module, recorder, loader
     gc.collect()
     result["leaked"] = probes["tensors"].current_bytes - base["tensors"]
@@ -326,7 +328,8 @@ def configurations(args: argparse.Namespace) -> list[dict]:
             (kind, stage, precision, attention, ckpt == "on")
             for kind, stage, precision, ckpt in itertools.product(
                 _axis(args.kinds, KINDS, "kinds"), _axis(args.stages, STAGES, "stages"),
-                _axis(args.precisions, PRECISIONS, "precisions"), _axis(args.checkpointing, ("off", "on"), "checkpointing"))
+                _axis(args.precisions, PRECISIONS, "precisions"),
+                _axis(args.checkpointing, ("off", "on"), "checkpointing"))
             for attention in ([None] if kind in NO_ATTENTION else attentions)
         ]  # fmt: skip
     axes = [a for a in axes if untrainable(a[0], a[1], a[2]) is None]
@@ -392,7 +395,8 @@ def main(argv: "list[str] | None" = None) -> None:
                                         "failed_runs": failures, "left_out": [[*k, v] for k, v in left_out.items()],
                                         "predicting_seconds": predicting, "configurations": len(configs),
                                         "command": command, "torch": torch.__version__, "lightning": pl.__version__,
-                                        "predictor_sources_sha256": predictor_fingerprint()}, indent=1, default=str))  # fmt: skip
+                                        "predictor_sources_sha256": predictor_fingerprint()},
+                                       indent=1, default=str))  # fmt: skip
 
 
 if __name__ == "__main__":

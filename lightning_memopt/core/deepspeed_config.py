@@ -1,4 +1,4 @@
-"""Pure helpers that build and check the DeepSpeed config of :class:`~lightning_memopt.MemOptStrategy`.
+"""Pure helpers that build, check and read the DeepSpeed config of :class:`~lightning_memopt.MemOptStrategy`.
 
 No Lightning here: these functions take plain values and return plain dicts, so the predictor and the CLI
 can compute the same config the strategy will run with.
@@ -10,9 +10,33 @@ from typing import Any
 
 from torch import nn
 
-#: DeepSpeed's own defaults for the bucket knobs (deepspeed/runtime/zero/config.py), used as upper bounds.
-DEEPSPEED_BUCKET_DEFAULT = 500_000_000
-DEEPSPEED_PERSISTENCE_DEFAULT = 100_000
+#: MemOptStrategy's (and DeepSpeed's Python-side) names of the ZeRO-3 knobs -> their ``zero_optimization`` JSON keys.
+ZERO_KEYS = {
+    "reduce_bucket_size": "reduce_bucket_size",
+    "allgather_bucket_size": "allgather_bucket_size",
+    "prefetch_bucket_size": "stage3_prefetch_bucket_size",
+    "param_persistence_threshold": "stage3_param_persistence_threshold",
+    "max_live_parameters": "stage3_max_live_parameters",
+    "max_reuse_distance": "stage3_max_reuse_distance",
+}
+#: DeepSpeed 0.19.8 ``runtime/zero/config.py`` defaults, kept as numbers so that reading a config does not import
+#: DeepSpeed (``tests/predictor/test_deepspeed_defaults.py`` holds them equal to ``DeepSpeedZeroConfig()``).
+DEEPSPEED_DEFAULTS = {
+    "reduce_bucket_size": 500_000_000,
+    "allgather_bucket_size": 500_000_000,
+    "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_param_persistence_threshold": 100_000,
+    "stage3_max_live_parameters": 1_000_000_000,
+    "stage3_max_reuse_distance": 1_000_000_000,
+    "sub_group_size": 1_000_000_000,
+    "contiguous_gradients": True,
+}
+# ``engine.py`` ``MEMORY_OPT_ALLREDUCE_SIZE``: the stage-0 gradient all-reduce flattens this many elements at
+# once.
+ALLREDUCE_CHUNK = 500_000_000
+#: DeepSpeed's own defaults for the bucket knobs, used as upper bounds of the "auto" sizes.
+DEEPSPEED_BUCKET_DEFAULT = DEEPSPEED_DEFAULTS["reduce_bucket_size"]
+DEEPSPEED_PERSISTENCE_DEFAULT = DEEPSPEED_DEFAULTS["stage3_param_persistence_threshold"]
 OFFLOAD_DEVICES = ("cpu", "nvme")
 BUCKET_KNOBS = ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size", "param_persistence_threshold")
 
@@ -257,16 +281,10 @@ def apply_bucket_sizes(config: dict[str, Any], sizes: Mapping[str, int]) -> None
     """Write bucket sizes into ``config["zero_optimization"]`` under DeepSpeed's key names, never overwriting a key
     the config already has."""
     zero_config = config.setdefault("zero_optimization", {})
-    keys = {
-        "reduce_bucket_size": "reduce_bucket_size",
-        "allgather_bucket_size": "allgather_bucket_size",
-        "prefetch_bucket_size": "stage3_prefetch_bucket_size",
-        "param_persistence_threshold": "stage3_param_persistence_threshold",
-    }
     for name, value in sizes.items():
         if name.startswith(("prefetch", "param_persistence")) and zero_config.get("stage", 0) != 3:
             continue
-        zero_config.setdefault(keys[name], int(value))
+        zero_config.setdefault(ZERO_KEYS[name], int(value))
 
 
 def without_disabled_offload(zero_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -302,3 +320,24 @@ def zero_stage_of(config: Mapping[str, Any]) -> int:
     """The ZeRO stage a DeepSpeed config selects (0 when it has no ``zero_optimization``)."""
     zero_config = config.get("zero_optimization") or {}
     return int(zero_config.get("stage", 0))
+
+
+def zero_settings(deepspeed_config: "dict[str, Any] | None") -> "dict[str, Any]":
+    """Bucket and threshold settings of a DeepSpeed config, DeepSpeed's defaults where absent.
+
+    Example:
+        >>> zero_settings({"zero_optimization": {"reduce_bucket_size": 2e8}})["reduce_bucket_size"]
+        200000000
+    """
+    zero = dict((deepspeed_config or {}).get("zero_optimization", {}) or {})
+    out = dict(DEEPSPEED_DEFAULTS)
+    for key, value in zero.items():
+        key = ZERO_KEYS.get(key, key)
+        if key in out and value is not None:
+            if isinstance(value, str):
+                raise ValueError(
+                    f"Expected a number for zero_optimization.{key}, got {value!r} ('auto' is unresolved)."
+                )
+            out[key] = bool(value) if key == "contiguous_gradients" else int(value)
+    out["overlap_comm"] = zero.get("overlap_comm")
+    return out

@@ -3,6 +3,7 @@
 from typing import Any
 
 from lightning_memopt.core.blocks import checkpoint_flags
+from lightning_memopt.core.deepspeed_config import zero_settings
 from lightning_memopt.predictor.estimate import MemoryEstimate
 from lightning_memopt.predictor.model_states import (
     ENGINES,
@@ -10,7 +11,6 @@ from lightning_memopt.predictor.model_states import (
     Phase,
     engine_memory,
     resolve_optimizer,
-    zero_settings,
 )
 from lightning_memopt.predictor.precision import resolve_precision
 from lightning_memopt.predictor.sources import resolve_source

@@ -1,8 +1,7 @@
 """Write out the full-depth timeline of a reduced-depth trace (see :mod:`.synthesis` for the model)."""
 
-from bisect import bisect_right
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import accumulate, pairwise
 from typing import Any
 
 from lightning_memopt.predictor.synthesis import Replica, SynthesisError
@@ -224,6 +223,6 @@ def _check(replica: Replica, blocks: "dict[int, _Block]") -> None:
         return (own, blk.output, blk.returned, releases, blk.grads, blk.fwd[1] - blk.fwd[0], blk.bwd[1] - blk.bwd[0])
 
     for members in by_class.values():
-        for a, b in zip(members, members[1:]):
+        for a, b in pairwise(members):
             if shape(blocks[a]) != shape(blocks[b]):
                 raise SynthesisError(f"blocks {replica.names[a]} and {replica.names[b]} of one class differ")

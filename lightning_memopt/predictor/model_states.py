@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_memopt.core.deepspeed_config import ALLREDUCE_CHUNK, zero_settings
 from lightning_memopt.predictor.precision import Precision
 from lightning_memopt.predictor.reading import ModelReading
 
@@ -48,22 +49,6 @@ OPTIMIZERS = {
     "sgd-momentum": (4, "none"),
 }
 ENGINES = ("deepspeed", "torch", "zero-paper")
-#: DeepSpeed 0.19.8 ``runtime/zero/config.py`` defaults.
-DEEPSPEED_DEFAULTS = {
-    "reduce_bucket_size": 500_000_000,
-    "allgather_bucket_size": 500_000_000,
-    "stage3_prefetch_bucket_size": 50_000_000,
-    "stage3_param_persistence_threshold": 100_000,
-    "stage3_max_live_parameters": 1_000_000_000,
-    "stage3_max_reuse_distance": 1_000_000_000,
-    "sub_group_size": 1_000_000_000,
-    "contiguous_gradients": True,
-}
-# ``engine.py`` ``MEMORY_OPT_ALLREDUCE_SIZE``: the stage-0 gradient all-reduce flattens this many elements at
-# once.
-ALLREDUCE_CHUNK = 500_000_000
-
-
 def resolve_optimizer(optimizer: str) -> "tuple[int, str]":
     """(state bytes per parameter, temporaries kind) of an optimizer name.
 
@@ -75,33 +60,6 @@ def resolve_optimizer(optimizer: str) -> "tuple[int, str]":
     if key not in OPTIMIZERS:
         raise ValueError(f"Expected optimizer in {sorted(OPTIMIZERS)}, got {optimizer!r}. Fix: e.g. 'adamw'.")
     return OPTIMIZERS[key]
-
-
-def zero_settings(deepspeed_config: "dict[str, Any] | None") -> "dict[str, Any]":
-    """Bucket and threshold settings of a DeepSpeed config, DeepSpeed's defaults where absent.
-
-    Example:
-        >>> zero_settings({"zero_optimization": {"reduce_bucket_size": 2e8}})["reduce_bucket_size"]
-        200000000
-    """
-    zero = dict((deepspeed_config or {}).get("zero_optimization", {}) or {})
-    out = dict(DEEPSPEED_DEFAULTS)
-    aliases = {
-        "prefetch_bucket_size": "stage3_prefetch_bucket_size",
-        "param_persistence_threshold": "stage3_param_persistence_threshold",
-        "max_live_parameters": "stage3_max_live_parameters",
-        "max_reuse_distance": "stage3_max_reuse_distance",
-    }
-    for key, value in zero.items():
-        key = aliases.get(key, key)
-        if key in out and value is not None:
-            if isinstance(value, str):
-                raise ValueError(
-                    f"Expected a number for zero_optimization.{key}, got {value!r} ('auto' is unresolved)."
-                )
-            out[key] = bool(value) if key == "contiguous_gradients" else int(value)
-    out["overlap_comm"] = zero.get("overlap_comm")
-    return out
 
 
 @dataclass(frozen=True)
@@ -254,7 +212,9 @@ def engine_memory(
     opt_dev = offload_optimizer is False
     par_dev = offload_parameters is False
     where = {"cpu": 0, "nvme": 0}
-    details: "dict[str, Any]" = {"bytes_per_param_dtype": b, "zero_settings": cfg, "module_buffer_bytes": module_buffers}
+    details: "dict[str, Any]" = {
+        "bytes_per_param_dtype": b, "zero_settings": cfg, "module_buffer_bytes": module_buffers
+    }
     if zero == 0:
         master = 4 * T if precision.half else 0
         states = state_bytes * T

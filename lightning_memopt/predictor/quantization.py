@@ -40,9 +40,9 @@ tensors by this count: the 8.5-bit block and the F32 norms make it 6.6 % more th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
-
+from typing import Any
 
 __all__ = [
     "QUANTIZATIONS",

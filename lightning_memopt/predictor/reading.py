@@ -135,7 +135,7 @@ def from_count(count: float, name: str = "count") -> ModelReading:
     """A reading from a parameter count alone: trainable parameters in the default dtype, nothing to trace."""
     if isinstance(count, bool) or not count > 0 or count != count or count == float("inf"):
         raise ValueError(f"Expected a positive parameter count, got {count!r}. Fix: e.g. 8e9 or '8B'.")
-    param = ParamInfo("count", "", int(round(count)), torch.get_default_dtype(), True)
+    param = ParamInfo("count", "", round(count), torch.get_default_dtype(), True)
     return ModelReading(name=name, params=(param,), traceable=False)
 
 

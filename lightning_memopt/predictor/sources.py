@@ -222,7 +222,8 @@ def _build(config: "dict[str, Any]") -> nn.Module:
     # first of _TASKS that transformers has for the model type
     headless = _base_model_class(cfg)
     classes = [getattr(transformers, a, None) for a in (cfg.architectures or [])]
-    candidates = [c for c in classes if c is not None and c is not headless] + [getattr(transformers, t) for t in _tasks(cfg)]
+    named = [c for c in classes if c is not None and c is not headless]
+    candidates = named + [getattr(transformers, t) for t in _tasks(cfg)]
     errors = []
     for cls in candidates:
         try:

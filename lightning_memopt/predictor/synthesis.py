@@ -22,7 +22,6 @@ import contextlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import accumulate
 from typing import Any
 
 import torch

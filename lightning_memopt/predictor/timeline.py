@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from lightning_memopt.core.blocks import auto_blocks, checkpoint_flags
+from lightning_memopt.predictor.expand import synthesize
 from lightning_memopt.predictor.precision import Precision
 from lightning_memopt.predictor.sources import Source, synthetic_batch
-from lightning_memopt.predictor.expand import synthesize
 from lightning_memopt.predictor.synthesis import Replica, SynthesisError, block_classes, choose_run
 from lightning_memopt.predictor.trace import trace_step
 from lightning_memopt.predictor.zero3 import Zero3Settings

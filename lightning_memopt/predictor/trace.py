@@ -5,10 +5,11 @@ Nothing is allocated: parameters, buffers, tensors held as plain attributes and 
 ``TorchDispatchMode`` follows every storage the step creates until it dies (``weakref`` on the untyped storage), so
 the result is the live-tensor timeline of the real eager step (the same kernels run their shape functions; SDPA and
 autocast take their real paths, which the meta device does not). The step is traced on the device the module is on
-(:func:`trace_device`): a module on a GPU with CUDA's kernels and autocast rules, a CPU or meta module on the CPU. Gradients of trainable parameters are reported
-to a post-accumulate hook and dropped, so the timeline says, after every op, how many bytes of activations, logits
-and temporaries are live and how many gradient bytes the engine has received; each engine then keeps what it keeps
-(:mod:`.model_states`). Parameters, buffers and attributes are the model states' and are not in the timeline.
+(:func:`trace_device`): a module on a GPU with CUDA's kernels and autocast rules, a CPU or meta module on the CPU.
+Gradients of trainable parameters are reported to a post-accumulate hook and dropped, so the timeline says, after
+every op, how many bytes of activations, logits and temporaries are live and how many gradient bytes the engine has
+received; each engine then keeps what it keeps (:mod:`.model_states`). Parameters, buffers and attributes are the
+model states' and are not in the timeline.
 
 Where a fake kernel is missing or disagrees with the eager one, the tracker fixes it locally:
 
@@ -34,6 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_memopt.core import compat as _compat
 from lightning_memopt.core.blocks import checkpointed_as
+from lightning_memopt.predictor import step_context
 from lightning_memopt.predictor.precision import Precision
 from lightning_memopt.predictor.reading import find_hf_model, tensor_attributes
 from lightning_memopt.predictor.tracker import SHADOW_LIMIT, LiveTensorTracker
@@ -254,7 +256,7 @@ def trace_step(
             stack.enter_context(_compat.deepspeed_hooks_suspended(module))  # a module inside a running engine
             stack.enter_context(_compat.linear_of_the_run(zero3))
             stack.enter_context(_compat.no_packed_sequence_detection())
-            stack.enter_context(_attention(module, attention))
+            stack.enter_context(step_context.attention(module, attention))
             stack.enter_context(checkpointed_as(module, activation_checkpointing))
             if blocks is not None:  # the skipped blocks leave the module: their states need no fakes
                 stack.enter_context(blocks.installed(module, tracker))
@@ -264,9 +266,9 @@ def trace_step(
             exclude.update(t.untyped_storage()._cdata for _, t in fake_attributes)
             param_ids.update(id(t) for t in fakes.values())
             handles += [p.register_post_accumulate_grad_hook(on_grad) for p in trainable]
-            stack.enter_context(_swapped_attributes(module, fake_attributes))
+            stack.enter_context(step_context.swapped_attributes(module, fake_attributes))
             stack.enter_context(_compat.reparametrized(module, fakes))
-            stack.enter_context(_zero3_module_inputs(module, zero3))
+            stack.enter_context(step_context.zero3_module_inputs(module, zero3))
             if isinstance(zero3, Zero3Settings):  # DeepSpeed's fetch and release events, replayed after the step
                 gathering = stack.enter_context(
                     Zero3Gathering(module, zero3, dtype.itemsize, lambda: len(tracker.live))
@@ -274,7 +276,7 @@ def trace_step(
                 tracker.on_state_alias = gathering.state_alias
             stack.enter_context(fake_mode)
             stack.enter_context(tracker)
-            with _readable_errors(module), warnings.catch_warnings():
+            with step_context.readable_errors(module), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
                     # the step's output lives until backward ends, as in a training loop (and Lightning's
@@ -377,86 +379,3 @@ def _vocab_size(module: nn.Module) -> "int | None":
         return head.out_features
     vocab = getattr(getattr(hf, "config", None), "vocab_size", None)
     return vocab if isinstance(vocab, int) and head is not None else None
-
-
-@contextlib.contextmanager
-def _readable_errors(module: nn.Module):
-    """Turn fake-tensor errors about data-dependent shapes into an error that says what to do."""
-    from torch._subclasses import fake_tensor as ft
-
-    try:
-        yield
-    except (ft.DataDependentOutputException, ft.DynamicOutputShapeException) as err:
-        op = getattr(err, "func", None) or str(err).split("\n")[0]
-        raise ValueError(
-            f"Expected a training step of {type(module).__name__} whose tensor shapes do not depend on the data, to"
-            f" trace it without allocating, got the data-dependent op {op}. Fix: switch the model to a path with"
-            " fixed shapes (Hugging Face MoE: model.set_experts_implementation('grouped_mm')), or pass a"
-            " parameter count for the model states only."
-        ) from err
-
-
-@contextlib.contextmanager
-def _swapped_attributes(module: nn.Module, fakes: "list[tuple[str, torch.Tensor]]"):
-    """Hold the fake tensors in place of the module's plain tensor attributes; on exit restore them and drop the
-    fake tensors the step itself stored on the modules (a mask cached in ``forward``)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    originals = []
-    for name, fake in fakes:
-        owner, _, key = name.rpartition(".")
-        sub = module.get_submodule(owner) if owner else module
-        originals.append((sub, key, sub.__dict__[key]))
-        sub.__dict__[key] = fake
-    before = {id(sub): dict(vars(sub)) for sub in module.modules()}
-    try:
-        yield
-    finally:
-        for sub, key, value in originals:
-            sub.__dict__[key] = value
-        for sub in module.modules():
-            held = before.get(id(sub), {})
-            for key, value in list(vars(sub).items()):
-                if isinstance(value, FakeTensor):
-                    if key in held and not isinstance(held[key], FakeTensor):
-                        sub.__dict__[key] = held[key]
-                    else:
-                        del sub.__dict__[key]
-
-
-@contextlib.contextmanager
-def _zero3_module_inputs(module: nn.Module, zero3: bool):
-    """As DeepSpeed ZeRO-3's ``_post_backward_module_hook`` does, hand every sub-module its tensor arguments as new
-    tensors (a view each): the same tensor passed twice arrives as two objects (``nn.MultiheadAttention`` then
-    projects q, k and v separately)."""
-    if not zero3:
-        yield
-        return
-
-    def fresh(_: nn.Module, args: tuple) -> tuple:
-        return tuple(a.view_as(a) if isinstance(a, torch.Tensor) else a for a in args)
-
-    handles = [m.register_forward_pre_hook(fresh, prepend=True) for m in module.modules() if m is not module]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextlib.contextmanager
-def _attention(module: nn.Module, attention: "str | None"):
-    """Set a Hugging Face model's attention implementation for the trace (plain modules keep theirs): on every
-    config its modules hold (T5's encoder and decoder stacks hold copies of the model's config)."""
-    hf_model = find_hf_model(module)
-    configs = {} if attention is None or hf_model is None else {
-        id(c): c for m in hf_model.modules() if hasattr(c := getattr(m, "config", None), "_attn_implementation")
-    }  # fmt: skip
-    before = {key: c._attn_implementation for key, c in configs.items()}
-    for c in configs.values():
-        c._attn_implementation = attention
-    try:
-        yield
-    finally:
-        for key, c in configs.items():
-            c._attn_implementation = before[key]

@@ -11,14 +11,15 @@ import statistics
 import sys
 
 import pytest
+
 from helpers import ROOT, run_script
 
 SCRIPT = ROOT / "benchmarks" / "predictor_accuracy.py"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from accuracy_kinds import CONFIG_ONLY, KINDS
-from accuracy_report import TARGET_MEDIAN, TARGET_WORST
-from predictor_accuracy import QUICK
+from accuracy_kinds import CONFIG_ONLY, KINDS  # noqa: E402 (benchmarks/ is put on the path above)
+from accuracy_report import TARGET_MEDIAN, TARGET_WORST  # noqa: E402
+from predictor_accuracy import QUICK  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,7 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # about 1 minute: `make test-slow`, which CI runs
 def test_quick_subset_measures_every_kind_and_axis(quick: dict) -> None:
     rows = quick["rows"]
     assert quick["configurations"] == len(QUICK)
@@ -41,7 +43,8 @@ def test_quick_subset_measures_every_kind_and_axis(quick: dict) -> None:
     # every configuration measured on each of its ranks: the single-device ones once, the ZeRO ones on 2 ranks
     ranks = {}
     for r in rows:
-        ranks.setdefault((r["kind"], r["stage"], r["precision"], r["attention"], r["checkpointing"]), []).append(r["rank"])
+        key = (r["kind"], r["stage"], r["precision"], r["attention"], r["checkpointing"])
+        ranks.setdefault(key, []).append(r["rank"])
     assert len(ranks) == len(QUICK)
     for (_, stage, *_), seen in ranks.items():
         assert sorted(seen) == ([0] if stage == "single" else [0, 1])
@@ -57,6 +60,7 @@ def test_quick_subset_measures_every_kind_and_axis(quick: dict) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # about 1 minute: `make test-slow`, which CI runs
 def test_quick_subset_errors_within_the_issue_targets(quick: dict) -> None:
     """Issue 10's targets against live tensors: median |error| <= 0.5 %, worst <= 1 %, no refusal, no crash; from
     the module for every kind, from the config alone for the Hugging Face kinds."""

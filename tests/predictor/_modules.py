@@ -2,7 +2,6 @@
 
 import torch
 from torch import nn
-
 from transforms._models import plain_model
 
 
@@ -15,18 +14,19 @@ def tiny_config(model_type: str, layers: int = 2, **overrides) -> dict:
         "qwen2": base,
         "gemma3_text": dict(base, head_dim=16, sliding_window=16),
         "gpt_neox": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
-                         vocab_size=300, rotary_pct=0.25, max_position_embeddings=256),  # fmt: skip
+                         vocab_size=300, rotary_pct=0.25, max_position_embeddings=256),
         "mixtral": dict(base, num_local_experts=4, num_experts_per_tok=2),
         "qwen3_moe": dict(base, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, head_dim=16),
         "deepseek_v3": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=layers,
                             num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1,
                             num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=2, kv_lora_rank=16,
                             q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, vocab_size=300,
-                            max_position_embeddings=256),  # fmt: skip
+                            max_position_embeddings=256),
         "t5": dict(vocab_size=300, d_model=64, d_kv=16, d_ff=128, num_layers=layers, num_decoder_layers=layers,
-                   num_heads=4, decoder_start_token_id=0, pad_token_id=0),  # fmt: skip
-        "bart": dict(vocab_size=300, d_model=64, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
-                     decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=256),
+                   num_heads=4, decoder_start_token_id=0, pad_token_id=0),
+        "bart": dict(vocab_size=300, d_model=64, encoder_layers=layers, decoder_layers=layers,
+                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                     max_position_embeddings=256),
         "bert": dict(vocab_size=300, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
                      intermediate_size=128, max_position_embeddings=256, architectures=["BertForMaskedLM"]),
         "vit": dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
@@ -37,7 +37,6 @@ def tiny_config(model_type: str, layers: int = 2, **overrides) -> dict:
 
 def hf_from_config(model_type: str, layers: int = 2, seed: int = 0, **overrides) -> nn.Module:
     """The real (CPU, random weights) model transformers builds from :func:`tiny_config`."""
-    import transformers
 
     from lightning_memopt.predictor.sources import _build
 

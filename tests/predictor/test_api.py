@@ -84,8 +84,9 @@ def test_parameter_count_says_activations_are_not_estimated():
 def test_a_model_patched_with_liger_is_traced_with_its_kernels():
     """Liger's Python wrappers run under fake tensors with the Triton launches skipped: what they allocate is what the
     step holds. The fused linear cross-entropy never holds the whole (tokens x vocabulary) logits."""
-    from lightning_memopt.transforms import apply_liger
     from transforms._models import hf_model
+
+    from lightning_memopt.transforms import apply_liger
 
     ids = torch.randint(0, 256, (2, 64))
     kw = dict(example_batch={"input_ids": ids, "labels": ids}, precision="bf16-mixed")

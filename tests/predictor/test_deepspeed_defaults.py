@@ -1,7 +1,7 @@
 """The predictor reads DeepSpeed configs without importing DeepSpeed (the CLI stays fast), so it keeps DeepSpeed's
 defaults as numbers: this test holds them equal to DeepSpeed's own config model and engine constant."""
 
-from lightning_memopt.predictor.model_states import ALLREDUCE_CHUNK, DEEPSPEED_DEFAULTS
+from lightning_memopt.core.deepspeed_config import ALLREDUCE_CHUNK, DEEPSPEED_DEFAULTS
 
 
 def test_the_defaults_are_deepspeeds_own():

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, write_hub_cache
 
+from helpers import ROOT, write_hub_cache
 from lightning_memopt.predictor import resolve_model
 from lightning_memopt.predictor.hub import is_hub_id, load_hub_config
 from lightning_memopt.predictor.presets import get_preset
@@ -44,10 +44,13 @@ def test_an_unknown_model_type_is_refused_without_running_code(cache):
 
 
 def test_resolve_model_and_the_cli_read_the_cache_from_the_environment(cache):
-    """HF_HUB_CACHE and HF_HUB_OFFLINE as a user sets them, in a fresh process (huggingface_hub reads them at import)."""
+    """HF_HUB_CACHE and HF_HUB_OFFLINE as a user sets them, in a fresh process (huggingface_hub reads them at
+    import)."""
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     code = ("from lightning_memopt.predictor import resolve_model;"
             "print(resolve_model('meta-llama/Llama-3.1-8B').num_parameters)")
-    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout.strip()) == resolve_model("llama-3.1-8b").num_parameters

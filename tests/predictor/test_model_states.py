@@ -1,7 +1,8 @@
 import pytest
 
+from lightning_memopt.core.deepspeed_config import DEEPSPEED_DEFAULTS, zero_settings
 from lightning_memopt.planning import estimate_memory
-from lightning_memopt.predictor.model_states import DEEPSPEED_DEFAULTS, resolve_optimizer, zero_settings
+from lightning_memopt.predictor.model_states import resolve_optimizer
 
 
 @pytest.mark.parametrize(("stage", "gb"), [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
@@ -156,7 +157,6 @@ def test_zero3_trace_that_never_completes_keeps_nothing_gathered():
     (measured through MemOptStrategy: no module stays gathered; one module's parameters during its backward, more
     while a checkpointed block is recomputed). The op-by-op replay is tested in ``test_zero3.py``."""
     import torch
-
     from predictor.test_reading import _step_modules
 
     calls_itself, calls_child = _step_modules()
@@ -172,8 +172,9 @@ def test_zero3_trace_that_never_completes_keeps_nothing_gathered():
 
 def _frozen_half(stage: int, world: int = 2, **kw):
     """A 2-layer Llama whose first block and embeddings are frozen: the model states of the trainable part only."""
-    from lightning_memopt.predictor.reading import read_model
     from predictor._modules import hf_from_config
+
+    from lightning_memopt.predictor.reading import read_model
 
     model = hf_from_config("llama")
     for name, p in model.named_parameters():
@@ -184,7 +185,8 @@ def _frozen_half(stage: int, world: int = 2, **kw):
 
     em = engine_memory(reading, world_size=world, zero=stage, precision=resolve_precision("bf16-mixed"),
                        optimizer="adamw", offload_optimizer=False, offload_parameters=False, engine="deepspeed",
-                       deepspeed_config={"zero_optimization": {"reduce_bucket_size": 1, "stage": stage}}, **kw)  # fmt: skip
+                       deepspeed_config={"zero_optimization": {"reduce_bucket_size": 1, "stage": stage}},
+                       **kw)  # fmt: skip
     return reading, em
 
 
@@ -214,7 +216,6 @@ def test_zero3_partitions_every_parameter_and_optimizes_the_trainable_ones():
 def test_module_buffers_are_counted_in_the_engine_dtype():
     """BatchNorm running statistics are buffers: cast with the module by DeepSpeed (16-bit), fp32 under autocast."""
     import torch
-
     from predictor._modules import CNN
 
     batch = (torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,)))

@@ -5,8 +5,8 @@ import fnmatch
 import pytest
 import torch
 import transformers
-from helpers import ROOT
 
+from helpers import ROOT
 from lightning_memopt.predictor import resolve_model
 from lightning_memopt.predictor.presets import (
     CATALOG,

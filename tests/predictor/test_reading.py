@@ -1,10 +1,10 @@
 import pytest
 import torch
+from predictor._modules import CNN, hf_from_config, lora
 from torch import nn
+from transforms._models import plain_model
 
 from lightning_memopt.predictor.reading import from_count, read_model, step_calls_root, tensor_attributes
-from predictor._modules import CNN, hf_from_config, lora
-from transforms._models import plain_model
 
 
 def test_every_parameter_with_its_dtype_and_whether_it_trains():

@@ -2,11 +2,11 @@ import json
 
 import pytest
 import torch
+from predictor._modules import hf_from_config, tiny_config
 from torch import nn
 
 from lightning_memopt.predictor import predict
 from lightning_memopt.predictor.sources import resolve_model, resolve_source, synthetic_batch
-from predictor._modules import hf_from_config, tiny_config
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt_neox", "mixtral", "t5", "bert", "vit", "deepseek_v3"])

@@ -1,17 +1,17 @@
 import pytest
+from predictor._modules import tiny_config
 
 from lightning_memopt.predictor import timeline as timeline_module
 from lightning_memopt.predictor.precision import resolve_precision
 from lightning_memopt.predictor.sources import resolve_source, synthetic_batch
 from lightning_memopt.predictor.synthesis import choose_run
 from lightning_memopt.predictor.timeline import trace_timeline
-from predictor._modules import tiny_config
 
 SETTINGS = {
     "deepspeed bf16": dict(precision="bf16-mixed", engine="deepspeed"),
     "torch autocast, checkpointing": dict(precision="bf16-mixed", engine="torch", activation_checkpointing=True),
     "fp32 eager, half checkpointed": dict(precision="32-true", engine="torch", activation_checkpointing=0.5,
-                                          attention="eager"),  # fmt: skip
+                                          attention="eager"),
     "zero3": dict(precision="bf16-mixed", engine="deepspeed", zero3=True),
 }
 

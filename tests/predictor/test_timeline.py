@@ -1,9 +1,9 @@
 import torch
+from predictor._modules import tiny_config
 
 from lightning_memopt.planning import estimate_memory
 from lightning_memopt.predictor import timeline
 from lightning_memopt.predictor.timeline import Timeline, batch_shape, resize_batch
-from predictor._modules import tiny_config
 
 
 def test_micro_batches_come_from_two_traces_and_match_a_direct_trace(monkeypatch):
