@@ -220,8 +220,13 @@ def trace_timeline(
                   attention=attention, zero3=zero3)  # fmt: skip
     names = auto_blocks(module)
     details: "dict[str, Any]" = {"blocks": len(names)}
+    # ZeRO-3's gathered parameters are replayed on the whole module trace (reuse distance and prefetch look ahead
+    # across blocks), which a reduced-depth trace does not have: under ZeRO-3 every block is traced
+    replayed = isinstance(zero3, Zero3Settings)
+    if replayed and len(names) >= SYNTHESIS_MIN_BLOCKS:
+        details["synthesis"] = "every block traced: ZeRO-3's gathered parameters depend on the whole module trace"
     with kernel_twins():
-        if len(names) >= SYNTHESIS_MIN_BLOCKS:
+        if len(names) >= SYNTHESIS_MIN_BLOCKS and not replayed:
             classes = block_classes(module, names, checkpoint_flags(module, activation_checkpointing))
             run = choose_run(classes)
             if len(run) < len(names):
