@@ -125,9 +125,7 @@ def planned_settings(cfg: dict, module: pl.LightningModule, batch: Any) -> dict:
     settings.update(world_size=cfg["world_size"], precision=cfg["precision"],
                     optimizer=optimizer_name(module.configure_optimizers()), micro_batch_size=micro,
                     accumulate_grad_batches=1, activation_checkpointing=cfg["checkpointing"])  # fmt: skip
-    if seq is not None:
-        settings["seq_len"] = seq
-    return settings
+    return settings if seq is None else {**settings, "seq_len": seq}
 
 
 def read_run_settings(trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -> dict:
@@ -391,12 +389,11 @@ def main(argv: "list[str] | None" = None) -> None:
           f"\nRun settings differ from the predicted ones in {len(mismatched)} rows"
           f"{': ' + ', '.join(mismatched) if mismatched else ''}.\nCommand: {command}")  # fmt: skip
     if args.out:
-        args.out.write_text(json.dumps({"rows": rows, "summary": summ, "verdict": verdicts, "seconds": seconds,
-                                        "failed_runs": failures, "left_out": [[*k, v] for k, v in left_out.items()],
-                                        "predicting_seconds": predicting, "configurations": len(configs),
-                                        "command": command, "torch": torch.__version__, "lightning": pl.__version__,
-                                        "predictor_sources_sha256": predictor_fingerprint()},
-                                       indent=1, default=str))  # fmt: skip
+        result = {"rows": rows, "summary": summ, "verdict": verdicts, "seconds": seconds, "failed_runs": failures,
+                  "left_out": [[*k, v] for k, v in left_out.items()], "predicting_seconds": predicting,
+                  "configurations": len(configs), "command": command, "torch": torch.__version__,
+                  "lightning": pl.__version__, "predictor_sources_sha256": predictor_fingerprint()}  # fmt: skip
+        args.out.write_text(json.dumps(result, indent=1, default=str))
 
 
 if __name__ == "__main__":
