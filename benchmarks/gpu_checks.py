@@ -134,7 +134,7 @@ def train_steps(model, batch: int, seq: int, steps: int, warmup: int = 2) -> dic
     for step in range(steps):
         memory.reset()
         start = time.perf_counter()
-        with torch.autocast(device(), dtype=torch.bfloat16):
+        with torch.autocast(device(), dtype=torch.bfloat16, cache_enabled=False):  # as Lightning's MixedPrecision
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

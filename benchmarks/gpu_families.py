@@ -68,7 +68,7 @@ def _measure(model: Any, batch: dict, device: str, memory: Any, steps: int = 3) 
     peak = 0
     for _ in range(steps):
         memory.reset()
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False):  # as Lightning's MixedPrecision
             loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -4,7 +4,9 @@ import torch
 from lightning_memopt.planning import estimate_memory
 
 
-@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+@pytest.mark.parametrize(
+    "zero", [0, 1, 2, pytest.param(3, marks=pytest.mark.slow)]  # ZeRO-3 traces every block: `make test-slow`
+)
 @pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
 def test_monotone_in_micro_batch_and_sequence(zero, precision):
     kw = dict(world_size=4, zero=zero, precision=precision)
