@@ -25,6 +25,7 @@ from lightning_memopt.transforms import apply_activation_checkpointing, apply_at
 from lightning_memopt.transforms._applied import applied_transforms
 from lightning_memopt.transforms.attention import IMPLEMENTATIONS
 from lightning_memopt.transforms.checkpointing import Policy, _validate_selection
+from lightning_memopt.transforms.liger import KERNELS as LIGER_KERNELS
 from lightning_memopt.transforms.liger import _validate as _validate_liger
 
 _PENDING = "_memopt_pending_transforms"
@@ -194,13 +195,7 @@ class LigerKernel(_TransformCallback):
         fused_linear_cross_entropy: bool = True,
         strict: bool = True,
     ) -> None:
-        self.switches = {
-            "rms_norm": rms_norm,
-            "rope": rope,
-            "swiglu": swiglu,
-            "cross_entropy": cross_entropy,
-            "fused_linear_cross_entropy": fused_linear_cross_entropy,
-        }
+        self.switches = dict(zip(LIGER_KERNELS, (rms_norm, rope, swiglu, cross_entropy, fused_linear_cross_entropy)))
         _validate_liger(self.switches, "cuda", False, torch.nn.Module())
         self.strict = strict
 
