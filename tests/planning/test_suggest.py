@@ -8,9 +8,10 @@ from lightning_memopt.planning.suggest import suggest_fixes
 
 MODEL = "llama-3-8b"
 BASE = dict(world_size=8, seq_len=4096, precision="bf16-mixed")
+#: the fixes include ZeRO-3, which traces every block of the 8B preset at 4096 tokens: `make test-slow` (CI runs it)
+pytestmark = pytest.mark.slow
 
 
-@pytest.mark.slow  # ZeRO-3 traces every block of a full-size preset: `make test-slow` (CI runs it)
 def test_suggest_fixes_ranks_fitting_changes_first_with_real_predictions():
     kwargs = dict(model=MODEL, micro_batch_size=16, **BASE)
     current = estimate_memory(**kwargs).total
@@ -25,7 +26,6 @@ def test_suggest_fixes_ranks_fitting_changes_first_with_real_predictions():
         assert fix.fits == (fix.predicted_total <= int(80 * GiB * 0.9))
 
 
-@pytest.mark.slow  # ZeRO-3 traces every block of a full-size preset: `make test-slow` (CI runs it)
 def test_suggest_fixes_micro_batch_keeps_the_global_batch():
     kwargs = dict(model=MODEL, micro_batch_size=512, zero=3, activation_checkpointing=False, **BASE)
     fixes = suggest_fixes(kwargs, "80GiB", max_suggestions=20)
