@@ -159,24 +159,25 @@ def predictions(kind: str, model: Any, batch: Any, attention: str, checkpointing
 
     config, lora = kind_config(kind)
     common = dict(engine="torch", precision="bf16-mixed", optimizer="adamw" if SMOKE else "adamw-foreach")
-    import inspect
+    import torch
 
-    # the CUDA answer from the config alone (a predictor without the ``device`` argument answers for the CPU)
-    target = {"device": "cuda"} if not SMOKE and "device" in inspect.signature(estimate_memory).parameters else {}
+    # the CUDA answer for this GPU, from the module on it and from the config alone
+    target = {} if SMOKE else {"device": torch.cuda.get_device_name()}
     out: dict[str, Any] = {}
     for path in ("module", "config"):
         started = time.perf_counter()
         try:
             if path == "module":
-                est = predict(model, example_batch=batch, **common)
+                est = predict(model, example_batch=batch, **common, **target)
             else:
                 image = config["model_type"] == "vit"
                 est = estimate_memory(config, micro_batch_size=micro_batch, seq_len=None if image else seq_len(),
                                       attention=attention, activation_checkpointing=checkpointing, lora_rank=lora,
                                       lora_targets=LORA_TARGETS if lora else None, **common, **target)  # fmt: skip
             details = est.details or {}
-            out[path] = {"allocated": est.total, "reserved": details.get("reserved_bytes"),
-                         "device": details.get("device_bytes"), "seconds": round(time.perf_counter() - started, 2),
+            out[path] = {"allocated": est.total, "reserved": est.reserved, "device": est.device_total,
+                         "seconds": round(time.perf_counter() - started, 2), "workspaces": est.workspaces,
+                         "allocator_rounding": est.allocator_rounding,
                          "categories": {c: getattr(est, c) for c in ("parameters", "gradients", "optimizer_states",
                                                                       "activations", "logits", "buffers")},
                          "cuda": details.get("cuda")}  # fmt: skip
@@ -319,7 +320,6 @@ def run_probe() -> dict:
             out["sdp_choice"][kind] = int(choice)
         except Exception as err:
             out["sdp_choice"][kind] = repr(err)[:200]
-    out["sdp_backends"] = {int(b): str(b) for b in torch.nn.attention.SDPBackend}
     return out
 
 
@@ -396,8 +396,8 @@ def run_zero(stage: int) -> dict:
     if not SMOKE:
         out.update(max_allocated=int(torch.cuda.max_memory_allocated()), max_reserved=int(torch.cuda.max_memory_reserved()))
     est = monitor.estimate
-    out["predicted"] = None if est is None else {"allocated": est.total, **{k: (est.details or {}).get(k) for k in
-                                                                            ("reserved_bytes", "device_bytes")}}
+    out["predicted"] = None if est is None else {"allocated": est.total, "reserved": est.reserved,
+                                                 "device": est.device_total}
     return out
 
 
@@ -556,7 +556,7 @@ def main() -> int:
         elif group == "matrix":
             env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
             jobs = [(k, ["kind", k], None) for k in args.kinds] + [("expandable", ["kind", "llama"], env)]
-            both = _parallel(jobs, seconds, 5)
+            both = _parallel(jobs, seconds, 6)
             results["matrix"] = [r for r in both if r["child"] != "expandable"]
             results["expandable"] = [r for r in both if r["child"] == "expandable"]
         else:

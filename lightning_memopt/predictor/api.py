@@ -14,7 +14,8 @@ from lightning_memopt.predictor.model_states import (
 )
 from lightning_memopt.predictor.precision import resolve_precision
 from lightning_memopt.predictor.sources import resolve_source
-from lightning_memopt.predictor.timeline import Timeline, step_timeline
+from lightning_memopt.predictor.cuda_memory import CudaRules, cuda_rules, replay_run
+from lightning_memopt.predictor.timeline import Timeline, recorded_trace, step_batch, step_timeline
 from lightning_memopt.predictor.zero3 import Zero3Settings
 
 METHODS = ("trace",)
@@ -120,6 +121,8 @@ def predict(
     deepspeed_config: "dict[str, Any] | None" = None,
     example_batch: Any = None,
     accumulate_grad_batches: int = 1,
+    device: "str | CudaRules | None" = None,
+    expandable_segments: "bool | None" = None,
 ) -> MemoryEstimate:
     """Predict one rank's peak memory of a training step (forward, backward, optimizer step) of ``model`` as it is.
 
@@ -160,6 +163,13 @@ def predict(
         deepspeed_config: the DeepSpeed config the strategy uses (bucket sizes, thresholds).
         example_batch: one micro-batch of the real inputs (required for a model that is not a Hugging Face one).
         accumulate_grad_batches: micro-steps per optimizer step (Lightning's ``accumulate_grad_batches``).
+        device: the device the run trains on, whose rules apply (:mod:`.cuda_memory`): ``"cpu"``, ``"cuda"`` (a
+            compute-capability 9.0 GPU when not told otherwise), a GPU name (``"h100"``, ``"NVIDIA H200"``) or
+            :class:`~lightning_memopt.predictor.cuda_memory.CudaRules`; ``None``: the device the module is on (a config
+            or preset: the CPU). On CUDA, ``total`` is what ``max_memory_allocated`` reports (the cuBLAS workspaces
+            and the allocator's blocks included) and ``reserved`` / ``device_total`` what ``max_memory_reserved`` and
+            ``mem_get_info`` report (the plain engine on one device; else ``None``, with the reason in ``details``).
+        expandable_segments: the CUDA allocator's mode (``None``: as ``PYTORCH_CUDA_ALLOC_CONF`` says).
 
     Raises:
         ValueError / TypeError: for any invalid argument, a model that does not train (no loss, no trainable
@@ -184,6 +194,9 @@ def predict(
     prec = resolve_precision(precision)
     resolve_optimizer(optimizer)
     source = resolve_source(model)
+    rules = device if isinstance(device, CudaRules) else cuda_rules(
+        device if device is not None else _module_device(source.module), expandable_segments=expandable_segments
+    )
     reading = source.reading
     zero3 = _zero3_settings(reading, deepspeed_config) if engine == "deepspeed" and zero == 3 else False
     act_engine = "deepspeed" if engine == "zero-paper" else engine
@@ -268,6 +281,11 @@ def predict(
         details["per_rank_total"] = per_rank
     details["peak_phase"] = phase.name
     details["phases"] = {p.name: p.total + a + lg for p, a, lg in phases}
+    total = int(phase.total + act_bytes + logit_bytes)
+    cuda = _on_cuda(rules, source, total, reading, details, prec, act_engine, optimizer, engine, world_size,
+                    dict(example_batch=example_batch, micro_batch_size=micro_batch_size, seq_len=seq_len),
+                    dict(precision=prec, engine=act_engine, activation_checkpointing=activation_checkpointing,
+                         attention=attention, zero3=zero3))  # fmt: skip
     return MemoryEstimate(
         parameters=int(phase.parameters),
         gradients=int(phase.gradients),
@@ -275,10 +293,56 @@ def predict(
         activations=int(act_bytes),
         logits=int(logit_bytes),
         buffers=int(phase.buffers),
-        total=int(phase.total + act_bytes + logit_bytes),
+        total=total + cuda["workspaces"] + cuda["allocator_rounding"],
         cpu_offloaded=int(em.cpu_offloaded + (em.details.get("cpu_accumulation_bytes", 0) if accumulate > 1 else 0)),
         details=details,
+        **cuda,
     )
+
+
+def _module_device(module: Any) -> "str | None":
+    """The device type a module's parameters are on (``None``: no module, or CPU/meta)."""
+    if module is None:
+        return None
+    first = next(iter(module.parameters()), None)
+    return None if first is None or first.device.type in ("cpu", "meta") else first.device.type
+
+
+def _on_cuda(
+    rules: "CudaRules | None", source: Any, total: int, reading: Any, details: "dict[str, Any]", prec: Any,
+    act_engine: str, optimizer: str, engine: str, world_size: int, batch_args: dict, settings: dict,
+) -> "dict[str, int | None]":
+    """What CUDA adds (:mod:`.cuda_memory`): the workspaces, and where the run's allocation sequence is known (the
+    plain engine on one device), the allocator's blocks, its reserved peak and the device total."""
+    out: "dict[str, int | None]" = {"workspaces": 0, "allocator_rounding": 0, "reserved": None, "device_total": None}
+    if rules is None:
+        return out
+    out["workspaces"] = rules.workspaces
+    details["cuda"] = {"device": rules.name, "capability": list(rules.capability),
+                       "workspace_bytes": rules.workspace_bytes, "expandable_segments": rules.expandable_segments,
+                       "context_bytes": rules.context_bytes}  # fmt: skip
+    if engine != "torch" or world_size != 1 or source.module is None:
+        details["cuda"]["reserved"] = (
+            "not predicted: the caching allocator is replayed for the plain engine on one device (DeepSpeed's and"
+            " DDP's buffers are not in the replayed sequence yet)"
+        )
+        return out
+    batch, _ = step_batch(source, **batch_args)
+    trace = recorded_trace(source, batch, **settings)
+    dtype_bytes = prec.param_bytes(act_engine)
+    param_bytes = [p.numel * (dtype_bytes if p.floating else p.dtype.itemsize) for p in reading.params]
+    buffer_bytes = [b.numel * b.dtype.itemsize for b in reading.buffers if not b.attribute]
+    states, kind = resolve_optimizer(optimizer)
+    state_tensors = states // 4 if states else 0  # AdamW: m and v; SGD with momentum: one buffer (as the parameter)
+    sim = replay_run(trace, param_bytes, [p.trainable for p in reading.params], buffer_bytes, kind, state_tensors,
+                     rules)  # fmt: skip
+    out["allocator_rounding"] = max(0, sim.peak_allocated - total - rules.workspaces)
+    out["reserved"] = max(sim.peak_reserved, total + rules.workspaces + out["allocator_rounding"])
+    if rules.context_bytes is not None:
+        out["device_total"] = out["reserved"] + rules.context_bytes
+    details["reserved_bytes"], details["device_bytes"] = out["reserved"], out["device_total"]
+    details["cuda"]["segments"] = sim.num_segments
+    return out
 
 
 def _zero3_settings(reading: Any, deepspeed_config: "dict[str, Any] | None") -> Zero3Settings:

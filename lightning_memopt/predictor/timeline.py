@@ -146,6 +146,24 @@ def step_timeline(
         precision=precision, engine=engine, activation_checkpointing=activation_checkpointing, attention=attention,
         zero3=zero3,
     )  # fmt: skip
+    if example_batch is not None or source.key is None:
+        batch, shape = step_batch(source, example_batch, micro_batch_size, seq_len)
+        return trace_timeline(source.module, batch, **settings), shape
+    micro = micro_batch_size or 1
+    seq = batch_shape(synthetic_batch(source.module, 1, seq_len))[1]
+    key = (source.key, seq, precision.name, engine, str(activation_checkpointing), attention, zero3)
+    return _built_timeline(source, key, micro, seq_len, settings), (micro, seq)
+
+
+def step_batch(
+    source: Source, example_batch: Any, micro_batch_size: "int | None", seq_len: "int | None"
+) -> "tuple[Any, tuple[int, int | None]]":
+    """The micro-batch a step is traced on and its ``(micro-batch, seq_len)``: ``example_batch`` resized to
+    ``micro_batch_size``, or a synthetic batch of the model's inputs.
+
+    Raises:
+        ValueError: a ``seq_len`` that contradicts ``example_batch``, or a model whose inputs are unknown without one.
+    """
     if example_batch is not None:
         shape = batch_shape(example_batch) or (micro_batch_size or 1, seq_len)
         if seq_len is not None and shape[1] is not None and seq_len != shape[1]:
@@ -155,14 +173,18 @@ def step_timeline(
             )
         if micro_batch_size is not None and micro_batch_size != shape[0]:
             example_batch, shape = resize_batch(example_batch, shape[0], micro_batch_size), (micro_batch_size, shape[1])
-        return trace_timeline(source.module, example_batch, **settings), shape
+        return example_batch, shape
     micro = micro_batch_size or 1
-    if source.key is None:
-        batch = synthetic_batch(source.module, micro, seq_len)
-        return trace_timeline(source.module, batch, **settings), batch_shape(batch) or (micro, seq_len)
-    seq = batch_shape(synthetic_batch(source.module, 1, seq_len))[1]
-    key = (source.key, seq, precision.name, engine, str(activation_checkpointing), attention, zero3)
-    return _built_timeline(source, key, micro, seq_len, settings), (micro, seq)
+    batch = synthetic_batch(source.module, micro, seq_len)
+    return batch, batch_shape(batch) or (micro, seq_len)
+
+
+def recorded_trace(source: Source, batch: Any, **settings: Any) -> Any:
+    """One step of every block traced with each storage's lifetime recorded (the caching allocator's replay)."""
+    from lightning_memopt.predictor.kernels import kernel_twins
+
+    with kernel_twins():
+        return trace_step(source.module, batch, record=True, **settings)
 
 
 def _built_timeline(source: Source, key: tuple, micro: int, seq_len: "int | None", settings: dict) -> Timeline:

@@ -63,6 +63,8 @@ class TraceResult:
         storages: ``(allocated at, freed at, bytes, storage key)`` of every storage the step created (``freed at`` =
             ``len(live)`` when it outlived the step), when recorded.
         gathered: of ``live``, the ZeRO-3 parameters gathered after each op (empty without ``zero3`` settings).
+        grad_keys: ``(storage key, op index)`` of the gradients handed to the engine, in arrival order (when
+            recorded).
     """
 
     live: "tuple[int, ...]"
@@ -75,6 +77,7 @@ class TraceResult:
     markers: "tuple[tuple[int, int, str, int], ...]" = ()
     storages: "tuple[tuple[int, int, int, int], ...]" = ()
     gathered: "tuple[int, ...]" = ()
+    grad_keys: "tuple[tuple[int, int], ...]" = ()
 
     @property
     def peak(self) -> int:
@@ -139,6 +142,7 @@ def trace_step(
     zero3: "bool | Zero3Settings" = False,
     step: "StepFn | None" = None,
     blocks: "Any" = None,
+    record: bool = False,
 ) -> TraceResult:
     """Trace forward + backward of ``module`` on ``example_batch`` with fake tensors.
 
@@ -162,6 +166,8 @@ def trace_step(
             the step, op by op (in ``live`` and ``gathered``).
         step: ``(module, batch) -> output`` holding the loss (default :func:`default_step`).
         blocks: a :class:`~lightning_memopt.predictor.synthesis.Replica` that marks blocks and skips some of them.
+        record: keep every storage's lifetime (``storages``) and the gradients' storage keys (``grad_keys``), for
+            the caching allocator's replay (:mod:`.cuda_memory`).
 
     Raises:
         ValueError: no scalar loss, or a step whose shapes depend on the data.
@@ -179,7 +185,8 @@ def trace_step(
     device = trace_device(module, example_batch)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     exclude: set[int] = set()  # the model states' fake storages: not the step's
-    tracker = LiveTensorTracker(exclude, _vocab_size(module), blocks is not None, fake_mode)
+    tracker = LiveTensorTracker(exclude, _vocab_size(module), blocks is not None or record, fake_mode)
+    grad_keys: list[tuple[int, int]] = []  # (storage, op index) of each gradient handed to the engine, in order
     saved: dict[int, int] = {}
     pinned: dict[int, int] = {}  # parameter storage -> live saved views of it (ZeRO-3 keeps it gathered)
     param_ids: set[int] = set()
@@ -189,6 +196,7 @@ def trace_step(
         nonlocal grad_bytes
         if p.grad is not None:
             nbytes = p.grad.untyped_storage().nbytes()
+            grad_keys.append((p.grad.untyped_storage()._cdata, len(tracker.live)))
             tracker.grads += nbytes
             grad_bytes += nbytes
             p.grad = None
@@ -312,8 +320,9 @@ def trace_step(
         grad_bytes=grad_bytes,
         labels=tuple(tracker.labels),
         markers=tuple(blocks.markers) if blocks is not None else (),
-        storages=tuple(tracker.finished()) if blocks is not None else (),
+        storages=tuple(tracker.finished()) if tracker.record else (),
         gathered=tuple(gathered) if gathering is not None else (),
+        grad_keys=tuple(grad_keys) if record else (),
     )
 
 

@@ -6,6 +6,7 @@ A thin callback, as Lightning's ``ThroughputMonitor``: it reads the run (the sha
 """
 
 import gc
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_memopt._imports import _MATPLOTLIB_AVAILABLE, requires
@@ -52,14 +53,18 @@ class MemoryMonitor(ReadsRun):
     The batch and the optimizer come from the run reader the other callbacks and the strategy share: the training
     loader is built once and ``configure_optimizers`` called once per fit.
 
-    Every step, each rank measures the peak of its live tensor bytes with
-    :class:`~lightning_memopt.measuring.memory.DeviceMemoryProbe`. By default (``"dispatch"`` modes) a
-    ``TorchDispatchMode`` counts the tensor storages every op returns, on CPU and on CUDA, disturbing nothing else:
-    the CUDA allocator's peak statistics that ``DeviceStatsMonitor`` and ``torch.cuda.max_memory_allocated`` report
-    are left alone. Opt-in ``cuda_mode="allocator"`` reads the caching allocator's ``max_memory_allocated`` /
-    ``max_memory_reserved`` instead (cheaper and it sees kernel workspaces, but it resets those statistics every step,
-    so other readers of them see per-step peaks); opt-in ``cpu_mode="allocator"`` installs a counting CPU allocator
-    for the fit (it needs a C++ compiler; put back at the end of the fit). On CPU the live bytes that were in the
+    Every step, each rank measures its device with
+    :class:`~lightning_memopt.measuring.memory.DeviceMemoryProbe`. By default (``"allocator"`` modes) that is what the
+    device itself counts: on CUDA the caching allocator's ``max_memory_allocated`` (the "actual" compared with the
+    prediction) and ``max_memory_reserved`` of the step, and the device's used memory from ``torch.cuda.mem_get_info``
+    (what ``nvidia-smi`` shows: the CUDA context, NCCL and other processes too); on CPU a counting allocator installed
+    for the fit (compiled once with the system C++ compiler; where none is found the monitor warns once and counts
+    live tensors instead). The per-step CUDA peaks need ``torch.cuda.reset_peak_memory_stats`` at every step start,
+    which is process-wide: ``DeviceStatsMonitor``'s ``*.peak`` keys and a user's own ``max_memory_allocated`` then
+    read per-step peaks, which the monitor's ``memory/actual_peak_bytes_max`` and ``memory/run/actual_peak_bytes``
+    turn back into the run's. Opt-in ``"dispatch"`` modes count the tensor storages every op returns with a
+    ``TorchDispatchMode`` instead (what the predictor traces: an explanation of where the bytes are, slower, blind
+    to workspaces and the allocator, and it leaves the CUDA statistics alone). On CPU the live bytes that were in the
     process before ``setup`` and are not the model's (an earlier run's objects) are not counted. The process RSS is
     reported too. At every ``log_every_n_steps``-th optimizer step the values are gathered from all ranks (one
     ``all_gather`` of 7 numbers) and logged through the Trainer's loggers; the peaks are the maxima over the steps
@@ -74,6 +79,8 @@ class MemoryMonitor(ReadsRun):
     - ``memory/current_bytes``: live bytes at the end of the step
     - ``memory/reserved_bytes``, ``memory/reserved_bytes_max``: the caching allocator's reserved bytes (CUDA only):
       its peak during the step with ``cuda_mode="allocator"``, at the end of the step with ``"dispatch"``
+    - ``memory/predicted_reserved_bytes``, ``memory/predicted_device_bytes``: the predicted reserved peak and device
+      total (reserved + CUDA context), when predicted (CUDA, the plain engine on one device)
     - ``memory/device_total_bytes``, ``memory/device_free_bytes``: the device (CPU: system memory)
     - ``memory/rss_bytes``, ``memory/rss_bytes_max``: the process resident set size
     - ``memory/predicted/<category>`` for ``parameters``, ``gradients``, ``optimizer_states``, ``activations``,
@@ -107,8 +114,8 @@ class MemoryMonitor(ReadsRun):
         optimizer: the predictor's optimizer name (``"adamw"``, ``"sgd-momentum"``, ...); ``None``: read from the
             run (the ``configure_optimizers`` result the Trainer then uses).
         method: the predictor's method, ``"trace"`` (the only one: a fake-tensor trace of the module's own step).
-        cpu_mode: how CPU memory is counted, ``"dispatch"`` (default) or ``"allocator"`` (see above).
-        cuda_mode: how CUDA memory is counted, ``"dispatch"`` (default) or ``"allocator"`` (see above).
+        cpu_mode: how CPU memory is counted, ``"allocator"`` (default) or ``"dispatch"`` (see above).
+        cuda_mode: how CUDA memory is counted, ``"allocator"`` (default) or ``"dispatch"`` (see above).
         max_suggestions: at most this many suggestions in the fit-check error.
         progress_bar: show the actual and predicted peak in the progress bar at every optimizer step (not logged).
 
@@ -139,10 +146,10 @@ class MemoryMonitor(ReadsRun):
         snapshot_on_oom: bool = True,
         optimizer: str | None = None,
         method: str = "trace",
-        cpu_mode: str = "dispatch",
+        cpu_mode: str = "allocator",
         max_suggestions: int = 5,
         progress_bar: bool = False,
-        cuda_mode: str = "dispatch",
+        cuda_mode: str = "allocator",
     ) -> None:
         if log_every_n_steps is not None and (
             not isinstance(log_every_n_steps, int) or isinstance(log_every_n_steps, bool) or log_every_n_steps < 1
@@ -247,7 +254,7 @@ class MemoryMonitor(ReadsRun):
                 " `Trainer(logger=CSVLogger('logs'))`, or drop the callback."
             )
         from lightning_memopt.lightning._run_reader import strategy_settings
-        from lightning_memopt.measuring.memory import DeviceMemoryProbe, record_cuda_memory_history
+        from lightning_memopt.measuring.memory import record_cuda_memory_history
 
         self._reset_run_state()
         self.history = []
@@ -255,7 +262,7 @@ class MemoryMonitor(ReadsRun):
         device = trainer.strategy.root_device
         self._pred.device_memory = self.device_memory or default_device_memory(trainer, device)
         # created before the engine allocates, so that what it allocates is counted
-        self._probe = DeviceMemoryProbe(device, cpu_mode=self.cpu_mode, cuda_mode=self.cuda_mode)
+        self._probe = self._new_probe(device)
         self._probe.start()
         self._probe.track(pl_module)
         foreign = 0
@@ -280,6 +287,19 @@ class MemoryMonitor(ReadsRun):
         if self._pred.predict(trainer, pl_module, shape):
             rank_zero_info(f"MemoryMonitor: predicted memory per rank\n{self._pred.table()}")
             self._pred.check_fit(trainer)
+
+    def _new_probe(self, device: "torch.device") -> Any:
+        """The device's probe; without a C++ compiler the CPU allocator mode degrades to the dispatch one (warned)."""
+        from lightning_memopt.measuring.memory import DeviceMemoryProbe
+
+        try:
+            return DeviceMemoryProbe(device, cpu_mode=self.cpu_mode, cuda_mode=self.cuda_mode)
+        except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as err:
+            if device.type != "cpu" or self.cpu_mode != "allocator":
+                raise
+            rank_zero_warn(f"MemoryMonitor: the counting CPU allocator is not available ({type(err).__name__}: {err})"
+                           "; counting live tensors instead (cpu_mode='dispatch').")  # fmt: skip
+            return DeviceMemoryProbe(device, cpu_mode="dispatch", cuda_mode=self.cuda_mode)
 
     @staticmethod
     def _run_shape(run: Any) -> Any:
@@ -350,6 +370,9 @@ class MemoryMonitor(ReadsRun):
         self.history.extend(rows)
         metrics = MemoryStepAggregator.metrics(rows, trainer.global_rank)
         if self.estimate is not None:
+            for key, value in (("reserved", self.estimate.reserved), ("device", self.estimate.device_total)):
+                if value is not None:
+                    metrics[f"memory/predicted_{key}_bytes"] = float(value)
             for name in (*CATEGORIES, "cpu_offloaded"):
                 metrics[f"memory/predicted/{name}"] = float(getattr(self.estimate, name))
                 rows[trainer.global_rank][f"predicted/{name}"] = getattr(self.estimate, name)  # the plot's bands
