@@ -18,7 +18,10 @@ model, data and precision (bf16-mixed: fp32 weights, bf16 autocast, torch's Adam
 
 Warm-up steps (Triton compilation, cuBLAS/cuDNN plans, lazily created optimizer states) are not timed; every figure
 is the median of the timed steps (``TIMED`` >= 10), with the spread (interquartile range, min, max) next to it. The
-peaks are ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` over the timed steps. MFU = tokens/s x
+peaks are ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` over the timed steps; the units of a part
+share its process (the first one starts fresh, the next ones after the earlier ones' memory is freed), so the peak
+allocated that the targets compare is net of what was still allocated when the unit started (recorded as
+``allocated_before_bytes``; about 0 when everything was freed). MFU = tokens/s x
 (6 N + 12 L H Q T) / the measured matmul peak (PaLM, Chowdhery et al. 2022, appendix B: N parameters, L layers,
 H heads of size Q, T tokens of context; checkpointing's recomputation is not counted).
 
@@ -315,9 +318,9 @@ def matmul_peak() -> dict:
 
 
 def part_hf(part: Part) -> None:
+    """The matmul peak, then the 1B variants, those the targets need first (eager is each budget's base)."""
     part.run("matmul", matmul_peak, seconds=3)
     eager = part.run("eager", lambda: llama1b_variant("eager"))
-    part.run("sdpa", lambda: llama1b_variant("sdpa"))
     part.run("eager+checkpointing", lambda: llama1b_variant("eager", checkpointing=True))
     for share in (75, 50):
         name = f"eager+budget {share}%"
@@ -326,6 +329,7 @@ def part_hf(part: Part) -> None:
             continue
         budget = int(eager["net_peak_allocated_bytes"] * share / 100)
         part.run(name, lambda b=budget: llama1b_variant("eager", budget=b), seconds=UNIT_SECONDS["hf"] + 4)
+    part.run("sdpa", lambda: llama1b_variant("sdpa"))
 
 
 def part_liger(part: Part) -> None:
