@@ -11,6 +11,7 @@ The models are built the way a user builds them: a plain ``nn.Module`` of their 
 class from ``AutoConfig.for_model``. Activations are most of each peak, so a few percent on them shows.
 """
 
+import gc
 import math
 
 import pytest
@@ -71,6 +72,7 @@ def loss_of(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 def measured_peak(build, micro: int, seq: int, steps: int = 3) -> int:
     """The highest per-step peak of steps 2..N, in bytes above what was alive before the model was built."""
+    gc.collect()  # an earlier test's counted storages, freed later, would be taken off the shared count mid-step
     counter = CPUAllocationCounter()
     try:
         base = counter.current_bytes

@@ -1,5 +1,6 @@
 import contextlib
 import copy
+import gc
 
 import pytest
 import torch
@@ -72,6 +73,7 @@ def _real_peak(model: nn.Module, batch, mode: str) -> "tuple[int, int]":
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tree_flatten(batch)[0]
                 if isinstance(t, torch.Tensor)}  # fmt: skip
     batch_bytes = sum(storages.values())  # the batch is on the device through the step
+    gc.collect()  # an earlier test's counted storages, freed later, would be taken off the shared count mid-step
     counter = CPUAllocationCounter()
     try:
         base = counter.current_bytes
@@ -130,6 +132,7 @@ def test_plain_tensor_attributes_and_value_checks_are_traced():
     res = trace_step(model, batch, resolve_precision("32-true"), engine="torch")
     assert model.t.pos_encoder.pe is None  # the trace leaves no fake tensor behind
     predicted = max(live + grads for live, grads in zip(res.live, res.grads))
+    gc.collect()
     counter = CPUAllocationCounter()  # the model still trains: its first step (mask and encoding made), measured
     try:
         base = counter.current_bytes
