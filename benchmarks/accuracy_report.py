@@ -1,11 +1,21 @@
-"""Rows, summaries, the verdict against the issue's targets and the printed report of ``predictor_accuracy.py``."""
+"""Rows, summaries, the verdict against the claimed accuracy and the printed report of ``predictor_accuracy.py``.
+
+The judge of a row is the counting allocator's peak (``measured``: every CPU allocation, kernel scratch included);
+the claim is :mod:`accuracy_targets`'. The live tensors (``measured_tensors``, the dispatch tracker) only explain a
+gap (``scratch``: what kernels held beyond live tensors at the peak).
+"""
 
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
-#: the targets of issue 10, |error| against live tensors, in %
-TARGET_MEDIAN, TARGET_WORST = 0.5, 1.0
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from accuracy_targets import MEDIAN_PCT, WORST_PCT, error_pct, within_claim
+
+#: kinds whose kernels include convolutions (oneDNN's convolution workspace: :func:`accuracy_targets.scratch_allowance`)
+CONVOLUTION_KINDS = ("cnn",)
 
 _ROW_KEYS = ("kind", "stage", "world_size", "precision", "attention", "checkpointing", "rank", "n_params", "trainable",
              "micro_batch", "seq_len", "leaked", "seconds", "settings_match", "settings_diff")  # fmt: skip
@@ -38,21 +48,24 @@ def rows_of(results: "list[dict]", predictions: "dict[int, dict]", methods: "tup
             rows.append(row)
             continue
         steps = r["steps"][1:]
-        steady = [s["tensors_peak"] for s in steps]
-        measured, allocations = max(steady), max(s["allocations_peak"] for s in steps)
-        row.update(measured=measured, measured_allocations=allocations, steady_spread=max(steady) - min(steady),
-                   first_step=r["steps"][0]["tensors_peak"], after_setup=r["after_setup"])  # fmt: skip
+        steady = [s["allocations_peak"] for s in steps]
+        measured, tensors = max(steady), max(s["tensors_peak"] for s in steps)
+        row.update(measured=measured, measured_tensors=tensors, scratch=measured - tensors,
+                   steady_spread=max(steady) - min(steady), first_step=r["steps"][0]["allocations_peak"],
+                   after_setup=r["after_setup"], convolutions=r["kind"] in CONVOLUTION_KINDS)  # fmt: skip
         pred = predictions[r["index"]]
         for method in methods:
-            row.update({method: None, f"{method}_error_pct": None, f"{method}_allocations_error_pct": None})
+            row.update({method: None, f"{method}_error_pct": None, f"{method}_tensors_error_pct": None,
+                        f"{method}_within_claim": None})  # fmt: skip
             if method not in pred:
                 continue
             if "failed" in pred[method]:
                 row.update({f"{method}_failed": pred[method]["failed"], f"{method}_error": pred[method]["error"]})
                 continue
             value = pred[method]["per_rank"].get(r["rank"], pred[method]["total"])
-            row.update({method: value, f"{method}_error_pct": 100.0 * (value - measured) / measured,
-                        f"{method}_allocations_error_pct": 100.0 * (value - allocations) / allocations,
+            row.update({method: value, f"{method}_error_pct": error_pct(value, measured),
+                        f"{method}_tensors_error_pct": error_pct(value, tensors),
+                        f"{method}_within_claim": within_claim(value, measured, row["precision"], row["convolutions"]),
                         f"{method}_phase": pred[method]["peak_phase"],
                         f"{method}_seconds": pred[method]["seconds"]})  # fmt: skip
         rows.append(row)
@@ -62,21 +75,22 @@ def rows_of(results: "list[dict]", predictions: "dict[int, dict]", methods: "tup
 def _stats(rows: "list[dict]", method: str) -> "dict[str, Any]":
     applied = [r for r in rows if not r["run_failed"] and (r[method] is not None or r.get(f"{method}_failed"))]
     errors = [abs(r[f"{method}_error_pct"]) for r in applied if r[method] is not None]
-    alloc = [abs(r[f"{method}_allocations_error_pct"]) for r in applied if r[method] is not None]
+    tensors = [abs(r[f"{method}_tensors_error_pct"]) for r in applied if r[method] is not None]
     return {
         "peaks": len(errors),
         "refusals": sum(r.get(f"{method}_failed") == "refusal" for r in applied),
         "crashes": sum(r.get(f"{method}_failed") == "crash" for r in applied),
+        "outside_claim": sum(r[f"{method}_within_claim"] is False for r in applied),
         "median_abs_error_pct": statistics.median(errors) if errors else None,
         "worst_abs_error_pct": max(errors) if errors else None,
-        "median_abs_error_allocations_pct": statistics.median(alloc) if alloc else None,
-        "worst_abs_error_allocations_pct": max(alloc) if alloc else None,
+        "median_abs_error_tensors_pct": statistics.median(tensors) if tensors else None,
+        "worst_abs_error_tensors_pct": max(tensors) if tensors else None,
     }
 
 
 def summary(rows: "list[dict]", methods: "tuple[str, ...]", kinds: "tuple[str, ...]") -> "list[dict]":
-    """Median and worst |error| per method: over all rows, per kind and per strategy; against live tensors (the
-    targets) and against every allocation (``*_allocations``: kernel workspaces included)."""
+    """Median and worst |error| per method: over all rows, per kind and per strategy; against every allocation (the
+    judge) and against live tensors (``*_tensors``: the explanation, kernel scratch left out)."""
     groups = [("all", "all")] + [(k, "all") for k in kinds] + [("all", s) for s in ("single", "0", "1", "2", "3")]
     out = []
     for kind, stage in groups:
@@ -89,18 +103,19 @@ def summary(rows: "list[dict]", methods: "tuple[str, ...]", kinds: "tuple[str, .
 
 
 def verdict(rows: "list[dict]", methods: "tuple[str, ...]") -> "dict[str, dict]":
-    """Each method against the targets: median |error| <= 0.5 %, worst <= 1 %, no refusal, no crash."""
+    """Each method against the claim (:mod:`accuracy_targets`): median |error| <= ``MEDIAN_PCT``, every peak within
+    the claim (``WORST_PCT``, under-prediction by the kernels' scratch allowed), no refusal, no crash."""
     out = {}
     for method in methods:
         stats = _stats(rows, method)
         if not (stats["peaks"] or stats["refusals"] or stats["crashes"]):
             continue
-        median, worst = stats["median_abs_error_pct"], stats["worst_abs_error_pct"]
-        met = (median is not None and median <= TARGET_MEDIAN and worst <= TARGET_WORST
+        median = stats["median_abs_error_pct"]
+        met = (median is not None and median <= MEDIAN_PCT and stats["outside_claim"] == 0
                and stats["refusals"] == 0 and stats["crashes"] == 0)  # fmt: skip
-        over = sorted((r for r in rows if r[method] is not None and abs(r[f"{method}_error_pct"]) > TARGET_WORST),
+        over = sorted((r for r in rows if r[f"{method}_within_claim"] is False),
                       key=lambda r: -abs(r[f"{method}_error_pct"]))  # fmt: skip
-        out[method] = {**stats, "met": met, "over_worst_target": [f"{describe(r)} rank {r['rank']}" for r in over]}
+        out[method] = {**stats, "met": met, "outside_claim": [f"{describe(r)} rank {r['rank']}" for r in over]}
     return out
 
 
@@ -120,8 +135,9 @@ def _cell(row: dict, method: str) -> str:
         return f"{row[f'{method}_failed']:>10s} {'':7s} {'':7s}"
     if row[method] is None:
         return f"{'-':>10s} {'':7s} {'':7s}"
-    return (f"{row[method] / 1024:10.1f} {row[f'{method}_error_pct']:+7.2f}"
-            f" {row[f'{method}_allocations_error_pct']:+7.2f}")  # fmt: skip
+    mark = "" if row[f"{method}_within_claim"] else "!"
+    return (f"{row[method] / 1024:10.1f} {row[f'{method}_error_pct']:+6.2f}{mark or ' '}"
+            f" {row[f'{method}_tensors_error_pct']:+7.2f}")  # fmt: skip
 
 
 def _pct(value: "float | None") -> str:
@@ -131,32 +147,33 @@ def _pct(value: "float | None") -> str:
 def print_report(
     rows: "list[dict]", summ: "list[dict]", verdicts: "dict[str, dict]", methods: "tuple[str, ...]"
 ) -> None:
-    head = "".join(f" {m + ' KiB':>10s} {'err %':>7s} {'alloc %':>7s}" for m in methods)
-    print(f"{'configuration':40s} rank {'tensors KiB':>11s} {'allocs KiB':>10s}{head}")
+    head = "".join(f" {m + ' KiB':>10s} {'err %':>7s} {'live %':>7s}" for m in methods)
+    print(f"{'configuration':40s} rank {'allocs KiB':>11s} {'live KiB':>10s}{head}")
     for r in rows:
         if r["run_failed"]:
             print(f"{describe(r):40s} {r['rank']:4d} run failed: {r['run_failed']}")
             continue
         cells = "".join(f" {_cell(r, m)}" for m in methods)
-        print(f"{describe(r):40s} {r['rank']:4d} {r['measured'] / 1024:11.1f} {r['measured_allocations'] / 1024:10.1f}"
+        print(f"{describe(r):40s} {r['rank']:4d} {r['measured'] / 1024:11.1f} {r['measured_tensors'] / 1024:10.1f}"
               f"{cells}{'' if r['settings_match'] else '  settings differ'}")  # fmt: skip
     failures = sorted({(m, r[f"{m}_failed"], r[f"{m}_error"]) for r in rows for m in methods if r.get(f"{m}_failed")})
     for method, failed, error in failures:
         print(f"{method} {failed}: {error}")
     print(f"\n{'kind':8s} {'stage':6s} {'method':7s} {'peaks':>5s} {'refused':>7s} {'crashed':>7s}"
           f" {'median |err| %':>15s} {'worst |err| %':>14s}"
-          f" {'vs all allocations: median':>27s} {'worst':>6s}")  # fmt: skip
+          f" {'vs live tensors: median':>24s} {'worst':>6s} {'outside claim':>13s}")  # fmt: skip
     for s in summ:
         print(f"{s['kind']:8s} {s['stage']:6s} {s['method']:7s} {s['peaks']:5d} {s['refusals']:7d} {s['crashes']:7d}"
               f" {_pct(s['median_abs_error_pct']):>15s} {_pct(s['worst_abs_error_pct']):>14s}"
-              f" {_pct(s['median_abs_error_allocations_pct']):>27s}"
-              f" {_pct(s['worst_abs_error_allocations_pct']):>6s}")  # fmt: skip
-    print(f"\nTargets (issue 10, vs live tensors): median |error| <= {TARGET_MEDIAN} %, worst <= {TARGET_WORST} %,"
-          " no refusal, no crash.")
+              f" {_pct(s['median_abs_error_tensors_pct']):>24s}"
+              f" {_pct(s['worst_abs_error_tensors_pct']):>6s} {s['outside_claim']:13d}")  # fmt: skip
+    print(f"\nClaim (benchmarks/accuracy_targets.py, vs the counting allocator): median |error| <= {MEDIAN_PCT} %,"
+          f" every peak within {WORST_PCT} % (an under-prediction also by the kernels' scratch allowance: bf16 matmuls,"
+          " convolutions), no refusal, no crash. '!': outside the claim.")  # fmt: skip
     for method, v in verdicts.items():
         print(f"  {method:7s} {'MET' if v['met'] else 'NOT MET'}: median {_pct(v['median_abs_error_pct'])} %, worst"
               f" {_pct(v['worst_abs_error_pct'])} %, {v['refusals']} refusals, {v['crashes']} crashes over"
-              f" {v['peaks']} peaks; over {TARGET_WORST} %: {len(v['over_worst_target'])}")  # fmt: skip
+              f" {v['peaks']} peaks; outside the claim: {len(v['outside_claim'])}")  # fmt: skip
 
 
 def predictor_fingerprint() -> str:

@@ -1,4 +1,4 @@
-"""Shared test setup: the examples folder on sys.path, GPU marker handling, process-group teardown."""
+"""Shared test setup: the examples and benchmarks folders on sys.path, GPU marker handling, process-group teardown."""
 
 import os
 import sys
@@ -10,6 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.append(str(ROOT / "benchmarks"))  # accuracy_targets: the claimed accuracy, shared with the benchmarks
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["LIGHTNING_MEMOPT_CLI_CACHE"] = "off"  # the CLI's answer cache: tests that want it point it at tmp_path
 

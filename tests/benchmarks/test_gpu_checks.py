@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from accuracy_targets import MEDIAN_PCT, WORST_PCT
 
 from helpers import ROOT
 
@@ -49,10 +50,12 @@ def test_smoke_runs_every_check_on_cpu_and_writes_the_results(tmp_path):
     assert all(r["peak_bytes_per_param"] > 16 for r in results["zero_stages"]["runs"])
     # the predictor against the same loop's live tensors (Lightning's order: zero_grad after the forward)
     rows = results["predictor_accuracy"]["rows"]
-    assert len(rows) == 4 and all(abs(r["error"]) <= 0.02 for r in rows), rows
+    assert len(rows) == 4 and all(abs(r["error"]) <= WORST_PCT / 100 for r in rows), rows
     # eight families, from the module and from the config alone, against the same loop's live tensors
     families = results["predictor_families"]["rows"]
-    assert len(families) == 8 and all(abs(r[k]) <= 0.005 for r in families for k in ("module_error", "config_error"))
+    assert len(families) == 8
+    # every family within the median claim (0.5 %), tighter than the worst one
+    assert all(abs(r[k]) <= MEDIAN_PCT / 100 for r in families for k in ("module_error", "config_error")), families
     assert results["liger_numerics"]["skipped"] == "Liger's Triton kernels need CUDA"
     skipped = [r["variant"] for r in results["throughput"]["runs"] if r.get("skipped")]
     assert skipped == ["eager+liger", "sdpa+liger"]

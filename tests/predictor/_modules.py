@@ -35,14 +35,25 @@ def tiny_config(model_type: str, layers: int = 2, **overrides) -> dict:
     return {"model_type": model_type, **configs[model_type], **overrides}
 
 
+#: the architecture a user trains each family with (a config's own ``architectures`` wins)
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                 "gpt_neox": "GPTNeoXForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                 "deepseek_v3": "DeepseekV3ForCausalLM", "t5": "T5ForConditionalGeneration",
+                 "bart": "BartForConditionalGeneration", "bert": "BertForMaskedLM",
+                 "vit": "ViTForImageClassification"}  # fmt: skip
+
+
 def hf_from_config(model_type: str, layers: int = 2, seed: int = 0, **overrides) -> nn.Module:
-    """The real (CPU, random weights) model transformers builds from :func:`tiny_config`."""
+    """The real (CPU, random weights) model of :func:`tiny_config`, built as a user builds it:
+    ``AutoConfig.for_model`` and the architecture class (never through this package, whose reading it checks)."""
+    import transformers
+    from transformers import AutoConfig
 
-    from lightning_memopt.predictor.sources import _build
-
+    config = tiny_config(model_type, layers, **overrides)
+    architecture = (config.get("architectures") or [ARCHITECTURES[model_type]])[0]
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
     torch.manual_seed(seed)
-    meta = _build(tiny_config(model_type, layers, **overrides))
-    return type(meta)._from_config(meta.config).train()
+    return getattr(transformers, architecture)(AutoConfig.for_model(model_type, **fields)).train()
 
 
 class CNN(nn.Module):

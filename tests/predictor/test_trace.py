@@ -1,12 +1,15 @@
 import contextlib
 import copy
+import gc
 
 import pytest
 import torch
+from accuracy_targets import scratch_allowance
 from predictor._modules import CNN, LMStep, hf_from_config, lora
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from lightning_memopt.measuring.cpu_allocator import CPUAllocationCounter
 from lightning_memopt.measuring.tensor_tracker import TensorMemoryTracker
 from lightning_memopt.predictor.precision import resolve_precision
 from lightning_memopt.predictor.trace import trace_step
@@ -43,8 +46,12 @@ def _model(kind: str):
     return hf_from_config(kind), _batch(kind)
 
 
-def _real_peak(model: nn.Module, batch, mode: str) -> int:
-    """The live-tensor peak of one eager step (forward, zero_grad, backward, as Lightning orders them)."""
+def _real_peak(model: nn.Module, batch, mode: str) -> "tuple[int, int]":
+    """The peak of one eager step (forward, zero_grad, backward, as Lightning orders them): ``(allocated, live)``.
+
+    ``allocated``: every byte the CPU allocator hands out, counted by the counting allocator (the judge: code the
+    predictor does not share; kernel scratch included). ``live``: live tensor storages, counted by the dispatch tracker
+    (what the trace models; it explains the gap, it does not judge)."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     # Lightning's MixedPrecision: autocast without its weight-cast cache
     amp = mode == "amp"
@@ -63,18 +70,31 @@ def _real_peak(model: nn.Module, batch, mode: str) -> int:
 
     step()  # lazily created attributes (a cached mask) exist from the second step on, as in training
     optimizer.zero_grad(set_to_none=True)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tree_flatten(batch)[0]
+                if isinstance(t, torch.Tensor)}  # fmt: skip
+    batch_bytes = sum(storages.values())  # the batch is on the device through the step
+    gc.collect()  # an earlier test's counted storages, freed later, would be taken off the shared count mid-step
+    counter = CPUAllocationCounter()
+    try:
+        base = counter.current_bytes
+        counter.reset_peak()
+        step()
+        allocated = counter.peak_bytes - base
+    finally:
+        counter.close()
+    optimizer.zero_grad(set_to_none=True)
     tracker = TensorMemoryTracker("cpu")
     tracker.track(model, batch)
     with tracker:
         base = tracker.current_bytes
         tracker.reset_peak()
         step()
-        peak = tracker.peak_bytes - base
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tree_flatten(batch)[0]
-                if isinstance(t, torch.Tensor)}  # fmt: skip
-    return peak + sum(storages.values())  # the batch is on the device through the step
+        live = tracker.peak_bytes - base
+    return allocated + batch_bytes, live + batch_bytes
 
 
+#: what an fp32 step without convolutions allocates beyond its live tensors (measured: 0 to 32 bytes)
+SMALL_ALLOCATIONS = 64
 MODES = {"fp32": ("32-true", "torch"), "bf16": ("bf16-mixed", "deepspeed"), "amp": ("bf16-mixed", "torch")}
 
 
@@ -85,7 +105,12 @@ MODES = {"fp32": ("32-true", "torch"), "bf16": ("bf16-mixed", "deepspeed"), "amp
 def test_the_trace_is_the_eager_step_to_the_byte(kind, mode):
     """Encoder-decoder, encoder, vision, MoE (transformers' grouped experts, fp32 too), parallel-residual, MLA, a
     CNN with BatchNorm, a plain model with its own loss, a PEFT LoRA model: the fake step's live bytes (with the
-    gradients handed over) peak exactly where the eager step's do."""
+    gradients handed over) peak where the eager step's do.
+
+    The judge is the counting allocator: the trace is never above it, and below it by no more than the kernels'
+    scratch (none to speak of in fp32 without convolutions: a few bytes; oneDNN's bf16 matmuls and convolutions
+    take up to 120 KB here, :func:`accuracy_targets.scratch_allowance`). The dispatch tracker explains the rest: the
+    live storages agree to the byte."""
     model, batch = _model(kind)
     if mode == "bf16":  # DeepSpeed runs a 16-bit module
         model = model.bfloat16()
@@ -93,7 +118,11 @@ def test_the_trace_is_the_eager_step_to_the_byte(kind, mode):
     precision, engine = MODES[mode]
     res = trace_step(model, batch, resolve_precision(precision), engine=engine)
     predicted = max(live + grads for live, grads in zip(res.live, res.grads))
-    assert predicted == _real_peak(model, batch, mode)
+    allocated, live = _real_peak(model, batch, mode)
+    convolutions = kind in ("cnn", "vit")  # ViT's patch embedding is a convolution
+    scratch = scratch_allowance("32-true" if mode == "fp32" else "bf16-mixed", convolutions) or SMALL_ALLOCATIONS
+    assert 0 <= allocated - predicted <= scratch, (allocated, predicted)
+    assert predicted == live  # the explanation: the live storages, to the byte
 
 
 def test_plain_tensor_attributes_and_value_checks_are_traced():
@@ -101,8 +130,18 @@ def test_plain_tensor_attributes_and_value_checks_are_traced():
     and ``nn.Transformer`` inspects the mask's values (is it causal?): the values come from the shadows."""
     model, batch = _model("lightning-demo")
     res = trace_step(model, batch, resolve_precision("32-true"), engine="torch")
-    assert res.peak > 0 and model.t.pos_encoder.pe is None  # the trace leaves no fake tensor behind
-    model.training_step(batch, 0).backward()  # and the model still trains
+    assert model.t.pos_encoder.pe is None  # the trace leaves no fake tensor behind
+    predicted = max(live + grads for live, grads in zip(res.live, res.grads))
+    gc.collect()
+    counter = CPUAllocationCounter()  # the model still trains: its first step (mask and encoding made), measured
+    try:
+        base = counter.current_bytes
+        counter.reset_peak()
+        model.training_step(batch, 0).backward()
+        allocated = counter.peak_bytes - base + sum(t.untyped_storage().nbytes() for t in batch)
+    finally:
+        counter.close()
+    assert 0 <= allocated - predicted <= SMALL_ALLOCATIONS, (allocated, predicted)
 
 
 def test_trace_does_not_touch_the_module():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+from accuracy_targets import WORST_PCT, scratch_allowance, within_claim
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
@@ -38,7 +39,8 @@ def test_two_ranks_plan_is_the_same_everywhere_and_the_next_micro_batch_does_not
         assert rank["batch_size"] == plan["micro_batch_size"]
         assert rank["accumulate_grad_batches"] == plan["accumulate_grad_batches"]
         assert rank["global_step"] > 0
-    # independently of the planner: the chosen micro-batch is predicted to fit, the next larger one not
+    # the planner's decision agrees with estimate_memory (the same predictor: a consistency check, not an accuracy
+    # one; the accuracy of the planned run is the next test's): the chosen micro-batch fits, the next larger one not
     settings = plan_settings()
     assert estimate_memory(**settings, micro_batch_size=plan["micro_batch_size"]).total <= budget
     assert estimate_memory(**settings, micro_batch_size=plan["micro_batch_size"] + 1).total > budget
@@ -49,9 +51,17 @@ def test_two_ranks_plan_trains_under_the_limit(tmp_path_factory):
     args = planner_args()
     device_memory = int(args[args.index("--plan") + 1])
     ranks = launch(tmp_path_factory, *args)
-    peaks = [row["actual_peak_bytes"] for row in ranks[0]["history"]]  # every rank's, gathered on rank zero
+    history = ranks[0]["history"]  # every rank's, gathered on rank zero
+    peaks = [row["actual_peak_bytes"] for row in history]
     assert len(peaks) == 2 * ranks[0]["global_step"]
-    assert max(peaks) <= device_memory, f"measured peaks {peaks}, limit {device_memory}"
+    # the plan filled the budget (90 % of the device) with its prediction: the run stays under the budget up to the
+    # claimed accuracy (over 1 %: no more; before, only the device memory bounded it, which let ~11 % pass)
+    budget = int(device_memory * 0.9)
+    limit = budget * (1 + WORST_PCT / 100) + scratch_allowance("bf16-mixed")
+    assert max(peaks[2:]) <= limit, f"measured peaks {peaks}, budget {budget}"
+    outside = [h for h in history if h["step"] >= 2
+               and not within_claim(h["predicted_peak_bytes"], h["actual_peak_bytes"], "bf16-mixed")]
+    assert not outside, outside
 
 
 @pytest.mark.parametrize(

@@ -2,17 +2,21 @@
 
 ZeRO 1 and 3 run with 2 processes (one launch each of ``scripts/monitor_run.py``; the ZeRO-1 launch also carries the
 BatchPlanner, see test_batch_planner.py), ZeRO 0 and 2 and a plain single device in this process, DDP with 2
-processes. Accuracy target (issue 3, analytic method, MemOptStrategy on CPU): worst error <= 3 %. The first step is
-excluded: optimizer states are created lazily at the first optimizer step, after that step's peak.
+processes. Accuracy: the claim of ``benchmarks/accuracy_targets.py`` (over by at most ``WORST_PCT``, under by at most
+that plus the bf16 kernels' scratch), judged against the monitor's logged actual peak and, where this test counts
+itself, against the counting allocator installed before the model is built. The first step is excluded: optimizer
+states are created lazily at the first optimizer step, after that step's peak.
 """
 
 import csv
+import gc
 import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from accuracy_targets import error_pct, within_claim
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -25,7 +29,6 @@ from lightning_memopt.core.units import parse_bytes
 from lightning_memopt.lightning.callbacks.memory_monitor import MemoryDoesNotFitError, MemoryMonitor
 
 SCRIPT = Path(__file__).parent / "scripts" / "monitor_run.py"
-TARGET = 0.03  # the predictor's worst-case analytic error on CPU (issue 3)
 KEYS = ("memory/actual_peak_bytes", "memory/actual_peak_bytes_max", "memory/predicted_peak_bytes",
         "memory/predicted_peak_bytes_max", "memory/prediction_error", "memory/prediction_error_max",
         "memory/current_bytes", "memory/device_total_bytes", "memory/device_free_bytes", "memory/rss_bytes",
@@ -47,8 +50,44 @@ def two_rank_run(tmp_path_factory):
     return lambda *args: launch(tmp_path_factory, *args)
 
 
+class AllocatorPeaks(pl.Callback):
+    """Each training step's peak, counted by the counting allocator (installed at construction) above the bytes
+    alive at construction: the judge, independent of the monitor and the predictor."""
+
+    def __init__(self) -> None:
+        from lightning_memopt.measuring.cpu_allocator import CPUAllocationCounter
+
+        gc.collect()  # an earlier fit's storages, freed now, would be taken off the shared count mid-run
+        self.counter = CPUAllocationCounter()
+        self.base = self.counter.current_bytes
+        self.peaks: list[int] = []
+
+    def on_train_batch_start(self, *args) -> None:
+        self.counter.reset_peak()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.peaks.append(self.counter.peak_bytes - self.base)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.counter.close()
+
+
+def assert_within_claim(history: "list[dict]") -> None:
+    """Every rank's steps from the second on: the monitor's prediction against its logged actual peak, at the claim
+    (``benchmarks/accuracy_targets.py``; the runs are bf16-mixed)."""
+    rows = [h for h in history if h["step"] >= 2]
+    assert rows
+    outside = [(h["step"], h["rank"], f"{error_pct(h['predicted_peak_bytes'], h['actual_peak_bytes']):+.3f} %")
+               for h in rows if not within_claim(h["predicted_peak_bytes"], h["actual_peak_bytes"], "bf16-mixed")]
+    assert not outside, outside
+
+
 def fit(tmp_path: Path, strategy, monitor: MemoryMonitor, batch_size: int = 8, steps: int = 3, hidden: int = 256,
         callbacks: "list | None" = None, accumulate: int = 1) -> pl.Trainer:  # fmt: skip
+    """A bf16-mixed fit of a tiny Llama with ``monitor`` and an :class:`AllocatorPeaks` (installed after the data,
+    before the model: the text the batches are cut from is host data, not the step's)."""
+    data = TextDataModule(batch_size=batch_size, seq_len=64)
+    allocator = AllocatorPeaks()
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -56,7 +95,7 @@ def fit(tmp_path: Path, strategy, monitor: MemoryMonitor, batch_size: int = 8, s
         precision="bf16-mixed",
         max_steps=steps,
         logger=CSVLogger(tmp_path, name="run"),
-        callbacks=[monitor, *(callbacks or [])],
+        callbacks=[monitor, allocator, *(callbacks or [])],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
@@ -64,7 +103,7 @@ def fit(tmp_path: Path, strategy, monitor: MemoryMonitor, batch_size: int = 8, s
         limit_val_batches=0,
         accumulate_grad_batches=accumulate,
     )
-    trainer.fit(CausalLM(hidden_size=hidden, num_layers=2), TextDataModule(batch_size=batch_size, seq_len=64))
+    trainer.fit(CausalLM(hidden_size=hidden, num_layers=2), data)
     return trainer
 
 
@@ -122,8 +161,7 @@ def test_two_ranks_memopt_log_the_keys_at_every_step_gathered_over_ranks(two_ran
 )
 def test_two_ranks_memopt_prediction_error_within_the_predictor_target(two_rank_run, name):
     history = two_rank_run(*_launch_args(name))[0]["history"]
-    errors = [h["prediction_error"] for h in history if h["step"] >= 2]
-    assert max(map(abs, errors)) <= TARGET, f"prediction error per step and rank: {errors}"
+    assert_within_claim(history)
 
 
 @pytest.mark.distributed
@@ -138,8 +176,7 @@ def test_ddp_two_ranks_logs_every_step(two_rank_run):
 @pytest.mark.distributed
 def test_ddp_prediction_error_within_the_predictor_target(two_rank_run):
     ranks = two_rank_run("--strategy", "ddp")
-    errors = [h["prediction_error"] for h in ranks[0]["history"] if h["step"] >= 2]
-    assert max(map(abs, errors)) <= TARGET, errors
+    assert_within_claim(ranks[0]["history"])
 
 
 # ---------------------------------------------------------------------------------------------------- 1 process
@@ -149,8 +186,12 @@ def test_single_process_memopt_stages_within_the_predictor_target(tmp_path, zero
     trainer = fit(tmp_path, MemOptStrategy(zero=zero), monitor)
     assert_keys_at_every_step(Path(trainer.log_dir) / "metrics.csv", 3)
     assert_run_statistics(Path(trainer.log_dir) / "metrics.csv", monitor.history)
-    errors = [h["prediction_error"] for h in monitor.history if h["step"] >= 2]
-    assert max(map(abs, errors)) <= TARGET, errors
+    assert_within_claim(monitor.history)
+    # the judge: the counting allocator, installed before the model was built, by code the predictor does not share
+    allocator = next(c for c in trainer.callbacks if isinstance(c, AllocatorPeaks))
+    assert len(allocator.peaks) == 3
+    for measured in allocator.peaks[1:]:
+        assert within_claim(monitor.estimate.total, measured, "bf16-mixed"), error_pct(monitor.estimate.total, measured)
     summary = monitor.summary()
     assert len(summary) == 1 and summary[0]["actual_peak_bytes"] == max(
         h["actual_peak_bytes"] for h in monitor.history
@@ -300,8 +341,7 @@ def test_one_gpu_llama_logs_actual_vs_predicted(tmp_path, strategy):
     trainer.fit(CausalLM(hidden_size=1024, num_layers=8), TextDataModule(batch_size=8, seq_len=256))
     rows = assert_keys_at_every_step(Path(trainer.log_dir) / "metrics.csv", 4)
     assert all(row["memory/reserved_bytes"] >= row["memory/actual_peak_bytes"] for row in rows)
-    errors = [h["prediction_error"] for h in monitor.history if h["step"] >= 2]
-    assert max(map(abs, errors)) <= TARGET, errors
+    assert_within_claim(monitor.history)
 
 
 @pytest.mark.gpu
