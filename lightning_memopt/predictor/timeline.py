@@ -235,9 +235,13 @@ def trace_timeline(
                     res = trace_step(module, batch, blocks=replica, **kwargs)
                     live, grads, logits, end = synthesize(res, replica)
                     details.update(traced_blocks=len(run), saved_bytes=None)
+                    if res.depends_on_batch:
+                        details["depends_on_batch"] = list(res.depends_on_batch)
                     return Timeline(tuple(live), tuple(grads), tuple(logits), end, details)
                 except SynthesisError as err:
                     details["synthesis"] = f"every block traced: {err}"
         res = trace_step(module, batch, **kwargs)
     details.update(traced_blocks=len(names), saved_bytes=res.saved_bytes)
+    if res.depends_on_batch:  # the data-dependent ops the step ran, and where (see trace_step)
+        details["depends_on_batch"] = list(res.depends_on_batch)
     return Timeline(res.live, res.grads, res.logits, res.forward_end, details, res.gathered)
