@@ -136,8 +136,10 @@ class FitPrediction:
         text = self.estimate.table(unit_for(self.estimate.total))
         depends = (self.estimate.details or {}).get("depends_on_batch")
         if depends:
-            text += ("\nThe prediction depends on values of the first training batch (or, where a value comes from the"
-                     " weights, on the assumption stated) read by the step at:\n") + "\n".join(f"  {d}" for d in depends)
+            text += (
+                "\nThe prediction depends on values of the first training batch (or, where a value comes from the"
+                " weights, on the assumption stated) read by the step at:\n" + "\n".join(f"  {d}" for d in depends)
+            )
         return text
 
     def suggestions(self, trainer: "pl.Trainer") -> list:
