@@ -370,7 +370,8 @@ def _gathered(data: Any, world: int) -> Any:
 
 class _SteppedOver:
     """An optimizer or LR scheduler in a traced step: ``step`` runs only the closure it is given, ``zero_grad``
-    does nothing; anything else (``param_groups``, ``defaults``) is the real one's, when there is one."""
+    tells the trace the previous gradients are freed; anything else (``param_groups``, ``defaults``) is the real
+    one's, when there is one."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
@@ -379,7 +380,9 @@ class _SteppedOver:
         return closure() if callable(closure) else None
 
     def zero_grad(self, *args: Any, **kwargs: Any) -> None:
-        return None
+        from lightning_memopt.predictor.step_context import gradients_released
+
+        gradients_released()  # the trace hands every gradient to the engine at once; it notes when they are freed
 
     @contextlib.contextmanager
     def toggle_model(self, *args: Any, **kwargs: Any) -> Iterator[None]:

@@ -54,6 +54,49 @@ def stepping(step: "Callable[[nn.Module, Any], Any]") -> Iterator[None]:
         _STEP.reset(token)
 
 
+_RELEASED: "contextvars.ContextVar[Callable[[], Any] | None]" = contextvars.ContextVar(
+    "lightning_memopt_released", default=None
+)
+
+
+def gradients_released() -> None:
+    """Tell the trace running now that the step frees the gradients of the previous step here (its optimizer's
+    ``zero_grad``): a step that does so before its forward holds none in it. A no-op outside a trace."""
+    notify = _RELEASED.get()
+    if notify is not None:
+        notify()
+
+
+@contextlib.contextmanager
+def optimizers_stepped_over(notify: "Callable[[], Any]") -> Iterator[None]:
+    """For the duration, every torch optimizer's ``step`` runs only the closure it is given and its ``zero_grad``
+    calls ``notify`` (as :func:`gradients_released` does): a step that calls its optimizer leaves the real
+    parameters, gradients and optimizer states alone (the trace runs on fake ones; the optimizer step is the
+    model states' part of the prediction)."""
+
+    def step(self: Any, closure: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return closure() if callable(closure) else None
+
+    def zero_grad(self: Any, *args: Any, **kwargs: Any) -> None:
+        notify()
+
+    classes, todo = [], [torch.optim.Optimizer]
+    while todo:
+        cls = todo.pop()
+        classes.append(cls)
+        todo += cls.__subclasses__()
+    saved = [(cls, name, vars(cls)[name]) for cls in classes for name in ("step", "zero_grad") if name in vars(cls)]
+    token = _RELEASED.set(notify)
+    for cls, name, _ in saved:
+        setattr(cls, name, step if name == "step" else zero_grad)
+    try:
+        yield
+    finally:
+        for cls, name, original in saved:
+            setattr(cls, name, original)
+        _RELEASED.reset(token)
+
+
 def current_step() -> "Callable[[nn.Module, Any], Any] | None":
     """The step function of the innermost :func:`stepping` (``None`` outside one)."""
     return _STEP.get()

@@ -23,8 +23,10 @@ A step may inspect values (``.item()``, ``.tolist()``, ``if torch.isnan(loss)``)
 assumptions where a value comes from the weights (:mod:`.tracker`); :attr:`TraceResult.depends_on_batch` lists every
 such op with the user's line that called it. The step may run its own backward (manual optimization, several
 optimizers): the forward ends where the first backward op runs, and each trainable parameter's gradient is handed to
-the engine once. Compiled sub-modules (``torch.compile``) run eagerly in the trace, and the Python state the step
-changes on the module (a list of losses) is put back. A step whose value cannot be computed even so raises with the
+the engine once; the optimizers it calls are stepped over (the real parameters and states are left alone) and a
+``zero_grad`` before the forward frees the previous step's gradients there. Compiled sub-modules
+(``torch.compile``) run eagerly in the trace, and the Python state the step changes on the module (a list of losses)
+is put back. A step whose value cannot be computed even so raises with the
 op's name, the user's line and what to do instead.
 """
 
@@ -71,6 +73,8 @@ class TraceResult:
         gathered: of ``live``, the ZeRO-3 parameters gathered after each op (empty without ``zero3`` settings).
         depends_on_batch: ``"op at file:line: how its value was obtained"`` for every data-dependent op the step ran
             (a value read, a size made from values), once per op and line of the user's code.
+        released_before_forward: the step freed the previous step's gradients before its first op (a manual step's
+            ``zero_grad`` first); else they are alive through the forward, as in Lightning's automatic optimization.
     """
 
     live: "tuple[int, ...]"
@@ -84,6 +88,7 @@ class TraceResult:
     storages: "tuple[tuple[int, int, int, int], ...]" = ()
     gathered: "tuple[int, ...]" = ()
     depends_on_batch: "tuple[str, ...]" = ()
+    released_before_forward: bool = False
 
     @property
     def peak(self) -> int:
@@ -266,6 +271,13 @@ def trace_step(
         if engine == "torch" and precision.mixed
         else contextlib.nullcontext()
     )
+    released: list[int] = []  # ops run when the step first freed the previous gradients (zero_grad)
+
+    def on_release() -> None:
+        if not released:
+            released.append(len(tracker.live) - step_start)
+
+    step_start = 0
     saved_at_backward: list[int] = []  # bytes saved for backward when the first backward op ran
     tracker.on_backward = lambda: saved_at_backward.append(sum(saved.values()))
     gathering: Zero3Gathering | None = None
@@ -298,9 +310,11 @@ def trace_step(
                 )
                 tracker.on_state_alias = gathering.state_alias
             stack.enter_context(fake_mode)
+            stack.enter_context(step_context.optimizers_stepped_over(on_release))
             stack.enter_context(tracker)
             with step_context.readable_errors(module), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                step_start = len(tracker.live)
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
                     # the step's output lives until backward ends, as in a training loop (and Lightning's
                     # closure, which keeps what ``training_step`` returned)
@@ -343,6 +357,7 @@ def trace_step(
         storages=tuple(tracker.finished()) if blocks is not None else (),
         gathered=tuple(gathered) if gathering is not None else (),
         depends_on_batch=tuple(f"{op} at {where}: {how}" for op, where, how in tracker.depends),
+        released_before_forward=released[:1] == [0],
     )
 
 
