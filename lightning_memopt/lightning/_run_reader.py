@@ -382,7 +382,8 @@ class _SteppedOver:
     def zero_grad(self, *args: Any, **kwargs: Any) -> None:
         from lightning_memopt.predictor.step_context import gradients_released
 
-        gradients_released()  # the trace hands every gradient to the engine at once; it notes when they are freed
+        # the trace hands every gradient to the engine at once; it notes which ones the step frees, and when
+        gradients_released(None if self._inner is None else [p for g in self._inner.param_groups for p in g["params"]])
 
     @contextlib.contextmanager
     def toggle_model(self, *args: Any, **kwargs: Any) -> Iterator[None]:
@@ -412,9 +413,11 @@ def _stepped_optimizers(trainer: "pl.Trainer | None") -> "list[_SteppedOver] | N
 
 
 def _lr_schedulers(trainer: "pl.Trainer | None") -> Any:
+    """Stand-ins for the Trainer's LR schedulers; before the strategy built them (the prediction in ``setup``), one
+    stand-in (its ``step`` does nothing either way)."""
     configs = [] if trainer is None else list(trainer.lr_scheduler_configs)
     if not configs:
-        return None
+        return _SteppedOver(None)
     stand_ins = [_SteppedOver(config.scheduler) for config in configs]
     return stand_ins[0] if len(stand_ins) == 1 else stand_ins
 

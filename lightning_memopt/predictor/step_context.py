@@ -54,31 +54,32 @@ def stepping(step: "Callable[[nn.Module, Any], Any]") -> Iterator[None]:
         _STEP.reset(token)
 
 
-_RELEASED: "contextvars.ContextVar[Callable[[], Any] | None]" = contextvars.ContextVar(
+_RELEASED: "contextvars.ContextVar[Callable[[Any], Any] | None]" = contextvars.ContextVar(
     "lightning_memopt_released", default=None
 )
 
 
-def gradients_released() -> None:
-    """Tell the trace running now that the step frees the gradients of the previous step here (its optimizer's
-    ``zero_grad``): a step that does so before its forward holds none in it. A no-op outside a trace."""
+def gradients_released(params: "Any" = None) -> None:
+    """Tell the trace running now that the step frees the previous step's gradients of ``params`` here (an
+    optimizer's ``zero_grad``; ``None``: every parameter's): those it frees before its forward are not alive in it.
+    A no-op outside a trace."""
     notify = _RELEASED.get()
     if notify is not None:
-        notify()
+        notify(params)
 
 
 @contextlib.contextmanager
-def optimizers_stepped_over(notify: "Callable[[], Any]") -> Iterator[None]:
+def optimizers_stepped_over(notify: "Callable[[Any], Any]") -> Iterator[None]:
     """For the duration, every torch optimizer's ``step`` runs only the closure it is given and its ``zero_grad``
-    calls ``notify`` (as :func:`gradients_released` does): a step that calls its optimizer leaves the real
-    parameters, gradients and optimizer states alone (the trace runs on fake ones; the optimizer step is the
+    calls ``notify(its parameters)`` (as :func:`gradients_released` does): a step that calls its optimizer leaves
+    the real parameters, gradients and optimizer states alone (the trace runs on fake ones; the optimizer step is the
     model states' part of the prediction)."""
 
     def step(self: Any, closure: Any = None, *args: Any, **kwargs: Any) -> Any:
         return closure() if callable(closure) else None
 
     def zero_grad(self: Any, *args: Any, **kwargs: Any) -> None:
-        notify()
+        notify([p for group in self.param_groups for p in group["params"]])
 
     classes, todo = [], [torch.optim.Optimizer]
     while todo:

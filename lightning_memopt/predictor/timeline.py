@@ -41,8 +41,9 @@ class Timeline:
         forward_end: index of the last op of forward.
         details: how it was obtained (for ``MemoryEstimate.details``).
         gathered: of ``live``, the ZeRO-3 parameters gathered (empty: none, or not told apart).
-        grads_in_forward: the previous step's gradients are alive through the forward (Lightning's automatic
-            optimization zeroes them after it); ``False`` for a step that frees them first (a manual ``zero_grad``).
+        grads_in_forward: the fraction of the previous step's gradients alive through the forward (1: Lightning's
+            automatic optimization zeroes them after it; less for a manual step whose ``zero_grad`` comes first).
+            The moments count the engine's forward gradients whole while any is alive (an upper bound).
     """
 
     live: "tuple[int, ...]"
@@ -51,7 +52,7 @@ class Timeline:
     forward_end: int
     details: "dict[str, Any]" = field(default_factory=dict)
     gathered: "tuple[int, ...]" = ()
-    grads_in_forward: bool = True
+    grads_in_forward: float = 1.0
 
     @classmethod
     def empty(cls) -> "Timeline":
@@ -74,7 +75,7 @@ class Timeline:
                 continue
             if best is not None and key != best[0]:
                 yield best[1]
-            best = (key, (live, grads, logits, key[1] and self.grads_in_forward, gathered[i]))
+            best = (key, (live, grads, logits, key[1] and self.grads_in_forward > 0, gathered[i]))
         if best is not None:
             yield best[1]
 
@@ -242,7 +243,7 @@ def trace_timeline(
                     if res.depends_on_batch:
                         details["depends_on_batch"] = list(res.depends_on_batch)
                     return Timeline(tuple(live), tuple(grads), tuple(logits), end, details,
-                                    grads_in_forward=not res.released_before_forward)  # fmt: skip
+                                    grads_in_forward=1.0 - res.released_before_forward)  # fmt: skip
                 except SynthesisError as err:
                     details["synthesis"] = f"every block traced: {err}"
         res = trace_step(module, batch, **kwargs)
@@ -250,4 +251,4 @@ def trace_timeline(
     if res.depends_on_batch:  # the data-dependent ops the step ran, and where (see trace_step)
         details["depends_on_batch"] = list(res.depends_on_batch)
     return Timeline(res.live, res.grads, res.logits, res.forward_end, details, res.gathered,
-                    not res.released_before_forward)  # fmt: skip
+                    1.0 - res.released_before_forward)  # fmt: skip

@@ -73,8 +73,9 @@ class TraceResult:
         gathered: of ``live``, the ZeRO-3 parameters gathered after each op (empty without ``zero3`` settings).
         depends_on_batch: ``"op at file:line: how its value was obtained"`` for every data-dependent op the step ran
             (a value read, a size made from values), once per op and line of the user's code.
-        released_before_forward: the step freed the previous step's gradients before its first op (a manual step's
-            ``zero_grad`` first); else they are alive through the forward, as in Lightning's automatic optimization.
+        released_before_forward: the fraction of the trainable parameters' bytes whose previous gradients the step
+            freed before its first op (a manual step's ``zero_grad`` first); the others' are alive through the
+            forward, as in Lightning's automatic optimization (0).
     """
 
     live: "tuple[int, ...]"
@@ -88,7 +89,7 @@ class TraceResult:
     storages: "tuple[tuple[int, int, int, int], ...]" = ()
     gathered: "tuple[int, ...]" = ()
     depends_on_batch: "tuple[str, ...]" = ()
-    released_before_forward: bool = False
+    released_before_forward: float = 0.0
 
     @property
     def peak(self) -> int:
@@ -271,11 +272,13 @@ def trace_step(
         if engine == "torch" and precision.mixed
         else contextlib.nullcontext()
     )
-    released: list[int] = []  # ops run when the step first freed the previous gradients (zero_grad)
+    released: dict[int, int] = {}  # real parameter -> elements whose gradients the step freed before its forward
+    real_trainable = {id(p): p.numel() for p in module.parameters() if p.requires_grad}
 
-    def on_release() -> None:
-        if not released:
-            released.append(len(tracker.live) - step_start)
+    def on_release(params: Any) -> None:
+        if len(tracker.live) == step_start:  # no op of the step ran yet
+            chosen = real_trainable if params is None else {id(p): real_trainable.get(id(p), 0) for p in params}
+            released.update(chosen)
 
     step_start = 0
     saved_at_backward: list[int] = []  # bytes saved for backward when the first backward op ran
@@ -357,7 +360,7 @@ def trace_step(
         storages=tuple(tracker.finished()) if blocks is not None else (),
         gathered=tuple(gathered) if gathering is not None else (),
         depends_on_batch=tuple(f"{op} at {where}: {how}" for op, where, how in tracker.depends),
-        released_before_forward=released[:1] == [0],
+        released_before_forward=sum(released.values()) / max(1, sum(real_trainable.values())),
     )
 
 

@@ -283,7 +283,7 @@ def test_the_trace_leaves_the_real_optimizer_and_gradients_alone():
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     zero_grad, step = torch.optim.Optimizer.zero_grad, torch.optim.AdamW.step
     res = trace_step(model, _batch(), resolve_precision("32-true"))
-    assert res.released_before_forward and res.grad_bytes == 4 * sum(p.numel() for p in model.parameters())
+    assert res.released_before_forward == 1.0 and res.grad_bytes == 4 * sum(p.numel() for p in model.parameters())
     for name, p in model.named_parameters():
         assert torch.equal(p.grad, grads[name]) and torch.equal(p.detach(), weights[name])
     assert torch.optim.Optimizer.zero_grad is zero_grad and torch.optim.AdamW.step is step  # put back
