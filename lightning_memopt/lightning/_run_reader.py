@@ -27,8 +27,8 @@ from typing_extensions import override
 from lightning_memopt.lightning import _compat as compat
 from lightning_memopt.predictor.timeline import batch_shape
 
-__all__ = ["ReadsRun", "RunReader", "batch_shape", "forget_run", "optimizer_name", "quiet_logging", "read_run",
-           "strategy_settings"]  # fmt: skip
+__all__ = ["ReadsRun", "RunReader", "batch_shape", "forget_run", "lightning_step", "optimizer_name", "quiet_logging",
+           "read_run", "strategy_settings"]  # fmt: skip
 
 _KEY = "_lightning_memopt_run"
 _UNREAD = object()
@@ -275,22 +275,151 @@ def strategy_settings(strategy: Strategy, pl_module: nn.Module | None = None) ->
 
 
 @contextlib.contextmanager
-def quiet_logging(pl_module: nn.Module) -> Iterator[None]:
-    """Trace ``training_step`` without logging: ``self.log``/``self.log_dict`` do nothing for the duration (the
-    predictor runs the step with fake tensors, outside any hook Lightning allows logging in)."""
-    if not hasattr(pl_module, "log"):
+def lightning_step(pl_module: nn.Module) -> Iterator[None]:
+    """Trace ``training_step`` as the fit runs it, with Lightning's calls that must not run on fake tensors
+    stepped over (for the duration; restored after):
+
+    - ``self.log`` / ``self.log_dict`` do nothing (the predictor runs the step outside any hook Lightning allows
+      logging in);
+    - the strategy's collectives (``reduce``, ``all_gather``, ``broadcast``, ``barrier``,
+      ``reduce_boolean_decision``; ``self.all_gather`` goes through them) answer as they would without
+      communicating: ``reduce`` hands back its tensor (the in-place all-reduce of DDP and DeepSpeed), ``all_gather``
+      a stack of ``world_size`` copies (the gathered shape);
+    - manual optimization: ``self.manual_backward(loss)`` is ``loss.backward()``, ``self.optimizers()`` and
+      ``self.lr_schedulers()`` return stand-ins whose ``step`` runs only a closure (the optimizer step is the
+      predictor's model states), ``zero_grad`` does nothing (the trace hands every gradient to the engine at once),
+      ``self.clip_gradients`` and ``toggle_optimizer`` / ``untoggle_optimizer`` do nothing.
+
+    The step is called as Lightning calls it, ``training_step(batch, 0)``; what-if models built from the config are
+    stepped by the predictor's default.
+    """
+    from lightning_memopt.predictor.step_context import stepping
+
+    if not isinstance(pl_module, pl.LightningModule):
         yield
         return
-    had = {name: pl_module.__dict__.get(name) for name in ("log", "log_dict")}
-    pl_module.__dict__["log"] = pl_module.__dict__["log_dict"] = lambda *args, **kwargs: None
+    trainer = pl_module._trainer
+    optimizers = _stepped_optimizers(trainer)
+    module_patches = {
+        "log": _nothing,
+        "log_dict": _nothing,
+        "manual_backward": lambda loss, *args, **kwargs: loss.backward(*args, **kwargs),
+        "clip_gradients": _nothing,
+        "toggle_optimizer": _nothing,
+        "untoggle_optimizer": _nothing,
+        "lr_schedulers": lambda: _lr_schedulers(trainer),
+    }
+    if optimizers is not None:
+        module_patches["optimizers"] = lambda use_pl_optimizer=True: (
+            optimizers[0] if len(optimizers) == 1 else list(optimizers)
+        )
+    strategy = None if trainer is None else trainer.strategy
+    world = 1 if trainer is None else int(trainer.world_size)
+    strategy_patches = {
+        "reduce": lambda tensor, *args, **kwargs: tensor,
+        "all_gather": lambda tensor, *args, **kwargs: _gathered(tensor, world),
+        "broadcast": lambda obj, *args, **kwargs: obj,
+        "barrier": _nothing,
+        "reduce_boolean_decision": lambda decision, *args, **kwargs: decision,
+    }
+
+    def step(module: nn.Module, batch: Any) -> Any:
+        if module is not pl_module:
+            return NotImplemented
+        return pl_module.training_step(batch, 0)
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_instance_patches(pl_module, module_patches))
+        if strategy is not None:
+            stack.enter_context(_instance_patches(strategy, strategy_patches))
+        stack.enter_context(stepping(step))
+        yield
+
+
+#: the name the callers used when the context only silenced ``self.log``
+quiet_logging = lightning_step
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _instance_patches(obj: Any, patches: "dict[str, Any]") -> Iterator[None]:
+    """Set ``patches`` as instance attributes of ``obj`` for the duration, putting back what was there."""
+    had = {name: obj.__dict__[name] for name in patches if name in obj.__dict__}
+    obj.__dict__.update(patches)
     try:
         yield
     finally:
-        for name, value in had.items():
-            if value is None:
-                pl_module.__dict__.pop(name, None)
+        for name in patches:
+            if name in had:
+                obj.__dict__[name] = had[name]
             else:
-                pl_module.__dict__[name] = value
+                obj.__dict__.pop(name, None)
+
+
+def _gathered(data: Any, world: int) -> Any:
+    """What ``all_gather`` returns on ``world`` ranks, computed locally: every tensor stacked ``world`` times."""
+    from torch.utils._pytree import tree_map
+
+    if world <= 1:
+        return data
+    return tree_map(lambda t: torch.stack([t] * world) if isinstance(t, torch.Tensor) else t, data)
+
+
+class _SteppedOver:
+    """An optimizer or LR scheduler in a traced step: ``step`` runs only the closure it is given, ``zero_grad``
+    tells the trace the previous gradients are freed; anything else (``param_groups``, ``defaults``) is the real
+    one's, when there is one."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def step(self, closure: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return closure() if callable(closure) else None
+
+    def zero_grad(self, *args: Any, **kwargs: Any) -> None:
+        from lightning_memopt.predictor.step_context import gradients_released
+
+        # the trace hands every gradient to the engine at once; it notes which ones the step frees, and when
+        gradients_released(None if self._inner is None else [p for g in self._inner.param_groups for p in g["params"]])
+
+    @contextlib.contextmanager
+    def toggle_model(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        yield
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_inner" or self._inner is None:
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+def _stepped_optimizers(trainer: "pl.Trainer | None") -> "list[_SteppedOver] | None":
+    """Stand-ins for the run's optimizers: the Trainer's once built, else those of the run reader's one
+    ``configure_optimizers`` call (``None`` without a Trainer or an optimizer)."""
+    if trainer is None:
+        return None
+    optimizers = list(trainer.optimizers)
+    reader = trainer.__dict__.get(_KEY)
+    if not optimizers and reader is not None:
+        reader.optimizer()  # the hook's result, read once per fit
+        conf = reader._optim_conf
+        try:
+            optimizers = compat.parse_optimizers(conf) if conf not in (None, _UNREAD) else []
+        except MisconfigurationException:
+            optimizers = []
+    return [_SteppedOver(o) for o in optimizers] or None
+
+
+def _lr_schedulers(trainer: "pl.Trainer | None") -> Any:
+    """Stand-ins for the Trainer's LR schedulers; before the strategy built them (the prediction in ``setup``), one
+    stand-in (its ``step`` does nothing either way)."""
+    configs = [] if trainer is None else list(trainer.lr_scheduler_configs)
+    if not configs:
+        return _SteppedOver(None)
+    stand_ins = [_SteppedOver(config.scheduler) for config in configs]
+    return stand_ins[0] if len(stand_ins) == 1 else stand_ins
 
 
 class ReadsRun(Callback):

@@ -41,6 +41,9 @@ class Timeline:
         forward_end: index of the last op of forward.
         details: how it was obtained (for ``MemoryEstimate.details``).
         gathered: of ``live``, the ZeRO-3 parameters gathered (empty: none, or not told apart).
+        grads_in_forward: the fraction of the previous step's gradients alive through the forward (1: Lightning's
+            automatic optimization zeroes them after it; less for a manual step whose ``zero_grad`` comes first).
+            The moments count the engine's forward gradients whole while any is alive (an upper bound).
     """
 
     live: "tuple[int, ...]"
@@ -49,6 +52,7 @@ class Timeline:
     forward_end: int
     details: "dict[str, Any]" = field(default_factory=dict)
     gathered: "tuple[int, ...]" = ()
+    grads_in_forward: float = 1.0
 
     @classmethod
     def empty(cls) -> "Timeline":
@@ -57,7 +61,7 @@ class Timeline:
 
     def moments(self) -> "Iterator[tuple[int, int, int, bool, int]]":
         """``(live, gradient bytes, logits, in forward, gathered)``: the highest op of every run of ops between two
-        gradients.
+        gradients (``in forward``: in the forward, with the previous step's gradients alive).
 
         Example:
             >>> list(Timeline((1, 5, 2, 3, 1), (0, 0, 0, 4, 4), (0, 0, 0, 0, 0), 1).moments())
@@ -71,7 +75,7 @@ class Timeline:
                 continue
             if best is not None and key != best[0]:
                 yield best[1]
-            best = (key, (live, grads, logits, key[1], gathered[i]))
+            best = (key, (live, grads, logits, key[1] and self.grads_in_forward > 0, gathered[i]))
         if best is not None:
             yield best[1]
 
@@ -221,6 +225,7 @@ def _affine(two: Timeline, three: Timeline, micro: int) -> "Timeline | None":
         two.forward_end,
         {**two.details, "micro_batch_from": "affine in the micro-batch (traced at 2 and 3)"},
         tuple(a + k * (b - a) for a, b in zip(two.gathered, three.gathered)),
+        two.grads_in_forward,
     )
 
 
@@ -257,9 +262,15 @@ def trace_timeline(
                     res = trace_step(module, batch, blocks=replica, **kwargs)
                     live, grads, logits, end = synthesize(res, replica)
                     details.update(traced_blocks=len(run), saved_bytes=None)
-                    return Timeline(tuple(live), tuple(grads), tuple(logits), end, details)
+                    if res.depends_on_batch:
+                        details["depends_on_batch"] = list(res.depends_on_batch)
+                    return Timeline(tuple(live), tuple(grads), tuple(logits), end, details,
+                                    grads_in_forward=1.0 - res.released_before_forward)  # fmt: skip
                 except SynthesisError as err:
                     details["synthesis"] = f"every block traced: {err}"
         res = trace_step(module, batch, **kwargs)
     details.update(traced_blocks=len(names), saved_bytes=res.saved_bytes)
-    return Timeline(res.live, res.grads, res.logits, res.forward_end, details, res.gathered)
+    if res.depends_on_batch:  # the data-dependent ops the step ran, and where (see trace_step)
+        details["depends_on_batch"] = list(res.depends_on_batch)
+    return Timeline(res.live, res.grads, res.logits, res.forward_end, details, res.gathered,
+                    1.0 - res.released_before_forward)  # fmt: skip

@@ -18,8 +18,16 @@ Where a fake kernel is missing or disagrees with the eager one, the tracker fixe
 * ``aten.native_layer_norm`` / ``native_batch_norm`` on a 16-bit input with fp32 weights (autocast): the CPU kernels
   save fp32 statistics, the fake kernels claim 16-bit ones.
 
-A step whose shapes depend on the data (``nonzero``, ``.item()`` in the model) cannot be traced: it raises with the
-op's name and what to do instead.
+A step may inspect values (``.item()``, ``.tolist()``, ``if torch.isnan(loss)``) and make shapes from them
+(``nonzero``, boolean masks, eager MoE routing): the tracker answers from the batch's real values, or from stated
+assumptions where a value comes from the weights (:mod:`.tracker`); :attr:`TraceResult.depends_on_batch` lists every
+such op with the user's line that called it. The step may run its own backward (manual optimization, several
+optimizers): the forward ends where the first backward op runs, and each trainable parameter's gradient is handed to
+the engine once; the optimizers it calls are stepped over (the real parameters and states are left alone) and a
+``zero_grad`` before the forward frees the previous step's gradients there. Compiled sub-modules
+(``torch.compile``) run eagerly in the trace, and the Python state the step changes on the module (a list of losses)
+is put back. A step whose value cannot be computed even so raises with the
+op's name, the user's line and what to do instead.
 """
 
 import contextlib
@@ -65,6 +73,11 @@ class TraceResult:
         gathered: of ``live``, the ZeRO-3 parameters gathered after each op (empty without ``zero3`` settings).
         grad_keys: ``(storage key, op index)`` of the gradients handed to the engine, in arrival order (when
             recorded).
+        depends_on_batch: ``"op at file:line: how its value was obtained"`` for every data-dependent op the step ran
+            (a value read, a size made from values), once per op and line of the user's code.
+        released_before_forward: the fraction of the trainable parameters' bytes whose previous gradients the step
+            freed before its first op (a manual step's ``zero_grad`` first); the others' are alive through the
+            forward, as in Lightning's automatic optimization (0).
     """
 
     live: "tuple[int, ...]"
@@ -78,6 +91,8 @@ class TraceResult:
     storages: "tuple[tuple[int, int, int, int], ...]" = ()
     gathered: "tuple[int, ...]" = ()
     grad_keys: "tuple[tuple[int, int], ...]" = ()
+    depends_on_batch: "tuple[str, ...]" = ()
+    released_before_forward: float = 0.0
 
     @property
     def peak(self) -> int:
@@ -91,10 +106,16 @@ class TraceResult:
 
 
 def default_step(module: nn.Module, batch: Any) -> Any:
-    """One training step's output, as Lightning keeps it until backward ends: a LightningModule's
+    """One training step's output, as Lightning keeps it until backward ends (the step of a :func:`.stepping`
+    context first, when one hands it in): a LightningModule's
     ``training_step(batch, 0)`` (Lightning's closure holds what it returns); any other module is stepped as a
     ``training_step`` returning ``module(**batch).loss`` would (``module(*batch)``, ``module(batch)`` alike): its
     output, logits included, is freed before backward (so do Hugging Face's Trainer and most loops)."""
+    handed = step_context.current_step()
+    if handed is not None:
+        out = handed(module, batch)
+        if out is not NotImplemented:
+            return out
     step = getattr(module, "training_step", None)
     if callable(step):
         return step(batch, 0)
@@ -164,7 +185,8 @@ def trace_step(
             backward kept gathered (counted) until that saved view is released. With
             :class:`~lightning_memopt.predictor.zero3.Zero3Settings`, also the parameters DeepSpeed gathers along
             the step, op by op (in ``live`` and ``gathered``).
-        step: ``(module, batch) -> output`` holding the loss (default :func:`default_step`).
+        step: ``(module, batch) -> output`` holding the loss (default :func:`default_step`); a step that runs
+            backward itself (manual optimization) may return anything.
         blocks: a :class:`~lightning_memopt.predictor.synthesis.Replica` that marks blocks and skips some of them.
         record: keep every storage's lifetime (``storages``) and the gradients' storage keys (``grad_keys``), for
             the caching allocator's replay (:mod:`.cuda_memory`).
@@ -191,14 +213,17 @@ def trace_step(
     pinned: dict[int, int] = {}  # parameter storage -> live saved views of it (ZeRO-3 keeps it gathered)
     param_ids: set[int] = set()
     grad_bytes = 0
+    graded: set[int] = set()  # a parameter's gradient reaches the engine once (a second backward adds into it)
 
     def on_grad(p: torch.Tensor) -> None:
         nonlocal grad_bytes
         if p.grad is not None:
-            nbytes = p.grad.untyped_storage().nbytes()
-            grad_keys.append((p.grad.untyped_storage()._cdata, len(tracker.live)))
-            tracker.grads += nbytes
-            grad_bytes += nbytes
+            if id(p) not in graded:
+                graded.add(id(p))
+                nbytes = p.grad.untyped_storage().nbytes()
+                grad_keys.append((p.grad.untyped_storage()._cdata, len(tracker.live)))
+                tracker.grads += nbytes
+                grad_bytes += nbytes
             p.grad = None
         tracker.mark()
 
@@ -255,12 +280,25 @@ def trace_step(
         if engine == "torch" and precision.mixed
         else contextlib.nullcontext()
     )
+    released: dict[int, int] = {}  # real parameter -> elements whose gradients the step freed before its forward
+    real_trainable = {id(p): p.numel() for p in module.parameters() if p.requires_grad}
+
+    def on_release(params: Any) -> None:
+        if len(tracker.live) == step_start:  # no op of the step ran yet
+            chosen = real_trainable if params is None else {id(p): real_trainable.get(id(p), 0) for p in params}
+            released.update(chosen)
+
+    step_start = 0
+    saved_at_backward: list[int] = []  # bytes saved for backward when the first backward op ran
+    tracker.on_backward = lambda: saved_at_backward.append(sum(saved.values()))
     gathering: Zero3Gathering | None = None
     was_training = module.training
     module.train()
     handles: list = []
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(step_context.preserved_state(module))  # what the step's Python code changes
+            stack.enter_context(torch.compiler.set_stance("force_eager"))  # compiled sub-modules run their code
             stack.enter_context(_compat.deepspeed_hooks_suspended(module))  # a module inside a running engine
             stack.enter_context(_compat.linear_of_the_run(zero3))
             stack.enter_context(_compat.no_packed_sequence_detection())
@@ -283,20 +321,27 @@ def trace_step(
                 )
                 tracker.on_state_alias = gathering.state_alias
             stack.enter_context(fake_mode)
+            stack.enter_context(step_context.optimizers_stepped_over(on_release))
             stack.enter_context(tracker)
             with step_context.readable_errors(module), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                step_start = len(tracker.live)
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
                     # the step's output lives until backward ends, as in a training loop (and Lightning's
                     # closure, which keeps what ``training_step`` returned)
                     output = (step or default_step)(module, batch)
-                    loss = loss_of(output, module)
-                forward_end = len(tracker.live) - 1
-                saved_bytes = sum(saved.values())
-                saved.clear()
-                # as in Lightning, autocast covers the training step only (``Precision.train_step_context``):
-                # backward runs outside it, and a checkpointed block's recomputation enters its own autocast
-                loss.backward()
+                    # a step that handed gradients to the engine ran its own backward (manual optimization)
+                    loss = loss_of(output, module) if not graded else None
+                if loss is not None:
+                    # as in Lightning, autocast covers the training step only (``Precision.train_step_context``):
+                    # backward runs outside it, and a checkpointed block's recomputation enters its own autocast
+                    forward_end = len(tracker.live) - 1
+                    saved_bytes = sum(saved.values())
+                    saved.clear()
+                    loss.backward()
+                else:  # the step ran backward itself (manual optimization): the forward ended before it
+                    forward_end = tracker.backward_at
+                    saved_bytes = saved_at_backward[0]
                 del loss, output
                 tracker.mark()
     finally:
@@ -323,6 +368,8 @@ def trace_step(
         storages=tuple(tracker.finished()) if tracker.record else (),
         gathered=tuple(gathered) if gathering is not None else (),
         grad_keys=tuple(grad_keys) if record else (),
+        depends_on_batch=tuple(f"{op} at {where}: {how}" for op, where, how in tracker.depends),
+        released_before_forward=sum(released.values()) / max(1, sum(real_trainable.values())),
     )
 
 

@@ -6,11 +6,27 @@ code inspects values it computed from constants and inputs (``torch.nn.Transform
 causal one; models check an attention mask for padding). The tracker keeps a real *shadow* of every tensor whose
 value is known and small (at most ``SHADOW_LIMIT`` elements): the batch, factory outputs (``ones``, ``arange``) and
 whatever is computed from shadows alone. An op that needs a value (``_local_scalar_dense``, ``nonzero``) is answered
-from the shadows, exactly as the eager step would; one that needs the value of a parameter or an activation still
-raises. Parameters and activations never get shadows: nothing big is ever allocated.
+from the shadows, exactly as the eager step would. Parameters and activations never get shadows: nothing big is ever
+allocated.
+
+A value that depends on the weights (the loss, a router's choice) is unknown without running the model. Where it
+cannot change memory (``loss.item()`` logged) it gets a stand-in; where it can, the tracker assumes what a training
+step normally sees, and says so:
+
+* ``isnan`` / ``isinf`` / ``isfinite`` of an activation: its values are finite (``if torch.isnan(loss)`` is
+  false); a non-finite first step would end in a skipped or diverged step anyway.
+* the indices of ``topk`` / ``sort`` / ``argmax`` / ``max(dim)`` of an activation (a router's experts): spread
+  evenly, each row its own distinct choices (balanced routing). A data-dependent size computed from them
+  (``nonzero``, ``where``, boolean masks of the routing) is then exact for a balanced router: every expert gets
+  ``tokens * top_k / experts`` rows, and the total over experts is exact for any router.
+* any other unknown value: numbers 0, booleans true (a mask of unknown values keeps every element: an upper bound).
+
+Every data-dependent op the step ran is recorded once per line of the user's code that called it
+(:attr:`LiveTensorTracker.depends`), with how its answer was obtained.
 """
 
 import contextlib
+import math
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,7 +36,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from lightning_memopt.core.compat import outside_dispatch_modes
+from lightning_memopt.core.compat import in_backward, outside_dispatch_modes
+from lightning_memopt.predictor.step_context import call_site
 
 #: the largest tensor (elements) whose real value is computed alongside its fake
 SHADOW_LIMIT = 1 << 24
@@ -76,6 +93,12 @@ class LiveTensorTracker(TorchDispatchMode):
         self.on_state_alias: Callable[[int, torch.Tensor], Any] | None = None
         self._paused = False
         self.shadow = _Shadows()
+        #: ``(op, where, how)`` of every data-dependent op answered, in order (``where``: the user's line)
+        self.depends: dict[tuple[str, str, str], None] = {}
+        #: index in ``live`` of the last op before the first backward op (``None``: no backward yet)
+        self.backward_at: int | None = None
+        #: called once when the first backward op runs (the step called ``backward`` itself)
+        self.on_backward: Callable[[], Any] | None = None
 
     # ------------------------------------------------------------------ accounting
     def add(self, t: Any) -> None:
@@ -164,6 +187,10 @@ class LiveTensorTracker(TorchDispatchMode):
         kwargs = kwargs or {}
         if self._paused or func.namespace == "prim":  # prim: metadata queries of fake tensors, no storage
             return func(*args, **kwargs)
+        if self.backward_at is None and in_backward():
+            self.backward_at = len(self.live) - 1
+            if self.on_backward is not None:
+                self.on_backward()
         flat, spec = tree_flatten((args, kwargs))
         if any(isinstance(a, torch.Tensor) and not isinstance(a, FakeTensor) for a in flat):
             flat = [self._as_fake(a) for a in flat]
@@ -172,25 +199,104 @@ class LiveTensorTracker(TorchDispatchMode):
         try:
             fix = _FAKE_KERNEL_FIXES.get(func)
             out = fix(func, args, kwargs) if fix is not None else func(*args, **kwargs)
-        except (DataDependentOutputException, DynamicOutputShapeException):
-            if real is None:
-                raise
-            real_out = _run_real(func, real, spec)  # the value the eager step would see
-            out = tree_map(self._fake_of, real_out)
+        except (DataDependentOutputException, DynamicOutputShapeException) as err:
+            out = self._data_dependent(func, args, kwargs, flat, spec, real, err)
             outputs = _tensors(out)
         else:
             outputs = _tensors(out)
             if real is not None and all(t.numel() <= SHADOW_LIMIT for t in outputs):
+                notes = self.shadow.notes_of(flat)
                 for fake, value in zip(outputs, _tensors(_run_real(func, real, spec))):
-                    self.shadow.put(fake, value)
-            elif real is None and self.shadow:  # a written argument whose new value is unknown loses its shadow
-                for i in _mutated(func):
-                    if i < len(args) and isinstance(args[i], torch.Tensor):
-                        self.shadow.drop(args[i])
+                    self.shadow.put(fake, value, notes)
+            elif real is None:
+                if self.shadow:  # a written argument whose new value is unknown loses its shadow
+                    for i in _mutated(func):
+                        if i < len(args) and isinstance(args[i], torch.Tensor):
+                            self.shadow.drop(args[i])
+                self._assume(func, args, kwargs, out)
         for t in outputs:
             self.add(t)
         self.mark()
         return out
+
+    # ------------------------------------------------------------------ data-dependent ops
+    def _data_dependent(self, func: Any, args: Any, kwargs: Any, flat: "list[Any]", spec: Any, real: Any,
+                        err: Exception) -> Any:  # fmt: skip
+        """The answer of an op whose output (a value, or a shape) depends on tensor values: from the shadows, else
+        from stand-ins; recorded in :attr:`depends`. Raises ``err`` where no answer can be computed."""
+        op = str(func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else func)
+        op = f"aten.{op}" if func.namespace == "aten" else f"{func.namespace}.{op}"
+        try:
+            if func in _INDEX_OPS and _bool_indices(args):
+                out, notes = self._long_indexed(func, args, kwargs, flat)
+            elif real is not None:
+                notes = self.shadow.notes_of(flat)
+                real_out = _run_real(func, real, spec)  # the value the eager step would see
+                out = tree_map(lambda r: self._fake_of(r, notes), real_out)
+            else:
+                values, notes = self._values(flat)
+                real_out = _run_real(func, values, spec)
+                if func is torch.ops.aten._local_scalar_dense.default and not self.shadow.notes_of(flat):
+                    notes = frozenset({f"a stand-in {real_out!r} for a value of the weights (it steers no shape)"})
+                out = tree_map(lambda r: self._fake_of(r, notes), real_out)
+        except Exception:
+            raise err from None
+        how = "; ".join(sorted(notes)) if notes else "from the batch's values"
+        self.depends.setdefault((op, call_site(), how), None)
+        return out
+
+    def _values(self, flat: "list[Any]") -> "tuple[list[Any], frozenset[str]]":
+        """Real values for ``flat``: shadows, else free stand-ins (a broadcast scalar: 0, booleans true)."""
+        out, notes = [], set()
+        for a in flat:
+            if isinstance(a, torch.Tensor):
+                real = self.shadow.get(a)
+                if real is None:
+                    fill = True if a.dtype == torch.bool else 0
+                    with outside_dispatch_modes():
+                        real = torch.full((), fill, dtype=a.dtype, device=a.device).expand(a.shape)
+                    notes.add("every element of a mask of values of the weights kept (an upper bound)"
+                              if a.dtype == torch.bool else "0 for values of the weights")
+                a = real
+            out.append(a)
+        return out, frozenset(notes | set(self.shadow.notes_of(flat)))
+
+    def _long_indexed(self, func: Any, args: Any, kwargs: Any, flat: "list[Any]") -> "tuple[Any, frozenset[str]]":
+        """Index with a boolean mask as with the integer indices of its true elements (what the eager kernel
+        does): the mask's value from its shadow (or a stand-in); the indexed tensor stays fake."""
+        indices, notes = [], set(self.shadow.notes_of(flat))
+        for index in args[1]:
+            if isinstance(index, torch.Tensor) and index.dtype in (torch.bool, torch.uint8):
+                (mask,), extra = self._values([index])
+                notes |= extra
+                with outside_dispatch_modes():
+                    rows = mask.nonzero()
+                indices += [self._fake_of(rows[:, i].clone(), frozenset(notes)) for i in range(rows.shape[1])]
+            else:
+                indices.append(index)
+        return func(args[0], indices, *args[2:], **kwargs), frozenset(notes)
+
+    def _assume(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+        """Shadows for the outputs of ops on unknown values whose value a step may inspect (see the module)."""
+        if func in _FINITE:
+            where = call_site()
+            with outside_dispatch_modes():
+                value = torch.full((), _FINITE[func], dtype=torch.bool, device=out.device).expand(out.shape)
+            self.shadow.put(out, value, frozenset({f"values assumed finite ({func.overloadpacket.__name__} at"
+                                                   f" {where})"}))  # fmt: skip
+        elif func in _INDEXING:
+            pos, dim, k = _INDEXING[func](args, kwargs)
+            index = out[pos] if isinstance(out, (tuple, list)) else out
+            source = args[0]
+            size = source.numel() if dim is None else (source.shape[dim] if source.dim() else 1)
+            if index.numel() > SHADOW_LIMIT or size == 0:
+                return
+            where = call_site()
+            with outside_dispatch_modes():
+                value = _balanced(tuple(index.shape), None if dim is None or k is None else dim % max(1, index.dim()),
+                                  size, index.device)  # fmt: skip
+            self.shadow.put(index, value, frozenset({f"balanced routing assumed ({func.overloadpacket.__name__} at"
+                                                     f" {where}: every choice equally often)"}))  # fmt: skip
 
     def _as_fake(self, a: Any) -> Any:
         """A real tensor that reaches the step (a constant held outside the module) becomes a shadowed fake."""
@@ -198,25 +304,37 @@ class LiveTensorTracker(TorchDispatchMode):
             return self.shadowed(self.fake_mode.from_tensor(a), a)
         return a
 
-    def _fake_of(self, real: Any) -> Any:
+    def _fake_of(self, real: Any, notes: "frozenset[str]" = frozenset()) -> Any:
         if not isinstance(real, torch.Tensor):
             return real
         fake = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=real.device)
-        return self.shadowed(fake, real)
+        if real.numel() <= SHADOW_LIMIT:
+            self.shadow.put(fake, real, notes)
+        return fake
 
 
 class _Shadows:
     """Real values of fake tensors, keyed by the fake's identity (tensors compare element-wise, so no dict key),
-    dropped when the fake dies."""
+    dropped when the fake dies; with the assumptions a value rests on (empty: it follows from the batch and the
+    constants)."""
 
     def __init__(self) -> None:
         self._values: dict[int, torch.Tensor] = {}
+        self._notes: dict[int, frozenset[str]] = {}
 
-    def put(self, fake: torch.Tensor, real: torch.Tensor) -> None:
+    def put(self, fake: torch.Tensor, real: torch.Tensor, notes: "frozenset[str]" = frozenset()) -> None:
         key = id(fake)
         if key not in self._values:
-            weakref.finalize(fake, self._values.pop, key, None)
+            weakref.finalize(fake, self._forget, key)
         self._values[key] = real
+        if notes:
+            self._notes[key] = notes
+        else:
+            self._notes.pop(key, None)
+
+    def _forget(self, key: int) -> None:
+        self._values.pop(key, None)
+        self._notes.pop(key, None)
 
     def __bool__(self) -> bool:
         return bool(self._values)
@@ -224,8 +342,15 @@ class _Shadows:
     def get(self, fake: torch.Tensor) -> "torch.Tensor | None":
         return self._values.get(id(fake))
 
+    def notes_of(self, flat: "list[Any]") -> "frozenset[str]":
+        """The assumptions the values of the tensors in ``flat`` rest on."""
+        if not self._notes:
+            return frozenset()
+        return frozenset().union(*(self._notes.get(id(a), ()) for a in flat if isinstance(a, torch.Tensor)))
+
     def drop(self, fake: torch.Tensor) -> None:
         self._values.pop(id(fake), None)
+        self._notes.pop(id(fake), None)
 
 
 def _run_real(func: Any, flat: "list[Any]", spec: Any) -> Any:
@@ -266,3 +391,63 @@ _FAKE_KERNEL_FIXES = {
     torch.ops.aten.native_layer_norm.default: _norm_statistics,
     torch.ops.aten.native_batch_norm.default: _norm_statistics,
 }
+
+
+#: index ops whose boolean-mask indices make the output shape data-dependent
+_INDEX_OPS = {
+    torch.ops.aten.index.Tensor,
+    torch.ops.aten.index_put.default,
+    torch.ops.aten.index_put_.default,
+    torch.ops.aten._index_put_impl_.default,
+}
+
+
+def _bool_indices(args: Any) -> bool:
+    return len(args) > 1 and isinstance(args[1], (list, tuple)) and any(
+        isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1]
+    )
+
+
+#: checks of non-finite values and their answer for finite values
+_FINITE = {
+    torch.ops.aten.isnan.default: False,
+    torch.ops.aten.isinf.default: False,
+    torch.ops.aten.isposinf.default: False,
+    torch.ops.aten.isneginf.default: False,
+    torch.ops.aten.isfinite.default: True,
+}
+
+
+def _arg(args: Any, kwargs: Any, i: int, name: str, default: Any) -> Any:
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+#: ops that return indices chosen by values: (position of the indices in the output, dim, k) from the arguments
+_INDEXING: "dict[Any, Callable[[Any, Any], tuple[int, int | None, int | None]]]" = {
+    torch.ops.aten.topk.default: lambda a, k: (1, _arg(a, k, 2, "dim", -1), _arg(a, k, 1, "k", 1)),
+    torch.ops.aten.sort.default: lambda a, k: (1, _arg(a, k, 1, "dim", -1), -1),
+    torch.ops.aten.sort.stable: lambda a, k: (1, _arg(a, k, 2, "dim", -1), -1),
+    torch.ops.aten.max.dim: lambda a, k: (1, _arg(a, k, 1, "dim", 0), None),
+    torch.ops.aten.min.dim: lambda a, k: (1, _arg(a, k, 1, "dim", 0), None),
+    torch.ops.aten.argmax.default: lambda a, k: (0, _arg(a, k, 1, "dim", None), None),
+    torch.ops.aten.argmin.default: lambda a, k: (0, _arg(a, k, 1, "dim", None), None),
+}
+
+
+def _balanced(shape: "tuple[int, ...]", dim: "int | None", size: int, device: torch.device) -> torch.Tensor:
+    """Indices into ``size`` choices, spread evenly: along ``dim`` (``None``: one choice per position) each row takes
+    its next distinct choices, rows following on where the last one stopped.
+
+    Example:
+        >>> _balanced((3, 2), 1, 4, torch.device("cpu")).tolist()  # top-2 of 4 experts for 3 tokens
+        [[0, 1], [2, 3], [0, 1]]
+        >>> _balanced((5,), None, 2, torch.device("cpu")).tolist()  # argmax of 2 classes for 5 rows
+        [0, 1, 0, 1, 0]
+    """
+    n = math.prod(shape)
+    if dim is None or not shape:
+        return (torch.arange(n, device=device) % size).reshape(shape)
+    k = shape[dim]
+    rows = torch.arange(n // max(1, k), device=device)[:, None] * k + torch.arange(k, device=device)[None, :]
+    moved = (*shape[:dim], *shape[dim + 1 :], k)
+    return (rows % size).reshape(moved).movedim(-1, dim)

@@ -8,7 +8,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_memopt.core.units import format_bytes
-from lightning_memopt.lightning._run_reader import quiet_logging, read_run
+from lightning_memopt.lightning._run_reader import lightning_step, read_run
 from lightning_memopt.lightning.callbacks._memory_report import fit_check_message, unit_for
 from lightning_memopt.predictor.estimate import MemoryEstimate
 
@@ -87,7 +87,7 @@ class FitPrediction:
             kwargs = run.estimate_kwargs(shape, self.optimizer_name or "adamw")
             kwargs.update(model=pl_module, example_batch=run.first_batch() if batch is None else batch)
             try:
-                with quiet_logging(pl_module):
+                with lightning_step(pl_module):
                     self._estimates[key] = (estimate_memory(**kwargs), kwargs)
             except Exception as err:  # a callback never ends the run it observes
                 self.unpredictable(pl_module, err)
@@ -101,10 +101,11 @@ class FitPrediction:
         self.estimate = None
         if not self._warned:
             self._warned = True
+            notes = " ".join(getattr(err, "__notes__", ()))  # where in the user's step the trace stopped
             rank_zero_warn(
                 f"MemoryMonitor cannot predict the memory of {type(pl_module).__name__}: {type(err).__name__}: {err}"
-                " It logs the actual memory only, and the fit check is skipped. Fix: what the error says, or"
-                " report the model at the project's issue tracker."
+                f"{' ' + notes if notes else ''} It logs the actual memory only, and the fit check is skipped. Fix:"
+                " what the error says, or report the model at the project's issue tracker."
             )
 
     def peak(self, first_micro_step: bool, on_cpu: bool) -> int:
@@ -123,13 +124,23 @@ class FitPrediction:
         key = (self.shape, self.optimizer_name, "first micro-step")
         if key not in self._estimates:
             kwargs = dict(self._kwargs, accumulate_grad_batches=1)
-            with quiet_logging(kwargs["model"]):
+            with lightning_step(kwargs["model"]):
                 self._estimates[key] = (estimate_memory(**kwargs), kwargs)
         return self._estimates[key][0]
 
     def table(self) -> str:
-        """The current estimate's breakdown."""
-        return self.estimate.table(unit_for(self.estimate.total)) if self.estimate is not None else ""
+        """The current estimate's breakdown, and the data-dependent ops of the step it depends on (the first batch's
+        values, or the assumptions made where a value comes from the weights) with the user's lines."""
+        if self.estimate is None:
+            return ""
+        text = self.estimate.table(unit_for(self.estimate.total))
+        depends = (self.estimate.details or {}).get("depends_on_batch")
+        if depends:
+            text += (
+                "\nThe prediction depends on values of the first training batch (or, where a value comes from the"
+                " weights, on the assumption stated) read by the step at:\n" + "\n".join(f"  {d}" for d in depends)
+            )
+        return text
 
     def suggestions(self, trainer: "pl.Trainer") -> list:
         """Ranked changes that make the run fit, each with its predicted peak."""
@@ -142,7 +153,7 @@ class FitPrediction:
 
             zero_config = {}
             resolve_bucket_sizes(zero_config, trainer.lightning_module, dict.fromkeys(BUCKET_KNOBS, "auto"))
-        with quiet_logging(trainer.lightning_module):
+        with lightning_step(trainer.lightning_module):
             return suggest_fixes(
                 kwargs,
                 self.device_memory,
