@@ -218,6 +218,9 @@ def add_parser(subparsers: Any) -> None:
                      help="with --lora-rank: modules that get adapters, e.g. q_proj,v_proj or all-linear"
                           " (default: PEFT's for the architecture)")  # fmt: skip
     est.add_argument("--gpu-memory", type=_bytes_arg, default=None, help="device memory, e.g. 80GiB")
+    est.add_argument("--device", default=None,
+                     help="the GPU the run trains on (h100, h200, a100, l40s, l4, or cuda): adds CUDA's cuBLAS"
+                          " workspaces and caching allocator (reserved), and the CUDA context where measured")  # fmt: skip
     est.add_argument("--no-cache", action="store_true", help="answer afresh (see LIGHTNING_MEMOPT_CLI_CACHE)")
     est.set_defaults(handler=run_estimate)
 
@@ -314,7 +317,7 @@ def _estimate(args: argparse.Namespace) -> int:
             seq_len=args.seq_len, offload_optimizer=args.offload_optimizer or False,
             offload_parameters=args.offload_parameters or False,
             activation_checkpointing=args.checkpointing, lora_rank=lora_rank, lora_targets=_targets(args),
-            **common_kwargs(args),
+            device=args.device, **common_kwargs(args),
         )  # fmt: skip
     fits = None if args.gpu_memory is None else estimate.fits(args.gpu_memory, margin=args.margin)
     if args.json:
@@ -329,7 +332,7 @@ def _estimate(args: argparse.Namespace) -> int:
         budget = int(args.gpu_memory * (1 - args.margin))
         verdict = "fits" if fits else "does NOT fit"
         print(f"\n{verdict} in {format_bytes(args.gpu_memory)} with {args.margin:.0%} kept free"
-              f" (budget {format_bytes(budget)}, headroom {format_bytes(budget - estimate.total)})")
+              f" (budget {format_bytes(budget)}, headroom {format_bytes(budget - estimate.budgeted)})")
     return 0
 
 

@@ -178,18 +178,18 @@ def largest_fitting(estimate: Any, budget: int, upper: int) -> "tuple[int, Memor
         3
     """
     first = estimate(1)
-    if first.total > budget:
-        return 0, first, first.total
+    if _budgeted(first) > budget:
+        return 0, first, _budgeted(first)
     if upper > 1:
         top = estimate(upper)
-        if top.total <= budget:
-            return upper, top, first.total
+        if _budgeted(top) <= budget:
+            return upper, top, _budgeted(first)
         upper -= 1
     lo, hi, best = 1, upper, first
     while lo < hi:
         mid = (lo + hi + 1) // 2
         est = estimate(mid)
-        if est.total <= budget:
+        if _budgeted(est) <= budget:
             lo, best = mid, est
         else:
             hi = mid - 1
@@ -290,3 +290,9 @@ def plan_batch(
         f" -> {format_bytes(best_total)} per rank. Fix: more GPUs (world_size), a shorter seq_len,"
         " a larger device, or a quantized base model."
     )
+
+
+def _budgeted(estimate: Any) -> int:
+    """What must fit: the device total where it is predicted (a CUDA target), else the peak."""
+    device = getattr(estimate, "device_total", None)
+    return estimate.total if device is None else device
