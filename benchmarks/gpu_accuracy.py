@@ -363,7 +363,7 @@ def run_zero(stage: int) -> dict:
     from lightning_memopt import MemOptStrategy, MemoryMonitor
 
     config, _ = kind_config("llama")
-    micro = 2 if not SMOKE else 2
+    micro = 2
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
@@ -394,7 +394,8 @@ def run_zero(stage: int) -> dict:
     out = {"stage": stage, "seconds": round(time.perf_counter() - started, 1), "micro_batch": micro,
            "history": [{k: v for k, v in r.items() if not k.startswith("predicted/")} for r in monitor.history]}
     if not SMOKE:
-        out.update(max_allocated=int(torch.cuda.max_memory_allocated()), max_reserved=int(torch.cuda.max_memory_reserved()))
+        out.update(max_allocated=int(torch.cuda.max_memory_allocated()),
+                   max_reserved=int(torch.cuda.max_memory_reserved()))
     est = monitor.estimate
     out["predicted"] = None if est is None else {"allocated": est.total, "reserved": est.reserved,
                                                  "device": est.device_total}
@@ -436,7 +437,7 @@ def _parallel(jobs: "list[tuple[str, list[str], dict | None]]", seconds: float, 
             label, args, env = pending.pop(0)
             running.append((label, _child(args, seconds, env)))
         if time.perf_counter() > deadline:
-            for label, proc in running:
+            for _, proc in running:
                 proc.kill()
             results += [{"child": label, "status": "timed out"} for label, _ in running]
             results += [{"child": label, "status": "skipped: the group's budget is spent"} for label, _, _ in pending]

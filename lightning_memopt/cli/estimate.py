@@ -220,7 +220,8 @@ def add_parser(subparsers: Any) -> None:
     est.add_argument("--gpu-memory", type=_bytes_arg, default=None, help="device memory, e.g. 80GiB")
     est.add_argument("--device", default=None,
                      help="the GPU the run trains on (h100, h200, a100, l40s, l4, or cuda): adds CUDA's cuBLAS"
-                          " workspaces and caching allocator (reserved), and the CUDA context where measured")  # fmt: skip
+                          " workspaces and caching allocator (reserved), and the CUDA context where"
+                          " measured")  # fmt: skip
     est.add_argument("--no-cache", action="store_true", help="answer afresh (see LIGHTNING_MEMOPT_CLI_CACHE)")
     est.set_defaults(handler=run_estimate)
 

@@ -4,6 +4,7 @@ from typing import Any
 
 from lightning_memopt.core.blocks import checkpoint_flags
 from lightning_memopt.core.deepspeed_config import zero_settings
+from lightning_memopt.predictor.cuda_memory import CudaRules, cuda_rules, replay_run
 from lightning_memopt.predictor.estimate import MemoryEstimate
 from lightning_memopt.predictor.model_states import (
     ENGINES,
@@ -14,7 +15,6 @@ from lightning_memopt.predictor.model_states import (
 )
 from lightning_memopt.predictor.precision import resolve_precision
 from lightning_memopt.predictor.sources import resolve_source
-from lightning_memopt.predictor.cuda_memory import CudaRules, cuda_rules, replay_run
 from lightning_memopt.predictor.timeline import Timeline, recorded_trace, step_batch, step_timeline
 from lightning_memopt.predictor.zero3 import Zero3Settings
 

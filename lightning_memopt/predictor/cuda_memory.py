@@ -189,7 +189,7 @@ def replay_run(
         >>> from lightning_memopt.predictor.trace import TraceResult
         >>> step = TraceResult((4096,), (0,), (0,), 0, 0, 0, storages=((0, 1, 4096, 7),), grad_keys=())
         >>> r = replay_run(step, [1000], [True], [], "none", 0, cuda_rules("h100"))
-        >>> r.peak_allocated == 512 + 4096 + 2 * 32 * 2**20
+        >>> r.peak_allocated == 1024 + 4096 + 2 * 32 * 2**20  # blocks of 512-byte multiples, two workspaces
         True
     """
     records = list(trace.storages)
@@ -225,8 +225,9 @@ def replay_run(
             events += [("free", ("tmp", step, i)) for i in trained]
         elif optimizer_kind == "single":
             for i in trained:
-                events += [("alloc", ("tmp", step, i, 0), param_bytes[i]), ("alloc", ("tmp", step, i, 1), param_bytes[i]),
-                           ("free", ("tmp", step, i, 0)), ("free", ("tmp", step, i, 1))]  # fmt: skip
+                first, second = ("tmp", step, i, 0), ("tmp", step, i, 1)  # sqrt, then the division; then addcdiv
+                events += [("alloc", first, param_bytes[i]), ("alloc", second, param_bytes[i]), ("free", first),
+                           ("free", second)]  # fmt: skip
     return simulate(events, rules.allocator)
 
 

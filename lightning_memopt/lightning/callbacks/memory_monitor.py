@@ -64,11 +64,11 @@ class MemoryMonitor(ReadsRun):
     read per-step peaks, which the monitor's ``memory/actual_peak_bytes_max`` and ``memory/run/actual_peak_bytes``
     turn back into the run's. Opt-in ``"dispatch"`` modes count the tensor storages every op returns with a
     ``TorchDispatchMode`` instead (what the predictor traces: an explanation of where the bytes are, slower, blind
-    to workspaces and the allocator, and it leaves the CUDA statistics alone). On CPU the live bytes that were in the
-    process before ``setup`` and are not the model's (an earlier run's objects) are not counted. The process RSS is
-    reported too. At every ``log_every_n_steps``-th optimizer step the values are gathered from all ranks (one
-    ``all_gather`` of 7 numbers) and logged through the Trainer's loggers; the peaks are the maxima over the steps
-    since the last log.
+    to workspaces and the allocator, and it leaves the CUDA statistics alone). On either device the live bytes that
+    were in the process before ``setup`` and are not the model's (an earlier run's objects) are not counted. The
+    process RSS is reported too. At every ``log_every_n_steps``-th optimizer step the values are gathered from all
+    ranks (one ``all_gather`` of 7 numbers) and logged through the Trainer's loggers; the peaks are the maxima over
+    the steps since the last log.
 
     Logged keys (bytes unless noted; the unsuffixed ones are rank zero's, ``*_max`` the maximum over ranks):
 
@@ -265,12 +265,11 @@ class MemoryMonitor(ReadsRun):
         self._probe = self._new_probe(device)
         self._probe.start()
         self._probe.track(pl_module)
-        foreign = 0
-        if device.type == "cpu":  # live bytes of the process that are not this run's (an earlier fit's objects)
-            own = storage_bytes(pl_module)
-            if self._probe.current_bytes > own:  # free an earlier run's unreachable objects before measuring
-                gc.collect()
-            foreign = max(0, self._probe.current_bytes - own)
+        # live bytes of the process that are not this run's (an earlier fit's objects): not the run's memory
+        own = storage_bytes(pl_module, device.type)
+        if self._probe.current_bytes > own:  # free an earlier run's unreachable objects before measuring
+            gc.collect()
+        foreign = max(0, self._probe.current_bytes - own)
         self._agg = MemoryStepAggregator(foreign).to(device)
         if device.type == "cuda" and self.snapshot_on_oom:
             record_cuda_memory_history(True)

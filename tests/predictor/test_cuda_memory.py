@@ -1,0 +1,82 @@
+"""CUDA's rules against what CUDA did: whole training runs recorded on an NVIDIA H200 (torch 2.11, CUDA 13.0) with
+``torch.cuda.memory._record_memory_history`` from process start (``benchmarks/gpu_accuracy.py``, traces group), kept
+as fixtures. The ground truth is the caching allocator's own statistics of that run, not anything this package
+computes."""
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoConfig, LlamaForCausalLM
+
+from lightning_memopt import estimate_memory
+from lightning_memopt.predictor.cuda_allocator import simulate
+from lightning_memopt.predictor.cuda_memory import cuda_rules
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=1024, intermediate_size=2816,
+             num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
+             max_position_embeddings=4096)  # fmt: skip
+
+
+def recorded(name: str) -> dict:
+    with gzip.open(FIXTURES / f"trace_{name}.json.gz", "rt") as f:
+        return json.load(f)
+
+
+def measured(run: dict) -> "tuple[int, int, int]":
+    """The run's last step: max allocated, max reserved, and the device's used bytes (``mem_get_info``)."""
+    step = run["summary"]["rows"][0]["steps"][-1]
+    return step["allocated"], step["reserved"], step["used"]
+
+
+@pytest.mark.parametrize("name", ["llama_sdpa_0_1", "llama_eager_1_4"])
+def test_the_allocator_model_replays_a_recorded_run_to_its_reserved_peak(name):
+    """The recorded allocations and frees, replayed: the simulated peaks are the real allocator's."""
+    run = recorded(name)
+    events, live = [], {}
+    for i, e in enumerate(run["events"]):
+        if e["a"] == "alloc":
+            live[e["addr"]] = i
+            events.append(("alloc", i, e["s"]))
+        elif e["a"] == "free_completed":
+            events.append(("free", live.pop(e["addr"])))
+    result = simulate(events)
+    allocated, reserved, _ = measured(run)
+    assert abs(result.peak_allocated - allocated) / allocated < 0.002
+    assert abs(result.peak_reserved - reserved) / reserved < 0.02
+
+
+def test_a_config_predicted_for_the_h200_matches_what_the_h200_allocated_reserved_and_used():
+    """From the config alone, on a CPU: ``max_memory_allocated`` within 0.5 %, ``max_memory_reserved`` within 2 %,
+    the device's used memory within 2 % (the run: 1 x 1024 tokens, SDPA, bf16 autocast, torch's foreach AdamW)."""
+    est = estimate_memory(LLAMA, micro_batch_size=1, seq_len=1024, attention="sdpa", activation_checkpointing=False,
+                          engine="torch", precision="bf16-mixed", optimizer="adamw-foreach", device="NVIDIA H200",
+                          expandable_segments=False)  # fmt: skip
+    allocated, reserved, used = measured(recorded("llama_sdpa_0_1"))
+    assert abs(est.total - allocated) / allocated < 0.005
+    assert abs(est.reserved - reserved) / reserved < 0.02
+    assert abs(est.device_total - used) / used < 0.02
+    assert est.workspaces == 2 * 32 * 2**20  # one cuBLAS workspace per thread (forward, autograd's backward)
+
+
+def test_the_cpu_answer_has_no_cuda_rows_and_the_module_on_the_cpu_neither():
+    est = estimate_memory(LLAMA | {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+                                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256},
+                          micro_batch_size=1, seq_len=32, engine="torch")  # fmt: skip
+    assert (est.workspaces, est.allocator_rounding, est.reserved, est.device_total) == (0, 0, None, None)
+    fields = {k: v for k, v in LLAMA.items() if k not in ("model_type", "architectures")}
+    model = LlamaForCausalLM(AutoConfig.for_model("llama", **{**fields, "num_hidden_layers": 1, "hidden_size": 64,
+                                                               "intermediate_size": 128, "num_attention_heads": 4,
+                                                               "num_key_value_heads": 2, "vocab_size": 256}))
+    import torch
+
+    ids = torch.zeros(1, 16, dtype=torch.long)
+    on_cuda = estimate_memory(model, example_batch={"input_ids": ids, "labels": ids}, engine="torch", device="h100")
+    assert on_cuda.workspaces == 2 * 32 * 2**20 and on_cuda.reserved >= on_cuda.total
+
+
+def test_an_unknown_device_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="Expected `device` 'cpu', 'cuda' or a GPU"):
+        cuda_rules("tpu")
