@@ -214,6 +214,7 @@ def predict(
             activation_checkpointing=activation_checkpointing,
             attention=attention,
             zero3=zero3,
+            cuda=rules is not None,
         )
     ranks: "list[int | None]" = [None]
     if engine == "deepspeed" and zero in (1, 2) and world_size > 1:
@@ -285,7 +286,7 @@ def predict(
     cuda = _on_cuda(rules, source, total, reading, details, prec, act_engine, optimizer, engine, world_size,
                     dict(example_batch=example_batch, micro_batch_size=micro_batch_size, seq_len=seq_len),
                     dict(precision=prec, engine=act_engine, activation_checkpointing=activation_checkpointing,
-                         attention=attention, zero3=zero3))  # fmt: skip
+                         attention=attention, zero3=zero3, cuda=True))  # fmt: skip
     return MemoryEstimate(
         parameters=int(phase.parameters),
         gradients=int(phase.gradients),

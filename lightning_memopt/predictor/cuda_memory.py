@@ -20,8 +20,10 @@ and each is data here, applied after the trace (no branch in the trace itself):
   device total is then not predicted.
 """
 
+import contextlib
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,3 +247,64 @@ def _grad_records(records: "list[tuple[int, int, int, int]]", grad_keys: "tuple[
                 out.add(i)
                 break
     return out
+
+
+@contextlib.contextmanager
+def cuda_kernels() -> "Iterator[None]":
+    """Trace on the CPU with the kernels CUDA runs where the CPU's take another path:
+
+    * dropout in training: CUDA runs the fused ``native_dropout``, which saves a 1-byte mask (``aten/src/ATen/native/
+      Dropout.cpp``, ``is_fused_kernel_acceptable``: a CUDA input), where the CPU multiplies by a noise tensor of the
+      input's dtype and saves that;
+    * ``scaled_dot_product_attention`` with ``dropout_p > 0``: CUDA's fused backends (cuDNN, flash, memory-efficient
+      attention) draw the dropout inside the kernel and save the output and the log-sum-exp (plus a Philox seed and
+      offset), where the CPU falls back to the math path and saves the ``s x s`` probabilities and the dropout mask
+      (``sdp_utils_cpp.cpp``: the CPU's flash kernel takes no dropout). The trace runs the CPU's fused kernel without
+      dropout, which saves what CUDA's does;
+    * ``softmax`` and ``log_softmax`` under autocast: CUDA's autocast runs them in fp32 (its ``fp32_set_opt_dtype``
+      list, ``aten/src/ATen/autocast_mode.cpp``: a 16-bit input without ``dtype`` gets ``dtype=torch.float32``, so the
+      probabilities an eager attention keeps are fp32), where the CPU's autocast leaves them in the input's dtype.
+
+    These functions of ``torch.nn.functional`` are swapped for the trace's duration (models look them up at call
+    time, also when a checkpointed block is recomputed in backward) and put back on exit.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    dropout, sdpa, softmax, log_softmax = F.dropout, F.scaled_dot_product_attention, F.softmax, F.log_softmax
+    low = (torch.bfloat16, torch.float16)
+
+    def fp32_under_autocast(fn: Any) -> Any:
+        def cuda_fn(input: "torch.Tensor", dim: Any = None, _stacklevel: int = 3, dtype: Any = None) -> Any:
+            if dtype is None and input.dtype in low and torch.is_autocast_enabled("cpu"):
+                dtype = torch.float32
+            return fn(input, dim, _stacklevel, dtype)
+
+        return cuda_fn
+
+    def cuda_dropout(input: "torch.Tensor", p: float = 0.5, training: bool = True, inplace: bool = False) -> Any:
+        if training and 0.0 < p < 1.0 and input.is_floating_point():
+            return torch.ops.aten.native_dropout(input, p, True)[0]
+        return dropout(input, p, training, inplace)
+
+    def cuda_sdpa(*args: Any, **kwargs: Any) -> Any:
+        if _dropout_p(args, kwargs) > 0.0:
+            args, kwargs = _without_dropout(args, kwargs)
+        return sdpa(*args, **kwargs)
+
+    F.dropout, F.scaled_dot_product_attention = cuda_dropout, cuda_sdpa
+    F.softmax, F.log_softmax = fp32_under_autocast(softmax), fp32_under_autocast(log_softmax)
+    try:
+        yield
+    finally:
+        F.dropout, F.scaled_dot_product_attention, F.softmax, F.log_softmax = dropout, sdpa, softmax, log_softmax
+
+
+def _dropout_p(args: tuple, kwargs: dict) -> float:
+    return float(kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0) or 0.0)
+
+
+def _without_dropout(args: tuple, kwargs: dict) -> "tuple[tuple, dict]":
+    if "dropout_p" in kwargs or len(args) <= 4:
+        return args, {**kwargs, "dropout_p": 0.0}
+    return (*args[:4], 0.0, *args[5:]), kwargs

@@ -164,6 +164,7 @@ def trace_step(
     step: "StepFn | None" = None,
     blocks: "Any" = None,
     record: bool = False,
+    cuda: bool = False,
 ) -> TraceResult:
     """Trace forward + backward of ``module`` on ``example_batch`` with fake tensors.
 
@@ -188,6 +189,8 @@ def trace_step(
         step: ``(module, batch) -> output`` holding the loss (default :func:`default_step`); a step that runs
             backward itself (manual optimization) may return anything.
         blocks: a :class:`~lightning_memopt.predictor.synthesis.Replica` that marks blocks and skips some of them.
+        cuda: trace a step that runs on a CUDA device: on the CPU, with CUDA's kernels where the CPU's take another
+            path (:func:`~lightning_memopt.predictor.cuda_memory.cuda_kernels`).
         record: keep every storage's lifetime (``storages``) and the gradients' storage keys (``grad_keys``), for
             the caching allocator's replay (:mod:`.cuda_memory`).
 
@@ -320,6 +323,10 @@ def trace_step(
                     Zero3Gathering(module, zero3, dtype.itemsize, lambda: len(tracker.live))
                 )
                 tracker.on_state_alias = gathering.state_alias
+            if cuda and device.type == "cpu":
+                from lightning_memopt.predictor.cuda_memory import cuda_kernels
+
+                stack.enter_context(cuda_kernels())
             stack.enter_context(fake_mode)
             stack.enter_context(step_context.optimizers_stepped_over(on_release))
             stack.enter_context(tracker)
