@@ -194,7 +194,9 @@ def record_cuda_memory_history(enabled: bool = True, max_entries: int = 100_000)
         RuntimeError: when CUDA is not available.
     """
     _require_cuda("Recording CUDA memory history")
-    torch.cuda.memory._record_memory_history(enabled="all" if enabled else None, max_entries=max_entries)
+    # Python frames only: C++ stacks are unwound on every allocation, the costly part of recording
+    torch.cuda.memory._record_memory_history(enabled="all" if enabled else None, stacks="python",
+                                             max_entries=max_entries)  # fmt: skip
 
 
 def dump_cuda_memory_snapshot(path: "str | Path") -> Path:

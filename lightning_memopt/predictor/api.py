@@ -373,8 +373,8 @@ def _phases(
     unit = em.grad_unit or grad_bytes
     for live, grads, logits, forward, gathered in timeline.moments():
         g, buf = em.backward_extra(grads // unit)
-        if forward:
-            g = max(g, em.forward_gradients)
+        if forward:  # the previous step's gradients a step did not free before its forward
+            g = max(g, int(em.forward_gradients * timeline.grads_in_forward))
         if accumulating:
             held_g, held_buf = em.accumulating_extra()
             g, buf = max(g, held_g), max(buf, held_buf)

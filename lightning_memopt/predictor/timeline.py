@@ -61,7 +61,8 @@ class Timeline:
 
     def moments(self) -> "Iterator[tuple[int, int, int, bool, int]]":
         """``(live, gradient bytes, logits, in forward, gathered)``: the highest op of every run of ops between two
-        gradients (``in forward``: in the forward, with the previous step's gradients alive).
+        gradients (``in forward``: in the forward, where :attr:`grads_in_forward` of the previous step's gradients are
+        alive).
 
         Example:
             >>> list(Timeline((1, 5, 2, 3, 1), (0, 0, 0, 4, 4), (0, 0, 0, 0, 0), 1).moments())
@@ -75,7 +76,7 @@ class Timeline:
                 continue
             if best is not None and key != best[0]:
                 yield best[1]
-            best = (key, (live, grads, logits, key[1] and self.grads_in_forward > 0, gathered[i]))
+            best = (key, (live, grads, logits, key[1], gathered[i]))
         if best is not None:
             yield best[1]
 

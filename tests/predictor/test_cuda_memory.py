@@ -80,3 +80,38 @@ def test_the_cpu_answer_has_no_cuda_rows_and_the_module_on_the_cpu_neither():
 def test_an_unknown_device_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="Expected `device` 'cpu', 'cuda' or a GPU"):
         cuda_rules("tpu")
+
+
+def test_cuda_kernels_save_what_cuda_saves_where_the_cpu_takes_another_path():
+    """Exact saved bytes: dropout keeps a 1-byte mask (CUDA's fused kernel) instead of a noise tensor of the input's
+    dtype, autocast's softmax keeps fp32 probabilities, and SDPA with dropout keeps the fused kernel's output and
+    log-sum-exp instead of the math path's ``s x s`` probabilities."""
+    import torch
+    from torch import nn
+
+    from lightning_memopt.predictor.precision import resolve_precision
+    from lightning_memopt.predictor.trace import trace_step
+
+    class Step(nn.Module):
+        def __init__(self, kind: str):
+            super().__init__()
+            self.kind, self.proj = kind, nn.Linear(64, 64)
+
+        def forward(self, x):
+            h = self.proj(x)  # bf16 under autocast: (2, 128, 64)
+            if self.kind == "dropout":
+                return nn.functional.dropout(h.float(), 0.1, True).sum()
+            if self.kind == "softmax":
+                return nn.functional.softmax(h, dim=-1).sum()
+            q = h.view(2, 4, 128, 16)
+            return nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.1).sum()
+
+    def saved(kind: str, cuda: bool) -> int:
+        return trace_step(Step(kind), torch.zeros(2, 128, 64), resolve_precision("bf16-mixed"), engine="torch",
+                          step=lambda m, b: m(b), cuda=cuda).saved_bytes  # fmt: skip
+
+    elements = 2 * 128 * 64
+    assert saved("dropout", False) - saved("dropout", True) == elements * (4 - 1)  # fp32 noise -> bool mask
+    assert saved("softmax", True) - saved("softmax", False) == elements * (4 - 2)  # probabilities in fp32
+    assert saved("sdpa", True) < saved("sdpa", False) - 2 * 4 * 128 * 128  # no s x s probabilities kept
+    assert nn.functional.dropout.__name__ == "dropout"  # put back after the trace
