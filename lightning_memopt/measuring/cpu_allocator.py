@@ -10,7 +10,7 @@ kernel's own workspace, DeepSpeed's flat buffers, ``torch.empty`` in Python). St
 installation are not seen by the allocator; :meth:`CPUAllocationCounter.track` adds them (de-duplicated by storage)
 and removes them again when they are freed.
 
-It is process-wide while installed (``MemoryMonitor``'s CPU default installs it for the fit) and
+It is process-wide while installed, so it is opt-in (``MemoryMonitor(cpu_mode="allocator")``) and
 :meth:`CPUAllocationCounter.close` puts the previous allocator back. What torch allows: the previous allocator is
 restored with ``c10::SetCPUAllocator`` at the same priority, so new storages are no longer counted; the storages
 allocated meanwhile keep this library's deleter, so the library stays loaded for the life of the process (it is
@@ -126,7 +126,7 @@ def _build_library() -> str:
         raise RuntimeError(
             "Expected ninja to build the CPU counting allocator (torch.utils.cpp_extension.load_inline needs it),"
             " found none. Fix: `pip install ninja`, or measure CPU memory with the dispatch tracker"
-            " (MemoryMonitor(cpu_mode='dispatch'); the monitor falls back to it by itself), which needs no compiler."
+            " (MemoryMonitor(cpu_mode='dispatch'), the default), which needs no compiler."
         )
     try:
         return cpp_extension.load_inline(
@@ -137,7 +137,7 @@ def _build_library() -> str:
         raise RuntimeError(
             f"Building the CPU counting allocator failed ({type(err).__name__}: {err}). Fix: install a C++ compiler"
             " (e.g. `apt-get install g++`), or measure CPU memory with the dispatch tracker"
-            " (MemoryMonitor(cpu_mode='dispatch'); the monitor falls back to it by itself)."
+            " (MemoryMonitor(cpu_mode='dispatch'), the default)."
         ) from err
 
 

@@ -202,7 +202,11 @@ class _Pool:
         key = (block.size, block.ptr)
         i = bisect_left(self.keys, key)
         if i == len(self.keys) or self.keys[i] != key:
-            raise AssertionError(f"block {block.ptr:#x} of {block.size} bytes is not in the free pool")
+            raise RuntimeError(
+                f"Expected block {block.ptr:#x} of {block.size} bytes in the simulated free pool, got none (an"
+                " inconsistent event list: a free of a block never allocated, or freed twice). Fix: pass each"
+                " storage's alloc once and its free once, in program order."
+            )
         del self.keys[i]
         del self.blocks[key]
 

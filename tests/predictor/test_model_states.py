@@ -29,90 +29,12 @@ def test_lecture_8b_breakdown_for_plain_mixed_precision_adam():
     assert est.details["peak_phase"] == "step"
 
 
-def _tiny(family="llama"):
-    import torch
-    from transformers import LlamaConfig, Qwen2Config
-
-    if family == "qwen2":
-        return Qwen2Config(
-            vocab_size=1200,
-            hidden_size=128,
-            intermediate_size=320,
-            num_hidden_layers=2,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        )
-    if family == "plain":
-        from predictor._modules import LMStep
-
-        torch.manual_seed(0)
-        return LMStep(vocab=500, d=64, heads=4, layers=3)
-    return LlamaConfig(
-        vocab_size=1000,
-        hidden_size=96,
-        intermediate_size=256,
-        num_hidden_layers=3,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-
-
-DS = {
-    "zero_optimization": {
-        "reduce_bucket_size": 100000,
-        "allgather_bucket_size": 100000,
-        "stage3_prefetch_bucket_size": 100000,
-        "stage3_param_persistence_threshold": 1000,
-    }
-}
-
-
-def _ds(stage):
-    return {"zero_optimization": {**DS["zero_optimization"], "stage": stage}}
-
-
-# Peak live-tensor bytes per step of each rank measured with DeepSpeed 0.19.8, 2 ranks (gloo, CPU), torch
-# AdamW,
-# steady-state step, by a TorchDispatchMode that follows every storage (seeded with all tensors alive at the
-# step's
-# start): tiny Llama (487,584 parameters), Qwen2 with tied embeddings (482,304) and tests/transforms' PlainLM
-# (nn.MultiheadAttention + nn.RMSNorm + GELU MLP, 214,068).
-MEASURED = [
-    # (family, stage, precision, micro-batch, seq, attention, checkpointing, (rank-0 peak, rank-1 peak))
-    ("llama", 0, "bf16-mixed", 4, 128, "sdpa", False, (19718532, 19718532)),
-    ("llama", 1, "bf16-mixed", 4, 128, "sdpa", False, (16792920, 16792920)),
-    ("llama", 3, "bf16-mixed", 4, 128, "sdpa", False, (17968093, 17968093)),
-    ("llama", 1, "bf16-mixed", 4, 128, "sdpa", True, (10748248, 10748248)),
-    ("llama", 0, "32-true", 2, 40, "sdpa", False, (9752512, 9752512)),
-    ("llama", 1, "32-true", 2, 40, "sdpa", False, (7915796, 7802068)),
-    ("llama", 2, "32-true", 2, 40, "sdpa", False, (7802068, 8241432)),
-    ("llama", 3, "32-true", 2, 40, "sdpa", False, (10073949, 10073949)),
-    ("llama", 0, "bf16-mixed", 1, 16, "sdpa", False, (10520380, 10520380)),
-    ("llama", 3, "bf16-mixed", 1, 16, "sdpa", False, (7026409, 7026409)),
-    ("qwen2", 1, "bf16-mixed", 2, 64, "eager", False, (8068696, 8068696)),
-    ("qwen2", 3, "bf16-mixed", 4, 96, "sdpa", True, (11154077, 11154077)),
-    ("plain", 3, "bf16-mixed", 4, 64, "eager", False, (5699577, 5699577)),
-    ("plain", 2, "32-true", 4, 64, "eager", True, (4576416, 4907120)),
-]
-
-
-@pytest.mark.parametrize(("family", "stage", "precision", "b", "s", "attn", "ckpt", "measured"), MEASURED)
-def test_prediction_matches_measured_deepspeed_peaks(family, stage, precision, b, s, attn, ckpt, measured):
-    """Config-only for the Hugging Face models (the model transformers builds, traced), the module with one batch
-    for the plain one: within 0.5 % of every rank's measured peak."""
-    import torch
-
-    kw = dict(world_size=2, zero=stage, precision=precision, activation_checkpointing=ckpt, deepspeed_config=_ds(stage))
-    if family == "plain":  # a plain module's inputs come from its batch (its attention is its own)
-        kw["example_batch"] = torch.randint(0, 500, (b, s))
-    else:
-        kw.update(micro_batch_size=b, seq_len=s, attention=attn)
-    est = estimate_memory(_tiny(family), **kw)
-    per_rank = est.details.get("per_rank_total", {0: est.total, 1: est.total})
-    for rank in (0, 1):
-        assert abs(per_rank[rank] - measured[rank]) / measured[rank] < 0.005
+# A table of peaks measured once (by the dispatch tracker, the predictor's own way of counting, on models no committed
+# script builds) stood here and was compared at 0.5 %. It is removed: nothing could regenerate it, and its ground
+# truth shared the predictor's blind spots. The same DeepSpeed configurations (ZeRO 0-3 on 2 CPU ranks, fp32 and
+# bf16-mixed, eager and SDPA, checkpointing off and on) are measured live against the counting allocator by the
+# quick accuracy subset (`-m slow tests/benchmarks/test_predictor_accuracy.py`, in `make test-slow`), and the fast
+# set fits MemOptStrategy stages live in tests/lightning/callbacks/test_memory_monitor.py.
 
 
 def test_deepspeed_bf16_step_bytes_per_parameter():

@@ -54,21 +54,22 @@ class MemoryMonitor(ReadsRun):
     loader is built once and ``configure_optimizers`` called once per fit.
 
     Every step, each rank measures its device with
-    :class:`~lightning_memopt.measuring.memory.DeviceMemoryProbe`. By default (``"allocator"`` modes) that is what the
-    device itself counts: on CUDA the caching allocator's ``max_memory_allocated`` (the "actual" compared with the
-    prediction) and ``max_memory_reserved`` of the step, and the device's used memory from ``torch.cuda.mem_get_info``
-    (what ``nvidia-smi`` shows: the CUDA context, NCCL and other processes too); on CPU a counting allocator installed
-    for the fit (compiled once with the system C++ compiler; where none is found the monitor warns once and counts
-    live tensors instead). The per-step CUDA peaks need ``torch.cuda.reset_peak_memory_stats`` at every step start,
-    which is process-wide: ``DeviceStatsMonitor``'s ``*.peak`` keys and a user's own ``max_memory_allocated`` then
-    read per-step peaks, which the monitor's ``memory/actual_peak_bytes_max`` and ``memory/run/actual_peak_bytes``
-    turn back into the run's. Opt-in ``"dispatch"`` modes count the tensor storages every op returns with a
-    ``TorchDispatchMode`` instead (what the predictor traces: an explanation of where the bytes are, slower, blind
-    to workspaces and the allocator, and it leaves the CUDA statistics alone). On either device the live bytes that
-    were in the process before ``setup`` and are not the model's (an earlier run's objects) are not counted. The
-    process RSS is reported too. At every ``log_every_n_steps``-th optimizer step the values are gathered from all
-    ranks (one ``all_gather`` of 7 numbers) and logged through the Trainer's loggers; the peaks are the maxima over
-    the steps since the last log.
+    :class:`~lightning_memopt.measuring.memory.DeviceMemoryProbe`. On CUDA the default (``cuda_mode="allocator"``) is
+    what the device itself counts: the caching allocator's ``max_memory_allocated`` (the "actual" compared with the
+    prediction) and ``max_memory_reserved`` of the step, and the device's used memory from
+    ``torch.cuda.mem_get_info`` (what ``nvidia-smi`` shows: the CUDA context, NCCL and other processes too). The
+    per-step peaks need ``torch.cuda.reset_peak_memory_stats`` at every step start, which is process-wide:
+    ``DeviceStatsMonitor``'s ``*.peak`` keys and a user's own ``max_memory_allocated`` then read per-step peaks, which
+    the monitor's ``memory/actual_peak_bytes_max`` and ``memory/run/actual_peak_bytes`` turn back into the run's.
+    ``cuda_mode="dispatch"`` counts the tensor storages every op returns with a ``TorchDispatchMode`` instead (what
+    the predictor traces: an explanation of where the bytes are, slower, blind to workspaces and the allocator; it
+    leaves the CUDA statistics alone). On CPU the default (``cpu_mode="dispatch"``) is that tracker; opt-in
+    ``cpu_mode="allocator"`` installs a counting CPU allocator for the fit (compiled once with the system C++
+    compiler; where none is found the monitor warns once and counts live tensors instead). On either device the live
+    bytes that were in the process before ``setup`` and are not the model's (an earlier run's objects) are not
+    counted. The process RSS is reported too. At every ``log_every_n_steps``-th optimizer step the values are
+    gathered from all ranks (one ``all_gather`` of 7 numbers) and logged through the Trainer's loggers; the peaks are
+    the maxima over the steps since the last log.
 
     Logged keys (bytes unless noted; the unsuffixed ones are rank zero's, ``*_max`` the maximum over ranks):
 
@@ -114,7 +115,7 @@ class MemoryMonitor(ReadsRun):
         optimizer: the predictor's optimizer name (``"adamw"``, ``"sgd-momentum"``, ...); ``None``: read from the
             run (the ``configure_optimizers`` result the Trainer then uses).
         method: the predictor's method, ``"trace"`` (the only one: a fake-tensor trace of the module's own step).
-        cpu_mode: how CPU memory is counted, ``"allocator"`` (default) or ``"dispatch"`` (see above).
+        cpu_mode: how CPU memory is counted, ``"dispatch"`` (default) or ``"allocator"`` (see above).
         cuda_mode: how CUDA memory is counted, ``"allocator"`` (default) or ``"dispatch"`` (see above).
         max_suggestions: at most this many suggestions in the fit-check error.
         progress_bar: show the actual and predicted peak in the progress bar at every optimizer step (not logged).
@@ -146,7 +147,7 @@ class MemoryMonitor(ReadsRun):
         snapshot_on_oom: bool = True,
         optimizer: str | None = None,
         method: str = "trace",
-        cpu_mode: str = "allocator",
+        cpu_mode: str = "dispatch",
         max_suggestions: int = 5,
         progress_bar: bool = False,
         cuda_mode: str = "allocator",
