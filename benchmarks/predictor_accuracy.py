@@ -101,6 +101,7 @@ QUICK = (
     ("neox", "2", "32-true", "eager", False),
     ("llama", "single", "bf16-mixed", "sdpa", True),
     ("plain", "single", "32-true", "eager", True),
+    ("plain", "3", "32-true", "sdpa", True),  # a recomputed block keeps a released weight's gathered copy
 )
 
 

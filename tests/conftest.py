@@ -43,3 +43,15 @@ def _reset_deepspeed_groups() -> None:
     comm = sys.modules.get("deepspeed.comm.comm")
     if comm is not None:
         comm.cdb = None
+
+
+@pytest.fixture(autouse=True)
+def _no_counting_allocator_left_installed(request):
+    """The counting CPU allocator is process-wide: a test that leaves it installed changes what every later test
+    measures. Fail the test that leaked it (and put the default allocator back)."""
+    yield
+    from lightning_memopt.measuring import cpu_allocator
+
+    if cpu_allocator._LIB is not None and cpu_allocator.CPUAllocationCounter.installed():
+        cpu_allocator._LIB.lmo_uninstall()
+        pytest.fail(f"{request.node.nodeid} left the counting CPU allocator installed")

@@ -71,6 +71,9 @@ class AllocatorPeaks(pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.counter.close()
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.counter.close()  # a fit that fails in setup never reaches teardown: the process allocator goes back
+
 
 def assert_within_claim(history: "list[dict]") -> None:
     """Every rank's steps from the second on: the monitor's prediction against its logged actual peak, at the claim
