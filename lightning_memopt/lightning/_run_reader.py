@@ -183,6 +183,12 @@ class RunReader:
                         micro_batch_size=int(shape[0]), accumulate_grad_batches=int(trainer.accumulate_grad_batches))
         if shape[1] is not None:
             settings["seq_len"] = int(shape[1])
+        device = trainer.strategy.root_device
+        if device.type == "cuda":  # this GPU's rules: its workspaces, context and the allocator's mode
+            from lightning_memopt.predictor.cuda_memory import cuda_rules
+
+            settings["device"] = cuda_rules(torch.cuda.get_device_name(device),
+                                            capability=tuple(torch.cuda.get_device_capability(device)))  # fmt: skip
         return settings
 
 

@@ -1,10 +1,11 @@
 """``predict``: the per-rank memory of one training step of a model as it is, before the run."""
 
+from collections.abc import Callable
 from typing import Any
 
 from lightning_memopt.core.blocks import checkpoint_flags
 from lightning_memopt.core.deepspeed_config import zero_settings
-from lightning_memopt.predictor.cuda_memory import CudaRules, cuda_rules, replay_run
+from lightning_memopt.predictor.cuda_memory import CudaRules, cuda_rules, replay_model
 from lightning_memopt.predictor.estimate import MemoryEstimate
 from lightning_memopt.predictor.model_states import (
     ENGINES,
@@ -283,10 +284,15 @@ def predict(
     details["peak_phase"] = phase.name
     details["phases"] = {p.name: p.total + a + lg for p, a, lg in phases}
     total = int(phase.total + act_bytes + logit_bytes)
-    cuda = _on_cuda(rules, source, total, reading, details, prec, act_engine, optimizer, engine, world_size,
-                    dict(example_batch=example_batch, micro_batch_size=micro_batch_size, seq_len=seq_len),
-                    dict(precision=prec, engine=act_engine, activation_checkpointing=activation_checkpointing,
-                         attention=attention, zero3=zero3, cuda=True))  # fmt: skip
+
+    def replay() -> Any:  # the whole run through CUDA's caching allocator, from one step traced with every storage
+        batch, _ = step_batch(source, example_batch, micro_batch_size, seq_len)
+        trace = recorded_trace(source, batch, precision=prec, engine=act_engine, zero3=zero3, cuda=True,
+                               activation_checkpointing=activation_checkpointing, attention=attention)  # fmt: skip
+        return replay_model(trace, reading, prec.param_bytes(act_engine), optimizer, rules)
+
+    replayable = engine == "torch" and world_size == 1 and source.module is not None
+    cuda = _on_cuda(rules, total, details, replay if replayable else None)
     return MemoryEstimate(
         parameters=int(phase.parameters),
         gradients=int(phase.gradients),
@@ -310,11 +316,10 @@ def _module_device(module: Any) -> "str | None":
 
 
 def _on_cuda(
-    rules: "CudaRules | None", source: Any, total: int, reading: Any, details: "dict[str, Any]", prec: Any,
-    act_engine: str, optimizer: str, engine: str, world_size: int, batch_args: dict, settings: dict,
+    rules: "CudaRules | None", total: int, details: "dict[str, Any]", replay: "Callable[[], Any] | None"
 ) -> "dict[str, int | None]":
-    """What CUDA adds (:mod:`.cuda_memory`): the workspaces, and where the run's allocation sequence is known (the
-    plain engine on one device), the allocator's blocks, its reserved peak and the device total."""
+    """What CUDA adds (:mod:`.cuda_memory`): the workspaces, and where the run's allocation sequence is known
+    (``replay``: the plain engine on one device) the allocator's blocks, its reserved peak and the device total."""
     out: "dict[str, int | None]" = {"workspaces": 0, "allocator_rounding": 0, "reserved": None, "device_total": None}
     if rules is None:
         return out
@@ -322,21 +327,13 @@ def _on_cuda(
     details["cuda"] = {"device": rules.name, "capability": list(rules.capability),
                        "workspace_bytes": rules.workspace_bytes, "expandable_segments": rules.expandable_segments,
                        "context_bytes": rules.context_bytes}  # fmt: skip
-    if engine != "torch" or world_size != 1 or source.module is None:
+    if replay is None:
         details["cuda"]["reserved"] = (
             "not predicted: the caching allocator is replayed for the plain engine on one device (DeepSpeed's and"
             " DDP's buffers are not in the replayed sequence yet)"
         )
         return out
-    batch, _ = step_batch(source, **batch_args)
-    trace = recorded_trace(source, batch, **settings)
-    dtype_bytes = prec.param_bytes(act_engine)
-    param_bytes = [p.numel * (dtype_bytes if p.floating else p.dtype.itemsize) for p in reading.params]
-    buffer_bytes = [b.numel * b.dtype.itemsize for b in reading.buffers if not b.attribute]
-    states, kind = resolve_optimizer(optimizer)
-    state_tensors = states // 4 if states else 0  # AdamW: m and v; SGD with momentum: one buffer (as the parameter)
-    sim = replay_run(trace, param_bytes, [p.trainable for p in reading.params], buffer_bytes, kind, state_tensors,
-                     rules)  # fmt: skip
+    sim = replay()
     out["allocator_rounding"] = max(0, sim.peak_allocated - total - rules.workspaces)
     out["reserved"] = max(sim.peak_reserved, total + rules.workspaces + out["allocator_rounding"])
     if rules.context_bytes is not None:

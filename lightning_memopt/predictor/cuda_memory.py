@@ -233,6 +233,19 @@ def replay_run(
     return simulate(events, rules.allocator)
 
 
+def replay_model(trace: Any, reading: Any, param_bytes: int, optimizer: str, rules: CudaRules) -> AllocatorResult:
+    """:func:`replay_run` for a model as the predictor reads it: every parameter in the engine's dtype
+    (``param_bytes`` per element; integer weights keep theirs), its registered buffers, and the optimizer's states
+    and temporaries (:func:`~lightning_memopt.predictor.model_states.resolve_optimizer`)."""
+    from lightning_memopt.predictor.model_states import resolve_optimizer
+
+    sizes = [p.numel * (param_bytes if p.floating else p.dtype.itemsize) for p in reading.params]
+    buffers = [b.numel * b.dtype.itemsize for b in reading.buffers if not b.attribute]
+    state_bytes, kind = resolve_optimizer(optimizer)
+    # AdamW: m and v, each shaped as the parameter (fp32 here); SGD with momentum: one buffer
+    return replay_run(trace, sizes, [p.trainable for p in reading.params], buffers, kind, state_bytes // 4, rules)
+
+
 def _grad_records(records: "list[tuple[int, int, int, int]]", grad_keys: "tuple[tuple[int, int], ...]") -> "set[int]":
     """The records that are gradients: the storage handed to the engine (``key``) at op ``at`` (storage keys are
     reused after a storage dies, so the record must span the hand-over)."""
