@@ -84,6 +84,7 @@ def _losses(mode: str) -> dict[int, list[float]]:
     return dict(queue.get() for _ in processes)
 
 
+@pytest.mark.slow  # three 2-process ZeRO-3 fits (28 s)
 def test_checkpointing_and_fused_loss_train_like_plain_zero3():
     reference = _losses("plain")
     for mode in ("ckpt", "flce") if os.environ.get("MEMOPT_RUN_DISTRIBUTED") else ("flce",):

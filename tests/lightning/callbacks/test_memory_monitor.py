@@ -139,7 +139,8 @@ def _launch_args(name: str) -> tuple[str, ...]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("name", ["zero0", pytest.param("zero1", marks=pytest.mark.slow),
+                                  pytest.param("zero2", marks=pytest.mark.slow), "zero3"])  # fmt: skip
 def test_two_ranks_memopt_log_the_keys_at_every_step_gathered_over_ranks(two_rank_run, name):
     ranks = two_rank_run(*_launch_args(name))
     assert len(ranks) == 2
@@ -168,6 +169,7 @@ def test_two_ranks_memopt_prediction_error_within_the_predictor_target(two_rank_
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # a 2-process DDP fit (18 s); the MemOpt stages cover the gathering in `make test`
 def test_ddp_two_ranks_logs_every_step(two_rank_run):
     ranks = two_rank_run("--strategy", "ddp")
     assert_keys_at_every_step(ranks[0]["metrics_csv"], ranks[0]["global_step"])

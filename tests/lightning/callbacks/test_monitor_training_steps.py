@@ -53,7 +53,7 @@ def _two_rank_phi3(tmp_path: Path, zero: int) -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("zero", [0, 3])
+@pytest.mark.parametrize("zero", [pytest.param(0, marks=pytest.mark.slow), 3])  # 1 and 2 below, slow too
 def test_phi3_step_that_logs_and_reads_a_reduced_loss_is_predicted_at_every_step(tmp_path, zero):
     _two_rank_phi3(tmp_path, zero)
 

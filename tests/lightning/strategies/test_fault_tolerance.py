@@ -9,7 +9,7 @@ import pytest
 from helpers import run_script
 
 SCRIPT = Path(__file__).parent / "scripts" / "crash_run.py"
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # a 2-process crash and resume (36 s)
 
 
 def test_a_dead_rank_ends_the_job_and_resuming_loses_nothing(tmp_path):

@@ -38,7 +38,9 @@ def _stage(zero: int, tmp_path_factory) -> tuple:
     return _RUNS[zero]
 
 
-@pytest.fixture(scope="module", params=STAGES, ids=lambda z: f"zero{z}")
+@pytest.fixture(scope="module", params=[0, pytest.param(1, marks=pytest.mark.slow),
+                                        pytest.param(2, marks=pytest.mark.slow), 3],
+                ids=lambda z: f"zero{z}")  # 1 and 2 in `make test-slow`: 2-process fits, 27 s each
 def stage_run(request, tmp_path_factory):
     return _stage(request.param, tmp_path_factory)
 
@@ -107,6 +109,7 @@ def test_consolidated_state_dict_loads_strictly_and_predicts_the_same(stage_run)
             torch.testing.assert_close(ours, logits, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.slow  # a 2-process fp32 fit per stage
 def test_fp32_training_shards_like_the_formulas(tmp_path_factory):
     """32-true at ZeRO-3: no separate master copy is needed, but DeepSpeed keeps its fp32 flat partition."""
     _, ranks = _launch(tmp_path_factory, "fp32", "--zero", "3", "--precision", "32-true", "--no-resume")
@@ -120,6 +123,7 @@ def test_fp32_training_shards_like_the_formulas(tmp_path_factory):
         assert losses[-1] < losses[0] - 0.5
 
 
+@pytest.mark.slow  # 2-process ZeRO-3 fits with and without checkpointing
 def test_activation_checkpointing_under_zero3_trains_with_the_same_losses(tmp_path_factory):
     """Checkpointing under ZeRO-3 used to raise CheckpointError (transformers #47254, DeepSpeed #4332)."""
     _, _, plain, _ = _stage(3, tmp_path_factory)

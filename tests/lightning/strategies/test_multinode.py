@@ -11,7 +11,7 @@ import pytest
 from helpers import ROOT, free_port
 
 SCRIPT = Path(__file__).parent / "scripts" / "multinode_run.py"
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # 2 nodes x 1 process (15 s)
 
 
 def test_two_nodes_train_in_lockstep(tmp_path):
