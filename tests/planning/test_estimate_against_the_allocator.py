@@ -118,3 +118,32 @@ def test_a_hugging_face_config_is_predicted_within_the_claim_at_every_micro_batc
     growth = measured[5] - measured[2]
     assert growth > 0.2 * measured[2]  # activations are much of the peak: a micro-batch ignored shows
     assert abs((predicted[5] - predicted[2]) - growth) <= WORST_PCT / 100 * growth
+
+
+def test_pytorchs_own_memory_tracker_agrees_as_a_second_opinion():
+    """PyTorch's ``MemTracker`` (``torch.distributed._tools.mem_tracker``, a private tool guarded here by import) counts
+    the step's tensors by its own code: its steady-state peak and the counting allocator's agree with the prediction
+    within the claim."""
+    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
+    torch.manual_seed(0)
+    model = TableLM()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tracker = mem_tracker.MemTracker()
+    tracker.track_external(model, optimizer)
+    peaks = []
+    with tracker:
+        for step in range(3):
+            tracker.reset_mod_stats()
+            batch = torch.randint(0, VOCAB, (2, 128), generator=torch.Generator().manual_seed(step))
+            loss = model.training_step(batch, 0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            del loss
+            snapshot = tracker.get_tracker_snapshot("peak")
+            peaks.append(next(v["Total"] for device, v in snapshot.items() if str(device) == "cpu"))
+    torch.manual_seed(0)
+    est = estimate_memory(TableLM(), engine="torch", precision="32-true",
+                          example_batch=torch.randint(0, VOCAB, (2, 128)))  # fmt: skip
+    for name, measured in (("MemTracker", max(peaks[1:])), ("allocator", measured_peak(TableLM, 2, 128))):
+        assert within_claim(est.total, measured, "32-true"), (name, error_pct(est.total, measured))
