@@ -2,9 +2,12 @@
 
 import re
 
+import pytest
+
 from helpers import ROOT, run_script
 
 
+@pytest.mark.slow  # make demo end to end: 2 processes (26 s)
 def test_demo_shows_where_the_memory_goes(tmp_path):
     proc = run_script(ROOT / "examples" / "demo.py", "--steps", "5", "--log-dir", str(tmp_path), timeout=240)
     out = (proc.stdout + proc.stderr).replace("\r", "\n")

@@ -2,9 +2,12 @@
 
 import re
 
+import pytest
+
 from helpers import ROOT, run_script
 
 
+@pytest.mark.slow  # a 2-process DDP project (15 s)
 def test_plain_ddp_project_trains_with_the_three_callbacks(tmp_path):
     proc = run_script(
         ROOT / "examples" / "existing_project_ddp.py", "--steps", "4", "--log-dir", str(tmp_path), timeout=180

@@ -44,6 +44,7 @@ def _measured_step_peak(build) -> int:
     return peak
 
 
+@pytest.mark.slow  # a measured fit per budget (18 s)
 def test_a_budget_between_the_extremes_wraps_a_strict_subset_and_the_measured_peak_fits():
     attention = "sdpa"  # eager is measured in docs/transforms.md (a step costs ~10x more on CPU)
     model = hf_model("llama", layers=LAYERS, attn=attention)

@@ -23,6 +23,7 @@ from lightning_memopt.planning import estimate_memory
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # one 2-process planned fit (23 s), shared with the next test
 def test_two_ranks_plan_is_the_same_everywhere_and_the_next_micro_batch_does_not_fit(tmp_path_factory):
     args = planner_args()
     device_memory, tokens = int(args[args.index("--plan") + 1]), int(args[args.index("--global-tokens") + 1])
@@ -47,6 +48,7 @@ def test_two_ranks_plan_is_the_same_everywhere_and_the_next_micro_batch_does_not
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # the same 2-process planned fit
 def test_two_ranks_plan_trains_under_the_limit(tmp_path_factory):
     args = planner_args()
     device_memory = int(args[args.index("--plan") + 1])
