@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from accuracy_kinds import CONFIG_ONLY, KINDS  # noqa: E402 (benchmarks/ is put on the path above)
 from accuracy_report import CONVOLUTION_KINDS  # noqa: E402
-from accuracy_targets import MEDIAN_PCT, WORST_PCT, within_claim  # noqa: E402
+from accuracy_targets import MEDIAN_PCT, WORST_PCT, scratch_allowance, within_claim  # noqa: E402
 from predictor_accuracy import QUICK  # noqa: E402
 
 
@@ -54,8 +54,10 @@ def test_quick_subset_measures_every_kind_and_axis(quick: dict) -> None:
     for row in rows:
         # predicted with the settings the run really had (stage, resolved buckets, precision, checkpointing, ...)
         assert row["settings_match"], row["settings_diff"]
-        # the steady state is steady (steps 2..3 peak alike) and the step adds to what setup left (model states)
-        assert 0 <= row["steady_spread"] <= 0.01 * row["measured"], row
+        # the steady state is steady (steps 2..3 peak alike, up to the kernels' scratch, which the allocator sees and
+        # which varies from step to step: 131 KB once for a bf16 SDPA row) and the step adds to what setup left
+        scratch = scratch_allowance(row["precision"], convolutions=row["kind"] in CONVOLUTION_KINDS)
+        assert 0 <= row["steady_spread"] <= 0.01 * row["measured"] + scratch, row
         assert row["measured"] >= row["first_step"] > row["after_setup"] > 0, row
         # the allocator sees every storage the dispatch tracker sees, and kernel scratch besides
         assert row["measured"] >= row["measured_tensors"], row
