@@ -32,6 +32,21 @@ def run_script(
     return proc
 
 
+def listed_names(script: Path) -> "list[str]":
+    """The first word of each line a GPU script's ``--list`` prints (its checks or groups); runs without a GPU."""
+    out = subprocess.run([sys.executable, str(script), "--list"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in out.splitlines()]
+
+
+def assert_refuses_without_cuda(script: Path, out_dir: Path) -> None:
+    """A GPU script run without CUDA (and without ``--smoke``) exits 2 with the fix and writes nothing."""
+    proc = subprocess.run([sys.executable, str(script), "--out-dir", str(out_dir)], capture_output=True, text=True,
+                          check=False, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "expected a CUDA GPU, got none" in proc.stderr and "Fix:" in proc.stderr
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
 def write_hub_cache(cache: Path, repo_id: str, config: dict, revision: str = "0123456789abcdef") -> Path:
     """Put ``config`` as ``repo_id``'s config.json into a Hugging Face hub cache directory (huggingface_hub's layout:
     ``models--owner--name/snapshots/<rev>/config.json`` and ``refs/main``); returns the cache directory."""

@@ -8,24 +8,18 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT
+from helpers import ROOT, assert_refuses_without_cuda, listed_names
 
 SCRIPT = ROOT / "benchmarks" / "gpu_checks.py"
 
 
 def test_list_names_every_check():
-    out = subprocess.run([sys.executable, str(SCRIPT), "--list"], capture_output=True, text=True, check=True).stdout
-    assert [line.split()[0] for line in out.splitlines()] == ["accuracy", "speed", "liger_numerics", "gpu_tests"]
+    assert listed_names(SCRIPT) == ["accuracy", "speed", "liger_numerics", "gpu_tests"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_without_cuda_it_exits_with_a_clear_message(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out-dir", str(tmp_path)], capture_output=True, text=True, check=False
-    )
-    assert proc.returncode == 2
-    assert "expected a CUDA GPU, got none" in proc.stderr
-    assert not any(tmp_path.iterdir())
+    assert_refuses_without_cuda(SCRIPT, tmp_path / "out")
 
 
 @pytest.mark.slow
