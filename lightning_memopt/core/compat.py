@@ -162,3 +162,22 @@ def triton_launches_skipped() -> Iterator[None]:
         yield
     finally:
         interface.__getitem__ = original
+
+
+def efficient_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, grad: bool, dropout_p: float,
+    is_causal: bool, scale: "float | None",
+) -> torch.Tensor:
+    """The output of ``aten._scaled_dot_product_efficient_attention`` (private; the memory-efficient SDPA backend's
+    op, with its device-independent fake kernel and autograd formula). Its signature is unchanged since torch 2.1.
+
+    Raises:
+        RuntimeError: a torch without the op, with the fix.
+    """
+    op = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
+    if op is None:  # pragma: no cover - torch < 2.1
+        raise RuntimeError(
+            f"Expected torch >= 2.1 (aten._scaled_dot_product_efficient_attention), got {torch.__version__}."
+            " Fix: upgrade torch."
+        )
+    return op(query, key, value, bias, grad, dropout_p, is_causal, scale=scale)[0]

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_memopt.core import compat
 from lightning_memopt.predictor.cuda_allocator import AllocatorResult, AllocatorSettings, simulate
 
 #: cuBLAS workspace per handle by compute-capability major (``getChosenWorkspaceSize``'s defaults)
@@ -273,10 +274,10 @@ def cuda_kernels() -> "Iterator[None]":
       and the log-sum-exp (plus a Philox seed and offset), where the CPU falls back to the math path with dropout and
       saves the ``s x s`` probabilities and the dropout mask (``sdp_utils_cpp.cpp``: the CPU's flash kernel takes no
       dropout). Without a mask the trace runs the CPU's fused kernel without dropout, which saves what cuDNN's and
-      flash's do. With a mask (a padding mask, T5's learned position bias) CUDA runs the memory-efficient kernel,
-      which takes the mask as a bias in the query's dtype and saves it for backward (``attention.cu``,
-      ``_scaled_dot_product_efficient_attention``); the trace calls that op, whose fake kernel and autograd formula
-      are device-independent;
+      flash's do. With a mask (a padding mask) CUDA runs the memory-efficient kernel, which takes the mask as a bias
+      in the query's dtype and saves it for backward (``attention.cu``, ``_scaled_dot_product_efficient_attention``);
+      the trace calls that op, whose fake kernel and autograd formula are device-independent. A mask that needs a
+      gradient (T5's learned position bias) takes the math path, computed in fp32 as CUDA's math backend does;
     * ``softmax`` and ``log_softmax`` under autocast: CUDA's autocast runs them in fp32 (its ``fp32_set_opt_dtype``
       list, ``aten/src/ATen/autocast_mode.cpp``: a 16-bit input without ``dtype`` gets ``dtype=torch.float32``, so the
       probabilities an eager attention keeps are fp32), where the CPU's autocast leaves them in the input's dtype.
@@ -361,7 +362,5 @@ def _efficient_attention(
     else:
         bias = mask.to(query.dtype)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, bias))
-    out = torch.ops.aten._scaled_dot_product_efficient_attention(
-        query, key, value, bias.expand(*query.shape[:-1], key.shape[-2]), grad, dropout_p, is_causal, scale=scale
-    )
-    return out[0]
+    bias = bias.expand(*query.shape[:-1], key.shape[-2])
+    return compat.efficient_attention(query, key, value, bias, grad, dropout_p, is_causal, scale)
