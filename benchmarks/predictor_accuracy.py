@@ -169,7 +169,7 @@ def checkpoint_callbacks(cfg: dict) -> list:
 def predict(cfg: dict) -> dict:
     """Both methods' prediction of every rank of a configuration, on a freshly built copy of its model."""
     from lightning_memopt import estimate_memory
-    from lightning_memopt.lightning._run_reader import quiet_logging
+    from lightning_memopt.lightning._run_reader import lightning_step
 
     module, batch = build_module(cfg), first_batch(cfg)
     settings = planned_settings(cfg, module, batch)
@@ -185,7 +185,7 @@ def predict(cfg: dict) -> dict:
     for method, call in calls.items():
         start = time.perf_counter()
         try:
-            with quiet_logging(module):
+            with lightning_step(module):
                 est = call()
         except (ValueError, TypeError) as err:  # a clear refusal: reported as failed
             out[method] = {"failed": "refusal", "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}

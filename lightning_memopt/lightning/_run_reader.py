@@ -27,7 +27,7 @@ from typing_extensions import override
 from lightning_memopt.lightning import _compat as compat
 from lightning_memopt.predictor.timeline import batch_shape
 
-__all__ = ["ReadsRun", "RunReader", "batch_shape", "forget_run", "lightning_step", "optimizer_name", "quiet_logging",
+__all__ = ["ReadsRun", "RunReader", "batch_shape", "forget_run", "lightning_step", "optimizer_name",
            "read_run", "strategy_settings"]  # fmt: skip
 
 _KEY = "_lightning_memopt_run"
@@ -340,10 +340,6 @@ def lightning_step(pl_module: nn.Module) -> Iterator[None]:
             stack.enter_context(_instance_patches(strategy, strategy_patches))
         stack.enter_context(stepping(step))
         yield
-
-
-#: the name the callers used when the context only silenced ``self.log``
-quiet_logging = lightning_step
 
 
 def _nothing(*args: Any, **kwargs: Any) -> None:

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_memopt.core.units import format_bytes, parse_bytes
-from lightning_memopt.lightning._run_reader import ReadsRun, RunReader, quiet_logging, read_run
+from lightning_memopt.lightning._run_reader import ReadsRun, RunReader, lightning_step, read_run
 
 
 class BatchPlanner(ReadsRun):
@@ -166,7 +166,7 @@ class BatchPlanner(ReadsRun):
             # with the accumulation this micro-batch needs: accumulating keeps gradients between micro-steps
             if micro not in estimates:
                 accumulate = math.ceil(self.global_batch_tokens / (micro * seq_len * world))
-                with quiet_logging(run.pl_module):
+                with lightning_step(run.pl_module):
                     change = {"micro_batch_size": micro, "accumulate_grad_batches": accumulate}
                     estimates[micro] = estimate_memory(**{**kwargs, **change})
             return estimates[micro]

@@ -153,7 +153,7 @@ def checkpoint_run_to_fit(
     """
     from lightning.pytorch.trainer.states import TrainerFn
 
-    from lightning_memopt.lightning._run_reader import quiet_logging, read_run
+    from lightning_memopt.lightning._run_reader import lightning_step, read_run
 
     if trainer.state.fn != TrainerFn.FITTING:
         rank_zero_info(f"Budget-driven checkpointing plans for `fit` only; skipped for {trainer.state.fn}.")
@@ -182,7 +182,7 @@ def checkpoint_run_to_fit(
     kwargs = run.estimate_kwargs(shape, optimizer or "adamw")
     kwargs.pop("activation_checkpointing", None)
     kwargs["example_batch"] = run.first_batch()
-    with quiet_logging(pl_module):
+    with lightning_step(pl_module):
         plan = checkpoint_to_fit(pl_module, budget, policy=policy, reentrant=reentrant, **kwargs)
     rank_zero_info(f"Budget-driven checkpointing: {plan}")
     return plan
