@@ -6,7 +6,10 @@ fails or runs out of time is recorded as such, what it finished is kept, and the
 model, data and precision (bf16-mixed: fp32 weights, bf16 autocast, torch's AdamW) on both sides of every comparison.
 
 - ``zero`` (part ``zero``): ``MemOptStrategy(zero=s)`` vs Lightning's ``DeepSpeedStrategy(stage=s)`` for s = 1, 2, 3
-  on one GPU, a 0.50B Llama (4 x 1024), Lightning fits all in one process: median step time and peak allocated.
+  on one GPU, a 0.50B Llama (4 x 1024), Lightning fits all in one process (each engine destroyed after its fit, so
+  the next starts with its memory freed): median step time over ``ZERO_TIMED`` steps and peak allocated. At stages 2
+  and 3, MemOptStrategy is also run without expandable segments and with Lightning's ZeRO section (``BISECT``): what
+  makes a difference in step time.
 - ``llama1b``: a Llama-3.2-1B-shaped model (vocab 128,256, tied embeddings), 1 x 4096, a plain AMP loop in
   Lightning's order (forward, ``zero_grad``, backward, AdamW step). Part ``hf``: the bf16 matmul peak (8192^3), then
   HF eager, SDPA, eager + full checkpointing, and budget checkpointing (``checkpoint_to_fit``, the planner behind
@@ -14,7 +17,8 @@ model, data and precision (bf16-mixed: fp32 weights, bf16 autocast, torch's Adam
   Part ``liger`` (own process: Liger patches transformers' modules process-wide): SDPA + Liger, eager + Liger (its
   default kernels, fused linear cross-entropy included). Tokens/s, peak allocated and reserved, MFU.
 - ``monitor`` (part ``monitor``): Lightning fits of the same 1B (SDPA) without, with ``MemoryMonitor()`` at its
-  defaults, and without again: the step-time overhead.
+  defaults, with ``MemoryMonitor(snapshot_on_oom=False)`` (no allocation history recorded), and without again: the
+  step-time overhead (the target compares the defaults with the mean of the fits without).
 
 Warm-up steps (Triton compilation, cuBLAS/cuDNN plans, lazily created optimizer states) are not timed; every figure
 is the median of the timed steps (``TIMED`` >= 10), with the spread (interquartile range, min, max) next to it. The
@@ -59,14 +63,28 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = False
 WARMUP, TIMED = 3, 10
 MONITOR_TIMED = 15  # the 1 % target wants a tighter median
+ZERO_TIMED = 20  # the 2 % target wants a tighter median than 10 steps give (their IQR was 8-18 % of it)
+#: ZeRO-2 and ZeRO-3 bisected (measured first: Lightning's ``overlap_comm=True`` or its 2e8-element buckets alone did
+#: not close the gap): MemOptStrategy without its default expandable segments ("native"), and with Lightning's whole
+#: ZeRO section (``overlap_comm=True``, 2e8-element buckets) with and without them; Lightning's fit again at the end
+#: (drift within the process).
+LIGHTNING_ZERO = {"overlap_comm": True, "reduce_bucket_size": 200_000_000, "allgather_bucket_size": 200_000_000}
+BISECT = {
+    2: {"memopt:2 native": {"expandable_segments": False},
+        "memopt:2 as lightning": LIGHTNING_ZERO,
+        "memopt:2 as lightning, native": {**LIGHTNING_ZERO, "expandable_segments": False},
+        "lightning:2 again": None},
+    3: {"memopt:3 native": {"expandable_segments": False}},
+}  # fmt: skip
 #: group: (description, parts); part: weight (its share of the budget), seconds a unit of it needs to be started
 GROUPS = {
     "zero": ("MemOptStrategy(zero=s) vs DeepSpeedStrategy(stage=s), s = 1-3, 0.50B Llama: step time, peak", ["zero"]),
     "llama1b": ("Llama-3.2-1B shape at 1 x 4096: eager, sdpa, liger, sdpa+liger, checkpointing (full, budget)",
                 ["hf", "liger"]),
-    "monitor": ("MemoryMonitor() on the 1B (sdpa): step time without / with / without", ["monitor"]),
+    "monitor": ("MemoryMonitor() on the 1B (sdpa): step time without / with / without history / without",
+                ["monitor"]),
 }
-PARTS = {"zero": 80, "hf": 55, "liger": 45, "monitor": 35}
+PARTS = {"zero": 130, "hf": 55, "liger": 45, "monitor": 45}
 #: seconds one unit (a fit, a variant) of a part needs on the GPU; a unit is not started with less left
 UNIT_SECONDS = {"zero": 8, "hf": 9, "liger": 9, "monitor": 6}
 SMOKE_SKIP = {"lightning": "Lightning's DeepSpeedStrategy refuses CPU (--smoke)",
@@ -409,6 +427,9 @@ def fit(module: Any, strategy: Any, extra: list, memory: Memory | None, batch: i
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                          callbacks=[first, *extra, last])
     trainer.fit(module, data)
+    engine = trainer.strategy.model
+    if hasattr(engine, "destroy"):  # a DeepSpeed engine: its hooks keep its flat buffers alive after the fit
+        engine.destroy()
     starts, ends = shared["starts"][WARMUP:], shared["ends"][WARMUP:]
     out = {"batch": batch, "seq_len": seq, **spread([e - s for s, e in zip(starts, ends)]),
            "median_iteration_s": statistics.median(b - a for a, b in zip(shared["starts"][WARMUP:],
@@ -421,7 +442,7 @@ def fit(module: Any, strategy: Any, extra: list, memory: Memory | None, batch: i
     return out
 
 
-def zero_fit(strategy_name: str, stage: int) -> dict:
+def zero_fit(strategy_name: str, stage: int, **options: Any) -> dict:
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     from lightning_memopt import MemOptStrategy
@@ -433,11 +454,11 @@ def zero_fit(strategy_name: str, stage: int) -> dict:
     n = sum(p.numel() for p in module.parameters())
     memory.track(module)
     memory.reset()
-    strategy = MemOptStrategy(zero=stage) if strategy_name == "memopt" else DeepSpeedStrategy(stage=stage)
-    out = fit(module, strategy, [], memory, batch=size(4, 2), seq=size(1024, 64), timed=TIMED)
+    strategy = MemOptStrategy(zero=stage, **options) if strategy_name == "memopt" else DeepSpeedStrategy(stage=stage)
+    out = fit(module, strategy, [], memory, batch=size(4, 2), seq=size(1024, 64), timed=ZERO_TIMED)
     allocated, reserved = memory.read()
     memory.close()
-    return {"strategy": strategy_name, "stage": stage, "n_parameters": n, **out,
+    return {"strategy": strategy_name, "stage": stage, "options": options, "n_parameters": n, **out,
             "peak_allocated_bytes": allocated, "peak_reserved_bytes": reserved, "allocated_before_bytes": before,
             "net_peak_allocated_bytes": allocated - before}
 
@@ -449,6 +470,13 @@ def part_zero(part: Part) -> None:
                 part.skip(f"{name}:{stage}", SMOKE_SKIP["lightning"])
                 continue
             part.run(f"{name}:{stage}", lambda n=name, s=stage: zero_fit(n, s))
+        for name, options in BISECT.get(stage, {}).items():  # where MemOptStrategy was slower: what makes it so
+            if options is None and SMOKE:
+                part.skip(name, SMOKE_SKIP["lightning"])
+            elif options is None:
+                part.run(name, lambda s=stage: zero_fit("lightning", s))
+            else:
+                part.run(name, lambda s=stage, o=options: zero_fit("memopt", s, **o))
 
 
 def part_monitor(part: Part) -> None:
@@ -459,16 +487,19 @@ def part_monitor(part: Part) -> None:
     causal_lm, _ = lightning_pieces()
     module = causal_lm(llama1b_config("sdpa"))
     log_dir = tempfile.mkdtemp(prefix="gpu_speed_monitor_")
-    for i, with_monitor in enumerate((False, True, False)):
-        name = f"{'with' if with_monitor else 'without'} MemoryMonitor ({i + 1})"
+    # its defaults (the point of the measurement), then without the OOM history (what recording it costs)
+    variants = (("without MemoryMonitor", None), ("with MemoryMonitor()", {}),
+                ("with MemoryMonitor(snapshot_on_oom=False)", {"snapshot_on_oom": False}),
+                ("without MemoryMonitor", None))  # fmt: skip
+    for i, (label, kwargs) in enumerate(variants):
 
-        def one(m: bool = with_monitor) -> dict:
-            extra = [MemoryMonitor()] if m else []  # its defaults: the point of the measurement
+        def one(k: dict | None = kwargs) -> dict:
+            extra = [] if k is None else [MemoryMonitor(**k)]
             out = fit(module, "auto", extra, None, batch=1, seq=size(4096, 256), timed=MONITOR_TIMED,
                       logger=CSVLogger(log_dir))  # both with a logger (the monitor needs one)
-            return {"monitor": m, **out}
+            return {"monitor": k is not None, "monitor_kwargs": k, **out}
 
-        part.run(name, one)
+        part.run(f"{label} ({i + 1})", one)
 
 
 PART_RUNNERS = {"zero": part_zero, "hf": part_hf, "liger": part_liger, "monitor": part_monitor}
@@ -567,7 +598,7 @@ def targets(results: dict) -> list[dict]:
                                ("hf", name), ("hf", "eager+checkpointing"), "tokens_per_s", ">=", 1.15))
     runs = [u for u in results.get("monitor", {}).get("units", []) if u["status"] == "ok" and "monitor" in u]
     without = [u["median_step_s"] for u in runs if not u["monitor"]]
-    with_ = [u["median_step_s"] for u in runs if u["monitor"]]
+    with_ = [u["median_step_s"] for u in runs if u["monitor"] and not u.get("monitor_kwargs")]  # the defaults
     overhead = with_[0] / statistics.mean(without) - 1 if with_ and without else None
     missing = [] if "monitor" in results else ["monitor not run"]
     missing += [f"{u['name']}: {u['status']}" for u in results.get("monitor", {}).get("units", [])

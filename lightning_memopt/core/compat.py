@@ -181,3 +181,40 @@ def efficient_attention(
             " Fix: upgrade torch."
         )
     return op(query, key, value, bias, grad, dropout_p, is_causal, scale=scale)[0]
+
+
+#: what :func:`set_allocator_settings` set in this process (torch < 2.13's getter returns only the environment's string)
+_SET_ALLOCATOR_OPTIONS: "dict[str, str]" = {}
+
+
+def allocator_options(settings: "str | None" = None) -> "dict[str, str]":
+    """The caching allocator's options, ``{key: value}`` with keys and values lower-cased, from a settings string
+    (``"expandable_segments:True,max_split_size_mb:128"``); ``None``: the settings torch holds now, that is
+    ``PYTORCH_ALLOC_CONF`` / ``PYTORCH_CUDA_ALLOC_CONF`` as read at start-up and what :func:`set_allocator_settings`
+    changed since (``torch._C._accelerator_getAllocatorSettings``, private, torch >= 2.9; older torch: the
+    environment variable).
+
+    Example:
+        >>> allocator_options("max_split_size_mb:128,expandable_segments:True")
+        {'max_split_size_mb': '128', 'expandable_segments': 'true'}
+    """
+    if settings is None:
+        import os
+
+        getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+        env = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF") or ""
+        return {**allocator_options(getter() if getter is not None else env), **_SET_ALLOCATOR_OPTIONS}
+    pairs = (item.split(":", 1) for item in settings.split(",") if ":" in item)
+    return {key.strip().lower(): value.strip().lower() for key, value in pairs}
+
+
+def set_allocator_settings(settings: str) -> None:
+    """Change caching-allocator settings at run time, e.g. ``"expandable_segments:True"``: the keys given change, the
+    others keep their value; segments already reserved keep their kind, new ones follow the setting
+    (``torch._C._accelerator_setAllocatorSettings``, private, torch >= 2.9; before: the same parser behind
+    ``torch.cuda.memory._set_allocator_settings``)."""
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if setter is None:  # pragma: no cover - torch < 2.9
+        setter = torch.cuda.memory._set_allocator_settings
+    setter(settings)
+    _SET_ALLOCATOR_OPTIONS.update(allocator_options(settings))

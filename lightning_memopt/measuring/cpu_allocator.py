@@ -1,4 +1,4 @@
-"""A counting CPU allocator: live and peak bytes of every CPU tensor storage, at almost no cost (opt-in).
+"""A counting CPU allocator: live and peak bytes of every CPU tensor storage, at almost no cost.
 
 PyTorch keeps no allocation statistics for CPU memory (``torch.cuda.max_memory_allocated`` has no CPU
 twin in torch 2.13). This module compiles, once, a 60-line C++ allocator with
@@ -10,7 +10,8 @@ kernel's own workspace, DeepSpeed's flat buffers, ``torch.empty`` in Python). St
 installation are not seen by the allocator; :meth:`CPUAllocationCounter.track` adds them (de-duplicated by storage)
 and removes them again when they are freed.
 
-It is process-wide while installed, so it is opt-in (``MemoryMonitor(cpu_mode="allocator")``) and
+It is process-wide while installed, so it is installed for one fit (``MemoryMonitor``'s default
+``cpu_mode="allocator"``, from ``setup`` to the end of the fit, also when the fit fails) and
 :meth:`CPUAllocationCounter.close` puts the previous allocator back. What torch allows: the previous allocator is
 restored with ``c10::SetCPUAllocator`` at the same priority, so new storages are no longer counted; the storages
 allocated meanwhile keep this library's deleter, so the library stays loaded for the life of the process (it is
@@ -126,7 +127,7 @@ def _build_library() -> str:
         raise RuntimeError(
             "Expected ninja to build the CPU counting allocator (torch.utils.cpp_extension.load_inline needs it),"
             " found none. Fix: `pip install ninja`, or measure CPU memory with the dispatch tracker"
-            " (MemoryMonitor(cpu_mode='dispatch'), the default), which needs no compiler."
+            " (MemoryMonitor(cpu_mode='dispatch')), which needs no compiler."
         )
     try:
         return cpp_extension.load_inline(
@@ -137,7 +138,7 @@ def _build_library() -> str:
         raise RuntimeError(
             f"Building the CPU counting allocator failed ({type(err).__name__}: {err}). Fix: install a C++ compiler"
             " (e.g. `apt-get install g++`), or measure CPU memory with the dispatch tracker"
-            " (MemoryMonitor(cpu_mode='dispatch'), the default)."
+            " (MemoryMonitor(cpu_mode='dispatch'))."
         ) from err
 
 

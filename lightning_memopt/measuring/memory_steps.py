@@ -57,7 +57,9 @@ class MemoryStepAggregator:
 
     :attr:`run_metrics` are torchmetrics ``Metric`` s, synchronised over the ranks when computed: ``prediction_mape``
     (mean absolute percentage error of the predicted peak), ``prediction_worst_ape`` (the largest absolute relative
-    error) over the compared optimizer steps, and ``actual_peak_bytes`` (the highest peak of any step).
+    error) over the compared optimizer steps, and ``actual_peak_bytes`` (the highest peak of any step). The steps'
+    values wait in Python lists until :meth:`update_run_metrics` hands them over, all at once (at the end of an
+    epoch): a step costs no device op.
 
     Args:
         foreign_bytes: live bytes of the process that are not the run's (an earlier fit's objects), taken off the
@@ -73,6 +75,7 @@ class MemoryStepAggregator:
         0.1
         >>> MemoryStepAggregator.metrics(rows, rank=0)["memory/prediction_error_max"]
         0.1
+        >>> agg.update_run_metrics()
         >>> round(float(agg.run_metrics["prediction_mape"].compute()), 6)
         0.1
     """
@@ -86,6 +89,8 @@ class MemoryStepAggregator:
         #: the values since the last log (peaks at their maximum), by field
         self.interval: dict[str, int] = {}
         self._step: dict[str, int] = {}
+        self._peaks: list[float] = []  # every optimizer step's peak, and (predicted, actual) of those compared
+        self._compared: list[tuple[float, float]] = []
         self.run_metrics = {"prediction_mape": MeanAbsolutePercentageError(), "prediction_worst_ape": MaxMetric(),
                             "actual_peak_bytes": MaxMetric()}  # fmt: skip
         self.to("cpu")
@@ -116,14 +121,21 @@ class MemoryStepAggregator:
         """Close an optimizer step and return its values (peaks over its micro-batches). Its peak enters the run's
         ``actual_peak_bytes``; with ``compare`` and a prediction, its error enters the run's error statistics."""
         step, self._step, self.micro_steps = self._step, {}, 0
-        device = self.run_metrics["actual_peak_bytes"].device
-        actual = torch.tensor([float(step["actual_peak_bytes"])], dtype=torch.float64, device=device)
-        self.run_metrics["actual_peak_bytes"].update(actual)
+        self._peaks.append(float(step["actual_peak_bytes"]))
         if compare and step["predicted_peak_bytes"] >= 0 and step["actual_peak_bytes"] > 0:
-            predicted = torch.tensor([float(step["predicted_peak_bytes"])], dtype=torch.float64, device=device)
+            self._compared.append((float(step["predicted_peak_bytes"]), float(step["actual_peak_bytes"])))
+        return step
+
+    def update_run_metrics(self) -> None:
+        """Hand the optimizer steps closed since the last call to :attr:`run_metrics` (one update each)."""
+        device = self.run_metrics["actual_peak_bytes"].device
+        if self._peaks:
+            self.run_metrics["actual_peak_bytes"].update(torch.tensor(self._peaks, dtype=torch.float64, device=device))
+        if self._compared:
+            predicted, actual = torch.tensor(self._compared, dtype=torch.float64, device=device).unbind(1)
             self.run_metrics["prediction_mape"].update(predicted, actual)
             self.run_metrics["prediction_worst_ape"].update((predicted - actual).abs() / actual)
-        return step
+        self._peaks, self._compared = [], []
 
     def take_interval(self) -> list[int]:
         """The values since the last log, in :data:`FIELDS` order, and start a new interval."""

@@ -106,16 +106,16 @@ def workspace_bytes(capability: "tuple[int, int]", env: "dict[str, str] | None" 
 
 
 def expandable_from_env(env: "dict[str, str] | None" = None) -> bool:
-    """Whether ``PYTORCH_CUDA_ALLOC_CONF`` (or ``PYTORCH_ALLOC_CONF``) turns on expandable segments.
+    """Whether the CUDA caching allocator's settings turn on expandable segments: ``PYTORCH_CUDA_ALLOC_CONF`` (or
+    ``PYTORCH_ALLOC_CONF``) of ``env``; ``None``: the settings torch holds now (the variable as read at start-up, or
+    what a strategy set since, e.g. :class:`~lightning_memopt.lightning.MemOptStrategy`).
 
     Example:
         >>> expandable_from_env({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128,expandable_segments:True"})
         True
     """
-    env = os.environ if env is None else env
-    conf = env.get("PYTORCH_CUDA_ALLOC_CONF") or env.get("PYTORCH_ALLOC_CONF") or ""
-    options = dict(item.split(":", 1) for item in conf.split(",") if ":" in item)
-    return options.get("expandable_segments", "").strip().lower() == "true"
+    conf = None if env is None else env.get("PYTORCH_CUDA_ALLOC_CONF") or env.get("PYTORCH_ALLOC_CONF") or ""
+    return compat.allocator_options(conf).get("expandable_segments") == "true"
 
 
 def cuda_rules(

@@ -24,6 +24,7 @@ def test_micro_batches_merge_into_the_optimizer_step_and_the_log_interval() -> N
     values = dict(zip(FIELDS, agg.take_interval()))  # both steps since the last log
     assert (values["actual_peak_bytes"], values["current_bytes"], values["predicted_peak_bytes"]) == (150, 40, 120)
     assert values["reserved_bytes"] == -1 and agg.interval == {}
+    agg.update_run_metrics()
     metrics = {name: float(metric.compute()) for name, metric in agg.run_metrics.items()}
     assert metrics["prediction_mape"] == pytest.approx(0.0)  # only the compared step: 120 predicted, 120 actual
     assert metrics["actual_peak_bytes"] == 150  # every step's peak
@@ -37,6 +38,8 @@ def test_run_statistics_over_the_compared_steps() -> None:
     agg.micro_step(step(500, 1), predicted=-1)  # no prediction: its error is not known
     agg.optimizer_step(compare=True)
     errors = [0.5, 0.1, 0.05]
+    assert agg.run_metrics["prediction_mape"].update_count == 0  # no device op per step: handed over at once
+    agg.update_run_metrics()
     assert float(agg.run_metrics["prediction_mape"].compute()) == pytest.approx(sum(errors) / 3, rel=1e-12)
     assert float(agg.run_metrics["prediction_worst_ape"].compute()) == pytest.approx(0.5, rel=1e-12)
     assert float(agg.run_metrics["actual_peak_bytes"].compute()) == 500
@@ -46,6 +49,7 @@ def test_bytes_beyond_float32_stay_exact() -> None:
     agg = MemoryStepAggregator().to("cpu")
     agg.micro_step(step(80 * 2**30 + 1, 1), predicted=-1)
     agg.optimizer_step()
+    agg.update_run_metrics()
     assert int(agg.run_metrics["actual_peak_bytes"].compute()) == 80 * 2**30 + 1
 
 

@@ -63,9 +63,9 @@ class MemoryMonitor(ReadsRun):
     the monitor's ``memory/actual_peak_bytes_max`` and ``memory/run/actual_peak_bytes`` turn back into the run's.
     ``cuda_mode="dispatch"`` counts the tensor storages every op returns with a ``TorchDispatchMode`` instead (what
     the predictor traces: an explanation of where the bytes are, slower, blind to workspaces and the allocator; it
-    leaves the CUDA statistics alone). On CPU the default (``cpu_mode="dispatch"``) is that tracker; opt-in
-    ``cpu_mode="allocator"`` installs a counting CPU allocator for the fit (compiled once with the system C++
-    compiler; where none is found the monitor warns once and counts live tensors instead). On either device the live
+    leaves the CUDA statistics alone). On CPU the default (``cpu_mode="allocator"``) installs a counting CPU
+    allocator for the fit (compiled once with the system C++ compiler; where none is found the monitor warns once
+    and counts live tensors instead); ``cpu_mode="dispatch"`` is the tracker. On either device the live
     bytes that were in the process before ``setup`` and are not the model's (an earlier run's objects) are not
     counted. The process RSS is reported too. At every ``log_every_n_steps``-th optimizer step the values are
     gathered from all ranks (one ``all_gather`` of 7 numbers) and logged through the Trainer's loggers; the peaks are
@@ -115,7 +115,7 @@ class MemoryMonitor(ReadsRun):
         optimizer: the predictor's optimizer name (``"adamw"``, ``"sgd-momentum"``, ...); ``None``: read from the
             run (the ``configure_optimizers`` result the Trainer then uses).
         method: the predictor's method, ``"trace"`` (the only one: a fake-tensor trace of the module's own step).
-        cpu_mode: how CPU memory is counted, ``"dispatch"`` (default) or ``"allocator"`` (see above).
+        cpu_mode: how CPU memory is counted, ``"allocator"`` (default) or ``"dispatch"`` (see above).
         cuda_mode: how CUDA memory is counted, ``"allocator"`` (default) or ``"dispatch"`` (see above).
         max_suggestions: at most this many suggestions in the fit-check error.
         progress_bar: show the actual and predicted peak in the progress bar at every optimizer step (not logged).
@@ -147,7 +147,7 @@ class MemoryMonitor(ReadsRun):
         snapshot_on_oom: bool = True,
         optimizer: str | None = None,
         method: str = "trace",
-        cpu_mode: str = "dispatch",
+        cpu_mode: str = "allocator",
         max_suggestions: int = 5,
         progress_bar: bool = False,
         cuda_mode: str = "allocator",
@@ -230,6 +230,10 @@ class MemoryMonitor(ReadsRun):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._after_step(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._log_run_metrics(pl_module)
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -346,10 +350,6 @@ class MemoryMonitor(ReadsRun):
         self._agg.optimizer_step(compare=self._optimizer_steps > 0)
         self._optimizer_steps += 1
         pl_module = trainer.lightning_module
-        for name, metric in self._agg.run_metrics.items():  # Lightning computes (synced over ranks) at epoch end
-            if metric.update_count:
-                pl_module.log(f"memory/run/{name}", metric, on_step=False, on_epoch=True,
-                              metric_attribute=f"_memory_monitor_{name}")  # fmt: skip
         if self.progress_bar:  # the peaks since the last log, as they are logged: rank zero's in the bar
             interval = self._agg.interval
             unit = unit_for(max(interval["predicted_peak_bytes"], interval["actual_peak_bytes"]))
@@ -362,6 +362,16 @@ class MemoryMonitor(ReadsRun):
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if trainer.global_step % every == 0:
             self._log(trainer)
+
+    def _log_run_metrics(self, pl_module: "pl.LightningModule") -> None:
+        """The epoch's steps into the run metrics, logged once (Lightning computes them, synced over the ranks)."""
+        if self._probe is None:
+            return
+        self._agg.update_run_metrics()
+        for name, metric in self._agg.run_metrics.items():
+            if metric.update_count:
+                pl_module.log(f"memory/run/{name}", metric, on_step=False, on_epoch=True,
+                              metric_attribute=f"_memory_monitor_{name}")  # fmt: skip
 
     def _log(self, trainer: "pl.Trainer") -> None:
         local = torch.tensor(self._agg.take_interval(), dtype=torch.int64, device=trainer.strategy.root_device)

@@ -31,6 +31,11 @@ from lightning_memopt.core.deepspeed_config import (
     without_disabled_offload,
 )
 from lightning_memopt.lightning.strategies import _deepspeed_compat as compat
+from lightning_memopt.lightning.strategies.allocator import (
+    expandable_segments_for_fit,
+    restore_allocator,
+    validate_expandable_segments,
+)
 from lightning_memopt.lightning.strategies.arguments import (
     LOSS_SCALING,
     given_arguments,
@@ -104,6 +109,10 @@ class MemOptStrategy(DeepSpeedStrategy):
             (see :func:`~lightning_memopt.transforms.apply_liger`).
         memory_budget: bytes per rank or a size such as ``"24GiB"`` for ``activation_checkpointing="budget"``;
             ``None`` = the CUDA device's total memory less 10 % (on CPU a budget is required).
+        expandable_segments: the CUDA caching allocator's ``expandable_segments`` for the fit (it reserves less
+            beyond what it allocates; see :mod:`~lightning_memopt.lightning.strategies.allocator`). ``None``: on when
+            neither ``PYTORCH_CUDA_ALLOC_CONF`` nor ``PYTORCH_ALLOC_CONF`` is set, else your setting is kept;
+            ``True``: on; ``False``: the allocator is left alone. Turned off again at teardown; no effect on CPU.
         config: a DeepSpeed config dict or JSON path used instead of the arguments that build one (which must then
             be left at their defaults); ``None`` reads the path in ``PL_DEEPSPEED_CONFIG_PATH`` when it is set, as
             Lightning does. ``gradient_accumulation_steps`` and ``train_batch_size`` in it must agree with the
@@ -192,6 +201,7 @@ class MemOptStrategy(DeepSpeedStrategy):
         attention: str | None = None,
         liger: bool | dict[str, bool] = False,
         memory_budget: int | str | None = None,
+        expandable_segments: bool | None = None,
         config: str | Path | dict[str, Any] | None = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: list[torch.device] | None = None,
@@ -237,6 +247,7 @@ class MemOptStrategy(DeepSpeedStrategy):
         )
         for name in BUCKET_KNOBS:
             validate_bucket(name, values[name])
+        validate_expandable_segments(expandable_segments)
         given = given_arguments(values, signature_defaults(MemOptStrategy), signature_defaults(DeepSpeedStrategy))
         scaling = {name: values[name] for name in LOSS_SCALING}
         if given & set(LOSS_SCALING):
@@ -270,11 +281,15 @@ class MemOptStrategy(DeepSpeedStrategy):
         self._buckets_resolved = False
         self._loss_scaling_given = [name for name in LOSS_SCALING if name in given]
         self._restore_checkpointing: Callable[[], None] | None = None
+        self.expandable_segments = expandable_segments
+        self._restore_allocator: str | None = None
 
     # ------------------------------------------------------------------ environment and process group
     @override
     def setup_environment(self) -> None:
         if self.root_device.type == "cuda":
+            if self._restore_allocator is None:  # before the model moves to the device
+                self._restore_allocator = expandable_segments_for_fit(self.expandable_segments)
             super().setup_environment()
             return
         check_cpu_precision(self.precision_plugin.precision)
@@ -381,6 +396,8 @@ class MemOptStrategy(DeepSpeedStrategy):
         if self._restore_checkpointing is not None:
             self._restore_checkpointing()
             self._restore_checkpointing = None
+        restore_allocator(self._restore_allocator)
+        self._restore_allocator = None
 
     @property
     def deepspeed_engine(self) -> "deepspeed.DeepSpeedEngine":
