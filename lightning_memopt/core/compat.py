@@ -218,3 +218,17 @@ def set_allocator_settings(settings: str) -> None:
         setter = torch.cuda.memory._set_allocator_settings
     setter(settings)
     _SET_ALLOCATOR_OPTIONS.update(allocator_options(settings))
+
+
+def record_cuda_memory_history(enabled: bool, max_entries: int, frames: bool) -> None:
+    """``torch.cuda.memory._record_memory_history`` (private, torch >= 2.1): every allocation and free, with Python
+    frames (``context="all", stacks="python"``: no C++ unwinding) or without any (``context=None``)."""
+    torch.cuda.memory._record_memory_history(enabled="all" if enabled else None,
+                                             context="all" if frames else None, stacks="python",
+                                             max_entries=max_entries)  # fmt: skip
+
+
+def dump_cuda_memory_snapshot(path: str) -> None:
+    """``torch.cuda.memory._dump_snapshot`` (private, torch >= 2.1): the snapshot pickle that pytorch.org/memory_viz
+    opens."""
+    torch.cuda.memory._dump_snapshot(path)

@@ -180,23 +180,27 @@ class DeviceMemoryProbe:
         )
 
 
-def record_cuda_memory_history(enabled: bool = True, max_entries: int = 100_000) -> None:
-    """Start (or stop) recording CUDA allocation history with stack traces, for an OOM snapshot.
+def record_cuda_memory_history(enabled: bool = True, max_entries: int = 100_000, frames: bool = False) -> None:
+    """Start (or stop) recording the CUDA allocation history, for an OOM snapshot.
 
-    Wraps PyTorch's ``torch.cuda.memory._record_memory_history`` (private API; see
+    Wraps PyTorch's ``torch.cuda.memory._record_memory_history`` (private API, through
+    :func:`~lightning_memopt.core.compat.record_cuda_memory_history`; see
     https://pytorch.org/docs/stable/torch_cuda_memory.html).
 
     Args:
         enabled: start recording (``True``) or stop and discard the history (``False``).
         max_entries: the number of allocation events kept.
+        frames: also the Python frames of every allocation (a stack walk per allocation: measured +1.2 % and +2.7 %
+            of a 125 ms step of a 1B model on an H200); without them the snapshot still holds every segment and
+            block with its size and the allocation events.
 
     Raises:
         RuntimeError: when CUDA is not available.
     """
+    from lightning_memopt.core import compat
+
     _require_cuda("Recording CUDA memory history")
-    # Python frames only: C++ stacks are unwound on every allocation, the costly part of recording
-    torch.cuda.memory._record_memory_history(enabled="all" if enabled else None, stacks="python",
-                                             max_entries=max_entries)  # fmt: skip
+    compat.record_cuda_memory_history(enabled, max_entries, frames)
 
 
 def dump_cuda_memory_snapshot(path: "str | Path") -> Path:
@@ -210,7 +214,9 @@ def dump_cuda_memory_snapshot(path: "str | Path") -> Path:
     _require_cuda("A CUDA memory snapshot")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.cuda.memory._dump_snapshot(str(path))
+    from lightning_memopt.core import compat
+
+    compat.dump_cuda_memory_snapshot(str(path))
     return path
 
 
