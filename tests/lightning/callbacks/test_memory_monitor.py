@@ -293,6 +293,8 @@ def test_a_run_that_does_not_fit_fails_before_the_first_step_and_the_first_sugge
         ({"device_memory": 0}, "positive"),
         ({"optimizer": "lion"}, "optimizer"),
         ({"method": "guess"}, "method"),
+        ({"cpu_mode": "profiler"}, "cpu_mode"),
+        ({"snapshot_on_oom": "stacks"}, "Expected `snapshot_on_oom` True, False or 'frames', got 'stacks'"),
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs, match):
