@@ -64,7 +64,7 @@ def test_smoke_runs_every_group_on_cpu_and_computes_the_targets(tmp_path):
             assert part["status"] == "ok"
             units.update({(part["part"], u["name"]): u for u in part["units"]})
     timed = [u for u in units.values() if "median_step_s" in u]
-    assert len(timed) == 3 + 5 + 3 and all(u["timed_steps"] >= 10 and u["iqr_rel"] >= 0 for u in timed)
+    assert len(timed) == 4 + 5 + 4 and all(u["timed_steps"] >= 10 and u["iqr_rel"] >= 0 for u in timed)
 
     # zero: MemOptStrategy fits in one process, with torch's AdamW inside DeepSpeed's ZeRO optimizer
     for stage in (1, 2, 3):
@@ -76,6 +76,10 @@ def test_smoke_runs_every_group_on_cpu_and_computes_the_targets(tmp_path):
         assert memopt["net_peak_allocated_bytes"] > 16 * memopt["n_parameters"]
         assert units["zero", f"lightning:{stage}"]["status"] == "skipped: Lightning's DeepSpeedStrategy refuses CPU" \
             " (--smoke)"  # fmt: skip
+    # the bisect: its code path once (MemOptStrategy with an option), the rest skipped with the reason
+    native = units["zero", "memopt:2 native"]
+    assert native["status"] == "ok" and native["options"] == {"expandable_segments": False}
+    assert units["zero", "memopt:2 as lightning"]["status"] == "skipped: the bisect's code path ran once"
 
     # llama1b: the matmul peak, three variants and two budgets in one process; Liger skipped on the CPU
     assert units["hf", "matmul"]["tflops"] > 0
@@ -89,9 +93,10 @@ def test_smoke_runs_every_group_on_cpu_and_computes_the_targets(tmp_path):
     for name in ("sdpa+liger", "eager+liger"):
         assert units["liger", name]["status"] == "skipped: Liger's Triton kernels need CUDA (--smoke)"
 
-    # monitor: without, with MemoryMonitor() at its defaults, without again
-    assert [units["monitor", n]["monitor"] for n in ("without MemoryMonitor (1)", "with MemoryMonitor (2)",
-                                                     "without MemoryMonitor (3)")] == [False, True, False]
+    # monitor: without, with MemoryMonitor() at its defaults, without its allocation history, without again
+    names = ("without MemoryMonitor (1)", "with MemoryMonitor() (2)", "with MemoryMonitor(snapshot_on_oom=False) (3)",
+             "without MemoryMonitor (4)")
+    assert [units["monitor", n]["monitor_kwargs"] for n in names] == [None, {}, {"snapshot_on_oom": False}, None]
 
     # the targets: computed where both sides ran, else the skip named
     goals = {t["target"]: t for t in summary["targets"]}
