@@ -36,15 +36,17 @@ def fit_check_message(estimate: Any, device_memory: int, margin: float, fixes: l
 
 
 def summarize(history: "list[dict[str, Any]]") -> "list[dict[str, Any]]":
-    """Per rank over the logged steps: the highest predicted and actual peaks, their error, reserved and device.
+    """Per rank over the logged steps: the highest predicted and actual peaks and their error; on CUDA also the
+    reserved peak and the device's used memory (total - free), each beside its prediction where there is one.
 
     Args:
-        history: rows with ``rank``, ``predicted_peak_bytes``, ``actual_peak_bytes``, ``reserved_bytes`` (-1: none)
-            and ``device_total_bytes``.
+        history: rows with ``rank``, ``predicted_peak_bytes``, ``actual_peak_bytes``, ``reserved_bytes`` (-1: none),
+            ``device_total_bytes`` and ``device_free_bytes``; optionally ``predicted_reserved_bytes`` and
+            ``predicted_device_bytes`` (``None``: not predicted).
 
     Example:
         >>> summarize([{"rank": 0, "predicted_peak_bytes": 110, "actual_peak_bytes": 100, "reserved_bytes": -1,
-        ...             "device_total_bytes": 1000}])[0]["prediction_error"]
+        ...             "device_total_bytes": 1000, "device_free_bytes": 600}])[0]["prediction_error"]
         0.1
     """
     out = []
@@ -53,30 +55,61 @@ def summarize(history: "list[dict[str, Any]]") -> "list[dict[str, Any]]":
         predicted = max(row["predicted_peak_bytes"] for row in rows)
         actual = max(row["actual_peak_bytes"] for row in rows)
         reserved = max(row["reserved_bytes"] for row in rows)
+        on_cuda = reserved >= 0  # the device's used memory means the run's only on a GPU
         out.append({"rank": rank, "predicted_peak_bytes": predicted, "actual_peak_bytes": actual,
                     "prediction_error": prediction_error(predicted, actual) if predicted >= 0 else None,
-                    "reserved_bytes": None if reserved < 0 else reserved,
+                    "reserved_bytes": reserved if on_cuda else None,
+                    "predicted_reserved_bytes": _highest(rows, "predicted_reserved_bytes"),
+                    "device_used_bytes": max(r["device_total_bytes"] - r["device_free_bytes"] for r in rows)
+                    if on_cuda else None,
+                    "predicted_device_bytes": _highest(rows, "predicted_device_bytes"),
                     "device_total_bytes": rows[-1]["device_total_bytes"]})  # fmt: skip
     return out
 
 
+def _highest(rows: "list[dict[str, Any]]", key: str) -> "int | None":
+    values = [row[key] for row in rows if row.get(key) is not None]
+    return max(values) if values else None
+
+
 def summary_table(summary: "list[dict[str, Any]]") -> str:
-    """The :func:`summarize` rows as a text table (MiB; the device in GiB)."""
-    header = (
-        f"{'rank':>4} | {'predicted':>12} | {'actual':>12} | {'error':>7} | {'reserved':>12} | {'device':>12}"
-    )
+    """The :func:`summarize` rows as a text table (MiB; the device in GiB). On CUDA, two more columns: reserved and
+    the device's used memory, each as ``actual / predicted`` (``-`` where not predicted).
+
+    Example:
+        >>> row = {"rank": 0, "predicted_peak_bytes": 110 * 2**20, "actual_peak_bytes": 100 * 2**20,
+        ...        "prediction_error": 0.1, "reserved_bytes": 120 * 2**20, "predicted_reserved_bytes": 118 * 2**20,
+        ...        "device_used_bytes": 900 * 2**20, "predicted_device_bytes": None, "device_total_bytes": 2**34}
+        >>> print(summary_table([row]).splitlines()[2])
+           0 |   110.00 MiB |   100.00 MiB |  +10.0% |     120.00 / 118.00 MiB |          900.00 / - MiB |    16.00 GiB
+    """
+    cuda = any(row["reserved_bytes"] is not None for row in summary)
+    extra = f" | {'reserved: act / pred':>23} | {'device used: act / pred':>23}" if cuda else ""
+    header = f"{'rank':>4} | {'predicted':>12} | {'actual':>12} | {'error':>7}{extra} | {'device':>12}"
     lines = [header, "-" * len(header)]
     for row in summary:
-        reserved = "-" if row["reserved_bytes"] is None else format_bytes(row["reserved_bytes"], "MiB")
         known = row["prediction_error"] is not None  # no prediction: the model could not be predicted
         predicted = format_bytes(row["predicted_peak_bytes"], "MiB") if known else "-"
         error = f"{row['prediction_error']:>+7.1%}" if known else f"{'-':>7}"
+        pairs = ""
+        if cuda:
+            reserved = _pair(row["reserved_bytes"], row.get("predicted_reserved_bytes"))
+            pairs = f" | {reserved:>23} | {_pair(row['device_used_bytes'], row.get('predicted_device_bytes')):>23}"
         lines.append(
             f"{row['rank']:>4} | {predicted:>12} |"
-            f" {format_bytes(row['actual_peak_bytes'], 'MiB'):>12} | {error} |"
-            f" {reserved:>12} | {format_bytes(row['device_total_bytes'], 'GiB'):>12}"
+            f" {format_bytes(row['actual_peak_bytes'], 'MiB'):>12} | {error}{pairs} |"
+            f" {format_bytes(row['device_total_bytes'], 'GiB'):>12}"
         )
     return "\n".join(lines)
+
+
+def _pair(actual: "int | None", predicted: "int | None") -> str:
+    """``"<actual> / <predicted> MiB"`` with ``-`` for what is unknown."""
+    if actual is None and predicted is None:
+        return "-"
+    one = "-" if actual is None else format_bytes(actual, "MiB").removesuffix(" MiB")
+    two = "-" if predicted is None else format_bytes(predicted, "MiB").removesuffix(" MiB")
+    return f"{one} / {two} MiB"
 
 
 _LINE_COLORS = ("#000000", "#6a3d9a", "#33a02c", "#b15928", "#e7298a", "#1b9e77", "#666666", "#a6761d")
@@ -100,8 +133,10 @@ def plot_history(history: "list[dict[str, Any]]", device_memory: "int | None" = 
 
     The bands are rank zero's predicted categories at each logged step (``predicted/<category>`` keys of its rows:
     model states, activations, logits, buffers; what the predicted peak adds on top, e.g. offloaded states on a CPU
-    device, as "other"); the lines are every rank's measured peak. The y axis starts at zero; the device
-    (``device_memory``, with its ``margin`` as the budget line) is drawn when it is within three times the data.
+    device, as "other"); the lines are every rank's measured peak. On CUDA, thin lines add rank zero's reserved peak
+    and the device's used memory, with their predictions (dotted) where there are any. The y axis starts at zero; the
+    device (``device_memory``, with its ``margin`` as the budget line) is drawn when it is within three times the
+    data.
 
     Raises:
         ModuleNotFoundError: without matplotlib (``pip install 'lightning-memopt[plot]'``).
@@ -124,7 +159,9 @@ def plot_history(history: "list[dict[str, Any]]", device_memory: "int | None" = 
              for row in first]  # fmt: skip
     for row, band in zip(first, bands):
         band["other"] = max(0, row["predicted_peak_bytes"] - sum(band.values()))
-    top = max(max(r["actual_peak_bytes"] for r in history), max(r["predicted_peak_bytes"] for r in history), 1)
+    device_lines = _device_lines(first)
+    top = max(max(r["actual_peak_bytes"] for r in history), max(r["predicted_peak_bytes"] for r in history), 1,
+              *(max(values) for _, values, _, _ in device_lines))  # fmt: skip
     unit, scale = unit_for(top)
     width = 0.8 * min((b - a for a, b in itertools.pairwise(steps)), default=1)
     fig, ax = plt.subplots(figsize=(8, 4.2))
@@ -140,6 +177,9 @@ def plot_history(history: "list[dict[str, Any]]", device_memory: "int | None" = 
                 color=_LINE_COLORS[i % len(_LINE_COLORS)], marker="os^Dv<>p"[i % 8], markersize=4,
                 markerfacecolor="none", linestyle=("-", "--", "-.", ":")[i % 4],
                 label=f"rank {rank}: actual peak")  # fmt: skip
+    for label, values, color, style in device_lines:
+        ax.plot(steps, [v / scale for v in values], linewidth=1.0, color=color, linestyle=style,
+                label=f"rank {ranks[0]}: {label}")  # fmt: skip
     draw_limits(ax, device_memory, margin, top, scale, unit)
     handles, labels = ax.get_legend_handles_labels()
     patches = legend_patches(names)
@@ -151,3 +191,16 @@ def plot_history(history: "list[dict[str, Any]]", device_memory: "int | None" = 
     ax.set_title("MemoryMonitor: predicted breakdown (bars) and actual peak per rank (lines)", fontsize="medium")
     fig.tight_layout()
     return fig
+
+
+def _device_lines(rows: "list[dict[str, Any]]") -> "list[tuple[str, list[int], str, str]]":
+    """Rank zero's CUDA lines: (label, values per step, colour, line style); none on CPU or without the values."""
+    if not rows or any(row.get("reserved_bytes", -1) < 0 for row in rows):
+        return []
+    lines = [("reserved", [row["reserved_bytes"] for row in rows], "#1f78b4", "--"),
+             ("device used", [row["device_total_bytes"] - row["device_free_bytes"] for row in rows], "#e31a1c", "--")]
+    for key, label, color in (("predicted_reserved_bytes", "predicted reserved", "#1f78b4"),
+                              ("predicted_device_bytes", "predicted device", "#e31a1c")):
+        if all(row.get(key) is not None for row in rows):
+            lines.append((label, [row[key] for row in rows], color, ":"))
+    return lines

@@ -96,9 +96,10 @@ class MemoryMonitor(ReadsRun):
     first (or lone) micro-batch of an accumulation window is compared with the prediction without accumulation.
 
     On a CPU device the predicted peak compared is ``total + cpu_offloaded`` (offloaded states live in the same
-    memory). At the end of fit rank zero prints a summary per rank and, with matplotlib, saves
-    ``memory_monitor.png`` (the predicted breakdown stacked per logged step, each rank's actual peak over it, the
-    device line) in ``trainer.log_dir`` and prints its path. With ``progress_bar=True`` the progress bar shows rank
+    memory). At the end of fit rank zero prints a summary per rank (on CUDA with reserved and the device's used memory
+    beside their predictions) and, with matplotlib, saves ``memory_monitor.png`` (the predicted breakdown stacked per
+    logged step, each rank's actual peak over it, on CUDA rank zero's reserved and used memory with their predictions,
+    the device line) in ``trainer.log_dir`` and prints its path. With ``progress_bar=True`` the progress bar shows rank
     zero's actual and predicted peak at every optimizer step, the maxima since the last log as they are logged
     (``mem_MiB`` / ``pred_MiB``, or ``_GiB``; with ``log_every_n_steps=1``: the step's own). On CUDA out-of-memory it
     writes PyTorch's memory snapshot (``memory_snapshots/rank<r>.pickle`` under ``default_root_dir``; open it at
@@ -388,6 +389,8 @@ class MemoryMonitor(ReadsRun):
             for key, value in (("reserved", self.estimate.reserved), ("device", self.estimate.device_total)):
                 if value is not None:
                     metrics[f"memory/predicted_{key}_bytes"] = float(value)
+                for row in rows:  # the summary's and the plot's
+                    row[f"predicted_{key}_bytes"] = value
             for name in (*CATEGORIES, "cpu_offloaded"):
                 metrics[f"memory/predicted/{name}"] = float(getattr(self.estimate, name))
                 rows[trainer.global_rank][f"predicted/{name}"] = getattr(self.estimate, name)  # the plot's bands
