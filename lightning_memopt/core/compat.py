@@ -6,7 +6,7 @@ Each helper says what it touches and what happens on a version that lacks it.
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -183,6 +183,24 @@ def efficient_attention(
     return op(query, key, value, bias, grad, dropout_p, is_causal, scale=scale)[0]
 
 
+#: the environment variables torch reads its caching allocator's settings from, the first set one wins
+ALLOC_CONF_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
+def allocator_variable(env: "Mapping[str, str] | None" = None) -> "tuple[str, str] | None":
+    """The allocator variable set in ``env`` (``None``: the process's environment), with its value; ``None`` if
+    neither is set.
+
+    Example:
+        >>> allocator_variable({"PYTORCH_ALLOC_CONF": "expandable_segments:True"})
+        ('PYTORCH_ALLOC_CONF', 'expandable_segments:True')
+    """
+    import os
+
+    env = os.environ if env is None else env
+    return next(((name, env[name]) for name in ALLOC_CONF_VARIABLES if env.get(name)), None)
+
+
 #: what :func:`set_allocator_settings` set in this process (torch < 2.13's getter returns only the environment's string)
 _SET_ALLOCATOR_OPTIONS: "dict[str, str]" = {}
 
@@ -199,11 +217,9 @@ def allocator_options(settings: "str | None" = None) -> "dict[str, str]":
         {'max_split_size_mb': '128', 'expandable_segments': 'true'}
     """
     if settings is None:
-        import os
-
         getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
-        env = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF") or ""
-        return {**allocator_options(getter() if getter is not None else env), **_SET_ALLOCATOR_OPTIONS}
+        live = getter() if getter is not None else (allocator_variable() or ("", ""))[1]
+        return {**allocator_options(live), **_SET_ALLOCATOR_OPTIONS}
     pairs = (item.split(":", 1) for item in settings.split(",") if ":" in item)
     return {key.strip().lower(): value.strip().lower() for key, value in pairs}
 

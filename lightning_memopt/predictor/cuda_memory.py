@@ -114,7 +114,7 @@ def expandable_from_env(env: "dict[str, str] | None" = None) -> bool:
         >>> expandable_from_env({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128,expandable_segments:True"})
         True
     """
-    conf = None if env is None else env.get("PYTORCH_CUDA_ALLOC_CONF") or env.get("PYTORCH_ALLOC_CONF") or ""
+    conf = None if env is None else (compat.allocator_variable(env) or ("", ""))[1]
     return compat.allocator_options(conf).get("expandable_segments") == "true"
 
 

@@ -15,20 +15,7 @@ and turns it off again at teardown (no setting outlives the fit). A user's own a
 when either variable is set, the default leaves the allocator alone.
 """
 
-import os
-
 from lightning_memopt.core import compat
-
-#: the environment variables torch reads its allocator settings from
-ALLOC_CONF_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
-
-
-def _configured() -> "tuple[str, str] | None":
-    """The first allocator variable the user set, with its value."""
-    for name in ALLOC_CONF_VARIABLES:
-        if os.environ.get(name):
-            return name, os.environ[name]
-    return None
 
 
 def validate_expandable_segments(value: "bool | None") -> None:
@@ -50,7 +37,7 @@ def validate_expandable_segments(value: "bool | None") -> None:
         raise TypeError(
             f"Expected `expandable_segments` True, False or None, got {value!r}. Fix: e.g. None (the default)."
         )
-    configured = _configured()
+    configured = compat.allocator_variable()
     if value is not True or configured is None:
         return
     name, conf = configured
@@ -65,7 +52,7 @@ def validate_expandable_segments(value: "bool | None") -> None:
 def expandable_segments_for_fit(value: "bool | None") -> "str | None":
     """Turn expandable segments on for a fit when ``value`` asks for it: ``True``, or ``None`` with neither allocator
     variable set. Returns the setting to restore at teardown (``None``: nothing was changed)."""
-    if value is False or (value is None and _configured() is not None):
+    if value is False or (value is None and compat.allocator_variable() is not None):
         return None
     compat.set_allocator_settings("expandable_segments:True")
     return "expandable_segments:False"
