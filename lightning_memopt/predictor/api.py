@@ -236,6 +236,7 @@ def predict(
             engine=engine,
             deepspeed_config=deepspeed_config,
             rank=r,
+            grad_order=timeline.grad_order or None,  # ZeRO-2's buckets fill in the traced arrival order
         )
         for r in ranks
     }
