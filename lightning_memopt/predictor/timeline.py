@@ -144,6 +144,7 @@ def step_timeline(
     attention: "str | None",
     zero3: "bool | Zero3Settings",
     cuda: bool = False,
+    autocast_cache: bool = False,
 ) -> "tuple[Timeline, tuple[int, int | None]]":
     """The timeline of one step of ``source`` and the ``(micro-batch, seq_len)`` it was traced at.
 
@@ -153,14 +154,15 @@ def step_timeline(
     """
     settings = dict(
         precision=precision, engine=engine, activation_checkpointing=activation_checkpointing, attention=attention,
-        zero3=zero3, cuda=cuda,
+        zero3=zero3, cuda=cuda, autocast_cache=autocast_cache,
     )  # fmt: skip
     if example_batch is not None or source.key is None:
         batch, shape = step_batch(source, example_batch, micro_batch_size, seq_len)
         return trace_timeline(source.module, batch, **settings), shape
     micro = micro_batch_size or 1
     seq = batch_shape(synthetic_batch(source.module, 1, seq_len))[1]
-    key = (source.key, seq, precision.name, engine, str(activation_checkpointing), attention, zero3, cuda)
+    key = (source.key, seq, precision.name, engine, str(activation_checkpointing), attention, zero3, cuda,
+           autocast_cache)
     return _built_timeline(source, key, micro, seq_len, settings), (micro, seq)
 
 
@@ -245,13 +247,14 @@ def trace_timeline(
     attention: "str | None",
     zero3: "bool | Zero3Settings",
     cuda: bool = False,
+    autocast_cache: bool = False,
 ) -> Timeline:
     """Trace one step of ``module`` on ``batch``: at reduced depth with synthesis when it has at least
     :data:`SYNTHESIS_MIN_BLOCKS` blocks and synthesis holds (:mod:`.synthesis`), else every block."""
     from lightning_memopt.predictor.kernels import kernel_twins
 
     kwargs = dict(precision=precision, engine=engine, activation_checkpointing=activation_checkpointing,
-                  attention=attention, zero3=zero3, cuda=cuda)  # fmt: skip
+                  attention=attention, zero3=zero3, cuda=cuda, autocast_cache=autocast_cache)  # fmt: skip
     names = auto_blocks(module)
     details: "dict[str, Any]" = {"blocks": len(names)}
     # ZeRO-3's gathered parameters are replayed on the whole module trace (reuse distance and prefetch look ahead

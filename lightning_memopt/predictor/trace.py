@@ -176,6 +176,7 @@ def trace_step(
     blocks: "Any" = None,
     record: bool = False,
     cuda: bool = False,
+    autocast_cache: bool = False,
 ) -> TraceResult:
     """Trace forward + backward of ``module`` on ``example_batch`` with fake tensors.
 
@@ -205,6 +206,9 @@ def trace_step(
         blocks: a :class:`~lightning_memopt.predictor.synthesis.Replica` that marks blocks and skips some of them.
         cuda: trace a step that runs on a CUDA device: on the CPU, with CUDA's kernels where the CPU's take another
             path (:func:`~lightning_memopt.predictor.cuda_memory.cuda_kernels`).
+        autocast_cache: run the step's autocast with its weight-cast cache (``torch.autocast``'s default, a plain
+            loop's and Lightning Fabric's), which keeps every weight's 16-bit copy until the step's autocast exits;
+            ``False``: as Lightning's ``*-mixed`` precision plugin runs it.
         record: keep every storage's lifetime (``storages``) and the gradients' storage keys (``grad_keys``), for
             the caching allocator's replay (:mod:`.cuda_memory`).
 
@@ -294,9 +298,9 @@ def trace_step(
         tracker.add(t)
     # Lightning's MixedPrecision runs the step under ``torch.autocast(..., cache_enabled=False)``
     # (lightning/pytorch/plugins/precision/amp.py, 2.6): no weight cast outlives the op that made it unless autograd
-    # saves it (with the cache, a checkpointed block's casts would live until the forward ends)
+    # saves it (with the cache, a plain loop's, a checkpointed block's casts live until the forward ends)
     autocast = (
-        torch.autocast(device.type, dtype=precision.compute_dtype, cache_enabled=False)
+        torch.autocast(device.type, dtype=precision.compute_dtype, cache_enabled=bool(autocast_cache))
         if engine == "torch" and precision.mixed
         else contextlib.nullcontext()
     )
@@ -377,7 +381,8 @@ def trace_step(
     if own and wrapped:  # the model checkpoints itself: no wrapper of the flag's nested in (or around) its own
         if blocks is not None:  # a fresh replica for the new trace
             blocks.__init__(blocks.names, blocks.classes, blocks.run)
-        res = trace_step(module, example_batch, precision, engine, None, attention, zero3, step, blocks, record, cuda)
+        res = trace_step(module, example_batch, precision, engine, None, attention, zero3, step, blocks, record, cuda,
+                         autocast_cache)
         return dataclasses.replace(res, checkpointed_as_is=True)
     live, gathered = list(tracker.live), [0] * len(tracker.live)
     if gathering is not None:  # the gathered parameters join the live bytes (and the records, for synthesis)
