@@ -381,8 +381,9 @@ def trace_step(
     if own and wrapped:  # the model checkpoints itself: no wrapper of the flag's nested in (or around) its own
         if blocks is not None:  # a fresh replica for the new trace
             blocks.__init__(blocks.names, blocks.classes, blocks.run)
-        res = trace_step(module, example_batch, precision, engine, None, attention, zero3, step, blocks, record, cuda,
-                         autocast_cache)
+        res = trace_step(module, example_batch, precision, engine=engine, activation_checkpointing=None,
+                         attention=attention, zero3=zero3, step=step, blocks=blocks, record=record, cuda=cuda,
+                         autocast_cache=autocast_cache)  # fmt: skip
         return dataclasses.replace(res, checkpointed_as_is=True)
     live, gathered = list(tracker.live), [0] * len(tracker.live)
     if gathering is not None:  # the gathered parameters join the live bytes (and the records, for synthesis)
