@@ -37,7 +37,7 @@ Usage::
 
     python benchmarks/predictor_accuracy.py --out accuracy.json          # 412 configurations
     python benchmarks/predictor_accuracy.py --kinds t5,vit --stages single,3
-    python benchmarks/predictor_accuracy.py --quick                      # 13 configurations, every kind and axis
+    python benchmarks/predictor_accuracy.py --quick                      # 15 configurations, every kind and axis
 """
 
 import argparse
@@ -102,6 +102,7 @@ QUICK = (
     ("llama", "single", "bf16-mixed", "sdpa", True),
     ("plain", "single", "32-true", "eager", True),
     ("plain", "3", "32-true", "sdpa", True),  # a recomputed block keeps a released weight's gathered copy
+    ("vit", "2", "32-true", "sdpa", True),  # rank 0's grads_in_partition: buckets in the traced gradient order
 )
 
 

@@ -19,6 +19,8 @@ shapes differ from the gathered ones (transformers #47254, DeepSpeed #4332).
 import contextlib
 import inspect
 import math
+import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from types import MethodType
 from typing import Any
@@ -31,6 +33,15 @@ Policy = str | type | Iterable[str | type] | Callable[[nn.Module], bool]
 
 _FLAG = "_memopt_checkpointed"
 _ORIGINAL = "_memopt_original_forward"
+#: Hugging Face's per-layer switch (``GradientCheckpointingLayer.gradient_checkpointing``)
+_HF_FLAG = "gradient_checkpointing"
+_UNSET = object()
+#: frames between a checkpoint region and the code that opened it: torch's, functools' and the region hook's
+_INSIDE = (
+    os.path.dirname(torch.__file__) + os.sep,
+    os.path.dirname(contextlib.__file__) + os.sep + "functools",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "compat.py"),
+)
 #: keyword arguments of Hugging Face layers that write a KV cache: a recomputation would write it twice
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
@@ -146,32 +157,96 @@ def checkpoint_flags(module: nn.Module, activation_checkpointing: "bool | float 
 
 
 @contextlib.contextmanager
-def checkpointed_as(module: nn.Module, activation_checkpointing: "bool | float | int | None") -> Iterator[None]:
+def checkpointed_as(
+    module: nn.Module, activation_checkpointing: "bool | float | int | None", wrap: bool = True
+) -> Iterator["list[str]"]:
     """Run ``module`` with its first blocks checkpointed as ``activation_checkpointing`` says and the others not,
-    for the duration (``None``: as it is). Blocks wrapped by :func:`checkpoint_block` and Hugging Face layers with
-    ``gradient_checkpointing`` set are switched; every block is restored on exit."""
+    for the duration (``None``: as it is); yields the names of the blocks it wrapped with :func:`checkpoint_block`.
+
+    A block keeps the checkpointing the model gives it: one the model checkpoints already (this package's wrapper,
+    a Hugging Face layer with ``gradient_checkpointing`` on) runs as it is, and a Hugging Face layer whose
+    checkpointing function was set (``gradient_checkpointing_enable``: reentrant or not, offloaded or not) is
+    switched by its own flag. Only a block the model has no checkpointing for gets this package's wrapper, and
+    with ``wrap=False`` not even that (a model whose own ``torch.utils.checkpoint`` calls checkpoint it). Blocks
+    not selected are switched off. Every block is restored on exit."""
     if activation_checkpointing is None:
-        yield
+        yield []
         return
-    blocks = [module.get_submodule(name) for name in auto_blocks(module)]
-    saved = [(b, b.__dict__.get(_FLAG), getattr(b, "gradient_checkpointing", None)) for b in blocks]
-    for block, flag in zip(blocks, checkpoint_flags(module, activation_checkpointing)):
-        if getattr(block, "gradient_checkpointing", None) is not None:
-            block.gradient_checkpointing = False
-        if flag and _FLAG not in block.__dict__:
-            checkpoint_block(block)
-        elif not flag and _FLAG in block.__dict__:
+    names = auto_blocks(module)
+    blocks = [module.get_submodule(name) for name in names]
+    saved = [(b, b.__dict__.get(_FLAG), b.__dict__.get(_HF_FLAG, _UNSET)) for b in blocks]
+    wrapped = []
+    for name, block, flag in zip(names, blocks, checkpoint_flags(module, activation_checkpointing)):
+        if flag and is_checkpointed(block):
+            continue
+        if not flag:
+            if getattr(block, _HF_FLAG, None) is not None:
+                setattr(block, _HF_FLAG, False)
             uncheckpoint_block(block)
+        elif _hf_switchable(block):
+            setattr(block, _HF_FLAG, True)
+        elif wrap:
+            checkpoint_block(block)
+            wrapped.append(name)
     try:
-        yield
+        yield wrapped
     finally:
-        for block, wrapped, hf_flag in saved:
-            if wrapped is None:
+        for block, ours, hf_flag in saved:
+            if ours is None:
                 uncheckpoint_block(block)
             else:
-                checkpoint_block(block, wrapped["reentrant"])
-            if hf_flag is not None:
-                block.gradient_checkpointing = hf_flag
+                checkpoint_block(block, ours["reentrant"])
+            if hf_flag is not _UNSET:
+                block.__dict__[_HF_FLAG] = hf_flag
+            else:
+                block.__dict__.pop(_HF_FLAG, None)
+
+
+def _hf_switchable(block: nn.Module) -> bool:
+    """A Hugging Face layer (``GradientCheckpointingLayer``) that holds the checkpointing function the model set."""
+    return getattr(block, _HF_FLAG, None) is not None and callable(block.__dict__.get("_gradient_checkpointing_func"))
+
+
+@contextlib.contextmanager
+def own_checkpoints() -> Iterator["list[str]"]:
+    """Collect, for the duration, where the model's own code opens a ``torch.utils.checkpoint`` region in a forward
+    (``file:line`` of the caller, once per region): every region but those this package's wrapper and Hugging
+    Face's ``GradientCheckpointingLayer`` open (the ones :func:`checkpointed_as` switches), and not again when a
+    checkpointed region recomputes in backward.
+
+    Example:
+        >>> from torch.utils.checkpoint import checkpoint
+        >>> layer = nn.Linear(2, 2)
+        >>> x = torch.ones(1, 2, requires_grad=True)
+        >>> with own_checkpoints() as sites:
+        ...     checkpoint(layer, x, use_reentrant=False).sum().backward()
+        ...     checkpoint_block(layer)
+        ...     layer(x).sum().backward()
+        >>> len(sites), sites[0].startswith("<doctest")
+        (1, True)
+    """
+    from lightning_memopt.core import compat
+
+    sites: list[str] = []
+
+    def on_region() -> None:
+        if compat.in_backward():
+            return
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
+            frame = frame.f_back
+        callers = [frame, frame.f_back if frame is not None else None]
+        if any(f is not None and (f.f_code is _checkpointed_forward.__code__ or _hf_layer_frame(f)) for f in callers):
+            return
+        sites.append(f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else "unknown")
+
+    with compat.checkpoint_regions(on_region):
+        yield sites
+
+
+def _hf_layer_frame(frame: Any) -> bool:
+    """A frame of transformers' checkpointing layer forward (``modeling_layers.GradientCheckpointingLayer``)."""
+    return frame.f_code.co_name == "forward_with_checkpointing" and "transformers" in frame.f_code.co_filename
 
 
 def is_checkpointed(block: nn.Module) -> bool:

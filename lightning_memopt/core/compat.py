@@ -6,7 +6,7 @@ Each helper says what it touches and what happens on a version that lacks it.
 
 import contextlib
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -102,6 +102,45 @@ def no_packed_sequence_detection() -> Iterator[None]:
         yield
     finally:
         mu.find_packed_sequence_indices = original
+
+
+@contextlib.contextmanager
+def checkpoint_regions(on_region: "Callable[[], None]") -> Iterator[None]:
+    """Call ``on_region()`` as every ``torch.utils.checkpoint.checkpoint`` region starts (``checkpoint_sequential``'s
+    too), reentrant or not, from inside ``checkpoint`` (its caller's frame is up the stack): torch's private
+    ``CheckpointFunction.apply`` (reentrant) and ``_checkpoint_without_reentrant_generator`` (non-reentrant), which
+    ``checkpoint`` looks up at every call (torch >= 2.1). A variant a version lacks is not reported."""
+    import torch.utils.checkpoint as ckpt
+
+    function = getattr(ckpt, "CheckpointFunction", None)
+    generator = getattr(ckpt, "_checkpoint_without_reentrant_generator", None)
+    saved_apply = function.__dict__.get("apply") if function is not None else None
+
+    if function is not None:
+        inherited = function.apply
+
+        def apply(cls: Any, *args: Any) -> Any:
+            on_region()
+            return inherited(*args)
+
+        function.apply = classmethod(apply)
+    if generator is not None:
+
+        def without_reentrant(*args: Any, **kwargs: Any) -> Any:
+            on_region()
+            return generator(*args, **kwargs)
+
+        ckpt._checkpoint_without_reentrant_generator = without_reentrant
+    try:
+        yield
+    finally:
+        if generator is not None:
+            ckpt._checkpoint_without_reentrant_generator = generator
+        if function is not None:
+            if saved_apply is None:
+                del function.apply
+            else:
+                function.apply = saved_apply
 
 
 def deepspeed_original_linear() -> Any:

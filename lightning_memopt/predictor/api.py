@@ -124,6 +124,7 @@ def predict(
     accumulate_grad_batches: int = 1,
     device: "str | CudaRules | None" = None,
     expandable_segments: "bool | None" = None,
+    autocast_cache: bool = False,
 ) -> MemoryEstimate:
     """Predict one rank's peak memory of a training step (forward, backward, optimizer step) of ``model`` as it is.
 
@@ -171,6 +172,9 @@ def predict(
             and the allocator's blocks included) and ``reserved`` / ``device_total`` what ``max_memory_reserved`` and
             ``mem_get_info`` report (the plain engine on one device; else ``None``, with the reason in ``details``).
         expandable_segments: the CUDA allocator's mode (``None``: as ``PYTORCH_CUDA_ALLOC_CONF`` says).
+        autocast_cache: ``engine="torch"`` with a ``*-mixed`` precision run in a loop of one's own under plain
+            ``torch.autocast(...)`` (or Lightning Fabric's), whose weight-cast cache keeps every weight's 16-bit copy
+            until the forward's autocast exits; ``False``: as Lightning's precision plugin runs it, without the cache.
 
     Raises:
         ValueError / TypeError: for any invalid argument, a model that does not train (no loss, no trainable
@@ -216,6 +220,7 @@ def predict(
             attention=attention,
             zero3=zero3,
             cuda=rules is not None,
+            autocast_cache=bool(autocast_cache),
         )
     ranks: "list[int | None]" = [None]
     if engine == "deepspeed" and zero in (1, 2) and world_size > 1:
@@ -236,6 +241,7 @@ def predict(
             engine=engine,
             deepspeed_config=deepspeed_config,
             rank=r,
+            grad_order=timeline.grad_order or None,  # ZeRO-2's buckets fill in the traced arrival order
         )
         for r in ranks
     }
@@ -288,7 +294,8 @@ def predict(
     def replay() -> Any:  # the whole run through CUDA's caching allocator, from one step traced with every storage
         batch, _ = step_batch(source, example_batch, micro_batch_size, seq_len)
         trace = recorded_trace(source, batch, precision=prec, engine=act_engine, zero3=zero3, cuda=True,
-                               activation_checkpointing=activation_checkpointing, attention=attention)  # fmt: skip
+                               activation_checkpointing=activation_checkpointing, attention=attention,
+                               autocast_cache=bool(autocast_cache))  # fmt: skip
         return replay_model(trace, reading, prec.param_bytes(act_engine), optimizer, rules)
 
     replayable = engine == "torch" and world_size == 1 and source.module is not None

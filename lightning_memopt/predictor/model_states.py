@@ -149,19 +149,45 @@ def _gathered_stage3(reading: ModelReading, threshold: int, reuse: int, bytes_: 
     return 0, sum(p.numel for p in reading.params if p.numel <= threshold) * bytes_
 
 
-def _partition_grad_elements(numels: "list[int]", world: int, rank: int) -> "tuple[int, int]":
-    """(elements of the parameters overlapping ``rank``'s flat partition, gradient elements produced in backward
-    before the first of them) for ZeRO-1/2's ``grads_in_partition``; ``numels`` in flat order."""
+def _partition_grad_elements(
+    numels: "list[int]", world: int, rank: int, bucket: int, order: "tuple[int, ...] | None" = None
+) -> "tuple[int, int]":
+    """(elements of the parameters overlapping ``rank``'s flat partition, gradient elements handed to the engine
+    when ZeRO-2 first reduces a bucket holding one of them) for ``grads_in_partition``, which that reduction
+    allocates (``copy_grads_in_partition``). ``numels`` in flat order; the gradients arrive in ``order`` (indices
+    into ``numels``, as traced; the ones it misses, or all without it, in reverse flat order) and fill the IPG
+    bucket in that order. A gradient that does not fit has the bucket reduced in its own hook, once it was produced
+    (``reduce_independent_p_g_buckets_and_remove_grads``): it is counted in; what is left is reduced after
+    backward.
+
+    Example:
+        >>> _partition_grad_elements([4, 4, 4, 4], world=2, rank=0, bucket=8)  # rank 0's parameters arrive last
+        (8, 16)
+        >>> _partition_grad_elements([4, 4, 4, 4], world=2, rank=0, bucket=8, order=(0, 1, 2, 3))
+        (8, 12)
+    """
     total = sum(numels)
     size = _partition(total, world)
     lo, hi = rank * size, min((rank + 1) * size, total)
-    offset, inside, last_end = 0, 0, 0
+    mine, offset = [], 0
     for n in numels:
-        if offset < hi and offset + n > lo:
-            inside += n
-            last_end = offset + n
+        mine.append(offset < hi and offset + n > lo)
         offset += n
-    return inside, total - last_end
+    inside = sum(n for n, m in zip(numels, mine) if m)
+    seen = set(order or ())
+    arrival = [*(order or ()), *(i for i in reversed(range(len(numels))) if i not in seen)]
+    filled = produced = 0
+    holds_mine = False
+    for i in arrival:
+        n = numels[i]
+        if filled and filled + n > bucket:
+            if holds_mine:
+                return inside, produced + n
+            filled, holds_mine = 0, False
+        filled += n
+        produced += n
+        holds_mine = holds_mine or mine[i]
+    return inside, produced
 
 
 def engine_memory(
@@ -176,6 +202,7 @@ def engine_memory(
     engine: str,
     deepspeed_config: "dict[str, Any] | None",
     rank: "int | None" = None,
+    grad_order: "tuple[int, ...] | None" = None,
 ) -> EngineMemory:
     """Model-state bytes of ``rank`` (default: the last, which receives gradients first) for the given engine.
 
@@ -184,6 +211,9 @@ def engine_memory(
     ``deepspeed/runtime/utils.py``). ZeRO-3 partitions every parameter, each one separately
     (``partition_parameters.py`` ``_partition_param``: ``ceil(numel / world)`` elements per rank). Only ZeRO-1/2
     differ between ranks (which parameters overlap the rank's partition). Module buffers are in ``buffers``.
+    ``grad_order``: the trainable parameters (indices in registration order) in the order their gradients reach the
+    engine in the traced backward (:attr:`~.timeline.Timeline.grad_order`; ``None``: reverse registration order),
+    which ZeRO-2's reduce buckets follow.
 
     Example:
         >>> from lightning_memopt.predictor.reading import from_count
@@ -244,7 +274,7 @@ def engine_memory(
         bucket = b * cfg["reduce_bucket_size"] * (2 if overlap and zero == 2 else 1)
         bucket = bucket if cfg["contiguous_gradients"] or zero == 1 else 0
         r = W - 1 if rank is None else rank
-        inside, before = _partition_grad_elements(numels or [T], W, r)
+        inside, after = _partition_grad_elements(numels or [T], W, r, cfg["reduce_bucket_size"], grad_order)
         gip = b * inside if opt_dev else 0
         details["rank"] = r
         if not opt_dev:  # accumulation with offload: accumulated_grads_in_cpu holds the partition's gradients
@@ -262,7 +292,6 @@ def engine_memory(
             # the full 16-bit param.grad and the IPG bucket (setup_buckets) stay allocated between micro-steps
             hold = (b * T, bucket)
             return EngineMemory(base, 0, phases, where["cpu"], where["nvme"], b, bucket, 0, 0, details, hold)
-        after = _flush_after(numels or [T], cfg["reduce_bucket_size"], before)
         phases = (Phase("step", held, 0, opt_bytes, module_buffers + grad32 + temps),)
         # accumulation: ZeRO-2 reduces every micro-step into grads_in_partition, which stays until the step
         hold = (gip, bucket)
@@ -293,22 +322,6 @@ def _itemsize(dtype: Any) -> int:
     import torch
 
     return torch.empty((), dtype=dtype).element_size()
-
-
-def _flush_after(numels: "list[int]", bucket: int, before: int) -> int:
-    """Gradient elements produced when ZeRO-2 first reduces a bucket holding one of the rank's parameters (and
-    so allocates ``grads_in_partition``): buckets fill in backward order and are reduced when the next
-    gradient does not fit (``reduce_independent_p_g_buckets_and_remove_grads``).
-    """
-    filled = total = 0
-    for n in reversed(numels):
-        if filled and filled + n > bucket:
-            if total > before:
-                return total
-            filled = 0
-        filled += n
-        total += n
-    return total
 
 
 def _first_bucket_elements(numels: "list[int]", bucket: int) -> int:

@@ -44,6 +44,8 @@ class Timeline:
         grads_in_forward: the fraction of the previous step's gradients alive through the forward (1: Lightning's
             automatic optimization zeroes them after it; less for a manual step whose ``zero_grad`` comes first).
             The moments count the engine's forward gradients whole while any is alive (an upper bound).
+        grad_order: the trainable parameters (indices in registration order) in the order their gradients reach
+            the engine (empty: not traced, e.g. at reduced depth; the engine then takes reverse registration order).
     """
 
     live: "tuple[int, ...]"
@@ -53,6 +55,7 @@ class Timeline:
     details: "dict[str, Any]" = field(default_factory=dict)
     gathered: "tuple[int, ...]" = ()
     grads_in_forward: float = 1.0
+    grad_order: "tuple[int, ...]" = ()
 
     @classmethod
     def empty(cls) -> "Timeline":
@@ -141,6 +144,7 @@ def step_timeline(
     attention: "str | None",
     zero3: "bool | Zero3Settings",
     cuda: bool = False,
+    autocast_cache: bool = False,
 ) -> "tuple[Timeline, tuple[int, int | None]]":
     """The timeline of one step of ``source`` and the ``(micro-batch, seq_len)`` it was traced at.
 
@@ -150,14 +154,15 @@ def step_timeline(
     """
     settings = dict(
         precision=precision, engine=engine, activation_checkpointing=activation_checkpointing, attention=attention,
-        zero3=zero3, cuda=cuda,
+        zero3=zero3, cuda=cuda, autocast_cache=autocast_cache,
     )  # fmt: skip
     if example_batch is not None or source.key is None:
         batch, shape = step_batch(source, example_batch, micro_batch_size, seq_len)
         return trace_timeline(source.module, batch, **settings), shape
     micro = micro_batch_size or 1
     seq = batch_shape(synthetic_batch(source.module, 1, seq_len))[1]
-    key = (source.key, seq, precision.name, engine, str(activation_checkpointing), attention, zero3, cuda)
+    key = (source.key, seq, precision.name, engine, str(activation_checkpointing), attention, zero3, cuda,
+           autocast_cache)
     return _built_timeline(source, key, micro, seq_len, settings), (micro, seq)
 
 
@@ -228,6 +233,7 @@ def _affine(two: Timeline, three: Timeline, micro: int) -> "Timeline | None":
         {**two.details, "micro_batch_from": "affine in the micro-batch (traced at 2 and 3)"},
         tuple(a + k * (b - a) for a, b in zip(two.gathered, three.gathered)),
         two.grads_in_forward,
+        two.grad_order,
     )
 
 
@@ -241,13 +247,14 @@ def trace_timeline(
     attention: "str | None",
     zero3: "bool | Zero3Settings",
     cuda: bool = False,
+    autocast_cache: bool = False,
 ) -> Timeline:
     """Trace one step of ``module`` on ``batch``: at reduced depth with synthesis when it has at least
     :data:`SYNTHESIS_MIN_BLOCKS` blocks and synthesis holds (:mod:`.synthesis`), else every block."""
     from lightning_memopt.predictor.kernels import kernel_twins
 
     kwargs = dict(precision=precision, engine=engine, activation_checkpointing=activation_checkpointing,
-                  attention=attention, zero3=zero3, cuda=cuda)  # fmt: skip
+                  attention=attention, zero3=zero3, cuda=cuda, autocast_cache=autocast_cache)  # fmt: skip
     names = auto_blocks(module)
     details: "dict[str, Any]" = {"blocks": len(names)}
     # ZeRO-3's gathered parameters are replayed on the whole module trace (reuse distance and prefetch look ahead
@@ -267,6 +274,7 @@ def trace_timeline(
                     details.update(traced_blocks=len(run), saved_bytes=None)
                     if res.depends_on_batch:
                         details["depends_on_batch"] = list(res.depends_on_batch)
+                    _own_checkpointing(details, res, module)
                     return Timeline(tuple(live), tuple(grads), tuple(logits), end, details,
                                     grads_in_forward=1.0 - res.released_before_forward)  # fmt: skip
                 except SynthesisError as err:
@@ -275,5 +283,20 @@ def trace_timeline(
     details.update(traced_blocks=len(names), saved_bytes=res.saved_bytes)
     if res.depends_on_batch:  # the data-dependent ops the step ran, and where (see trace_step)
         details["depends_on_batch"] = list(res.depends_on_batch)
+    _own_checkpointing(details, res, module)
     return Timeline(res.live, res.grads, res.logits, res.forward_end, details, res.gathered,
-                    1.0 - res.released_before_forward)  # fmt: skip
+                    1.0 - res.released_before_forward, res.grad_order)  # fmt: skip
+
+
+def _own_checkpointing(details: "dict[str, Any]", res: Any, module: Any) -> None:
+    """Say where the model's own ``torch.utils.checkpoint`` calls ran, and count the blocks as the model has them
+    when they set the ``activation_checkpointing`` setting aside (see :func:`~.trace.trace_step`)."""
+    if not res.own_checkpoints:
+        return
+    details["own_checkpoints"] = list(res.own_checkpoints)
+    if res.checkpointed_as_is:
+        details["checkpointed_blocks"] = sum(checkpoint_flags(module, None))
+        details["checkpointing"] = (
+            "as the model has it: its own torch.utils.checkpoint calls checkpoint it, so the activation_checkpointing"
+            " setting wraps no block on top of them"
+        )

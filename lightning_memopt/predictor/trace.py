@@ -31,6 +31,7 @@ op's name, the user's line and what to do instead.
 """
 
 import contextlib
+import dataclasses
 import warnings
 import weakref
 from collections.abc import Callable
@@ -42,7 +43,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_memopt.core import compat as _compat
-from lightning_memopt.core.blocks import checkpointed_as
+from lightning_memopt.core.blocks import checkpointed_as, own_checkpoints
 from lightning_memopt.predictor import step_context
 from lightning_memopt.predictor.precision import Precision
 from lightning_memopt.predictor.reading import find_hf_model, tensor_attributes
@@ -78,6 +79,13 @@ class TraceResult:
         released_before_forward: the fraction of the trainable parameters' bytes whose previous gradients the step
             freed before its first op (a manual step's ``zero_grad`` first); the others' are alive through the
             forward, as in Lightning's automatic optimization (0).
+        own_checkpoints: ``"file:line"`` of every ``torch.utils.checkpoint`` call of the model's own code that opened
+            a region in the forward, once per line (see :func:`~lightning_memopt.core.blocks.own_checkpoints`).
+        grad_order: the trainable parameters (their indices in registration order, the order of
+            :meth:`~lightning_memopt.predictor.reading.ModelReading.trainable`) in the order their gradients reached
+            the engine (ZeRO-1/2's reduce buckets fill in it); empty for a reduced-depth trace (``blocks``).
+        checkpointed_as_is: the ``activation_checkpointing`` setting was set aside: it would have wrapped blocks of a
+            model that checkpoints itself (``own_checkpoints``), which is traced as it is.
     """
 
     live: "tuple[int, ...]"
@@ -93,6 +101,9 @@ class TraceResult:
     grad_keys: "tuple[tuple[int, int], ...]" = ()
     depends_on_batch: "tuple[str, ...]" = ()
     released_before_forward: float = 0.0
+    own_checkpoints: "tuple[str, ...]" = ()
+    grad_order: "tuple[int, ...]" = ()
+    checkpointed_as_is: bool = False
 
     @property
     def peak(self) -> int:
@@ -165,6 +176,7 @@ def trace_step(
     blocks: "Any" = None,
     record: bool = False,
     cuda: bool = False,
+    autocast_cache: bool = False,
 ) -> TraceResult:
     """Trace forward + backward of ``module`` on ``example_batch`` with fake tensors.
 
@@ -179,7 +191,10 @@ def trace_step(
         precision: the resolved precision.
         engine: ``"deepspeed"`` or ``"torch"``.
         activation_checkpointing: ``None`` traces the blocks checkpointed as they are; ``True``/``False``, a fraction
-            or a number checkpoints exactly the first blocks it says (the others not) for the trace.
+            or a number checkpoints exactly the first blocks it says (the others not) for the trace, each with the
+            checkpointing the model has for it (:func:`~lightning_memopt.core.blocks.checkpointed_as`: a Hugging
+            Face layer with its own function). A model whose own code calls ``torch.utils.checkpoint`` is traced as
+            it is: no wrapper is put on top of its own checkpointing.
         attention: set a Hugging Face model's attention implementation for the trace (``None`` keeps it).
         zero3: step as a DeepSpeed ZeRO-3 run does: Linear layers through ``zero3_linear_wrap``, every module's
             tensor inputs as new tensors (``_post_backward_module_hook``), and a parameter whose view is saved for
@@ -191,6 +206,9 @@ def trace_step(
         blocks: a :class:`~lightning_memopt.predictor.synthesis.Replica` that marks blocks and skips some of them.
         cuda: trace a step that runs on a CUDA device: on the CPU, with CUDA's kernels where the CPU's take another
             path (:func:`~lightning_memopt.predictor.cuda_memory.cuda_kernels`).
+        autocast_cache: run the step's autocast with its weight-cast cache (``torch.autocast``'s default, a plain
+            loop's and Lightning Fabric's), which keeps every weight's 16-bit copy until the step's autocast exits;
+            ``False``: as Lightning's ``*-mixed`` precision plugin runs it.
         record: keep every storage's lifetime (``storages``) and the gradients' storage keys (``grad_keys``), for
             the caching allocator's replay (:mod:`.cuda_memory`).
 
@@ -217,6 +235,8 @@ def trace_step(
     param_ids: set[int] = set()
     grad_bytes = 0
     graded: set[int] = set()  # a parameter's gradient reaches the engine once (a second backward adds into it)
+    position: dict[int, int] = {}  # trainable fake parameter -> its index in registration order
+    grad_order: list[int] = []
 
     def on_grad(p: torch.Tensor) -> None:
         nonlocal grad_bytes
@@ -225,6 +245,7 @@ def trace_step(
                 graded.add(id(p))
                 nbytes = p.grad.untyped_storage().nbytes()
                 grad_keys.append((p.grad.untyped_storage()._cdata, len(tracker.live)))
+                grad_order.append(position[id(p)])
                 tracker.grads += nbytes
                 grad_bytes += nbytes
             p.grad = None
@@ -277,9 +298,9 @@ def trace_step(
         tracker.add(t)
     # Lightning's MixedPrecision runs the step under ``torch.autocast(..., cache_enabled=False)``
     # (lightning/pytorch/plugins/precision/amp.py, 2.6): no weight cast outlives the op that made it unless autograd
-    # saves it (with the cache, a checkpointed block's casts would live until the forward ends)
+    # saves it (with the cache, a plain loop's, a checkpointed block's casts live until the forward ends)
     autocast = (
-        torch.autocast(device.type, dtype=precision.compute_dtype, cache_enabled=False)
+        torch.autocast(device.type, dtype=precision.compute_dtype, cache_enabled=bool(autocast_cache))
         if engine == "torch" and precision.mixed
         else contextlib.nullcontext()
     )
@@ -306,7 +327,8 @@ def trace_step(
             stack.enter_context(_compat.linear_of_the_run(zero3))
             stack.enter_context(_compat.no_packed_sequence_detection())
             stack.enter_context(step_context.attention(module, attention))
-            stack.enter_context(checkpointed_as(module, activation_checkpointing))
+            wrapped = stack.enter_context(checkpointed_as(module, activation_checkpointing))
+            own = stack.enter_context(own_checkpoints())
             if blocks is not None:  # the skipped blocks leave the module: their states need no fakes
                 stack.enter_context(blocks.installed(module, tracker))
             fakes, trainable = _fake_states(module, fake_mode, dtype, device)
@@ -315,6 +337,7 @@ def trace_step(
             exclude.update(t.untyped_storage()._cdata for _, t in fake_attributes)
             param_ids.update(id(t) for t in fakes.values())
             handles += [p.register_post_accumulate_grad_hook(on_grad) for p in trainable]
+            position.update((id(p), i) for i, p in enumerate(trainable))
             stack.enter_context(step_context.swapped_attributes(module, fake_attributes))
             stack.enter_context(_compat.reparametrized(module, fakes))
             stack.enter_context(step_context.zero3_module_inputs(module, zero3))
@@ -355,6 +378,13 @@ def trace_step(
         for h in handles:
             h.remove()
         module.train(was_training)
+    if own and wrapped:  # the model checkpoints itself: no wrapper of the flag's nested in (or around) its own
+        if blocks is not None:  # a fresh replica for the new trace
+            blocks.__init__(blocks.names, blocks.classes, blocks.run)
+        res = trace_step(module, example_batch, precision, engine=engine, activation_checkpointing=None,
+                         attention=attention, zero3=zero3, step=step, blocks=blocks, record=record, cuda=cuda,
+                         autocast_cache=autocast_cache)  # fmt: skip
+        return dataclasses.replace(res, checkpointed_as_is=True)
     live, gathered = list(tracker.live), [0] * len(tracker.live)
     if gathering is not None:  # the gathered parameters join the live bytes (and the records, for synthesis)
         for born, freed, nbytes, key in gathering.intervals(len(live) - 1):
@@ -377,6 +407,8 @@ def trace_step(
         grad_keys=tuple(grad_keys) if record else (),
         depends_on_batch=tuple(f"{op} at {where}: {how}" for op, where, how in tracker.depends),
         released_before_forward=sum(released.values()) / max(1, sum(real_trainable.values())),
+        own_checkpoints=tuple(dict.fromkeys(own)),
+        grad_order=tuple(grad_order) if blocks is None else (),
     )
 
 
