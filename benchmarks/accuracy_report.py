@@ -48,7 +48,8 @@ def rows_of(results: "list[dict]", predictions: "dict[int, dict]", methods: "tup
         row = {k: r.get(k) for k in _ROW_KEYS}
         window = r.get("accumulate") or 1
         per_step = [r["steps"][i : i + window] for i in range(0, len(r["steps"]) - window + 1, window)]
-        row["run_failed"] = r["failed"] if r["failed"] or len(per_step) < 2 else None
+        short = f"{len(per_step)} optimizer step(s) recorded, 2 needed" if len(per_step) < 2 else None
+        row["run_failed"] = r["failed"] or short
         if row["run_failed"]:  # no steady state measured: the row only says so
             row.update({"measured": None, **{f"{m}{x}": None for m in methods for x in ("", "_error_pct")}})
             rows.append(row)

@@ -501,7 +501,7 @@ def main(argv: "list[str] | None" = None) -> None:
     failures = failed_runs(rows)
     print(f"Runs that failed: {len(failures)}" + "".join(f"\n  {f}" for f in failures))
     for cfg in skipped:
-        print(f"Skipped: {describe(cfg)}: {cfg['reason']}.")
+        print(f"Skipped: {describe(cfg)}: {cfg['reason'].rstrip('.')}.")
     left_out = {k: v for k, v in UNTRAINABLE.items() if k[0] in {cfg["kind"] for cfg in configs}}
     for (kind, strategy, precision), reason in left_out.items():
         print(f"Left out: {kind} with {'MemOptStrategy' if strategy == 'zero' else strategy} {precision}: {reason}.")
