@@ -1,10 +1,16 @@
 """Accuracy of ``estimate_memory`` against real Lightning runs on CPU: single device, and ``MemOptStrategy`` ZeRO 0-3
-on 2 ranks.
+on 2 (or 4) ranks.
 
 Kinds (``benchmarks/accuracy_kinds.py``): Llama, Qwen2 (tied), plain PyTorch, T5 (encoder-decoder), BERT (masked
 LM), Mixtral (top-2 MoE), ViT, a CNN with BatchNorm, PEFT LoRA on a Llama, a partly frozen Llama and GPT-NeoX
 (parallel residual); x {single device, ZeRO 0, 1, 2, 3} x {fp32, bf16-mixed} x {eager, SDPA} (not for the CNN) x
-checkpointing off/on (the blocks of every kind, the CNN's convolution blocks included).
+checkpointing off/on (the blocks of every kind, the CNN's convolution blocks included). Further axes, by flag (their
+defaults keep the matrix above): gradient accumulation (``--accumulate 1,2``: Lightning's ``accumulate_grad_batches``),
+offload (``--offload none,optimizer,optimizer+parameters``: ``MemOptStrategy(offload_optimizer="cpu")`` at ZeRO >= 1,
+with ``offload_parameters="cpu"`` at ZeRO 3; other stages take ``none`` only) and the ZeRO runs' world size
+(``--world-sizes 2,4``). fp16 (``16-mixed``, loss scaling) is a value of ``--precisions`` that does not train on CPU:
+its configurations are listed as skipped with the reason the real component gives (``MemOptStrategy`` refuses it;
+Lightning's single-device Trainer swaps in bf16), never run.
 
 Measuring: every process counts every CPU allocation with the counting allocator
 (:class:`~lightning_memopt.measuring.memory.DeviceMemoryProbe` ``cpu_mode="allocator"``, started before any model is
@@ -16,8 +22,11 @@ flat buffers, fp32 partitions, Adam states, buckets, activations and the batch a
 callback resets the peak at ``on_train_batch_start`` and reads it at ``on_train_batch_end``; "measured" is the
 highest per-step peak of the steady state, steps 2..N (Adam states are created at step 1). Single-device runs
 (Lightning's single-device strategy, bf16-mixed = autocast, checkpointing by the ``ActivationCheckpointing``
-callback) run first in the main process; then one 2-process launch holds every ``MemOptStrategy`` configuration
-(Lightning starts the second process at the first 2-device fit; later Trainers find the process group up).
+callback) run first in the main process; then each world size other than 2 runs in a launch of its own (this script
+re-run in a subprocess with ``--launch N``, whose Lightning starts ranks 1..N-1); then one 2-process launch holds
+every 2-rank ``MemOptStrategy`` configuration (Lightning starts the second process at the first 2-device fit; later
+Trainers find the process group up). With gradient accumulation the recorder reads one peak per micro-batch; a step's
+peak is the highest of its window's micro-steps and the first window is left out.
 
 Predicting: before anything is measured, in a clean process (a ZeRO-3 engine leaves DeepSpeed's Linear patched in
 process-wide), each configuration is predicted on a freshly built copy of its model with the settings
@@ -30,14 +39,18 @@ precision, optimizer, the batch's shape) and the configuration's checkpointing:
 
 In ``on_train_start`` every run's own settings (``run_settings``, the checkpointing and attention read from the
 module) are compared with the predicted ones (``settings_match``). A rank is compared with its own prediction
-(``details["per_rank_total"]`` at ZeRO 1-2); error = (predicted - measured) / measured. A prediction that raises a
+(``details["per_rank_total"]`` at ZeRO 1-2); on this CPU device the prediction compared is ``total + cpu_offloaded``
+(the offloaded states live in the same memory, as ``MemoryMonitor`` compares them); error = (predicted - measured) /
+measured. A prediction that raises a
 clear ``ValueError``/``TypeError`` is a refusal, any other exception a crash; both count as failed.
 
 Usage::
 
-    python benchmarks/predictor_accuracy.py --out accuracy.json          # 412 configurations
+    python benchmarks/predictor_accuracy.py --out accuracy.json          # 412 configurations run, 210 fp16 skipped
     python benchmarks/predictor_accuracy.py --kinds t5,vit --stages single,3
-    python benchmarks/predictor_accuracy.py --quick                      # 13 configurations, every kind and axis
+    python benchmarks/predictor_accuracy.py --kinds llama --stages 1,2,3 --world-sizes 4 --accumulate 2 \\
+        --offload none,optimizer,optimizer+parameters
+    python benchmarks/predictor_accuracy.py --quick                      # 19 configurations, every kind and axis
 """
 
 import argparse
