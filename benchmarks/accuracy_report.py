@@ -17,8 +17,9 @@ from accuracy_targets import MEDIAN_PCT, WORST_PCT, error_pct, within_claim
 #: kinds whose kernels include convolutions (oneDNN's convolution workspace: :func:`accuracy_targets.scratch_allowance`)
 CONVOLUTION_KINDS = ("cnn",)
 
-_ROW_KEYS = ("kind", "stage", "world_size", "precision", "attention", "checkpointing", "rank", "n_params", "trainable",
-             "micro_batch", "seq_len", "leaked", "seconds", "settings_match", "settings_diff")  # fmt: skip
+_ROW_KEYS = ("kind", "stage", "world_size", "precision", "attention", "checkpointing", "accumulate", "offload", "rank",
+             "n_params", "trainable", "micro_batch", "seq_len", "leaked", "seconds", "settings_match",
+             "settings_diff")  # fmt: skip
 
 
 def settings_diff(planned: dict, run: dict) -> dict:
@@ -36,20 +37,25 @@ def settings_diff(planned: dict, run: dict) -> dict:
 def rows_of(results: "list[dict]", predictions: "dict[int, dict]", methods: "tuple[str, ...]") -> "list[dict]":
     """One row per configuration and rank: measured (steps 2..N) vs each method's prediction for that rank.
 
+    A step is an optimizer step: with gradient accumulation its peak is the highest of its micro-steps' (the
+    recorder reads one per micro-batch), and the first window (Adam states created) is left out as the first step.
+
     A method that does not apply to the kind leaves ``None``; one that raised leaves ``None`` and
     ``<method>_failed`` (``"refusal"`` or ``"crash"``) with ``<method>_error`` (the message).
     """
     rows = []
     for r in results:
         row = {k: r.get(k) for k in _ROW_KEYS}
-        row["run_failed"] = r["failed"] if r["failed"] or len(r["steps"]) < 2 else None
+        window = r.get("accumulate") or 1
+        per_step = [r["steps"][i : i + window] for i in range(0, len(r["steps"]) - window + 1, window)]
+        short = f"{len(per_step)} optimizer step(s) recorded, 2 needed" if len(per_step) < 2 else None
+        row["run_failed"] = r["failed"] or short
         if row["run_failed"]:  # no steady state measured: the row only says so
             row.update({"measured": None, **{f"{m}{x}": None for m in methods for x in ("", "_error_pct")}})
             rows.append(row)
             continue
-        steps = r["steps"][1:]
-        steady = [s["allocations_peak"] for s in steps]
-        measured, tensors = max(steady), max(s["tensors_peak"] for s in steps)
+        steady = [max(s["allocations_peak"] for s in step) for step in per_step[1:]]
+        measured, tensors = max(steady), max(s["tensors_peak"] for step in per_step[1:] for s in step)
         row.update(measured=measured, measured_tensors=tensors, scratch=measured - tensors,
                    steady_spread=max(steady) - min(steady), first_step=r["steps"][0]["allocations_peak"],
                    after_setup=r["after_setup"], convolutions=r["kind"] in CONVOLUTION_KINDS)  # fmt: skip
@@ -99,6 +105,26 @@ def summary(rows: "list[dict]", methods: "tuple[str, ...]", kinds: "tuple[str, .
             stats = _stats(sel, method)
             if stats["peaks"] or stats["refusals"] or stats["crashes"]:
                 out.append({"kind": kind, "stage": stage, "method": method, **stats})
+    # the axes beyond the defaults (accumulation, offload, world size other than 2), each over all kinds and stages
+    axes = sorted({axis for r in rows for axis in _extra_axes(r)})
+    for axis in axes:
+        sel = [r for r in rows if axis in _extra_axes(r)]
+        for method in methods:
+            stats = _stats(sel, method)
+            if stats["peaks"] or stats["refusals"] or stats["crashes"]:
+                out.append({"kind": "all", "stage": axis, "method": method, **stats})
+    return out
+
+
+def _extra_axes(row: dict) -> "list[str]":
+    """The non-default values of the newer axes in a row (``acc2``, ``off:optimizer``, ``ranks4``)."""
+    out = []
+    if (row.get("accumulate") or 1) > 1:
+        out.append(f"acc{row['accumulate']}")
+    if row.get("offload", "none") != "none":
+        out.append(f"off:{row['offload']}")
+    if row["stage"] != "single" and row.get("world_size", 2) != 2:
+        out.append(f"ranks{row['world_size']}")
     return out
 
 
@@ -125,9 +151,11 @@ def failed_runs(rows: "list[dict]") -> "list[str]":
 
 
 def describe(row: dict) -> str:
+    """A configuration in one line; the newer axes only where they differ from their defaults."""
     stage = "single" if row["stage"] == "single" else f"zero{row['stage']}"
+    extra = "".join(f" {axis}" for axis in _extra_axes(row))
     return (f"{row['kind']:7s} {stage:6s} {row['precision']:10s} {row['attention'] or '-':5s} "
-            f"ckpt={'on ' if row['checkpointing'] else 'off'}")  # fmt: skip
+            f"ckpt={'on ' if row['checkpointing'] else 'off'}{extra}")  # fmt: skip
 
 
 def _cell(row: dict, method: str) -> str:
@@ -148,13 +176,14 @@ def print_report(
     rows: "list[dict]", summ: "list[dict]", verdicts: "dict[str, dict]", methods: "tuple[str, ...]"
 ) -> None:
     head = "".join(f" {m + ' KiB':>10s} {'err %':>7s} {'live %':>7s}" for m in methods)
-    print(f"{'configuration':40s} rank {'allocs KiB':>11s} {'live KiB':>10s}{head}")
+    width = max([40, *(len(describe(r)) for r in rows)])
+    print(f"{'configuration':{width}s} rank {'allocs KiB':>11s} {'live KiB':>10s}{head}")
     for r in rows:
         if r["run_failed"]:
-            print(f"{describe(r):40s} {r['rank']:4d} run failed: {r['run_failed']}")
+            print(f"{describe(r):{width}s} {r['rank']:4d} run failed: {r['run_failed']}")
             continue
         cells = "".join(f" {_cell(r, m)}" for m in methods)
-        print(f"{describe(r):40s} {r['rank']:4d} {r['measured'] / 1024:11.1f} {r['measured_tensors'] / 1024:10.1f}"
+        print(f"{describe(r):{width}s} {r['rank']:4d} {r['measured'] / 1024:11.1f} {r['measured_tensors'] / 1024:10.1f}"
               f"{cells}{'' if r['settings_match'] else '  settings differ'}")  # fmt: skip
     failures = sorted({(m, r[f"{m}_failed"], r[f"{m}_error"]) for r in rows for m in methods if r.get(f"{m}_failed")})
     for method, failed, error in failures:
