@@ -277,11 +277,15 @@ def engine_memory(
         inside, after = _partition_grad_elements(numels or [T], W, r, cfg["reduce_bucket_size"], grad_order)
         gip = b * inside if opt_dev else 0
         details["rank"] = r
-        if not opt_dev:  # accumulation with offload: accumulated_grads_in_cpu holds the partition's gradients
+        if not opt_dev and zero == 2:  # accumulation with offload: accumulated_grads_in_cpu holds the partition's
+            # gradients, filled at every micro-step's reduction (ZeRO-1 reduces only at the boundary: never filled)
             details["cpu_accumulation_bytes"] = b * inside
         base = Phase("steady", held, 0, opt_bytes, module_buffers)
         if not opt_dev:
             bucket += b * largest  # temp_grad_buffer_for_gpu_offload
+            # host buffers of the offload (stage_1_and_2.py): param_buffer_of_bit16_for_cpu_offload_groups (a 16-bit
+            # copy of the rank's partition) and temp_grad_buffer_for_cpu_offload (the largest parameter)
+            where["cpu"] += b * (Tp + largest)
         if zero == 1:
             first = _first_bucket_elements(numels or [T], cfg["reduce_bucket_size"])
             phases = (

@@ -107,18 +107,6 @@ def test_with_accumulation_a_step_is_the_highest_of_its_micro_steps() -> None:
     assert (short["run_failed"], short["measured"]) == ("1 optimizer step(s) recorded, 2 needed", None)
 
 
-#: (kind, stage, offload) of QUICK that the predictor is known to miss, with the reason (``docs/predictor.md``,
-#: "Gradient accumulation, offload, 4 ranks, fp16"): left out of the claim, and checked to be still missed
-KNOWN_MISSES = {
-    ("llama", "1", "optimizer"): "ZeRO-1/2 with the optimizer offloaded: DeepSpeed's host buffers"
-    " param_buffer_of_bit16_for_cpu_offload_groups and temp_grad_buffer_for_cpu_offload are not in cpu_offloaded",
-}
-
-
-def _known_miss(row: dict) -> bool:
-    return (row["kind"], row["stage"], row["offload"]) in KNOWN_MISSES
-
-
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("predictor_accuracy") / "quick.json"
@@ -173,11 +161,8 @@ def test_quick_subset_errors_within_the_claim(quick: dict) -> None:
     """The claim against the counting allocator: median |error| <= MEDIAN_PCT; every peak over by at most WORST_PCT
     and under by at most that plus the kernels' scratch allowance (bf16 matmuls, convolutions); no refusal, no crash;
     from the module for every kind, from the config alone for the Hugging Face kinds."""
-    known = [r for r in quick["rows"] if _known_miss(r)]
-    rows = [r for r in quick["rows"] if not _known_miss(r)]
+    rows = quick["rows"]
     for method, kinds in (("module", set(KINDS)), ("config", set(CONFIG_ONLY))):
-        # the known miss is still one (strict: once the predictor covers it, drop it from KNOWN_MISSES)
-        assert known and all(r[method] < 0.99 * r["measured"] for r in known), (method, known)
         assert not [r for r in rows if r.get(f"{method}_failed")], method  # no refusal, no crash
         judged = [r for r in rows if r[method] is not None]
         assert {r["kind"] for r in judged} == kinds
