@@ -1,4 +1,5 @@
-"""Write out the full-depth timeline of a reduced-depth trace (see :mod:`.synthesis` for the model)."""
+"""Write out the full-depth timeline of a reduced-depth trace (see :mod:`.synthesis` for the model), and under
+ZeRO-3 the full-depth sequence of DeepSpeed's fetch and release events, replayed as a full trace's would be."""
 
 from dataclasses import dataclass
 from itertools import accumulate, pairwise
@@ -24,8 +25,12 @@ class _Block:
     grads: "tuple[list[int], list[int]]"  # gradient bytes handed over per op of each segment
 
 
-def synthesize(res: Any, replica: Replica) -> "tuple[list[int], list[int], list[int], int]":
-    """The full-depth ``(live, grads, logits, forward_end)`` of a reduced-depth trace ``res``.
+def synthesize(res: Any, replica: Replica) -> "tuple[list[int], list[int], list[int], int, list[int]]":
+    """The full-depth ``(live, grads, logits, forward_end, gathered)`` of a reduced-depth trace ``res``.
+
+    Under ZeRO-3 settings (``res.zero3_events``), DeepSpeed's fetch and release events are written out at full depth
+    too (:func:`_gathering`) and the coordinator replayed on them: ``gathered`` holds the parameters gathered after
+    every op, included in ``live`` (else it is empty).
 
     Raises:
         SynthesisError: when the trace is not fully accounted, or blocks couple in ways synthesis does not model.
@@ -45,7 +50,7 @@ def synthesize(res: Any, replica: Replica) -> "tuple[list[int], list[int], list[
     new_index, fwd_start, bwd_start, inserted = [0] * (n + 1), {}, {}, []
     markers: "dict[int, list[tuple[int, str]]]" = {}
     cut: "dict[int, tuple[int, int, str]]" = {}  # op -> (storages freed before the marker before it, block, where)
-    for k, block, where, freed in res.markers:
+    for k, block, where, freed, _ in res.markers:
         markers.setdefault(k, []).append((block, where))
         cut[k + 1] = (freed, block, where)
     marks_only = {k + 1 for k in markers}  # the pass-through's own view op: no op of the full model
@@ -129,7 +134,171 @@ def synthesize(res: Any, replica: Replica) -> "tuple[list[int], list[int], list[
             steps = rep.grads[0] if where == "forward" else rep.grads[1]
             grad_steps.append(steps[i - position[(block, where)]])
         logits.append(res.logits[k])
-    return live, list(accumulate(grad_steps)), logits, new_index[res.forward_end + 1] - 1
+    gathered: "list[int]" = []
+    if res.zero3_events is not None:
+        gathered = _gathering(res, replica, blocks, new_index, fwd_start, bwd_start, length)
+        live = [a + b for a, b in zip(live, gathered)]
+    return live, list(accumulate(grad_steps)), logits, new_index[res.forward_end + 1] - 1, gathered
+
+
+def _gathering(
+    res: Any,
+    replica: Replica,
+    blocks: "dict[int, _Block]",
+    new_index: "list[int]",
+    fwd_start: "dict[int, int]",
+    bwd_start: "dict[int, int]",
+    length: int,
+) -> "list[int]":
+    """ZeRO-3's gathered bytes after every op of the full-depth step: DeepSpeed's events written out, then replayed.
+
+    The coordinator decides on the whole module trace (prefetch and reuse distance look ahead across blocks), so
+    the replay runs on the full-depth sequence of events, as a full trace records it. Each run block's events and
+    the model's own keep their order, at their ops' synthesised positions; each skipped block gets a copy of its
+    representative's: from the fetch of the block before its forward to its release after it (every sub-module's
+    events in between), and from the fetch when its output's gradient arrives to the release once its input's
+    gradient is computed, each at the same offset in the skipped block's own segment, on the skipped block's own
+    modules and parameters (by name). Parameter views that a block's saved tensors keep gathered (pins) are copied
+    alike. The result equals the full trace's (tests compare them op for op).
+
+    Raises:
+        SynthesisError: events that fall outside their block's segments, or run blocks of one class whose events
+            differ.
+    """
+    from lightning_memopt.predictor.zero3 import Zero3Events, gathered_bytes, replay
+
+    rec = res.zero3_events
+    n = len(res.live)
+    index_of = {name: i for i, name in enumerate(rec.modules)}
+    key_of = {name: key for key, name in rec.param_names.items()}
+    # markers by the op after which they sit: (place in the sequence, start of the inserted block), in order
+    after: "dict[int, list[tuple[int, int]]]" = {}
+    for k, block, where, _, seq in res.markers:
+        after.setdefault(k + 1, []).append((seq, (fwd_start if where == "forward" else bwd_start)[block]))
+
+    def position(clock: int, seq: int) -> int:
+        """Where a moment of the replica (before op ``clock``, at ``seq``) falls in the full-depth step: before the
+        block a marker inserted when it came before that marker."""
+        for marker_seq, start in after.get(clock, ()):
+            if seq < marker_seq:
+                return start
+        return new_index[min(clock, n)]
+
+    def group(j: int, forward: bool) -> "tuple[int, int] | None":
+        """Event indices ``(first, last)`` of block ``j``'s forward (or backward) in the replica (``None``: none)."""
+        root = index_of.get(replica.names[j])
+        first = None
+        for e, (_, kind, m, fwd, in_bwd) in enumerate(rec.events):
+            if m != root or fwd != forward or (forward and in_bwd):
+                continue
+            if first is None and kind == "fetch":
+                first = e
+            elif first is not None and kind == "release":
+                return first, e
+        return None
+
+    def relative(name: str, prefix: str) -> "str | None":
+        return name[len(prefix) :] if name == prefix or name.startswith(prefix + ".") else None
+
+    class_reps = {replica.representative(i) for i in range(len(replica.names)) if i not in replica.run}
+    checked = {j for j in replica.run if replica.neighbour(j, -1) is not None}
+    shapes: "dict[int, dict[str, list]]" = {}  # run block -> its events (and pins) relative to its segments
+    for j in sorted(class_reps | checked):
+        prefix, blk = replica.names[j], blocks[j]
+        shape: "dict[str, list]" = {}
+        for where, forward, (lo, hi) in (("forward", True, blk.fwd), ("backward", False, blk.bwd)):
+            found = group(j, forward)
+            if found is None and (forward or lo >= 0):  # a block without backward (frozen, no gradient through it)
+                raise SynthesisError(f"block {prefix} shows no ZeRO-3 fetch and release around its {where}")
+            if found is not None and lo < 0:
+                raise SynthesisError(f"block {prefix} ran no op in its {where}")
+            first, last = found if found is not None else (0, -1)
+            items = []
+            for e in range(first, last + 1):
+                clock, kind, m, fwd, in_bwd = rec.events[e]
+                if not 0 <= clock - lo <= hi - lo + 1:
+                    raise SynthesisError(f"a ZeRO-3 event of block {prefix} falls outside its {where}")
+                items.append((clock - lo, kind, relative(rec.modules[m], prefix), m, fwd, in_bwd))
+            shape[where] = items
+            shape[where + " seq"] = [rec.event_seq[first], rec.event_seq[last]] if found is not None else [0, -1]
+        pins = []
+        for (key, at, end), (seq_at, seq_end) in zip(rec.pins, rec.pin_seq):
+            born = [w for w in ("forward", "backward") if shape[w + " seq"][0] <= seq_at <= shape[w + " seq"][1]]
+            if not born:
+                continue
+            lo = (blk.fwd if born[0] == "forward" else blk.bwd)[0]
+            if seq_end is None:
+                dies: "tuple[str | None, int]" = (None, 0)
+            else:
+                died = [w for w in ("forward", "backward") if shape[w + " seq"][0] <= seq_end <= shape[w + " seq"][1]]
+                if not died:
+                    raise SynthesisError(f"a parameter view saved in block {prefix} outlives its backward")
+                dies = (died[0], end - (blk.fwd if died[0] == "forward" else blk.bwd)[0])
+            pins.append((born[0], at - lo, *dies, relative(rec.param_names[key], prefix), key))
+        shape["pins"] = pins
+        shapes[j] = shape
+
+    def signature(shape: "dict[str, list]") -> tuple:
+        strip = lambda items: [(o, k, r if r is not None else m, f, b) for o, k, r, m, f, b in items]  # noqa: E731
+        return (strip(shape["forward"]), strip(shape["backward"]),
+                [(b, a, d, o, r if r is not None else key) for b, a, d, o, r, key in shape["pins"]])  # fmt: skip
+
+    by_class: "dict[Any, list[int]]" = {}
+    for j in sorted(checked):
+        by_class.setdefault(replica.classes[j], []).append(j)
+    for members in by_class.values():
+        for a, b in pairwise(members):
+            if signature(shapes[a]) != signature(shapes[b]):
+                names = f"{replica.names[a]} and {replica.names[b]}"
+                raise SynthesisError(f"blocks {names} of one class differ in their ZeRO-3 events")
+
+    def module_of(block: int, rel: "str | None", m: int) -> int:
+        if rel is None:
+            return m
+        target = index_of.get(replica.names[block] + rel)
+        if target is None:
+            raise SynthesisError(f"block {replica.names[block]} has no module {rel!r}")
+        return target
+
+    def param_of(block: int, rel: "str | None", key: int) -> int:
+        if rel is None:
+            return key
+        target = key_of.get(replica.names[block] + rel)
+        if target is None:
+            raise SynthesisError(f"block {replica.names[block]} has no parameter {rel!r}")
+        return target
+
+    starts = {"forward": fwd_start, "backward": bwd_start}
+    events: "list[tuple[int, str, int, bool, bool]]" = []
+    pins: "list[tuple[int, int, int | None]]" = []
+    pending = sorted((seq, block, where) for _, block, where, _, seq in res.markers)
+    p = 0
+
+    def insert(block: int, where: str) -> None:
+        shape, start = shapes[replica.representative(block)], starts[where][block]
+        if where == "backward" and not shape["backward"]:
+            raise SynthesisError(f"block {replica.names[block]} runs a backward its representative does not")
+        for offset, kind, rel, m, fwd, in_bwd in shape[where]:
+            events.append((start + offset, kind, module_of(block, rel, m), fwd, in_bwd))
+        for born, at, died, end, rel, key in shape["pins"]:
+            if born == where:
+                unpinned = None if died is None else starts[died][block] + end
+                pins.append((param_of(block, rel, key), start + at, unpinned))
+
+    for e, (clock, kind, m, fwd, in_bwd) in enumerate(rec.events):
+        seq = rec.event_seq[e]
+        while p < len(pending) and pending[p][0] < seq:
+            insert(*pending[p][1:])
+            p += 1
+        events.append((position(clock, seq), kind, m, fwd, in_bwd))
+    for _, block, where in pending[p:]:
+        insert(block, where)
+    for (key, at, end), (seq_at, seq_end) in zip(rec.pins, rec.pin_seq):
+        pins.append((key, position(at, seq_at), None if end is None else position(end, seq_end)))
+    if any(a[0] > b[0] for a, b in pairwise(events)):
+        raise SynthesisError("the ZeRO-3 events written out are out of order")
+    full = Zero3Events(rec.settings, rec.params, rec.owned, rec.modules, rec.param_names, events, pins)
+    return gathered_bytes(replay(full, length - 1), length)
 
 
 def _replay(records: "list[Record]", n: int) -> "list[int]":

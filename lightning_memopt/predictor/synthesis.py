@@ -15,6 +15,10 @@ state passed between blocks is the exception: block ``p``'s output lives until b
 and the gradient block ``p`` hands back lives until block ``p - 1`` releases it, each at the offset its
 representative shows. The trace itself is checked to be fully accounted (its storages add up to its live bytes),
 and run blocks of one class must agree; otherwise :class:`SynthesisError` tells the caller to trace every block.
+
+Under ZeRO-3 the markers also take their places in the sequence of DeepSpeed's recorded events (a counter shared
+with :class:`~.zero3.Zero3Gathering`), and a run block's forward ends after DeepSpeed's hook on its output, so that
+the skipped blocks' events can be written out too (:mod:`.expand`).
 """
 
 import bisect
@@ -58,7 +62,8 @@ def block_classes(module: nn.Module, names: "list[str]", checkpointed: "list[boo
         parts: list = [parent, ckpt, tuple(_entry(v[position]) for v in lists if len(v) == length)]
         for sub_name, sub in block.named_modules():
             parts.append((sub_name, type(sub).__name__, is_checkpointed(sub)))
-            parts += [(n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in sub.named_parameters(recurse=False)]
+            parts += [(n, tuple(compat.full_shape(p)), p.dtype, p.requires_grad)
+                      for n, p in sub.named_parameters(recurse=False)]  # fmt: skip
             parts += [(n, tuple(b.shape), b.dtype) for n, b in sub.named_buffers(recurse=False)]
             parts += sorted(
                 (k, v)
@@ -74,19 +79,26 @@ def _entry(item: Any) -> Any:
     return item if isinstance(item, (str, int, float, bool, type(None))) else repr(item)
 
 
-def choose_run(classes: "list[tuple]") -> "set[int]":
-    """The blocks to run: the first two and the last of every class.
+def choose_run(classes: "list[tuple]", lists: "list[str] | None" = None) -> "set[int]":
+    """The blocks to run: the first and the last of every class, and the second too where the first starts its
+    block list (``lists``: each block's list, default one list). A class's first block that follows another block
+    receives a block's output as every later one does, so it stands for them; the first block of a list does not
+    (its input is no block's output). Run blocks of one class other than a list's first are checked to agree.
 
     Example:
         >>> sorted(choose_run(["a"] * 80))
         [0, 1, 79]
+        >>> sorted(choose_run(["d", "d", "d"] + ["m"] * 58))  # a dense prefix, then MoE blocks (DeepSeek-V3)
+        [0, 1, 2, 3, 60]
         >>> sorted(choose_run(["a", "a", "b", "a", "b", "b"]))
-        [0, 1, 2, 3, 4, 5]
+        [0, 1, 2, 3, 5]
     """
+    lists = lists if lists is not None else [""] * len(classes)
     run: "set[int]" = set()
     for cls in set(classes):
         where = [i for i, c in enumerate(classes) if c == cls]
-        run.update(where[:2] + where[-1:])
+        starts_list = where[0] == 0 or lists[where[0] - 1] != lists[where[0]]
+        run.update((where[:2] if starts_list else where[:1]) + where[-1:])
     return run
 
 
@@ -139,7 +151,12 @@ class Replica:
     def __init__(self, names: "list[str]", classes: "list[tuple]", run: "set[int]") -> None:
         self.names, self.classes, self.run = names, classes, run
         self.lists = [name.rpartition(".")[0] for name in names]
-        self.markers: "list[tuple[int, int, str, int]]" = []  # (after op, block, where, storages freed so far)
+        # (after op, block, where, storages freed so far, place in the ZeRO-3 events' sequence)
+        self.markers: "list[tuple[int, int, str, int, int]]" = []
+        #: the whole model's modules by qualified name, skipped blocks' included (set while installed)
+        self.full_modules: "list[tuple[str, nn.Module]]" = []
+        #: a counter shared with ZeRO-3's event recorder (:class:`~.zero3.Zero3Gathering`), when one runs
+        self.sequence: Any = None
         self.watch: "dict[int, _Watch]" = {i: _Watch() for i in run}
         self._tracker: Any = None
         self._active = -1
@@ -149,6 +166,7 @@ class Replica:
         self._template: Any = None  # (hidden-state shape, the rest of the output) of the last run block
         self._skipped_with_grad: "set[int]" = set()
         self._reps: "dict[int, int]" = {}
+        self._leaving: "dict[int, tuple[nn.Module, Any]]" = {}  # run block -> (its module, its forward hook)
 
     def representative(self, i: int) -> int:
         """The run block a skipped block ``i`` copies: the last run block of its class before it (else the first)."""
@@ -168,6 +186,7 @@ class Replica:
         """Skip the blocks not in ``run`` and label the ops of the step traced by ``tracker``."""
         self._tracker = tracker
         tracker.label = self._label
+        self.full_modules = list(module.named_modules())
         swapped, handles = [], []
         for i, name in enumerate(self.names):
             owner, _, key = name.rpartition(".")
@@ -175,7 +194,7 @@ class Replica:
             if i in self.run:
                 block = parent._modules[key]
                 handles.append(block.register_forward_pre_hook(self._enter(i), with_kwargs=True))
-                handles.append(block.register_forward_hook(self._leave(i)))
+                self._leaving[i] = (block, block.register_forward_hook(self._leave(i)))
             else:
                 swapped.append((parent, key, parent._modules[key]))
                 parent._modules[key] = _PassThrough(i, self)
@@ -186,7 +205,18 @@ class Replica:
                 parent._modules[key] = block
             for h in handles:
                 h.remove()
+            for _, h in self._leaving.values():
+                h.remove()
+            self._leaving.clear()
             tracker.label = None
+
+    def leave_last(self) -> None:
+        """Move the run blocks' forward hooks behind those registered since: a block's forward then ends after
+        them, and the ops they run (DeepSpeed's hook on a block's output, one op per tensor) are the block's, which
+        a skipped block's copy then holds too."""
+        for i, (block, handle) in list(self._leaving.items()):
+            handle.remove()
+            self._leaving[i] = (block, block.register_forward_hook(self._leave(i)))
 
     def _now(self) -> int:
         return len(self._tracker.live) - 1
@@ -236,7 +266,8 @@ class Replica:
 
     def mark(self, i: int, where: str) -> None:
         """A skipped block ``i`` passes here (after the last op recorded, after the storages freed so far)."""
-        self.markers.append((self._now(), i, where, len(self._tracker.storages)))
+        seq = next(self.sequence) if self.sequence is not None else -1
+        self.markers.append((self._now(), i, where, len(self._tracker.storages), seq))
         if where == "backward":
             self._skipped_with_grad.discard(i)
 

@@ -257,25 +257,20 @@ def trace_timeline(
                   attention=attention, zero3=zero3, cuda=cuda, autocast_cache=autocast_cache)  # fmt: skip
     names = auto_blocks(module)
     details: "dict[str, Any]" = {"blocks": len(names)}
-    # ZeRO-3's gathered parameters are replayed on the whole module trace (reuse distance and prefetch look ahead
-    # across blocks), which a reduced-depth trace does not have: under ZeRO-3 every block is traced
-    replayed = isinstance(zero3, Zero3Settings)
-    if replayed and len(names) >= SYNTHESIS_MIN_BLOCKS:
-        details["synthesis"] = "every block traced: ZeRO-3's gathered parameters depend on the whole module trace"
     with kernel_twins():
-        if len(names) >= SYNTHESIS_MIN_BLOCKS and not replayed:
+        if len(names) >= SYNTHESIS_MIN_BLOCKS:
             classes = block_classes(module, names, checkpoint_flags(module, activation_checkpointing))
-            run = choose_run(classes)
+            run = choose_run(classes, [name.rpartition(".")[0] for name in names])
             if len(run) < len(names):
                 replica = Replica(names, classes, run)
                 try:
                     res = trace_step(module, batch, blocks=replica, **kwargs)
-                    live, grads, logits, end = synthesize(res, replica)
+                    live, grads, logits, end, gathered = synthesize(res, replica)
                     details.update(traced_blocks=len(run), saved_bytes=None)
                     if res.depends_on_batch:
                         details["depends_on_batch"] = list(res.depends_on_batch)
                     _own_checkpointing(details, res, module)
-                    return Timeline(tuple(live), tuple(grads), tuple(logits), end, details,
+                    return Timeline(tuple(live), tuple(grads), tuple(logits), end, details, tuple(gathered),
                                     grads_in_forward=1.0 - res.released_before_forward)  # fmt: skip
                 except SynthesisError as err:
                     details["synthesis"] = f"every block traced: {err}"

@@ -32,6 +32,7 @@ op's name, the user's line and what to do instead.
 
 import contextlib
 import dataclasses
+import itertools
 import warnings
 import weakref
 from collections.abc import Callable
@@ -48,7 +49,7 @@ from lightning_memopt.predictor import step_context
 from lightning_memopt.predictor.precision import Precision
 from lightning_memopt.predictor.reading import find_hf_model, tensor_attributes
 from lightning_memopt.predictor.tracker import SHADOW_LIMIT, LiveTensorTracker
-from lightning_memopt.predictor.zero3 import Zero3Gathering, Zero3Settings
+from lightning_memopt.predictor.zero3 import Zero3Gathering, Zero3Settings, gathered_bytes
 
 #: a function from one step's batch to its loss; the default steps a LightningModule or calls the module
 StepFn = Callable[[nn.Module, Any], Any]
@@ -86,6 +87,9 @@ class TraceResult:
             the engine (ZeRO-1/2's reduce buckets fill in it); empty for a reduced-depth trace (``blocks``).
         checkpointed_as_is: the ``activation_checkpointing`` setting was set aside: it would have wrapped blocks of a
             model that checkpoints itself (``own_checkpoints``), which is traced as it is.
+        zero3_events: a reduced-depth trace under ZeRO-3 settings: DeepSpeed's events as recorded, not replayed
+            (``gathered`` is then empty and ``live`` holds no gathered parameter); synthesis writes them out at full
+            depth and replays them (:mod:`.expand`).
     """
 
     live: "tuple[int, ...]"
@@ -104,6 +108,7 @@ class TraceResult:
     own_checkpoints: "tuple[str, ...]" = ()
     grad_order: "tuple[int, ...]" = ()
     checkpointed_as_is: bool = False
+    zero3_events: Any = None
 
     @property
     def peak(self) -> int:
@@ -342,10 +347,15 @@ def trace_step(
             stack.enter_context(_compat.reparametrized(module, fakes))
             stack.enter_context(step_context.zero3_module_inputs(module, zero3))
             if isinstance(zero3, Zero3Settings):  # DeepSpeed's fetch and release events, replayed after the step
+                sequence = itertools.count()
+                named = blocks.full_modules if blocks is not None else None  # skipped blocks' modules included
                 gathering = stack.enter_context(
-                    Zero3Gathering(module, zero3, dtype.itemsize, lambda: len(tracker.live))
+                    Zero3Gathering(module, zero3, dtype.itemsize, lambda: len(tracker.live), named, sequence)
                 )
                 tracker.on_state_alias = gathering.state_alias
+                if blocks is not None:  # markers take their places among the events; DeepSpeed's hook on a
+                    blocks.sequence = sequence  # block's output runs in the block
+                    blocks.leave_last()
             if cuda and device.type == "cpu":
                 from lightning_memopt.predictor.cuda_memory import cuda_kernels
 
@@ -378,6 +388,7 @@ def trace_step(
         for h in handles:
             h.remove()
         module.train(was_training)
+        tracker.shadow.clear()  # the real values (a copy of the batch) go now, not at the next garbage collection
     if own and wrapped:  # the model checkpoints itself: no wrapper of the flag's nested in (or around) its own
         if blocks is not None:  # a fresh replica for the new trace
             blocks.__init__(blocks.names, blocks.classes, blocks.run)
@@ -386,12 +397,15 @@ def trace_step(
                          autocast_cache=autocast_cache)  # fmt: skip
         return dataclasses.replace(res, checkpointed_as_is=True)
     live, gathered = list(tracker.live), [0] * len(tracker.live)
-    if gathering is not None:  # the gathered parameters join the live bytes (and the records, for synthesis)
-        for born, freed, nbytes, key in gathering.intervals(len(live) - 1):
-            for i in range(born, freed):
-                gathered[i] += nbytes
-            if tracker.record:
-                tracker.storages.append((born, freed, nbytes, -key))
+    events = None
+    if gathering is not None and blocks is not None:  # written out at full depth, then replayed (synthesis)
+        events = gathering.recorded()
+        blocks.sequence = None
+    elif gathering is not None:  # the gathered parameters join the live bytes (and the records)
+        intervals = gathering.intervals(len(live) - 1)
+        gathered = gathered_bytes(intervals, len(live))
+        if tracker.record:
+            tracker.storages += [(born, freed, nbytes, -key) for born, freed, nbytes, key in intervals]
         live = [a + b for a, b in zip(live, gathered)]
     return TraceResult(
         live=tuple(live),
@@ -403,12 +417,13 @@ def trace_step(
         labels=tuple(tracker.labels),
         markers=tuple(blocks.markers) if blocks is not None else (),
         storages=tuple(tracker.finished()) if tracker.record else (),
-        gathered=tuple(gathered) if gathering is not None else (),
+        gathered=tuple(gathered) if gathering is not None and events is None else (),
         grad_keys=tuple(grad_keys) if record else (),
         depends_on_batch=tuple(f"{op} at {where}: {how}" for op, where, how in tracker.depends),
         released_before_forward=sum(released.values()) / max(1, sum(real_trainable.values())),
         own_checkpoints=tuple(dict.fromkeys(own)),
         grad_order=tuple(grad_order) if blocks is None else (),
+        zero3_events=events,
     )
 
 

@@ -6,7 +6,9 @@ code inspects values it computed from constants and inputs (``torch.nn.Transform
 causal one; models check an attention mask for padding). The tracker keeps a real *shadow* of every tensor whose
 value is known and small (at most ``SHADOW_LIMIT`` elements): the batch, factory outputs (``ones``, ``arange``) and
 whatever is computed from shadows alone. An op that needs a value (``_local_scalar_dense``, ``nonzero``) is answered
-from the shadows, exactly as the eager step would. Parameters and activations never get shadows: nothing big is ever
+from the shadows, exactly as the eager step would. Outputs of ``DEFER_FROM`` elements or more are computed only when
+an op reads them (every deferred op is computed before an op writes into a known value, so each reads what it would
+have read). Parameters and activations never get shadows: nothing big is ever
 allocated.
 
 A value that depends on the weights (the loss, a router's choice) is unknown without running the model. Where it
@@ -41,6 +43,9 @@ from lightning_memopt.predictor.step_context import call_site
 
 #: the largest tensor (elements) whose real value is computed alongside its fake
 SHADOW_LIMIT = 1 << 24
+#: outputs this large (elements) or larger get their real value when an op first reads it, not when made: CPU's
+#: math attention builds a 4096 x 4096 causal mask in every layer that no op of the step ever reads
+DEFER_FROM = 1 << 16
 _MUTATED: "dict[Any, tuple[int, ...]]" = {}
 
 
@@ -168,13 +173,14 @@ class LiveTensorTracker(TorchDispatchMode):
         return fake
 
     def _known(self, flat: "list[Any]") -> "list[Any] | None":
-        """The real counterparts of ``flat`` (tensors by their shadows), or ``None`` when one is unknown."""
+        """The real counterparts of ``flat`` (tensors by their shadows, deferred ones as they are), or ``None`` when
+        one is unknown."""
         if not self.shadow and any(isinstance(a, torch.Tensor) for a in flat):
             return None
         out = []
         for a in flat:
             if isinstance(a, torch.Tensor):
-                real = self.shadow.get(a)
+                real = self.shadow.get(a, compute=False)
                 if real is None:
                     return None
                 a = real
@@ -195,18 +201,27 @@ class LiveTensorTracker(TorchDispatchMode):
         if any(isinstance(a, torch.Tensor) and not isinstance(a, FakeTensor) for a in flat):
             flat = [self._as_fake(a) for a in flat]
             args, kwargs = tree_unflatten(flat, spec)
-        real = self._known(flat)
+        real = self._known(flat)  # deferred values (_Deferred) not computed yet
         try:
             fix = _FAKE_KERNEL_FIXES.get(func)
             out = fix(func, args, kwargs) if fix is not None else func(*args, **kwargs)
         except (DataDependentOutputException, DynamicOutputShapeException) as err:
-            out = self._data_dependent(func, args, kwargs, flat, spec, real, err)
+            out = self._data_dependent(func, args, kwargs, flat, spec, _computed(real), err)
             outputs = _tensors(out)
         else:
             outputs = _tensors(out)
             if real is not None and all(t.numel() <= SHADOW_LIMIT for t in outputs):
                 notes = self.shadow.notes_of(flat)
-                for fake, value in zip(outputs, _tensors(_run_real(func, real, spec))):
+                written = _mutated(func)
+                deferred = _Deferred(func, real, spec)
+                if outputs and not written and deferred.depth <= 64 and all(t.numel() >= DEFER_FROM for t in outputs):
+                    self.shadow.defer(deferred)
+                    values: "list[Any]" = [_Output(deferred, i) for i in range(len(outputs))]
+                else:
+                    if written:  # an op that writes a value must not change what a deferred op reads
+                        self.shadow.compute_pending()
+                    values = _tensors(_run_real(func, _computed(real), spec))
+                for fake, value in zip(outputs, values):
                     self.shadow.put(fake, value, notes)
             elif real is None:
                 if self.shadow:  # a written argument whose new value is unknown loses its shadow
@@ -319,10 +334,31 @@ class _Shadows:
     constants)."""
 
     def __init__(self) -> None:
-        self._values: dict[int, torch.Tensor] = {}
+        self._values: dict[int, Any] = {}  # a tensor, or an _Output computed on first use
         self._notes: dict[int, frozenset[str]] = {}
+        self.pending: list[weakref.ref] = []  # deferred ops, while a shadow still holds them
 
-    def put(self, fake: torch.Tensor, real: torch.Tensor, notes: "frozenset[str]" = frozenset()) -> None:
+    def clear(self) -> None:
+        """Drop every shadow: their real tensors are freed now, not when the fakes' reference cycles are collected
+        (a copy of the batch would otherwise outlive the trace into the step the monitor measures)."""
+        self._values.clear()
+        self._notes.clear()
+        self.pending.clear()
+
+    def defer(self, deferred: "_Deferred") -> None:
+        self.pending.append(weakref.ref(deferred))
+        if len(self.pending) > 256:
+            self.pending = [ref for ref in self.pending if ref() is not None]
+
+    def compute_pending(self) -> None:
+        """Compute every deferred op still held (before an op writes into a value one of them may read)."""
+        for ref in self.pending:
+            deferred = ref()
+            if deferred is not None:
+                deferred.compute()
+        self.pending.clear()
+
+    def put(self, fake: torch.Tensor, real: Any, notes: "frozenset[str]" = frozenset()) -> None:
         key = id(fake)
         if key not in self._values:
             weakref.finalize(fake, self._forget, key)
@@ -339,8 +375,12 @@ class _Shadows:
     def __bool__(self) -> bool:
         return bool(self._values)
 
-    def get(self, fake: torch.Tensor) -> "torch.Tensor | None":
-        return self._values.get(id(fake))
+    def get(self, fake: torch.Tensor, compute: bool = True) -> Any:
+        """The shadow of ``fake`` (``None``: none); a deferred one is computed unless ``compute`` is false."""
+        value = self._values.get(id(fake))
+        if compute and isinstance(value, _Output):
+            value = self._values[id(fake)] = value.value()
+        return value
 
     def notes_of(self, flat: "list[Any]") -> "frozenset[str]":
         """The assumptions the values of the tensors in ``flat`` rest on."""
@@ -351,6 +391,43 @@ class _Shadows:
     def drop(self, fake: torch.Tensor) -> None:
         self._values.pop(id(fake), None)
         self._notes.pop(id(fake), None)
+
+
+class _Deferred:
+    """An op on known values whose outputs are large: run when one of its outputs' values is first read."""
+
+    __slots__ = ("__weakref__", "depth", "flat", "func", "outputs", "spec")
+
+    def __init__(self, func: Any, flat: "list[Any]", spec: Any) -> None:
+        self.func, self.flat, self.spec = func, flat, spec
+        self.outputs: "list[torch.Tensor] | None" = None
+        #: deferred ops in a row up to this one (a long chain is computed as it comes, not recursively)
+        self.depth = 1 + max((a.deferred.depth for a in flat if isinstance(a, _Output)), default=0)
+
+    def compute(self) -> "list[torch.Tensor]":
+        if self.outputs is None:
+            self.outputs = _tensors(_run_real(self.func, _computed(self.flat), self.spec))
+            self.flat = []  # what it read is no longer held
+        return self.outputs
+
+
+class _Output:
+    """The ``index``-th output of a deferred op."""
+
+    __slots__ = ("deferred", "index")
+
+    def __init__(self, deferred: _Deferred, index: int) -> None:
+        self.deferred, self.index = deferred, index
+
+    def value(self) -> torch.Tensor:
+        return self.deferred.compute()[self.index]
+
+
+def _computed(flat: "list[Any] | None") -> "list[Any] | None":
+    """``flat`` with every deferred value computed."""
+    if flat is None:
+        return None
+    return [a.value() if isinstance(a, _Output) else a for a in flat]
 
 
 def _run_real(func: Any, flat: "list[Any]", spec: Any) -> Any:

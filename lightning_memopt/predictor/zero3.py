@@ -23,17 +23,25 @@ vary along the step. :class:`Zero3Gathering` records these events during the tra
 the same points) and replays the coordinator on them afterwards, when the whole module trace is known. Parameters
 at or below ``stage3_param_persistence_threshold`` elements stay whole on every rank: they are model states
 (:mod:`.model_states`), not gathered here. ZeRO-3 leaf modules and NVMe prefetching are not modelled.
+
+A reduced-depth trace (:mod:`.synthesis`) records the events of the blocks it runs, on the whole model's modules
+(:class:`Zero3Events`); :mod:`.expand` writes out the skipped blocks' events and :func:`replay` runs the coordinator
+on the full-depth sequence.
 """
 
 import collections
+import itertools
+import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 from typing_extensions import Self
+
+from lightning_memopt.core.compat import full_shape
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,59 @@ class _Param:
     persistent: bool
 
 
+@dataclass
+class Zero3Events:
+    """DeepSpeed's fetch and release events of one step, and what they act on: what :func:`replay` needs.
+
+    A reduced-depth trace records them for the blocks it runs; :mod:`.expand` writes out the full-depth sequence
+    (each skipped block's events copied from its representative's, on its own modules and parameters), which the
+    coordinator then replays as it would the full trace's.
+
+    Attributes:
+        settings: the coordinator's settings.
+        params: every parameter's size, by key.
+        owned: per module (index in :attr:`modules`): its own parameters' keys, in DeepSpeed's ds_id order.
+        modules: the modules' qualified names, by index.
+        param_names: parameter key -> qualified name.
+        events: ``(op, "fetch" | "release", module, forward, during backward)``, in the order they happened.
+        pins: ``(parameter key, pinned at, unpinned at or None: alive at the end)``.
+        event_seq: per event, its place in the order of everything recorded (events, pins and a reduced-depth
+            trace's markers share one counter): what happened first among moments between the same two ops.
+        pin_seq: per pin, ``(place pinned, place unpinned or None)`` in that order.
+    """
+
+    settings: Zero3Settings
+    params: "dict[int, _Param]"
+    owned: "list[list[int]]"
+    modules: "list[str]"
+    param_names: "dict[int, str]"
+    events: "list[tuple[int, str, int, bool, bool]]" = field(default_factory=list)
+    pins: "list[tuple[int, int, int | None]]" = field(default_factory=list)
+    event_seq: "list[int]" = field(default_factory=list)
+    pin_seq: "list[tuple[int, int | None]]" = field(default_factory=list)
+
+
+def replay(rec: Zero3Events, end: int) -> "list[tuple[int, int, int, int]]":
+    """``(gathered at, released at, bytes, parameter key)`` of every parameter DeepSpeed gathers along the events
+    ``rec``, ops ``[at, released)``; those still gathered when backward ends (``end``) are released there."""
+    return _Replay(rec, end).run()
+
+
+def gathered_bytes(intervals: "list[tuple[int, int, int, int]]", length: int) -> "list[int]":
+    """The bytes gathered after each of ``length`` ops, from :func:`replay`'s intervals.
+
+    Example:
+        >>> gathered_bytes([(1, 3, 10, 0), (2, 5, 4, 1)], 5)
+        [0, 10, 14, 4, 4]
+    """
+    diff = [0] * (length + 1)
+    for born, freed, nbytes, _ in intervals:
+        if freed > born:
+            diff[born] += nbytes
+            diff[min(freed, length)] -= nbytes
+    return list(itertools.accumulate(diff[:length]))
+
+
 class Zero3Gathering:
     """Record DeepSpeed's fetch and release events while a step is traced; :meth:`intervals` replays them.
 
@@ -71,25 +132,43 @@ class Zero3Gathering:
         settings: the coordinator's settings.
         itemsize: bytes per element of floating parameters (the engine's dtype).
         clock: the number of ops traced so far (events happen between ops).
+        named_modules: the modules to index, by qualified name (default: ``module``'s own); a reduced-depth trace
+            passes the whole model's, skipped blocks included, so that its events can be written out at full depth.
+        sequence: a shared counter placing every event and pin among other recorded moments (default: its own).
     """
 
-    def __init__(self, module: nn.Module, settings: Zero3Settings, itemsize: int, clock: Any) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        settings: Zero3Settings,
+        itemsize: int,
+        clock: Any,
+        named_modules: "list[tuple[str, nn.Module]] | None" = None,
+        sequence: "Any | None" = None,
+    ) -> None:
         self.settings, self.clock = settings, clock
-        self.modules = list(module.modules())
+        named = list(module.named_modules()) if named_modules is None else named_modules
+        self.modules = [m for _, m in named]
+        self._sequence = sequence if sequence is not None else itertools.count()
         index = {id(m): i for i, m in enumerate(self.modules)}
         params: dict[int, _Param] = {}
         kept: dict[int, torch.Tensor] = {}
         self.owned: list[list[int]] = []  # per module: its own parameters' keys, in DeepSpeed's ds_id order
-        order = {id(p): k for k, p in enumerate(module.parameters())}
+        order: dict[int, int] = {}  # module.parameters()' order over the modules indexed
+        for m in self.modules:
+            for p in m._parameters.values():
+                if p is not None:
+                    order.setdefault(id(p), len(order))
         self.names: dict[int, str] = {}  # parameter key -> qualified name
-        for name, m in zip((n for n, _ in module.named_modules()), self.modules):
+        for name, m in named:
             keys = []
             for pname, p in m._parameters.items():
                 if p is None:
                     continue
                 size = itemsize if p.is_floating_point() else p.element_size()
-                persistent = p.numel() <= settings.persistence_threshold
-                params.setdefault(id(p), _Param(p.numel(), p.numel() * size, p.requires_grad, persistent))
+                numel = math.prod(full_shape(p))  # a skipped block's parameter may be partitioned (a live engine)
+                persistent = numel <= settings.persistence_threshold
+                params.setdefault(id(p), _Param(numel, numel * size, p.requires_grad, persistent))
                 kept[id(p)] = p
                 self.names.setdefault(id(p), f"{name}.{pname}" if name else pname)
                 keys.append(id(p))
@@ -97,9 +176,12 @@ class Zero3Gathering:
         self.params = params
         self._index = index
         self._storages = {p.untyped_storage()._cdata: k for k, p in kept.items()}
-        self.pins: list[list[Any]] = []  # [parameter key, pinned at, unpinned at (None: alive at the end)]
+        self.module_names = [name for name, _ in named]
+        # [parameter key, pinned at, unpinned at (None: alive at the end), sequence pinned, sequence unpinned]
+        self.pins: list[list[Any]] = []
         # (op, "fetch" | "release", module, forward, during backward)
         self.events: list[tuple[int, str, int, bool, bool]] = []
+        self.event_seq: list[int] = []
         self._remaining = collections.Counter()
         self._handles: list = []
 
@@ -121,9 +203,13 @@ class Zero3Gathering:
         key = self._storages.get(storage)
         if key is None:
             return False
-        entry = [key, self.clock(), None]
+        entry = [key, self.clock(), None, next(self._sequence), None]
         self.pins.append(entry)
-        weakref.finalize(view, lambda: entry.__setitem__(2, self.clock()))
+
+        def unpinned() -> None:
+            entry[2], entry[4] = self.clock(), next(self._sequence)
+
+        weakref.finalize(view, unpinned)
         return True
 
     def state_alias(self, storage: int, view: torch.Tensor) -> None:
@@ -138,6 +224,7 @@ class Zero3Gathering:
     def _event(self, kind: str, m: int, forward: bool) -> None:
         in_backward = torch._C._current_graph_task_id() != -1  # as DeepSpeed tells a recomputation
         self.events.append((self.clock(), kind, m, forward, in_backward))
+        self.event_seq.append(next(self._sequence))
 
     def _pre_forward(self, module: nn.Module, args: tuple) -> tuple:
         m = self._index[id(module)]
@@ -169,16 +256,24 @@ class Zero3Gathering:
         return tree_map(wrap, output)
 
     # ------------------------------------------------------------------ replaying the coordinator
+    def recorded(self) -> Zero3Events:
+        """What was recorded so far (pins still alive have no unpinning yet)."""
+        return Zero3Events(
+            self.settings, self.params, self.owned, self.module_names, self.names, list(self.events),
+            [(k, at, end) for k, at, end, _, _ in self.pins], list(self.event_seq),
+            [(a, b) for _, _, _, a, b in self.pins],
+        )  # fmt: skip
+
     def intervals(self, end: int) -> "list[tuple[int, int, int, int]]":
         """``(gathered at, released at, bytes, parameter key)`` of every gathered parameter, ops ``[at, released)``;
         those still gathered when backward ends (``end``) are released there."""
-        return _Replay(self, end).run()
+        return replay(self.recorded(), end)
 
 
 class _Replay:
     """``PartitionedParameterCoordinator`` of DeepSpeed 0.19.8 over the recorded events."""
 
-    def __init__(self, rec: Zero3Gathering, end: int) -> None:
+    def __init__(self, rec: Zero3Events, end: int) -> None:
         self.rec, self.end, self.s = rec, end, rec.settings
         self.params = rec.params
         # the module trace (DeepSpeed records it the step before; the steady state repeats it)
@@ -192,6 +287,9 @@ class _Replay:
         self.backward: dict[int, None] = {}  # __active_backward_submodules, in insertion order
         self.recompute: dict[int, set[int]] = collections.defaultdict(set)  # ds_recompute_parameters
         self.out: list[tuple[int, int, int, int]] = []
+        self.pins: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)  # key -> (pinned, unpinned)
+        for key, at, unpinned in rec.pins:
+            self.pins[key].append((at, end if unpinned is None else unpinned))
 
     def run(self) -> "list[tuple[int, int, int, int]]":
         for op, kind, m, forward, in_backward in self.rec.events:
@@ -223,7 +321,7 @@ class _Replay:
             if k in self.since and not self.users[k]:
                 self.available -= self.params[k].numel
                 since = self.since.pop(k)
-                ends = [self.end if e is None else e for key, at, e in self.rec.pins if key == k and since <= at < op]
+                ends = [e for at, e in self.pins.get(k, ()) if since <= at < op]
                 self.out.append((since, max([op, *ends]), self.params[k].nbytes, k))
 
     def _fetch(self, op: int, m: int, forward: bool, recomputing: bool) -> None:
@@ -262,7 +360,7 @@ class _Replay:
         if self.s.complete_trace:  # __params_to_release
             release = {k for k in release if self.recent[k] <= self.step}
             traversed = 0
-            for later in self.trace[self.step :]:
+            for later in itertools.islice(self.trace, self.step, None):
                 if traversed >= self.s.max_reuse_distance:
                     break
                 for k in self.rec.owned[later]:

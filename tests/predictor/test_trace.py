@@ -240,3 +240,25 @@ def test_zero3_trace_keeps_a_packed_attention_projection_gathered_while_its_view
     forward_peak = [max(res.live[: res.forward_end + 1]) for res in (plain, zero3)]
     assert forward_peak[1] - forward_peak[0] == 4 * packed
     assert zero3.live[-1] == plain.live[-1]  # released with the saved views: nothing more left after backward
+
+
+def test_large_known_values_are_computed_when_read_and_see_no_later_write():
+    """A large value made from constants (a causal mask of CPU attention's math path) is computed only when an op
+    reads it, and reads what it would have read when made, even after an op writes into what it was made from."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lightning_memopt.predictor import tracker as tracker_module
+
+    mode = FakeTensorMode()
+    tracker = tracker_module.LiveTensorTracker(set(), None, False, mode)
+    assert tracker_module.DEFER_FROM <= 512 * 512
+    with mode, tracker:
+        ones = torch.ones(512, 512)
+        mask = ones.tril()
+        ones.fill_(2.0)  # a write: every deferred value is computed first
+        total = int(mask.sum().item())  # the mask as it was made
+        doubled = int(ones.sum().item())
+        unread = torch.ones(512, 512).triu()
+        deferred = tracker.shadow.get(unread, compute=False)
+    assert total == 512 * 513 // 2 and doubled == 2 * 512 * 512
+    assert deferred.deferred.outputs is None  # never read, never computed
