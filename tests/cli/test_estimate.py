@@ -54,7 +54,7 @@ def test_plan_json(capsys):
     assert data["estimate"]["total"] <= data["budget"]
 
 
-@pytest.mark.slow  # ZeRO-3 traces every block of a full-size preset: `make test-slow` (CI runs it)
+@pytest.mark.slow  # a full-size preset at every stage, seconds each: `make test-slow` (CI runs it)
 def test_plan_with_no_fit_exits_1(capsys):
     argv = ["plan", "llama-3-70b", "--gpu-memory", "8GiB", "--seq-len", "8192", "--global-batch-tokens", "1M"]
     assert main(argv) == 1

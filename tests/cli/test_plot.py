@@ -11,7 +11,7 @@ from lightning_memopt.core.plotting import pyplot
 from lightning_memopt.planning.estimate import estimate_memory
 
 
-@pytest.mark.slow  # ZeRO-3 traces every block of a full-size preset: `make test-slow` (CI runs it)
+@pytest.mark.slow  # a full-size preset at every stage, seconds each: `make test-slow` (CI runs it)
 def test_json_rows_are_the_predictors_estimates(capsys):
     argv = ["plot", "llama-3.2-1b", "--gpus", "4", "--seq-len", "2048", "--micro-batches", "1,4",
             "--zero-stages", "1,3", "--gpu-memory", "24GiB", "--json"]  # fmt: skip
@@ -26,7 +26,7 @@ def test_json_rows_are_the_predictors_estimates(capsys):
     assert data["png"] is None and data["margin"] == 0.1
 
 
-@pytest.mark.slow  # ZeRO-3 traces every block of a full-size preset: `make test-slow` (CI runs it)
+@pytest.mark.slow  # a full-size preset at every stage, seconds each: `make test-slow` (CI runs it)
 def test_the_png_has_a_panel_per_setting_and_a_device_line(tmp_path, capsys):
     out = tmp_path / "memory.png"
     argv = ["plot", "gpt2", "--gpus", "2", "--seq-len", "1024", "--gpu-memory", "8GiB", "--out", str(out)]

@@ -37,7 +37,7 @@ def test_plan_finds_the_largest_micro_batch_and_enough_accumulation():
                                             **plan.setting.kwargs("cpu"))
 
 
-@pytest.mark.slow  # ZeRO-3 traces every block of a full-size preset: `make test-slow` (CI runs it)
+@pytest.mark.slow  # a full-size preset at every stage, seconds each: `make test-slow` (CI runs it)
 def test_plan_takes_the_cheapest_setting_that_fits():
     # 8B with Adam: 16 bytes/param of model states at stage 0 cannot fit 40 GiB; sharding must be used
     plan = plan_batch(MODEL, device_memory="40GiB", global_batch_tokens=1_000_000, margin=0.1, **BASE)
@@ -62,7 +62,7 @@ def test_cost_order_is_documented_order():
     assert names[-1] == "zero=3 + checkpointing + offload optimizer + offload parameters"
 
 
-@pytest.mark.slow  # ZeRO-3 traces every block of a full-size preset: `make test-slow` (CI runs it)
+@pytest.mark.slow  # a full-size preset at every stage, seconds each: `make test-slow` (CI runs it)
 def test_no_fit_names_the_smallest_prediction():
     with pytest.raises(NoFitError, match=r"smallest prediction is zero=3 \+ checkpointing .* GiB per rank"):
         plan_batch("llama-3-70b", device_memory="8GiB", world_size=1, seq_len=8192, global_batch_tokens=1e6)

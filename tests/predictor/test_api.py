@@ -5,7 +5,7 @@ from lightning_memopt.planning import estimate_memory
 
 
 @pytest.mark.parametrize(
-    "zero", [0, 1, 2, pytest.param(3, marks=pytest.mark.slow)]  # ZeRO-3 traces every block: `make test-slow`
+    "zero", [0, 1, 2, pytest.param(3, marks=pytest.mark.slow)]  # a full-size preset, seconds: `make test-slow`
 )
 @pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
 def test_strictly_monotone_in_micro_batch_and_sequence(zero, precision):
