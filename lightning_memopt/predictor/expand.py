@@ -252,21 +252,20 @@ def _gathering(
                 names = f"{replica.names[a]} and {replica.names[b]}"
                 raise SynthesisError(f"blocks {names} of one class differ in their ZeRO-3 events")
 
-    def module_of(block: int, rel: "str | None", m: int) -> int:
-        if rel is None:
-            return m
-        target = index_of.get(replica.names[block] + rel)
-        if target is None:
-            raise SynthesisError(f"block {replica.names[block]} has no module {rel!r}")
-        return target
+    def in_block(table: "dict[str, int]", what: str) -> Any:
+        """A lookup of a representative's module or parameter (``rel``, its name inside the block) in ``block``."""
 
-    def param_of(block: int, rel: "str | None", key: int) -> int:
-        if rel is None:
-            return key
-        target = key_of.get(replica.names[block] + rel)
-        if target is None:
-            raise SynthesisError(f"block {replica.names[block]} has no parameter {rel!r}")
-        return target
+        def find(block: int, rel: "str | None", own: int) -> int:
+            if rel is None:
+                return own
+            target = table.get(replica.names[block] + rel)
+            if target is None:
+                raise SynthesisError(f"block {replica.names[block]} has no {what} {rel!r}")
+            return target
+
+        return find
+
+    module_of, param_of = in_block(index_of, "module"), in_block(key_of, "parameter")
 
     starts = {"forward": fwd_start, "backward": bwd_start}
     events: "list[tuple[int, str, int, bool, bool]]" = []
