@@ -1,5 +1,7 @@
 """Helpers for tests that launch real multi-process runs on CPU."""
 
+import contextlib
+import gc
 import os
 import socket
 import subprocess
@@ -58,3 +60,36 @@ def write_hub_cache(cache: Path, repo_id: str, config: dict, revision: str = "01
     (repo / "refs" / "main").write_text(revision)
     (repo / "snapshots" / revision / "config.json").write_text(json.dumps(config))
     return Path(cache)
+
+
+def steady_peak(build, loss_of, micro: int, seq: int, vocab: int, steps: int = 3, autocast=None) -> int:
+    """The counting allocator's highest per-step peak of steps 2..N of Lightning's automatic optimization (forward,
+    ``zero_grad``, backward, AdamW step; Adam's states appear in step 1), in bytes above what was alive before
+    ``build()`` made the model. ``loss_of(model, ids)`` runs the forward on a ``micro x seq`` batch of token ids, under
+    ``autocast()`` when given."""
+    import torch
+
+    from lightning_memopt.measuring.cpu_allocator import CPUAllocationCounter
+
+    gc.collect()  # an earlier test's counted storages, freed later, would be taken off the shared count mid-step
+    counter = CPUAllocationCounter()
+    try:
+        base = counter.current_bytes
+        torch.manual_seed(0)
+        model = build()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        peaks = []
+        for step in range(steps):
+            counter.reset_peak()
+            ids = torch.randint(0, vocab, (micro, seq), generator=torch.Generator().manual_seed(step))
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                loss = loss_of(model, ids)
+            optimizer.zero_grad(set_to_none=True)  # Lightning's order: after the forward
+            loss.backward()
+            optimizer.step()
+            del loss, ids
+            peaks.append(counter.peak_bytes - base)
+        del model, optimizer
+        return max(peaks[1:])
+    finally:
+        counter.close()

@@ -168,6 +168,10 @@ class Replica:
         self._reps: "dict[int, int]" = {}
         self._leaving: "dict[int, tuple[nn.Module, Any]]" = {}  # run block -> (its module, its forward hook)
 
+    def reset(self) -> None:
+        """Forget what a trace recorded (markers, watches, hooks' state), for a new trace of the same blocks."""
+        self.__init__(self.names, self.classes, self.run)
+
     def representative(self, i: int) -> int:
         """The run block a skipped block ``i`` copies: the last run block of its class before it (else the first)."""
         if i not in self._reps:

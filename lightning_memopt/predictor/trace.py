@@ -391,7 +391,7 @@ def trace_step(
         tracker.shadow.clear()  # the real values (a copy of the batch) go now, not at the next garbage collection
     if own and wrapped:  # the model checkpoints itself: no wrapper of the flag's nested in (or around) its own
         if blocks is not None:  # a fresh replica for the new trace
-            blocks.__init__(blocks.names, blocks.classes, blocks.run)
+            blocks.reset()
         res = trace_step(module, example_batch, precision, engine=engine, activation_checkpointing=None,
                          attention=attention, zero3=zero3, step=step, blocks=blocks, record=record, cuda=cuda,
                          autocast_cache=autocast_cache)  # fmt: skip

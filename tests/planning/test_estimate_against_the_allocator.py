@@ -11,7 +11,6 @@ The models are built the way a user builds them: a plain ``nn.Module`` of their 
 class from ``AutoConfig.for_model``. Activations are most of each peak, so a few percent on them shows.
 """
 
-import gc
 import math
 
 import pytest
@@ -20,7 +19,7 @@ from accuracy_targets import WORST_PCT, error_pct, within_claim
 from plain_transformer import PlainBlock
 from torch import nn
 
-from lightning_memopt.measuring.cpu_allocator import CPUAllocationCounter
+from helpers import steady_peak
 from lightning_memopt.planning import estimate_memory
 
 VOCAB, HIDDEN = 256, 64
@@ -72,27 +71,7 @@ def loss_of(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 def measured_peak(build, micro: int, seq: int, steps: int = 3) -> int:
     """The highest per-step peak of steps 2..N, in bytes above what was alive before the model was built."""
-    gc.collect()  # an earlier test's counted storages, freed later, would be taken off the shared count mid-step
-    counter = CPUAllocationCounter()
-    try:
-        base = counter.current_bytes
-        torch.manual_seed(0)
-        model = build()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        peaks = []
-        for step in range(steps):
-            counter.reset_peak()
-            batch = torch.randint(0, VOCAB, (micro, seq), generator=torch.Generator().manual_seed(step))
-            loss = loss_of(model, batch)
-            optimizer.zero_grad(set_to_none=True)  # Lightning's order: after the forward
-            loss.backward()
-            optimizer.step()
-            del loss, batch
-            peaks.append(counter.peak_bytes - base)
-        del model, optimizer
-        return max(peaks[1:])
-    finally:
-        counter.close()
+    return steady_peak(build, loss_of, micro, seq, VOCAB, steps)
 
 
 @pytest.mark.parametrize("micro", [2, 6])

@@ -8,8 +8,6 @@ non-reentrant wrapper in their place (a reentrant model traced as a non-reentran
 (its MLP), so the trace checkpointed whole blocks the run does not (4.6 % under here, a third at 4 x 256).
 """
 
-import gc
-
 import pytest
 import torch
 from accuracy_targets import error_pct, within_claim
@@ -17,8 +15,8 @@ from predictor._modules import hf_from_config, tiny_config
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from helpers import steady_peak
 from lightning_memopt.core.blocks import checkpoint_block, checkpointed_as, own_checkpoints
-from lightning_memopt.measuring.cpu_allocator import CPUAllocationCounter
 from lightning_memopt.planning import estimate_memory
 from lightning_memopt.predictor.precision import resolve_precision
 from lightning_memopt.predictor.trace import trace_step
@@ -158,31 +156,19 @@ def test_checkpointed_as_restores_every_switch_it_turned():
         assert [(m.__dict__.get("gradient_checkpointing"), "forward" in m.__dict__) for m in model.modules()] == before
 
 
-def _measured(build, precision: str, micro: int, seq: int, steps: int = 3) -> int:
+def _measured(build, precision: str, micro: int, seq: int, autocast_cache: bool = False) -> int:
     """The counting allocator's steady-state peak of Lightning's automatic optimization (bf16-mixed: autocast
-    without its weight-cast cache, as Lightning's MixedPrecision runs the step)."""
-    gc.collect()
-    counter = CPUAllocationCounter()
-    try:
-        base = counter.current_bytes
-        model = build()
-        hf = not isinstance(model, SelfCheckpointed)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        peaks = []
-        for step in range(steps):
-            counter.reset_peak()
-            ids = _ids(micro, seq, seed=step)
-            with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False, enabled=precision == "bf16-mixed"):
-                loss = model(input_ids=ids, labels=ids).loss if hf else model(ids)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            del loss, ids
-            peaks.append(counter.peak_bytes - base)
-        del model, optimizer
-        return max(peaks[1:])
-    finally:
-        counter.close()
+    without its weight-cast cache, as Lightning's MixedPrecision runs the step; ``autocast_cache``: with it, as a
+    plain ``torch.autocast`` loop runs it)."""
+
+    def forward(model, ids):
+        return model(ids) if isinstance(model, SelfCheckpointed) else model(input_ids=ids, labels=ids).loss
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=autocast_cache,
+                              enabled=precision == "bf16-mixed")  # fmt: skip
+
+    return steady_peak(build, forward, micro, seq, VOCAB, autocast=autocast)
 
 
 CASES = {  # the error before the setting read the model's checkpointing, at these sizes
@@ -219,27 +205,7 @@ def test_a_loop_under_plain_autocast_keeps_the_checkpointed_blocks_weight_casts(
         return model
 
     micro, seq = 4, 512
-    gc.collect()
-    counter = CPUAllocationCounter()
-    try:
-        base = counter.current_bytes
-        model = build()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        peaks = []
-        for step in range(3):
-            counter.reset_peak()
-            ids = torch.randint(0, 512, (micro, seq), generator=torch.Generator().manual_seed(step))
-            with torch.autocast("cpu", dtype=torch.bfloat16):  # the cache on: autocast's default
-                loss = model(input_ids=ids, labels=ids).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            del loss, ids
-            peaks.append(counter.peak_bytes - base)
-        del model, optimizer
-        measured = max(peaks[1:])
-    finally:
-        counter.close()
+    measured = _measured(build, "bf16-mixed", micro, seq, autocast_cache=True)
     ids = torch.randint(0, 512, (micro, seq))
     kw = dict(example_batch={"input_ids": ids, "labels": ids}, engine="torch", precision="bf16-mixed")
     cached = estimate_memory(build(), autocast_cache=True, **kw).total

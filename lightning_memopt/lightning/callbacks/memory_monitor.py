@@ -185,7 +185,8 @@ class MemoryMonitor(ReadsRun):
             if mode not in _MODES:
                 raise ValueError(f"Expected `{name}` 'dispatch' or 'allocator', got {mode!r}.")
         if snapshot_on_oom not in (True, False, "frames"):
-            raise ValueError(f"Expected `snapshot_on_oom` True, False or 'frames', got {snapshot_on_oom!r}.")
+            raise ValueError(f"Expected `snapshot_on_oom` True, False or 'frames', got {snapshot_on_oom!r}."
+                             " Fix: 'frames' records each allocation's Python frames too.")  # fmt: skip
         if plot:
             requires(_MATPLOTLIB_AVAILABLE, "MemoryMonitor(plot=True)", "plot")
         self.log_every_n_steps = log_every_n_steps
