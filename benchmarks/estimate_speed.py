@@ -55,7 +55,7 @@ SMALL_BY_FAMILY = {
 def warm_up() -> None:
     """Import everything and load each family's modeling code with 2-layer models (not timed)."""
     from lightning_memopt import estimate_memory
-    from lightning_memopt.predictor.presets import get_preset
+    from lightning_memopt.predictor.read.presets import get_preset
 
     families = {}
     for _, model, _ in CASES:

@@ -189,7 +189,7 @@ def llama1b_config(attention: str) -> Any:
     """Llama-3.2-1B's published config (the package's preset); toy-sized with ``--smoke``."""
     from transformers import AutoConfig
 
-    from lightning_memopt.predictor.presets import get_preset
+    from lightning_memopt.predictor.read.presets import get_preset
 
     config = AutoConfig.for_model(**get_preset("llama-3.2-1b"))
     if SMOKE:

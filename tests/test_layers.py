@@ -29,6 +29,17 @@ LAYERS = {
     "lightning_memopt": 8,  # the lazy package root
 }
 LIGHTNING_LAYER = "lightning_memopt.lightning"
+#: the predictor's pipeline (``docs/architecture.md``): module prefix -> stage. A module may import its own stage and
+#: earlier ones only; the root modules (the request, the device, the precision) are stage 0, read by every stage,
+#: and ``api`` runs the four stages in order.
+STAGES = {
+    "lightning_memopt.predictor": 0,
+    "lightning_memopt.predictor.read": 1,
+    "lightning_memopt.predictor.trace": 2,
+    "lightning_memopt.predictor.account": 3,
+    "lightning_memopt.predictor.report": 4,
+    "lightning_memopt.predictor.api": 5,
+}
 
 
 def _module_name(path: Path) -> str:
@@ -71,7 +82,7 @@ MODULES = sorted(PACKAGE.rglob("*.py"))
 
 def test_the_layer_map_covers_every_package():
     packages = {_module_name(p) for p in PACKAGE.rglob("__init__.py")}
-    assert packages <= set(LAYERS), packages - set(LAYERS)
+    assert packages <= set(LAYERS) | set(STAGES), packages - set(LAYERS) - set(STAGES)
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: _module_name(p))
@@ -86,6 +97,39 @@ def test_imports_go_down_the_layers_only(path):
         if theirs != own and their_rank >= rank:
             wrong.append(f"{target} (layer {their_rank}, {theirs})")
     assert not wrong, f"{name} (layer {rank}) imports upward or sideways: {wrong}"
+
+
+def _stage(name: str) -> "tuple[str, int]":
+    prefix = max((p for p in STAGES if name == p or name.startswith(p + ".")), key=len)
+    return prefix, STAGES[prefix]
+
+
+PREDICTOR = [p for p in MODULES if _module_name(p).startswith("lightning_memopt.predictor")]
+
+
+@pytest.mark.parametrize("path", PREDICTOR, ids=lambda p: _module_name(p))
+def test_the_predictor_stages_import_their_own_and_earlier_stages_only(path):
+    """read -> trace -> account -> report: a stage takes the previous stage's object and never reaches back into a
+    later one (the root's request, device and precision are read by all)."""
+    name = _module_name(path)
+    own, rank = _stage(name)
+    wrong = []
+    for target in _imports(path):
+        if target.startswith("lightning_memopt.predictor"):
+            theirs, their_rank = _stage(target)
+            if their_rank > rank or (their_rank == rank and theirs != own):
+                wrong.append(f"{target} (stage {their_rank}, {theirs})")
+    assert not wrong, f"{name} (stage {rank}) imports a later stage: {wrong}"
+
+
+def test_the_stage_reader_sees_a_later_stage(tmp_path, monkeypatch):
+    """The stage check fails on a trace module that imports the accounting (a stage reaching forward)."""
+    (tmp_path / "lightning_memopt" / "predictor" / "trace").mkdir(parents=True)
+    probe = tmp_path / "lightning_memopt" / "predictor" / "trace" / "probe.py"
+    probe.write_text("from lightning_memopt.predictor.account.accounting import account\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path / "lightning_memopt")
+    with pytest.raises(AssertionError, match="imports a later stage"):
+        test_the_predictor_stages_import_their_own_and_earlier_stages_only(probe)
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: _module_name(p))

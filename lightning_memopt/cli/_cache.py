@@ -55,7 +55,7 @@ def code_fingerprint() -> str:
 
 def _model_content(args: argparse.Namespace) -> str | None:
     """What the answer reads of MODEL: a count, a preset's or a config file's text; ``None`` for a Hub id."""
-    from lightning_memopt.predictor.presets import CONFIG_DIR, PRESETS
+    from lightning_memopt.predictor.read.presets import CONFIG_DIR, PRESETS
 
     value = args.model_value
     if isinstance(value, int):

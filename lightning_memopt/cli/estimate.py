@@ -30,7 +30,7 @@ from lightning_memopt.core.units import format_bytes, parse_bytes
 
 __all__ = ["ENGINES", "add_common", "add_parser", "parse_count", "parse_model", "run_estimate", "run_plan"]
 
-#: ``--engine`` choices (``lightning_memopt.predictor.model_states.ENGINES``; not imported: the predictor loads lazily).
+#: ``--engine`` choices (``lightning_memopt.predictor.request.ENGINES``; not imported: the predictor loads lazily).
 ENGINES = ("deepspeed", "torch", "zero-paper")
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
@@ -349,7 +349,7 @@ def _num_parameters(model: Any, estimate: Any) -> int:
     details = estimate.details or {}
     if "num_parameters" in details:
         return int(details["num_parameters"])
-    from lightning_memopt.predictor.sources import resolve_model
+    from lightning_memopt.predictor.read.sources import resolve_model
 
     return resolve_model(model).num_parameters
 

@@ -21,7 +21,7 @@ from lightning_memopt.cli.estimate import (
     print_json,
 )
 from lightning_memopt.core.units import format_bytes
-from lightning_memopt.predictor.estimate import CATEGORIES
+from lightning_memopt.predictor.report.estimate import CATEGORIES
 
 __all__ = ["PLOT_RULES", "add_parser", "memory_grid", "run_plot"]
 

@@ -23,7 +23,7 @@ def add_parser(subparsers: Any) -> None:
 def run_presets(args: argparse.Namespace) -> int:
     """Print the catalog as a table (or JSON)."""
     from lightning_memopt.cli.estimate import print_json
-    from lightning_memopt.predictor.presets import CATALOG, PRESETS
+    from lightning_memopt.predictor.read.presets import CATALOG, PRESETS
 
     rows = [
         {

@@ -140,20 +140,22 @@ def num_checkpointed(activation_checkpointing: "bool | float | int", num_blocks:
     )
 
 
-def checkpoint_flags(module: nn.Module, activation_checkpointing: "bool | float | int | None") -> "list[bool]":
+def checkpoint_flags(
+    module: nn.Module, activation_checkpointing: "bool | float | int | None", blocks: "Iterable[str] | None" = None
+) -> "list[bool]":
     """Whether each of ``module``'s blocks runs checkpointed: as the module is (``None``), or as a setting would make
-    it (the first :func:`num_checkpointed` blocks).
+    it (the first :func:`num_checkpointed` blocks). ``blocks``: their names, when already found (:func:`auto_blocks`).
 
     Example:
         >>> stack = nn.ModuleList([nn.Linear(2, 2) for _ in range(4)])
         >>> checkpoint_flags(stack, 0.5), checkpoint_flags(stack, None)
         ([True, True, False, False], [False, False, False, False])
     """
-    blocks = [module.get_submodule(name) for name in auto_blocks(module)]
+    names = list(blocks) if blocks is not None else auto_blocks(module)
     if activation_checkpointing is None:
-        return [is_checkpointed(b) for b in blocks]
-    count = num_checkpointed(activation_checkpointing, len(blocks))
-    return [i < count for i in range(len(blocks))]
+        return [is_checkpointed(module.get_submodule(name)) for name in names]
+    count = num_checkpointed(activation_checkpointing, len(names))
+    return [i < count for i in range(len(names))]
 
 
 @contextlib.contextmanager

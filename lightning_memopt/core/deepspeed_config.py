@@ -20,7 +20,7 @@ ZERO_KEYS = {
     "max_reuse_distance": "stage3_max_reuse_distance",
 }
 #: DeepSpeed 0.19.8 ``runtime/zero/config.py`` defaults, kept as numbers so that reading a config does not import
-#: DeepSpeed (``tests/predictor/test_deepspeed_defaults.py`` holds them equal to ``DeepSpeedZeroConfig()``).
+#: DeepSpeed (``tests/predictor/account/test_deepspeed_defaults.py`` holds them equal to ``DeepSpeedZeroConfig()``).
 DEEPSPEED_DEFAULTS = {
     "reduce_bucket_size": 500_000_000,
     "allgather_bucket_size": 500_000_000,

@@ -25,7 +25,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_memopt.lightning import _compat as compat
-from lightning_memopt.predictor.timeline import batch_shape
+from lightning_memopt.predictor.trace.batch import batch_shape
 
 __all__ = ["ReadsRun", "RunReader", "batch_shape", "forget_run", "lightning_step", "optimizer_name",
            "read_run", "strategy_settings"]  # fmt: skip
@@ -185,7 +185,7 @@ class RunReader:
             settings["seq_len"] = int(shape[1])
         device = trainer.strategy.root_device
         if device.type == "cuda":  # this GPU's rules: its workspaces, context and the allocator's mode
-            from lightning_memopt.predictor.cuda_memory import cuda_rules
+            from lightning_memopt.predictor.device import cuda_rules
 
             settings["device"] = cuda_rules(torch.cuda.get_device_name(device),
                                             capability=tuple(torch.cuda.get_device_capability(device)))  # fmt: skip
@@ -299,7 +299,7 @@ def lightning_step(pl_module: nn.Module) -> Iterator[None]:
     The step is called as Lightning calls it, ``training_step(batch, 0)``; what-if models built from the config are
     stepped by the predictor's default.
     """
-    from lightning_memopt.predictor.step_context import stepping
+    from lightning_memopt.predictor.trace.step_context import stepping
 
     if not isinstance(pl_module, pl.LightningModule):
         yield
@@ -382,7 +382,7 @@ class _SteppedOver:
         return closure() if callable(closure) else None
 
     def zero_grad(self, *args: Any, **kwargs: Any) -> None:
-        from lightning_memopt.predictor.step_context import gradients_released
+        from lightning_memopt.predictor.trace.step_context import gradients_released
 
         # the trace hands every gradient to the engine at once; it notes which ones the step frees, and when
         gradients_released(None if self._inner is None else [p for g in self._inner.param_groups for p in g["params"]])

@@ -10,8 +10,8 @@ import warnings
 from typing import Any
 
 from lightning_memopt.predictor.api import predict
-from lightning_memopt.predictor.estimate import MemoryEstimate
-from lightning_memopt.predictor.sources import Source, config_of, from_config, resolve_source
+from lightning_memopt.predictor.read.sources import Source, config_of, from_config, resolve_source
+from lightning_memopt.predictor.report.estimate import MemoryEstimate
 from lightning_memopt.transforms.liger import DEFAULT_KERNELS
 from lightning_memopt.transforms.liger import KERNELS as LIGER_KERNELS
 

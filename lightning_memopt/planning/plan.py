@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_memopt.core.units import format_bytes, parse_bytes
-from lightning_memopt.predictor.estimate import MemoryEstimate
+from lightning_memopt.predictor.report.estimate import MemoryEstimate
 
 __all__ = ["NoFitError", "Plan", "Setting", "plan_batch"]
 

@@ -1,8 +1,8 @@
 """A quantized model's memory: inference (quantized weights + KV cache) and QLoRA (LoRA adapters on a frozen
 quantized base), per device.
 
-The weights are counted byte-exactly per format (:mod:`lightning_memopt.predictor.quantization`). A QLoRA step is
-predicted on the model it trains, traced like any model: the config's model with PEFT LoRA adapters on every linear
+The weights are counted byte-exactly per format (:mod:`lightning_memopt.predictor.account.quantization`). A QLoRA step
+is predicted on the model it trains, traced like any model: the config's model with PEFT LoRA adapters on every linear
 layer (Dettmers et al. 2023, "QLoRA", section 4: all linear layers) whose frozen base linears are replaced by
 :class:`QuantizedLinear`, a stand-in that holds the format's bytes and allocates what bitsandbytes'
 ``MatMul4Bit`` does: in forward a dequantized 16-bit weight for the matmul (freed after it) and the input saved for
@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from lightning_memopt.planning.estimate import estimate_memory
-from lightning_memopt.predictor.estimate import MemoryEstimate
-from lightning_memopt.predictor.quantization import _dims, get_format, quantized_weight_bytes
+from lightning_memopt.predictor.account.quantization import _dims, get_format, quantized_weight_bytes
+from lightning_memopt.predictor.report.estimate import MemoryEstimate
 
 #: Optimizer state bytes per trainable parameter; ``adamw8bit`` (bitsandbytes' 8-bit AdamW) keeps two int8 states.
 _OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "sgd": 0, "adamw8bit": 2}
@@ -152,8 +152,8 @@ def _qlora_model(model: Any, fmt: Any, rank: int) -> Any:
     """The config's model with LoRA adapters on every linear, its frozen base linears quantized (built on the meta
     device, kept like any built model)."""
     from lightning_memopt.planning.estimate import with_lora
-    from lightning_memopt.predictor.quantization import TensorShape, tensor_bytes
-    from lightning_memopt.predictor.sources import config_of, from_config
+    from lightning_memopt.predictor.account.quantization import TensorShape, tensor_bytes
+    from lightning_memopt.predictor.read.sources import config_of, from_config
 
     config = config_of(model)
     if config is None:

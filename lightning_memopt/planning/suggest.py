@@ -13,7 +13,7 @@ from typing import Any
 
 from lightning_memopt.core.units import format_bytes, parse_bytes
 from lightning_memopt.planning.plan import _check_margin, largest_fitting
-from lightning_memopt.predictor.estimate import MemoryEstimate
+from lightning_memopt.predictor.report.estimate import MemoryEstimate
 
 __all__ = ["Suggestion", "suggest_fixes"]
 

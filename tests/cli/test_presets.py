@@ -6,7 +6,7 @@ import re
 import pytest
 
 from lightning_memopt.cli import main
-from lightning_memopt.predictor.presets import CATALOG
+from lightning_memopt.predictor.read.presets import CATALOG
 
 
 def test_table_lists_every_preset(capsys):

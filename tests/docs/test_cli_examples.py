@@ -17,8 +17,8 @@ import sys
 import pytest
 
 from helpers import ROOT, write_hub_cache
-from lightning_memopt.predictor.hub import is_hub_id
-from lightning_memopt.predictor.presets import preset_for_hub_id
+from lightning_memopt.predictor.read.hub import is_hub_id
+from lightning_memopt.predictor.read.presets import preset_for_hub_id
 
 _FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 _SHELL = {"bash", "sh", "shell", "console", ""}

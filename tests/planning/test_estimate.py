@@ -5,7 +5,7 @@ import torch
 from predictor._modules import hf_from_config, lora, tiny_config
 
 from lightning_memopt.planning import estimate_memory
-from lightning_memopt.predictor.reading import read_model
+from lightning_memopt.predictor.read.reading import read_model
 
 CONFIG = tiny_config("llama", layers=2, vocab_size=4096)
 RUN = dict(micro_batch_size=2, seq_len=128, precision="bf16-mixed")

@@ -5,7 +5,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_memopt.planning import estimate_memory
 from lightning_memopt.planning.quantized import estimate_quantized
-from lightning_memopt.predictor.quantization import quantized_weight_bytes
+from lightning_memopt.predictor.account.quantization import quantized_weight_bytes
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)  # fmt: skip

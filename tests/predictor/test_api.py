@@ -195,3 +195,69 @@ def test_zero1_accumulation_with_offload_adds_no_host_gradients():
     # beyond the states: the fp32 gradient partition (stage_1_and_2.py), the 16-bit partition copy
     # (param_buffer_of_bit16_for_cpu_offload_groups) and the staging buffer (temp_grad_buffer_for_cpu_offload)
     assert zero2.cpu_offloaded - plain.optimizer_states == 4 * partition + 2 * (partition + largest)
+
+
+#: the pipeline's stages (``docs/architecture.md``), by package
+_STAGES = {
+    "lightning_memopt.predictor.read": "read",
+    "lightning_memopt.predictor.trace": "trace",
+    "lightning_memopt.predictor.account": "account",
+    "lightning_memopt.predictor.report": "report",
+}
+#: the typed objects a stage hands on: the next stages read them (their methods and properties) and call nothing else
+#: of the stage that made them
+_HANDED_ON = {"Source", "ModelReading", "ParamInfo", "BufferInfo", "Timeline", "Accounting", "Moment", "Phase",
+              "EngineMemory", "MemoryEstimate"}  # fmt: skip
+
+
+def _stages_visited(run) -> "list[tuple[str, str]]":
+    """The stages ``run()`` enters, in order, consecutive calls of one stage once: ``(stage, first function)``."""
+    import sys
+
+    seen: "list[tuple[str, str]]" = []
+
+    def profile(frame, event, arg):
+        if event != "call":
+            return
+        module = frame.f_globals.get("__name__", "")
+        stage = next((s for p, s in _STAGES.items() if module == p or module.startswith(p + ".")), None)
+        owner = frame.f_code.co_qualname.split(".")[0]
+        if stage is None or owner in _HANDED_ON:
+            return
+        if not seen or seen[-1][0] != stage:
+            seen.append((stage, f"{module}.{frame.f_code.co_qualname}"))
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["config, ZeRO-3 on 2 ranks", "module, ZeRO-2 on 4 ranks, accumulating", "module, plain torch on an H100"],
+)
+def test_following_the_model_visits_each_stage_once_in_order(case):
+    """``estimate_memory`` reads the model, traces the step, accounts for the engine and the device, reports: each
+    stage once, never back to an earlier one (the stages' objects are read, nothing else of their stage is called)."""
+    from predictor._modules import hf_from_config, tiny_config
+
+    if case.startswith("config"):
+        kwargs = dict(model=tiny_config("llama"), micro_batch_size=2, seq_len=16, zero=3, world_size=2)
+    else:
+        model = hf_from_config("mixtral")
+        batch = {"input_ids": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16))}
+        kwargs = dict(model=model, example_batch=batch)
+        kwargs.update(zero=2, world_size=4, accumulate_grad_batches=2) if "ZeRO" in case else kwargs.update(
+            engine="torch", device="h100")  # fmt: skip
+    est = None
+
+    def run():
+        nonlocal est
+        est = estimate_memory(**kwargs)
+
+    visited = _stages_visited(run)
+    assert [stage for stage, _ in visited] == ["read", "trace", "account", "report"], visited
+    assert est.total > 0 and (est.reserved is not None) == case.endswith("H100")

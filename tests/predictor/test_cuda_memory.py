@@ -11,8 +11,8 @@ import pytest
 from transformers import AutoConfig, LlamaForCausalLM
 
 from lightning_memopt import estimate_memory
-from lightning_memopt.predictor.cuda_allocator import simulate
-from lightning_memopt.predictor.cuda_memory import cuda_rules
+from lightning_memopt.predictor.account.cuda_allocator import simulate
+from lightning_memopt.predictor.device import cuda_rules
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=1024, intermediate_size=2816,
@@ -90,7 +90,7 @@ def test_cuda_kernels_save_what_cuda_saves_where_the_cpu_takes_another_path():
     from torch import nn
 
     from lightning_memopt.predictor.precision import resolve_precision
-    from lightning_memopt.predictor.trace import trace_step
+    from lightning_memopt.predictor.trace.step import trace_step
 
     class Step(nn.Module):
         def __init__(self, kind: str):

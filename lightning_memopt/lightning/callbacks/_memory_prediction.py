@@ -10,7 +10,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning_memopt.core.units import format_bytes
 from lightning_memopt.lightning._run_reader import lightning_step, read_run
 from lightning_memopt.lightning.callbacks._memory_report import fit_check_message, unit_for
-from lightning_memopt.predictor.estimate import MemoryEstimate
+from lightning_memopt.predictor.report.estimate import MemoryEstimate
 
 
 class MemoryDoesNotFitError(MisconfigurationException):

@@ -34,7 +34,7 @@ from lightning_memopt.lightning.callbacks._memory_report import (
     unit_for,
 )
 from lightning_memopt.measuring.memory_steps import FIELDS, MemoryStepAggregator, storage_bytes
-from lightning_memopt.predictor.estimate import CATEGORIES, MemoryEstimate
+from lightning_memopt.predictor.report.estimate import CATEGORIES, MemoryEstimate
 
 __all__ = ["MemoryDoesNotFitError", "MemoryMonitor"]
 
@@ -173,7 +173,7 @@ class MemoryMonitor(ReadsRun):
         if self.device_memory == 0:
             raise ValueError("Expected a positive `device_memory`, got 0. Fix: e.g. device_memory='80GiB'.")
         if optimizer is not None:
-            from lightning_memopt.predictor.model_states import resolve_optimizer
+            from lightning_memopt.predictor.request import resolve_optimizer
 
             resolve_optimizer(optimizer)
         if method != "trace":

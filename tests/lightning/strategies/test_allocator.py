@@ -9,7 +9,7 @@ from lightning_memopt import MemOptStrategy
 from lightning_memopt.core import compat
 from lightning_memopt.core.compat import ALLOC_CONF_VARIABLES
 from lightning_memopt.lightning.strategies.allocator import expandable_segments_for_fit, restore_allocator
-from lightning_memopt.predictor.cuda_memory import expandable_from_env
+from lightning_memopt.predictor.device import expandable_from_env
 
 
 @pytest.fixture

@@ -1,0 +1,119 @@
+"""The CUDA caching allocator on a traced step: what ``max_memory_allocated`` and ``max_memory_reserved`` report.
+
+``max_memory_allocated`` counts whole blocks (a request is rounded up to 512 bytes, and a large block is handed out
+unsplit when less than 1 MiB would remain), and ``max_memory_reserved`` counts the segments behind them.
+:func:`replay_run` turns a recorded trace into the whole run's allocation sequence (the parameters, two training steps
+in Lightning's order, the optimizer's states and temporaries) and replays it through :mod:`.cuda_allocator`, natively
+or with ``expandable_segments:True``.
+"""
+
+from collections import defaultdict
+from typing import Any
+
+from lightning_memopt.predictor.account.cuda_allocator import AllocatorResult, AllocatorSettings, simulate
+from lightning_memopt.predictor.device import CudaRules
+from lightning_memopt.predictor.request import resolve_optimizer
+
+
+def replay_run(
+    trace: Any,
+    param_bytes: "list[int]",
+    trainable: "list[bool]",
+    buffer_bytes: "list[int]",
+    optimizer_kind: str,
+    state_tensors: int,
+    rules: CudaRules,
+    steps: int = 2,
+) -> AllocatorResult:
+    """The caching allocator's peaks over a run of ``steps`` training steps of a recorded trace.
+
+    The sequence (the order the allocator sees, which decides best fit): the parameters and buffers, one block each,
+    as ``model.to(device)`` makes them; per step, every storage of the traced step in op order (the batch and the
+    forward's activations, the backward's temporaries and gradients), a cuBLAS workspace per thread at the first
+    forward and the first backward op of the first step, ``zero_grad(set_to_none=True)`` after the forward (Lightning
+    calls the step, then ``zero_grad``, then backward), and the optimizer's step: its states at the first step
+    (``state_tensors`` per trainable parameter, shaped as it), then its temporaries (``"foreach"``: one list shaped as
+    the parameters, freed together; ``"single"``: two per parameter, freed at once; ``"fused"``/``"none"``: none).
+
+    Args:
+        trace: a :class:`~lightning_memopt.predictor.trace.step.TraceResult` recorded with ``record=True``.
+        param_bytes: every parameter's bytes as the engine holds it, in registration order.
+        trainable: per parameter, whether it gets a gradient and optimizer states.
+        buffer_bytes: every buffer's bytes.
+        optimizer_kind: the optimizer's temporaries kind (``resolve_optimizer``'s second value).
+        state_tensors: optimizer state tensors per trainable parameter (AdamW: 2; SGD with momentum: 1).
+        rules: the device's rules.
+        steps: training steps replayed (the second one is the steady state).
+
+    Example:
+        >>> from lightning_memopt.predictor.device import cuda_rules
+        >>> from lightning_memopt.predictor.trace.step import TraceResult
+        >>> step = TraceResult((4096,), (0,), (0,), 0, 0, 0, storages=((0, 1, 4096, 7),), grad_keys=())
+        >>> r = replay_run(step, [1000], [True], [], "none", 0, cuda_rules("h100"))
+        >>> r.peak_allocated == 1024 + 4096 + 2 * 32 * 2**20  # blocks of 512-byte multiples, two workspaces
+        True
+    """
+    records = list(trace.storages)
+    grad_records = _grad_records(records, trace.grad_keys)
+    born, freed = defaultdict(list), defaultdict(list)
+    for i, (b, f, _, _) in enumerate(records):
+        born[b].append(i)
+        freed[f].append(i)
+    end = len(trace.live)
+    events: list[tuple] = [("alloc", ("param", i), n) for i, n in enumerate(param_bytes)]
+    events += [("alloc", ("buffer", i), n) for i, n in enumerate(buffer_bytes)]
+    held: list[tuple] = []  # the gradients of the last backward, freed at the next zero_grad
+    for step in range(steps):
+        grads: list[tuple] = []
+        for t in range(end + 1):
+            if step == 0 and t in (0, trace.forward_end + 1):
+                events.append(("alloc", ("workspace", t), rules.workspace_bytes))
+            events += [("alloc", (step, i), records[i][2]) for i in born[t]]
+            for i in freed[t]:
+                if i in grad_records:
+                    grads.append((step, i))
+                else:
+                    events.append(("free", (step, i)))
+            if t == trace.forward_end:  # zero_grad(set_to_none=True) between the forward and the backward
+                events += [("free", key) for key in held]
+                held = []
+        held = grads
+        trained = [i for i, flag in enumerate(trainable) if flag]
+        if step == 0:
+            events += [("alloc", ("state", i, k), param_bytes[i]) for i in trained for k in range(state_tensors)]
+        if optimizer_kind == "foreach":
+            events += [("alloc", ("tmp", step, i), param_bytes[i]) for i in trained]
+            events += [("free", ("tmp", step, i)) for i in trained]
+        elif optimizer_kind == "single":
+            for i in trained:
+                first, second = ("tmp", step, i, 0), ("tmp", step, i, 1)  # sqrt, then the division; then addcdiv
+                events += [("alloc", first, param_bytes[i]), ("alloc", second, param_bytes[i]), ("free", first),
+                           ("free", second)]  # fmt: skip
+    return simulate(events, AllocatorSettings(expandable_segments=rules.expandable_segments))
+
+
+def replay_model(trace: Any, reading: Any, param_bytes: int, optimizer: str, rules: CudaRules) -> AllocatorResult:
+    """:func:`replay_run` for a model as the predictor reads it: every parameter in the engine's dtype
+    (``param_bytes`` per element; integer weights keep theirs), its registered buffers, and the optimizer's states
+    and temporaries (:func:`~lightning_memopt.predictor.request.resolve_optimizer`)."""
+    sizes = [p.numel * (param_bytes if p.floating else p.dtype.itemsize) for p in reading.params]
+    buffers = [b.numel * b.dtype.itemsize for b in reading.buffers if not b.attribute]
+    state_bytes, kind = resolve_optimizer(optimizer)
+    # AdamW: m and v, each shaped as the parameter (fp32 here); SGD with momentum: one buffer
+    return replay_run(trace, sizes, [p.trainable for p in reading.params], buffers, kind, state_bytes // 4, rules)
+
+
+def _grad_records(records: "list[tuple[int, int, int, int]]", grad_keys: "tuple[tuple[int, int], ...]") -> "set[int]":
+    """The records that are gradients: the storage handed to the engine (``key``) at op ``at`` (storage keys are
+    reused after a storage dies, so the record must span the hand-over)."""
+    by_key: dict[int, list[int]] = defaultdict(list)
+    for i, (_, _, _, key) in enumerate(records):
+        by_key[key].append(i)
+    out = set()
+    for key, at in grad_keys:
+        for i in by_key.get(key, ()):
+            b, f = records[i][0], records[i][1]
+            if b <= at <= f <= at + 2:
+                out.add(i)
+                break
+    return out

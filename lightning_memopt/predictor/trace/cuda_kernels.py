@@ -1,0 +1,111 @@
+"""CUDA's kernels in a trace run on the CPU: where CUDA's kernels keep other tensors than the CPU's (fused dropout,
+the fused attention backends, autocast's fp32 softmax), the trace calls what CUDA runs (:func:`cuda_kernels`)."""
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from lightning_memopt.core import compat
+
+
+@contextlib.contextmanager
+def cuda_kernels() -> "Iterator[None]":
+    """Trace on the CPU with the kernels CUDA runs where the CPU's take another path:
+
+    * dropout in training: CUDA runs the fused ``native_dropout``, which saves a 1-byte mask (``aten/src/ATen/native/
+      Dropout.cpp``, ``is_fused_kernel_acceptable``: a CUDA input), where the CPU multiplies by a noise tensor of the
+      input's dtype and saves that;
+    * ``scaled_dot_product_attention``: CUDA's fused backends draw the dropout inside the kernel and save the output
+      and the log-sum-exp (plus a Philox seed and offset), where the CPU falls back to the math path with dropout and
+      saves the ``s x s`` probabilities and the dropout mask (``sdp_utils_cpp.cpp``: the CPU's flash kernel takes no
+      dropout). Without a mask the trace runs the CPU's fused kernel without dropout, which saves what cuDNN's and
+      flash's do. With a mask (a padding mask) CUDA runs the memory-efficient kernel, which takes the mask as a bias
+      in the query's dtype and saves it for backward (``attention.cu``, ``_scaled_dot_product_efficient_attention``);
+      the trace calls that op, whose fake kernel and autograd formula are device-independent. A mask that needs a
+      gradient (T5's learned position bias) takes the math path, computed in fp32 as CUDA's math backend does;
+    * ``softmax`` and ``log_softmax`` under autocast: CUDA's autocast runs them in fp32 (its ``fp32_set_opt_dtype``
+      list, ``aten/src/ATen/autocast_mode.cpp``: a 16-bit input without ``dtype`` gets ``dtype=torch.float32``, so the
+      probabilities an eager attention keeps are fp32), where the CPU's autocast leaves them in the input's dtype.
+
+    These functions of ``torch.nn.functional`` are swapped for the trace's duration (models look them up at call
+    time, also when a checkpointed block is recomputed in backward) and put back on exit.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    dropout, sdpa, softmax, log_softmax = F.dropout, F.scaled_dot_product_attention, F.softmax, F.log_softmax
+    low = (torch.bfloat16, torch.float16)
+
+    def fp32_under_autocast(fn: Any) -> Any:
+        def cuda_fn(input: "torch.Tensor", dim: Any = None, _stacklevel: int = 3, dtype: Any = None) -> Any:
+            if dtype is None and input.dtype in low and torch.is_autocast_enabled("cpu"):
+                dtype = torch.float32
+            return fn(input, dim, _stacklevel, dtype)
+
+        return cuda_fn
+
+    def cuda_dropout(input: "torch.Tensor", p: float = 0.5, training: bool = True, inplace: bool = False) -> Any:
+        if training and 0.0 < p < 1.0 and input.is_floating_point():
+            return torch.ops.aten.native_dropout(input, p, True)[0]
+        return dropout(input, p, training, inplace)
+
+    def cuda_sdpa(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0,
+                  is_causal: bool = False, scale: Any = None, enable_gqa: bool = False) -> Any:  # fmt: skip
+        if attn_mask is None:  # a fused kernel (cuDNN or flash): the CPU's flash kernel saves what they save
+            return sdpa(query, key, value, None, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa)
+        if attn_mask.requires_grad:  # no fused kernel computes a mask's gradient: the math path
+            return _math_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        return _efficient_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+    F.dropout, F.scaled_dot_product_attention = cuda_dropout, cuda_sdpa
+    F.softmax, F.log_softmax = fp32_under_autocast(softmax), fp32_under_autocast(log_softmax)
+    try:
+        yield
+    finally:
+        F.dropout, F.scaled_dot_product_attention, F.softmax, F.log_softmax = dropout, sdpa, softmax, log_softmax
+
+
+def _math_attention(
+    query: Any, key: Any, value: Any, mask: Any, dropout_p: float, is_causal: bool, scale: Any, gqa: bool
+) -> Any:
+    """``scaled_dot_product_attention``'s math backend as it runs on CUDA (``attention.cpp``,
+    ``_scaled_dot_product_attention_math``): 16-bit inputs computed in fp32, the dropout fused (a 1-byte mask)."""
+    import math
+
+    import torch
+
+    low = query.dtype in (torch.bfloat16, torch.float16)
+    if gqa and key.shape[-3] != query.shape[-3]:
+        groups = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(groups, dim=-3), value.repeat_interleave(groups, dim=-3)
+    q, k, v = (t.float() for t in (query, key, value)) if low else (query, key, value)
+    factor = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(query.shape[-1]))
+    attn = (q * factor) @ (k * factor).transpose(-2, -1)
+    if is_causal:
+        causal = torch.ones(attn.shape[-2:], dtype=torch.bool, device=attn.device).tril()
+        attn = attn.masked_fill(~causal, float("-inf"))
+    attn = attn.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else attn + mask
+    attn = torch.softmax(attn, dim=-1)
+    if dropout_p > 0.0:
+        attn = torch.ops.aten.native_dropout(attn, dropout_p, True)[0]
+    out = attn @ v
+    return out.to(query.dtype) if low else out
+
+
+def _efficient_attention(
+    query: Any, key: Any, value: Any, mask: Any, dropout_p: float, is_causal: bool, scale: Any, gqa: bool
+) -> Any:
+    """``scaled_dot_product_attention`` as CUDA's memory-efficient backend runs it: the mask as an additive bias in
+    the query's dtype (a boolean mask becomes 0 / -inf), grouped key/value heads repeated (the kernel has no GQA)."""
+    import torch
+
+    if gqa and key.shape[-3] != query.shape[-3]:
+        groups = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(groups, dim=-3), value.repeat_interleave(groups, dim=-3)
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
+    else:
+        bias = mask.to(query.dtype)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, bias))
+    bias = bias.expand(*query.shape[:-1], key.shape[-2])
+    return compat.efficient_attention(query, key, value, bias, grad, dropout_p, is_causal, scale)
