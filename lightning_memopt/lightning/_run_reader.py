@@ -202,8 +202,13 @@ _OPTIMIZER_NAMES = {
 }
 
 
-def optimizer_name(optimizer: Any) -> str:
+def optimizer_name(optimizer: Any, device: "str | None" = None) -> str:
     """The predictor's name for an optimizer instance (unwrapping Lightning's and DeepSpeed's wrappers).
+
+    ``device``: the device type its parameters live on when its parameter groups are empty: DeepSpeed ZeRO-3 hands
+    the torch optimizer its fp32 partitions only inside its own step (``stage3.py``,
+    ``_set_fp32_optimizer_param_groups`` / ``_clear_fp32_optimizer_param_groups``), where torch picks its
+    implementation from them; the strategy's root device (``None``: unknown, the single-tensor default).
 
     Raises:
         MisconfigurationException: for an optimizer the predictor does not know, with the fix.
@@ -213,6 +218,10 @@ def optimizer_name(optimizer: Any) -> str:
         'adamw-foreach'
         >>> optimizer_name(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9))
         'sgd-momentum'
+        >>> emptied = torch.optim.AdamW([nn.Parameter(torch.zeros(1))])
+        >>> emptied.param_groups[0]["params"] = []  # as DeepSpeed ZeRO-3 leaves it between its steps
+        >>> optimizer_name(emptied, "cuda"), optimizer_name(emptied, "cpu")
+        ('adamw-foreach', 'adamw')
     """
     seen = 0
     while type(optimizer).__name__.lower() not in _OPTIMIZER_NAMES and seen < 4:
@@ -238,7 +247,8 @@ def optimizer_name(optimizer: Any) -> str:
         # torch picks foreach by itself when every parameter is on CUDA
         # (torch/optim/optimizer.py, _default_to_fused_or_foreach)
         params = [p for group in getattr(optimizer, "param_groups", []) for p in group["params"]]
-        if defaults.get("foreach") is None and params and all(p.device.type == "cuda" for p in params):
+        on_cuda = all(p.device.type == "cuda" for p in params) if params else device == "cuda"
+        if defaults.get("foreach") is None and on_cuda:
             return f"{base}-foreach"
     return base
 

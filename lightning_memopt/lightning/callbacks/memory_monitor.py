@@ -5,6 +5,7 @@ A thin callback, as Lightning's ``ThroughputMonitor``: it reads the run (the sha
 :class:`~lightning_memopt.measuring.memory_steps.MemoryStepAggregator`, gathers over ranks and logs.
 """
 
+import functools
 import gc
 import subprocess
 from pathlib import Path
@@ -332,7 +333,8 @@ class MemoryMonitor(ReadsRun):
             self._setup(trainer, pl_module)
         self._probe.track(trainer.strategy.model, pl_module, *trainer.optimizers)
         if trainer.optimizers and self.optimizer is None:
-            self._pred.optimizer_name = self._run_optimizer(pl_module, lambda: optimizer_name(trainer.optimizers[0]))
+            read = functools.partial(optimizer_name, trainer.optimizers[0], trainer.strategy.root_device.type)
+            self._pred.optimizer_name = self._run_optimizer(pl_module, read)
         shape = self._pred.shape or self._run_shape(read_run(trainer))
         if shape is not None and self._pred.optimizer_name is not None:
             self._pred.refresh()  # the resolved DeepSpeed config and the real optimizer

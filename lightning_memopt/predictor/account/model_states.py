@@ -280,6 +280,7 @@ def engine_memory(
     # ZeRO-3: every parameter partitioned, the persistent (small) ones also whole on every rank
     threshold = cfg["stage3_param_persistence_threshold"]
     gathered, persistent = _gathered_stage3(reading, threshold, cfg["stage3_max_reuse_distance"], b)
+    gathered = gathered if W > 1 else 0  # one rank gathers nothing: a parameter is a view of its partition
     partitions = (
         sum(_partition(p.numel, W) * (dtype if p.floating else p.dtype).itemsize for p in reading.params)
         if reading.traceable
