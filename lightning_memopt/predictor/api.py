@@ -203,7 +203,7 @@ def predict(
         device if device is not None else _module_device(source.module), expandable_segments=expandable_segments
     )
     reading = source.reading
-    zero3 = _zero3_settings(reading, deepspeed_config) if engine == "deepspeed" and zero == 3 else False
+    zero3 = _zero3_settings(reading, deepspeed_config, world_size) if engine == "deepspeed" and zero == 3 else False
     act_engine = "deepspeed" if engine == "zero-paper" else engine
     if source.module is None or engine == "zero-paper":
         timeline = Timeline.empty()
@@ -350,8 +350,8 @@ def _on_cuda(
     return out
 
 
-def _zero3_settings(reading: Any, deepspeed_config: "dict[str, Any] | None") -> Zero3Settings:
-    """What DeepSpeed's parameter coordinator decides with (:mod:`.zero3`)."""
+def _zero3_settings(reading: Any, deepspeed_config: "dict[str, Any] | None", world_size: int) -> Zero3Settings:
+    """What DeepSpeed's parameter coordinator decides with (:mod:`.zero3`); on one rank nothing is gathered."""
     cfg = zero_settings(deepspeed_config)
     return Zero3Settings(
         persistence_threshold=int(cfg["stage3_param_persistence_threshold"]),
@@ -359,6 +359,7 @@ def _zero3_settings(reading: Any, deepspeed_config: "dict[str, Any] | None") -> 
         prefetch_bucket_size=int(cfg["stage3_prefetch_bucket_size"]),
         max_live_parameters=int(cfg["stage3_max_live_parameters"]),
         complete_trace=not reading.step_calls_root,
+        partitioned=world_size > 1,
     )
 
 

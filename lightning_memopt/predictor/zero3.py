@@ -60,6 +60,10 @@ class Zero3Settings:
         prefetch_bucket_size: ``stage3_prefetch_bucket_size`` (elements).
         max_live_parameters: ``stage3_max_live_parameters`` (elements).
         complete_trace: whether the module trace completes (``False`` when the step calls the model itself).
+        partitioned: whether the parameters are split over more than one rank. On one rank DeepSpeed gathers
+            nothing: a parameter's data is its partition (``runtime/zero/partition_parameters.py``
+            ``all_gather_coalesced`` and ``_allgather_params_coalesced`` take ``_no_gather_coalesced`` when every
+            partition world size is 1), so :func:`replay` finds no gathered bytes.
     """
 
     persistence_threshold: int
@@ -67,6 +71,7 @@ class Zero3Settings:
     prefetch_bucket_size: int
     max_live_parameters: int
     complete_trace: bool = True
+    partitioned: bool = True
 
 
 @dataclass(frozen=True)
@@ -112,8 +117,9 @@ class Zero3Events:
 
 def replay(rec: Zero3Events, end: int) -> "list[tuple[int, int, int, int]]":
     """``(gathered at, released at, bytes, parameter key)`` of every parameter DeepSpeed gathers along the events
-    ``rec``, ops ``[at, released)``; those still gathered when backward ends (``end``) are released there."""
-    return _Replay(rec, end).run()
+    ``rec``, ops ``[at, released)``; those still gathered when backward ends (``end``) are released there. None on a
+    single rank (:attr:`Zero3Settings.partitioned` False): the data of a gathered parameter is its partition."""
+    return _Replay(rec, end).run() if rec.settings.partitioned else []
 
 
 def gathered_bytes(intervals: "list[tuple[int, int, int, int]]", length: int) -> "list[int]":
