@@ -49,7 +49,7 @@ from lightning_memopt.core.modules import find_hf_model, tensor_attributes
 from lightning_memopt.predictor.precision import Precision
 from lightning_memopt.predictor.trace import step_context
 from lightning_memopt.predictor.trace.tracker import SHADOW_LIMIT, LiveTensorTracker
-from lightning_memopt.predictor.trace.zero3 import Zero3Gathering, Zero3Settings, gathered_bytes
+from lightning_memopt.predictor.trace.zero3 import LeafGradients, Zero3Gathering, Zero3Settings, gathered_bytes
 
 #: a function from one step's batch to its loss; the default steps a LightningModule or calls the module
 StepFn = Callable[[nn.Module, Any], Any]
@@ -203,7 +203,9 @@ def trace_step(
         attention: set a Hugging Face model's attention implementation for the trace (``None`` keeps it).
         zero3: step as a DeepSpeed ZeRO-3 run does: Linear layers through ``zero3_linear_wrap``, every module's
             tensor inputs as new tensors (``_post_backward_module_hook``), and a parameter whose view is saved for
-            backward kept gathered (counted) until that saved view is released. With
+            backward kept gathered (counted) until that saved view is released, and the gradients of a ZeRO-3 leaf
+            module's parameters handed to the engine once its backward ends
+            (:class:`~lightning_memopt.predictor.trace.zero3.LeafGradients`). With
             :class:`~lightning_memopt.predictor.trace.zero3.Zero3Settings`, also the parameters DeepSpeed gathers along
             the step, op by op (in ``live`` and ``gathered``).
         step: ``(module, batch) -> output`` holding the loss (default :func:`default_step`); a step that runs
@@ -243,7 +245,7 @@ def trace_step(
     position: dict[int, int] = {}  # trainable fake parameter -> its index in registration order
     grad_order: list[int] = []
 
-    def on_grad(p: torch.Tensor) -> None:
+    def hand_over(p: torch.Tensor) -> None:
         nonlocal grad_bytes
         if p.grad is not None:
             if id(p) not in graded:
@@ -255,6 +257,12 @@ def trace_step(
                 grad_bytes += nbytes
             p.grad = None
         tracker.mark()
+
+    def on_grad(p: torch.Tensor) -> None:
+        if leaf is not None and leaf.holds(p):  # ZeRO-3 takes it after its leaf module's backward
+            tracker.mark()
+        else:
+            hand_over(p)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if t.device.type != "meta":
@@ -321,6 +329,7 @@ def trace_step(
     saved_at_backward: list[int] = []  # bytes saved for backward when the first backward op ran
     tracker.on_backward = lambda: saved_at_backward.append(sum(saved.values()))
     gathering: Zero3Gathering | None = None
+    leaf: LeafGradients | None = None
     was_training = module.training
     module.train()
     handles: list = []
@@ -341,6 +350,8 @@ def trace_step(
             exclude.update(t.untyped_storage()._cdata for t in fakes.values())
             exclude.update(t.untyped_storage()._cdata for _, t in fake_attributes)
             param_ids.update(id(t) for t in fakes.values())
+            if zero3:  # a ZeRO-3 leaf module's gradients are reduced after its backward (MoE blocks)
+                leaf = stack.enter_context(LeafGradients(module, fakes, hand_over))
             handles += [p.register_post_accumulate_grad_hook(on_grad) for p in trainable]
             position.update((id(p), i) for i, p in enumerate(trainable))
             stack.enter_context(step_context.swapped_attributes(module, fake_attributes))
@@ -382,6 +393,8 @@ def trace_step(
                 else:  # the step ran backward itself (manual optimization): the forward ended before it
                     forward_end = tracker.backward_at
                     saved_bytes = saved_at_backward[0]
+                if leaf is not None:
+                    leaf.leftovers()
                 del loss, output
                 tracker.mark()
     finally:

@@ -151,6 +151,7 @@ def zero3_settings(reading: ModelReading, request: Request) -> "Zero3Settings | 
         prefetch_bucket_size=int(cfg["stage3_prefetch_bucket_size"]),
         max_live_parameters=int(cfg["stage3_max_live_parameters"]),
         complete_trace=not reading.step_calls_root,
+        partitioned=request.world_size > 1,
     )
 
 

@@ -17,13 +17,17 @@ DeepSpeed registers hooks on every module (``zero/parameter_offload.py`` ``_regi
   complete trace (the step calls the model itself, which restarts it) every release frees all the module's
   parameters and nothing is prefetched.
 
-So a frozen module whose output needs no gradient (frozen embeddings and the blocks before the first trainable one) is
-released after its forward, and a module's parameters are released after its backward: the bytes gathered vary along the
-step. :class:`Zero3Gathering` records these events during the trace (hooks like DeepSpeed's, at the same points) and
-replays the coordinator on them afterwards, when the whole module trace is known. Parameters at or below
-``stage3_param_persistence_threshold`` elements stay whole on every rank: they are model states
-(:mod:`lightning_memopt.predictor.account.model_states`), not gathered here. ZeRO-3 leaf modules and NVMe prefetching
-are not modelled.
+So a frozen module whose output needs no gradient (frozen embeddings and the blocks before the first trainable
+one) is released after its forward, and a module's parameters are released after its backward: the bytes gathered
+vary along the step. :class:`Zero3Gathering` records these events during the trace (hooks like DeepSpeed's, at
+the same points) and replays the coordinator on them afterwards, when the whole module trace is known. Parameters
+at or below ``stage3_param_persistence_threshold`` elements stay whole on every rank: they are model states
+(:mod:`lightning_memopt.predictor.account.model_states`), not gathered here. NVMe prefetching is not modelled.
+
+ZeRO-3 leaf modules (:func:`leaf_modules`; DeepSpeed 0.19.8 makes Mixtral's, Qwen2-MoE's and Qwen3-MoE's sparse
+MoE blocks leaves by default, :data:`LEAF_MODULE_CLASSES`) are hooked as one module: the leaf fetches and releases
+its whole subtree's parameters and the modules inside it get no hook (``_register_deepspeed_module`` stops there),
+and its parameters' gradients wait for the end of its backward (:class:`LeafGradients`).
 
 A reduced-depth trace (:mod:`.synthesis`) records the events of the blocks it runs, on the whole model's modules
 (:class:`Zero3Events`); :mod:`.expand` writes out the skipped blocks' events and :func:`replay` runs the coordinator
@@ -34,6 +38,7 @@ import collections
 import itertools
 import math
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +60,10 @@ class Zero3Settings:
         prefetch_bucket_size: ``stage3_prefetch_bucket_size`` (elements).
         max_live_parameters: ``stage3_max_live_parameters`` (elements).
         complete_trace: whether the module trace completes (``False`` when the step calls the model itself).
+        partitioned: whether the parameters are split over more than one rank. On one rank DeepSpeed gathers
+            nothing: a parameter's data is its partition (``runtime/zero/partition_parameters.py``
+            ``all_gather_coalesced`` and ``_allgather_params_coalesced`` take ``_no_gather_coalesced`` when every
+            partition world size is 1), so :func:`replay` finds no gathered bytes.
     """
 
     persistence_threshold: int
@@ -62,6 +71,7 @@ class Zero3Settings:
     prefetch_bucket_size: int
     max_live_parameters: int
     complete_trace: bool = True
+    partitioned: bool = True
 
 
 @dataclass(frozen=True)
@@ -83,7 +93,8 @@ class Zero3Events:
     Attributes:
         settings: the coordinator's settings.
         params: every parameter's size, by key.
-        owned: per module (index in :attr:`modules`): its own parameters' keys, in DeepSpeed's ds_id order.
+        owned: per module (index in :attr:`modules`): the keys of the parameters it fetches, in DeepSpeed's ds_id
+            order: its own; a ZeRO-3 leaf module's whole subtree's; none for a module inside a leaf.
         modules: the modules' qualified names, by index.
         param_names: parameter key -> qualified name.
         events: ``(op, "fetch" | "release", module, forward, during backward)``, in the order they happened.
@@ -106,8 +117,9 @@ class Zero3Events:
 
 def replay(rec: Zero3Events, end: int) -> "list[tuple[int, int, int, int]]":
     """``(gathered at, released at, bytes, parameter key)`` of every parameter DeepSpeed gathers along the events
-    ``rec``, ops ``[at, released)``; those still gathered when backward ends (``end``) are released there."""
-    return _Replay(rec, end).run()
+    ``rec``, ops ``[at, released)``; those still gathered when backward ends (``end``) are released there. None on a
+    single rank (:attr:`Zero3Settings.partitioned` False): the data of a gathered parameter is its partition."""
+    return _Replay(rec, end).run() if rec.settings.partitioned else []
 
 
 def gathered_bytes(intervals: "list[tuple[int, int, int, int]]", length: int) -> "list[int]":
@@ -161,6 +173,8 @@ class Zero3Gathering:
                 if p is not None:
                     order.setdefault(id(p), len(order))
         self.names: dict[int, str] = {}  # parameter key -> qualified name
+        leaves = [prefix for prefix, _ in leaf_modules(named)]
+        self._hooked: list[nn.Module] = []  # DeepSpeed hooks no module inside a leaf module
         for name, m in named:
             keys = []
             for pname, p in m._parameters.items():
@@ -173,6 +187,12 @@ class Zero3Gathering:
                 kept[id(p)] = p
                 self.names.setdefault(id(p), f"{name}.{pname}" if name else pname)
                 keys.append(id(p))
+            if any(name.startswith(f"{prefix}.") for prefix in leaves):
+                keys = []  # its leaf module fetches and releases its parameters
+            else:
+                self._hooked.append(m)
+                if name in leaves:  # a leaf module fetches its whole subtree's parameters
+                    keys = [id(p) for p in m.parameters()]
             self.owned.append(sorted(set(keys), key=order.__getitem__))
         self.params = params
         self._index = index
@@ -187,7 +207,7 @@ class Zero3Gathering:
         self._handles: list = []
 
     def __enter__(self) -> Self:
-        for m in self.modules:
+        for m in self._hooked:
             self._handles.append(m.register_forward_pre_hook(self._pre_forward))
             self._handles.append(m.register_forward_hook(self._post_forward))
         return self
@@ -390,3 +410,112 @@ class _Hook(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> "tuple[torch.Tensor, None]":
         ctx.callback()
         return grad, None
+
+
+# ---------------------------------------------------------------------- leaf modules
+#: the classes every DeepSpeed 0.19.8 engine flags as ZeRO-3 leaf modules unless its config's
+#: ``zero_optimization.leaf_module`` names others (``runtime/zero/leaf_module_config.py``
+#: ``DEFAULT_LEAF_MODULE_CLASSES``, applied by ``utils/z3_leaf_module.py`` ``apply_zero_leaf_module_config`` from
+#: ``runtime/engine.py`` ``_configure_distributed_model``)
+LEAF_MODULE_CLASSES = (
+    "transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock",
+    "transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock",
+    "transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock",
+)
+
+
+def leaf_modules(named: "Iterable[tuple[str, nn.Module]]") -> "list[tuple[str, nn.Module]]":
+    """The outermost ZeRO-3 leaf modules among ``named`` (a model's ``named_modules()``, the root first), as
+    (qualified name, module) pairs in module order.
+
+    A module is a leaf when its class is one of :data:`LEAF_MODULE_CLASSES` (matched by its name or its qualified
+    name, as ``utils/z3_leaf_module.py`` ``_do_set_z3_leaf_modules`` does) or it carries DeepSpeed's ``_z3_leaf``
+    flag (``set_z3_leaf_modules``, or a module inside a running engine). DeepSpeed's registration stops at a leaf
+    (``runtime/zero/parameter_offload.py`` ``_register_deepspeed_module``): a leaf inside a leaf is none.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)))
+        >>> net[1]._z3_leaf = True
+        >>> [name for name, _ in leaf_modules(net.named_modules())]
+        ['1']
+    """
+    found: list[tuple[str, nn.Module]] = []
+    for name, m in named:
+        if not name or any(name.startswith(f"{outer}.") for outer, _ in found):  # the root is never one
+            continue
+        cls = type(m)
+        if getattr(m, "_z3_leaf", False) or any(
+            c in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}") for c in LEAF_MODULE_CLASSES
+        ):
+            found.append((name, m))
+    return found
+
+
+class LeafGradients:
+    """When DeepSpeed ZeRO-3 takes the gradients of a leaf module's parameters: all at once, after the module's
+    backward, not one by one as they are produced.
+
+    DeepSpeed 0.19.8 (``runtime/zero/stage3.py`` ``create_reduce_and_remove_grad_hooks``) puts no gradient hook on
+    a leaf module's parameters; a full backward hook on the module (``reduce_leaf_module_grads``) hands each of
+    them to the reduction (``reduce_ready_partitions_and_remove_grads``: copied into the bucket, the gradient freed)
+    once the gradients of the module's inputs are computed, a zero gradient for one that got none (an expert no
+    token chose). Until then every gradient the module's backward produced stays alive (a Mixtral block's experts:
+    ``down_proj``'s through the ``gate_up_proj`` backward).
+
+    Args:
+        module: the traced module; its leaf modules (:func:`leaf_modules`) get the hook.
+        params: the tensors the trace uses as the parameters, by qualified name (the fakes); the trainable ones of
+            a leaf module are held.
+        hand_over: called with each held parameter, its ``grad`` set, when DeepSpeed takes the gradient (it drops
+            the ``grad``).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+        >>> net[0]._z3_leaf = True
+        >>> taken = []
+        >>> def take(p):
+        ...     taken.append(tuple(p.grad.shape))
+        ...     p.grad = None
+        >>> with LeafGradients(net, dict(net.named_parameters()), take) as leaf:
+        ...     net(torch.ones(4, 2).requires_grad_()).sum().backward()
+        >>> taken, leaf.holds(net[0].weight), leaf.holds(net[1].weight), net[1].weight.grad is None
+        ([(3, 2), (3,)], True, False, False)
+    """
+
+    def __init__(self, module: nn.Module, params: "dict[str, torch.Tensor]", hand_over: Any) -> None:
+        self.leaves: list[tuple[nn.Module, list[torch.Tensor]]] = []
+        for name, m in leaf_modules(module.named_modules()):
+            held = {id(t): t for pname, _ in m.named_parameters() if (t := params.get(f"{name}.{pname}")) is not None}
+            trainable = [t for t in held.values() if t.requires_grad]
+            if trainable:
+                self.leaves.append((m, trainable))
+        self.hand_over = hand_over
+        self._held = {id(p) for _, held in self.leaves for p in held}
+        self._handles: list = []
+
+    def holds(self, param: torch.Tensor) -> bool:
+        """Whether ``param``'s gradient waits for its leaf module's backward."""
+        return id(param) in self._held
+
+    def __enter__(self) -> Self:
+        for m, held in self.leaves:
+            self._handles.append(m.register_full_backward_hook(lambda *_, held=held: self._reduce(held)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _reduce(self, held: "list[torch.Tensor]") -> None:
+        for p in held:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            self.hand_over(p)
+
+    def leftovers(self) -> None:
+        """Hand over the gradients still held (a leaf module whose backward hook did not run)."""
+        for _, held in self.leaves:
+            for p in held:
+                if p.grad is not None:
+                    self.hand_over(p)

@@ -188,9 +188,9 @@ def test_ddp_prediction_error_within_the_predictor_target(two_rank_run):
 @pytest.mark.parametrize("zero", [0, 2, 3])
 def test_single_process_memopt_stages_within_the_predictor_target(tmp_path, zero):
     """At ZeRO-3 the micro-batch makes the backward the peak, where one rank holds no gathered copy of a parameter
-    (its data is its partition: counted, the prediction was 1.9 % over)."""
+    (its data is its partition: counted, the prediction was 3.5 % over)."""
     monitor = MemoryMonitor(log_every_n_steps=1)
-    trainer = fit(tmp_path, MemOptStrategy(zero=zero), monitor, batch_size=64 if zero == 3 else 8)
+    trainer = fit(tmp_path, MemOptStrategy(zero=zero), monitor, batch_size=30 if zero == 3 else 8)
     assert zero != 3 or monitor.estimate.details["peak_phase"] == "backward"
     assert_keys_at_every_step(Path(trainer.log_dir) / "metrics.csv", 3)
     assert_run_statistics(Path(trainer.log_dir) / "metrics.csv", monitor.history)
