@@ -98,9 +98,14 @@ class Request:
 
     @property
     def replays_allocator(self) -> bool:
-        """Whether the run's whole allocation sequence is known, so CUDA's caching allocator is replayed on it: the
-        plain engine on one CUDA device (DeepSpeed's and DDP's buffers are not in the replayed sequence yet)."""
-        return self.rules is not None and self.engine == "torch" and self.world_size == 1
+        """Whether the run's whole allocation sequence is known, so CUDA's caching allocator is replayed on it: one
+        CUDA device, with the plain engine or with DeepSpeed (ZeRO 0-3) without offload or gradient accumulation
+        (several ranks' and DDP's buffers, offload and accumulation are not in the replayed sequence yet)."""
+        if self.rules is None or self.world_size != 1:
+            return False
+        offload = self.offload_optimizer or self.offload_parameters
+        plain_deepspeed = self.engine == "deepspeed" and not offload and self.accumulate_grad_batches == 1
+        return self.engine == "torch" or plain_deepspeed
 
     def on(self, module_device: "str | None") -> "Request":
         """This request with the target device's rules resolved: the ``device`` asked for, else the device type the

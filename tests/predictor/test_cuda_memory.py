@@ -77,6 +77,42 @@ def test_the_cpu_answer_has_no_cuda_rows_and_the_module_on_the_cpu_neither():
     assert on_cuda.workspaces == 2 * 32 * 2**20 and on_cuda.reserved >= on_cuda.total
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_the_h200_zero_rows_allocated_what_the_deepspeed_replay_predicts(stage):
+    """MemOptStrategy on one H200 (``benchmarks/gpu_accuracy.py``'s zero group, expandable segments): the last step's
+    ``max_memory_allocated`` as the pipeline predicts it from the module alone, DeepSpeed's initialisation and two
+    steps replayed through the allocator (ZeRO-3 was 11 % over before: gathered copies counted on one rank, and the
+    single-tensor AdamW's temporaries where torch runs foreach). Reserved is predicted, not judged here: -13 % to
+    +13 % on these rows (``benchmarks/deepspeed_reserved.py``)."""
+    from deepspeed_reserved import measured, model_and_batch, strategy_config
+
+    model, batch = model_and_batch()
+    est = estimate_memory(model, example_batch=batch, zero=stage, precision="bf16-mixed", optimizer="adamw-foreach",
+                          deepspeed_config=strategy_config(stage, model), device="NVIDIA H200",
+                          expandable_segments=True)  # fmt: skip
+    gpu = measured()[(stage, True)]
+    assert abs(est.total - gpu["allocated"]) / gpu["allocated"] < 0.001
+    assert est.reserved >= est.total and est.details["cuda"]["segments"] >= 1
+
+
+def test_deepspeed_on_one_gpu_has_its_reserved_predicted_and_offload_says_why_not():
+    import torch
+
+    fields = {k: v for k, v in LLAMA.items() if k not in ("model_type", "architectures")}
+    model = LlamaForCausalLM(AutoConfig.for_model("llama", **{**fields, "num_hidden_layers": 1, "hidden_size": 64,
+                                                               "intermediate_size": 128, "num_attention_heads": 4,
+                                                               "num_key_value_heads": 2, "vocab_size": 256}))
+    ids = torch.zeros(2, 16, dtype=torch.long)
+    kw = dict(example_batch={"input_ids": ids, "labels": ids}, device="h100", optimizer="adamw-foreach")
+    for zero in (0, 1, 2, 3):
+        est = estimate_memory(model, zero=zero, **kw)
+        assert est.reserved >= est.total > est.workspaces and est.device_total is None  # no context measured on H100
+    offloaded = estimate_memory(model, zero=2, offload_optimizer="cpu", **kw)
+    assert offloaded.reserved is None and "offload" in offloaded.details["cuda"]["reserved"]
+    two_ranks = estimate_memory(model, zero=2, world_size=2, **kw)
+    assert two_ranks.reserved is None and "several ranks" in two_ranks.details["cuda"]["reserved"]
+
+
 def test_an_unknown_device_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="Expected `device` 'cpu', 'cuda' or a GPU"):
         cuda_rules("tpu")

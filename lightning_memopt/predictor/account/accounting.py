@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_memopt.predictor.account.cuda_replay import replay_model
+from lightning_memopt.predictor.account.deepspeed_allocations import replay_deepspeed
 from lightning_memopt.predictor.account.model_states import EngineMemory, Phase, engine_memory
 from lightning_memopt.predictor.read.reading import ModelReading
 from lightning_memopt.predictor.request import Request
@@ -165,13 +166,17 @@ def _on_cuda(reading: ModelReading, timeline: Timeline, request: Request, total:
                           "context_bytes": rules.context_bytes}  # fmt: skip
     if timeline.recorded is None:
         cuda["reserved"] = (
-            "not predicted: the caching allocator is replayed for the plain engine on one device (DeepSpeed's and"
-            " DDP's buffers are not in the replayed sequence yet)"
+            "not predicted: the caching allocator is replayed on one device, for the plain engine and for DeepSpeed"
+            " without offload or gradient accumulation (several ranks' and DDP's buffers, offload and accumulation"
+            " are not in the replayed sequence yet)"
         )
         return out
-    sim = replay_model(
-        timeline.recorded, reading, request.precision.param_bytes(request.trace_engine), request.optimizer, rules
-    )
+    if request.engine == "deepspeed":  # the engine's initialisation and two steps (:mod:`.deepspeed_allocations`)
+        sim = replay_deepspeed(timeline.recorded, reading, zero=request.zero, precision=request.precision,
+                               optimizer=request.optimizer, deepspeed_config=request.deepspeed_config, rules=rules)
+    else:
+        bytes_per_element = request.precision.param_bytes(request.trace_engine)
+        sim = replay_model(timeline.recorded, reading, bytes_per_element, request.optimizer, rules)
     out["allocator_rounding"] = rounding = max(0, sim.peak_allocated - total - rules.workspaces)
     out["reserved"] = max(sim.peak_reserved, total + rules.workspaces + rounding)
     if rules.context_bytes is not None:

@@ -512,6 +512,7 @@ def simulate(
     *,
     initial_segments: "Sequence[Mapping[str, Any]]" = (),
     segment_addresses: "Iterable[int]" = (),
+    reset_peaks_at: "int | None" = None,
 ) -> AllocatorResult:
     """Replay allocations and frees through the caching allocator (one device, one stream).
 
@@ -521,6 +522,9 @@ def simulate(
         settings: the allocator's settings.
         initial_segments: memory already held (see :class:`CachingAllocatorSimulator`).
         segment_addresses: addresses for the ``cudaMalloc`` calls, in order (see :class:`CachingAllocatorSimulator`).
+        reset_peaks_at: the index of the event before which the peaks are reset, as
+            ``torch.cuda.reset_peak_memory_stats()`` does (a monitor's, at the start of the step it reads); ``None``:
+            peaks since the first event.
 
     Returns:
         The peaks and final values of allocated and reserved bytes, the segments created and every address.
@@ -538,6 +542,9 @@ def simulate(
     segment_allocs: list[tuple[int, int, int]] = []
     peak_event, peak = -1, sim.reserved
     for i, event in enumerate(events):
+        if i == reset_peaks_at:
+            sim.peak_allocated, sim.peak_reserved = sim.allocated, sim.reserved
+            peak_event, peak = i, sim.reserved
         if event[0] == "alloc":
             address, new_segment = sim.malloc(event[1], int(event[2]))
             addresses.append(address)

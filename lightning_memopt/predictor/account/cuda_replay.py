@@ -54,7 +54,7 @@ def replay_run(
         True
     """
     records = list(trace.storages)
-    grad_records = _grad_records(records, trace.grad_keys)
+    gradient_records = grad_records(records, trace.grad_keys)
     born, freed = defaultdict(list), defaultdict(list)
     for i, (b, f, _, _) in enumerate(records):
         born[b].append(i)
@@ -70,7 +70,7 @@ def replay_run(
                 events.append(("alloc", ("workspace", t), rules.workspace_bytes))
             events += [("alloc", (step, i), records[i][2]) for i in born[t]]
             for i in freed[t]:
-                if i in grad_records:
+                if i in gradient_records:
                     grads.append((step, i))
                 else:
                     events.append(("free", (step, i)))
@@ -89,7 +89,7 @@ def replay_run(
                 first, second = ("tmp", step, i, 0), ("tmp", step, i, 1)  # sqrt, then the division; then addcdiv
                 events += [("alloc", first, param_bytes[i]), ("alloc", second, param_bytes[i]), ("free", first),
                            ("free", second)]  # fmt: skip
-    return simulate(events, AllocatorSettings(expandable_segments=rules.expandable_segments))
+    return simulate(events, allocator_settings(rules))
 
 
 def replay_model(trace: Any, reading: Any, param_bytes: int, optimizer: str, rules: CudaRules) -> AllocatorResult:
@@ -103,7 +103,14 @@ def replay_model(trace: Any, reading: Any, param_bytes: int, optimizer: str, rul
     return replay_run(trace, sizes, [p.trainable for p in reading.params], buffers, kind, state_bytes // 4, rules)
 
 
-def _grad_records(records: "list[tuple[int, int, int, int]]", grad_keys: "tuple[tuple[int, int], ...]") -> "set[int]":
+def allocator_settings(rules: CudaRules) -> AllocatorSettings:
+    """The caching allocator's settings on the device ``rules`` describe."""
+    return AllocatorSettings(expandable_segments=rules.expandable_segments)
+
+
+def grad_records(
+    records: "list[tuple[int, int, int, int]]", grad_keys: "tuple[tuple[int, int], ...]"
+) -> "set[int]":
     """The records that are gradients: the storage handed to the engine (``key``) at op ``at`` (storage keys are
     reused after a storage dies, so the record must span the hand-over)."""
     by_key: dict[int, list[int]] = defaultdict(list)
