@@ -237,7 +237,8 @@ def _stages_visited(run) -> "list[tuple[str, str]]":
 
 @pytest.mark.parametrize(
     "case",
-    ["config, ZeRO-3 on 2 ranks", "module, ZeRO-2 on 4 ranks, accumulating", "module, plain torch on an H100"],
+    ["config, ZeRO-3 on 2 ranks", "module, ZeRO-2 on 4 ranks, accumulating", "module, plain torch on an H100",
+     "module, ZeRO-3 on an H100"],
 )
 def test_following_the_model_visits_each_stage_once_in_order(case):
     """``estimate_memory`` reads the model, traces the step, accounts for the engine and the device, reports: each
@@ -250,8 +251,10 @@ def test_following_the_model_visits_each_stage_once_in_order(case):
         model = hf_from_config("mixtral")
         batch = {"input_ids": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16))}
         kwargs = dict(model=model, example_batch=batch)
-        kwargs.update(zero=2, world_size=4, accumulate_grad_batches=2) if "ZeRO" in case else kwargs.update(
-            engine="torch", device="h100")  # fmt: skip
+        if "4 ranks" in case:
+            kwargs.update(zero=2, world_size=4, accumulate_grad_batches=2)
+        else:
+            kwargs.update(device="h100", **(dict(zero=3) if "ZeRO" in case else dict(engine="torch")))
     est = None
 
     def run():
