@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_memopt.predictor.account.cuda_replay import replay_model
-from lightning_memopt.predictor.account.deepspeed_allocations import replay_deepspeed
+from lightning_memopt.predictor.account.deepspeed_allocations import deepspeed_events, replay_deepspeed
 from lightning_memopt.predictor.account.model_states import EngineMemory, Phase, engine_memory
 from lightning_memopt.predictor.read.reading import ModelReading
 from lightning_memopt.predictor.request import Request
@@ -172,8 +172,10 @@ def _on_cuda(reading: ModelReading, timeline: Timeline, request: Request, total:
         )
         return out
     if request.engine == "deepspeed":  # the engine's initialisation and two steps (:mod:`.deepspeed_allocations`)
-        sim = replay_deepspeed(timeline.recorded, reading, zero=request.zero, precision=request.precision,
-                               optimizer=request.optimizer, deepspeed_config=request.deepspeed_config, rules=rules)
+        events = deepspeed_events(timeline.recorded, reading, zero=request.zero, precision=request.precision,
+                                  optimizer=request.optimizer, deepspeed_config=request.deepspeed_config,
+                                  workspace_bytes=rules.workspace_bytes)  # fmt: skip
+        sim = replay_deepspeed(events, rules)
     else:
         bytes_per_element = request.precision.param_bytes(request.trace_engine)
         sim = replay_model(timeline.recorded, reading, bytes_per_element, request.optimizer, rules)

@@ -146,43 +146,23 @@ def deepspeed_events(
     return events
 
 
-def replay_deepspeed(
-    trace: Any,
-    reading: ModelReading,
-    *,
-    zero: int,
-    precision: Precision,
-    optimizer: str,
-    deepspeed_config: "dict[str, Any] | None" = None,
-    rules: CudaRules,
-    steps: int = 2,
-) -> AllocatorResult:
-    """The caching allocator's peaks over a DeepSpeed fit on one GPU: :func:`deepspeed_events` replayed through
-    :func:`~lightning_memopt.predictor.account.cuda_allocator.simulate` with the device's rules (expandable segments or
-    not, the cuBLAS workspaces).
+def replay_deepspeed(events: "list[tuple]", rules: CudaRules) -> AllocatorResult:
+    """The caching allocator's peaks over a DeepSpeed fit on one GPU: its :func:`deepspeed_events` (written with the
+    device's ``workspace_bytes``) replayed through :func:`~lightning_memopt.predictor.account.cuda_allocator.simulate`
+    with the device's rules (expandable segments or not).
 
-    The peaks are those of the last step replayed, as a monitor that resets the peak statistics at each step's start
-    reads them: ``peak_allocated`` is that step's ``max_memory_allocated``, ``peak_reserved`` its
-    ``max_memory_reserved``, which holds every segment mapped since the process started (the initialisation's
-    included: the allocator keeps what it mapped).
+    The peaks are those of the last step, as a monitor that resets the peak statistics at each step's start reads
+    them: ``peak_allocated`` is that step's ``max_memory_allocated``, ``peak_reserved`` its ``max_memory_reserved``,
+    which holds every segment mapped since the process started (the initialisation's included: the allocator keeps
+    what it mapped).
 
-    Args:
-        trace: the recorded step (see :func:`deepspeed_events`), traced with ``cuda=True``.
-        reading: the model's reading.
-        zero: the ZeRO stage, 0-3.
-        precision: the resolved precision.
-        optimizer: the optimizer's name (AdamW on CUDA: ``"adamw-foreach"``).
-        deepspeed_config: the strategy's DeepSpeed config.
-        rules: the device's rules (:func:`~lightning_memopt.predictor.account.cuda_replay.cuda_rules`).
-        steps: training steps replayed.
-
-    Returns:
-        The allocator's peaks and segments.
+    Raises:
+        ValueError: events without a training step.
     """
-    events = deepspeed_events(trace, reading, zero=zero, precision=precision, optimizer=optimizer,
-                              deepspeed_config=deepspeed_config, steps=steps,
-                              workspace_bytes=rules.workspace_bytes)  # fmt: skip
-    last = next(i for i, e in enumerate(events) if e[1][0] == "step" and e[1][1] == steps - 1)
+    steps = [e[1][1] for e in events if e[1][0] == "step"]
+    if not steps:
+        raise ValueError("Expected the events of at least one training step, got none. Fix: deepspeed_events(steps=2).")
+    last = next(i for i, e in enumerate(events) if e[1][0] == "step" and e[1][1] == steps[-1])
     return simulate(events, allocator_settings(rules), reset_peaks_at=last)
 
 

@@ -194,9 +194,9 @@ def test_a_cuda_replay_of_a_zero2_fit_reserves_what_its_events_map():
     precision = resolve_precision("bf16-mixed")
     for expandable in (False, True):
         rules = cuda_rules("h100", expandable_segments=expandable)
-        sim = replay_deepspeed(step, reading, zero=2, precision=precision, optimizer="adamw-foreach", rules=rules)
         events = deepspeed_events(step, reading, zero=2, precision=precision, optimizer="adamw-foreach",
                                   workspace_bytes=rules.workspace_bytes)  # fmt: skip
+        sim = replay_deepspeed(events, rules)
         whole = simulate(events, allocator_settings(rules))  # from process start: the initialisation's peak too
         assert whole.peak_allocated >= live_peak(events)[0] and whole.peak_allocated >= sim.peak_allocated
         assert sim.peak_reserved == whole.peak_reserved >= sim.peak_allocated
