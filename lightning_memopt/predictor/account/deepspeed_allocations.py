@@ -215,7 +215,7 @@ class _Run:
         # the IPG buckets of ZeRO-1/2 (engine_memory counts the double buffer of overlap_comm at ZeRO-2)
         self.ipg = [self.em.bucket_bytes // 2] * 2 if overlap and zero == 2 else [self.em.bucket_bytes]
         self.ipg = [n for n in self.ipg if n]
-        self.sub_groups = _sub_groups([self.numel[i] for i in self.trained], int(self.cfg["sub_group_size"]))
+        self.sub_groups = _groups([self.numel[i] for i in self.trained], int(self.cfg["sub_group_size"]))
 
     # -- the module ---------------------------------------------------------------------------------------------
     def module(self, cast_on_device: bool) -> "list[tuple]":
@@ -350,7 +350,7 @@ class _Run:
     def _end_of_backward(self, step: int, graded: bool) -> "list[tuple]":
         events: list[tuple] = []
         if self.zero == 0 and self.half:  # allreduce_gradients: flattened in chunks, freed after the all-reduce
-            for c, n in enumerate(_chunks([self.numel[i] for i in self.trained], ALLREDUCE_CHUNK)):
+            for c, n in enumerate(_groups([self.numel[i] for i in self.trained], ALLREDUCE_CHUNK)):
                 events += [("alloc", ("ds", "allreduce", step, c), self.b * n), ("free", ("ds", "allreduce", step, c))]
         if self.zero in (1, 2) and not self._gip:  # the last bucket's reduction (ZeRO-1: the only one)
             events.append(("alloc", ("ds", "gip", step), self.em.partition_bytes or self.b * self.total))
@@ -428,21 +428,15 @@ def _reduce_copy(step: int, k: Any, filled: int, count: int, b: int) -> "list[tu
     return [("alloc", key, b * filled), ("free", key)]
 
 
-def _chunks(numels: "list[int]", size: int) -> "list[int]":
-    """Elements per flattened chunk: gradients gathered in order until a chunk holds ``size`` elements
-    (``engine.py`` ``allreduce_gradients`` -> ``buffered_allreduce_fallback``)."""
-    out, cur = [], 0
-    for n in numels:
-        cur += n
-        if cur >= size:
-            out.append(cur)
-            cur = 0
-    return out + ([cur] if cur else [])
+def _groups(numels: "list[int]", size: int) -> "list[int]":
+    """Elements per group of whole tensors taken in order, a group closed once it holds ``size`` elements: the
+    gradients' flattened chunks (``engine.py`` ``allreduce_gradients`` -> ``buffered_allreduce_fallback``) and ZeRO-3's
+    optimizer sub-groups (``stage3.py`` ``_create_fp16_sub_groups``).
 
-
-def _sub_groups(numels: "list[int]", size: int) -> "list[int]":
-    """ZeRO-3's optimizer sub-groups: whole parameters in order, a new group once one reaches ``sub_group_size``
-    (``stage3.py`` ``_create_fp16_sub_groups``)."""
+    Example:
+        >>> _groups([4, 4, 4, 4, 1], 8)
+        [8, 8, 1]
+    """
     out, cur = [], 0
     for n in numels:
         cur += n
