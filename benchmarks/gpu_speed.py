@@ -6,10 +6,10 @@ fails or runs out of time is recorded as such, what it finished is kept, and the
 model, data and precision (bf16-mixed: fp32 weights, bf16 autocast, torch's AdamW) on both sides of every comparison.
 
 - ``zero`` (part ``zero``): ``MemOptStrategy(zero=s)`` vs Lightning's ``DeepSpeedStrategy(stage=s)`` for s = 1, 2, 3
-  on one GPU, a 0.50B Llama (4 x 1024), Lightning fits all in one process (each engine destroyed after its fit, so
-  the next starts with its memory freed): median step time over ``ZERO_TIMED`` steps and peak allocated. At stages 2
-  and 3, MemOptStrategy is also run without expandable segments and with Lightning's ZeRO section (``BISECT``): what
-  makes a difference in step time.
+  on one GPU, a 0.50B Llama (4 x 1024), in a protocol that can judge issue 18's 2 % (below): step time, with a 95 %
+  confidence interval and a verdict, and peak allocated. A third arm, Lightning's strategy with the allocator's
+  expandable segments on for the fit (as ``MemOptStrategy`` does by default), compares like with like; the ratio of
+  the two Lightning arms is the allocator's own effect.
 - ``llama1b``: a Llama-3.2-1B-shaped model (vocab 128,256, tied embeddings), 1 x 4096, a plain AMP loop in
   Lightning's order (forward, ``zero_grad``, backward, AdamW step). Part ``hf``: the bf16 matmul peak (8192^3), then
   HF eager, SDPA, eager + full checkpointing, and budget checkpointing (``checkpoint_to_fit``, the planner behind
@@ -29,22 +29,42 @@ allocated that the targets compare is net of what was still allocated when the u
 (6 N + 12 L H Q T) / the measured matmul peak (PaLM, Chowdhery et al. 2022, appendix B: N parameters, L layers,
 H heads of size Q, T tokens of context; checkpointing's recomputation is not counted).
 
+The ``zero`` protocol. Rounds of one fit per (stage, arm) in one process, in a balanced order (as listed, then
+reversed: A B C ... C B A), as many rounds as the part's time allows (``--rounds`` at most). Each fit starts from a
+state made and checked clean: DeepSpeed's leftovers of earlier ZeRO-3 fits released (:func:`release_deepspeed_models`),
+garbage collected, the CUDA cache emptied, then no DeepSpeed engine alive and at most ``CLEAN_BYTES`` allocated and
+reserved; the allocator setting each arm runs with is read at the fit's start. A fit is ``ZERO_WARMUP`` untimed
+steps, then ``ZERO_TIMED`` timed ones: a step lasts from its batch start to the next one's, taken from CUDA events
+recorded on the current stream, with no synchronisation between the timed steps. Per stage and pair of arms, each
+round gives the ratio of the two fits' medians; :mod:`_timing` makes the ratio (the geometric mean over rounds), its
+95 % interval (the wider of Student's t over the rounds and a bootstrap of the steps within the fits) and the
+verdict: "within 2 %", "slower by X %", or "undecided" when the half-width is above 1 % (or the interval holds 1.02).
+Rounds with a fit that started unclean, or with another allocator setting than its arm's, are left out. The planned
+time (printed first) comes from the H200 runs of 2026-12-04: a fit costs ``ZERO_FIT_S`` plus its steps
+(``ZERO_STEP_S`` each); the part's process start and first fit's one-time costs ``ZERO_START_S``.
+
 Output (at most 4 files): ``<out-dir>/<group>.json`` for each group run and ``<out-dir>/summary.json`` (device,
-versions, statuses, the targets of issue 18 as ratios with pass/fail, the tables); the tables are printed.
+versions, the plan, statuses, the targets of issue 18 as ratios with pass/fail, the zero protocol's comparisons, the
+tables); the plan and the tables are printed.
 
     python benchmarks/gpu_speed.py --list                               # the groups (no GPU needed)
     python benchmarks/gpu_speed.py --out-dir speed                      # all of them, <= 240 s on one GPU
-    python benchmarks/gpu_speed.py --out-dir speed --only zero liger    # some groups or parts
+    python benchmarks/gpu_speed.py --out-dir speed --only zero --budget-seconds 450  # the 2 % protocol, ~4 rounds
+    python benchmarks/gpu_speed.py --out-dir speed --only zero --stages 3 --budget-seconds 300
     python benchmarks/gpu_speed.py --smoke --out-dir smoke              # every code path on the CPU, toy sizes
 
 ``--smoke`` runs every part on the CPU at toy sizes (peaks: live CPU tensors, counted by a dispatch probe), so that
-the plumbing and each measurement's own code run without a GPU; its numbers are not measurements. What needs CUDA is
-recorded as skipped: Liger's Triton kernels, and Lightning's own ``DeepSpeedStrategy`` (it refuses CPU).
+the plumbing and each measurement's own code run without a GPU; its numbers are not measurements. The zero protocol
+runs 2 rounds of 2 + 6 steps a fit, its Lightning arms on a CPU stand-in (Lightning's ``DeepSpeedStrategy`` with
+DDP's environment setup in place of its CUDA check, as ``MemOptStrategy`` does on CPU). What needs CUDA is recorded
+as skipped: Liger's Triton kernels.
 """
 
 import argparse
 import gc
+import itertools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -52,10 +72,13 @@ import sys
 import tempfile
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from _timing import balanced_orders, paired_ratio, t_quantile_975, verdict
 
 STARTED = time.perf_counter()
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,22 +86,32 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = False
 WARMUP, TIMED = 3, 10
 MONITOR_TIMED = 15  # the 1 % target wants a tighter median
-ZERO_TIMED = 20  # the 2 % target wants a tighter median than 10 steps give (their IQR was 8-18 % of it)
-#: ZeRO-2 and ZeRO-3 bisected (measured first: Lightning's ``overlap_comm=True`` or its 2e8-element buckets alone did
-#: not close the gap): MemOptStrategy without its default expandable segments ("native"), and with Lightning's whole
-#: ZeRO section (``overlap_comm=True``, 2e8-element buckets) with and without them; Lightning's fit again at the end
-#: (drift within the process).
-LIGHTNING_ZERO = {"overlap_comm": True, "reduce_bucket_size": 200_000_000, "allgather_bucket_size": 200_000_000}
-BISECT = {
-    2: {"memopt:2 native": {"expandable_segments": False},
-        "memopt:2 as lightning": LIGHTNING_ZERO,
-        "memopt:2 as lightning, native": {**LIGHTNING_ZERO, "expandable_segments": False},
-        "lightning:2 again": None},
-    3: {"memopt:3 native": {"expandable_segments": False}},
-}  # fmt: skip
+#: the zero protocol: untimed and timed steps per fit, its arms, the most rounds, the target and the precision needed
+ZERO_WARMUP, ZERO_TIMED = 8, 30
+ZERO_SMOKE_STEPS = 2, 6  # ``--smoke``: warm-up and timed steps
+ZERO_ARMS = ("memopt", "lightning", "lightning+es")
+ZERO_ROUNDS, ZERO_SMOKE_ROUNDS = 8, 2
+#: (label, arm A, arm B): the ratios A / B reported at each stage; the first is issue 18's target
+COMPARISONS = (("MemOptStrategy / DeepSpeedStrategy", "memopt", "lightning"),
+               ("MemOptStrategy / DeepSpeedStrategy + expandable segments (same allocator)", "memopt", "lightning+es"),
+               ("DeepSpeedStrategy + expandable segments / DeepSpeedStrategy (the allocator alone)", "lightning+es",
+                "lightning"))  # fmt: skip
+TOLERANCE, PRECISION = 0.02, 0.01
+#: planning (2026-12-04 H200, speed_zero.json): seconds per step, seconds of a fit besides its steps (Trainer, model,
+#: engine, teardown), seconds of the part's process start with its first fit's one-time costs (CUDA, DeepSpeed, NCCL)
+ZERO_STEP_S = {1: 0.13, 2: 0.13, 3: 0.27}
+ZERO_FIT_S = {1: 4.0, 2: 4.0, 3: 5.5}
+ZERO_START_S = 30
+BURN_IN_S = 3  # bf16 matmuls before the first fit, so that the GPU's clocks are up
+#: a fit starts clean with at most this much allocated and reserved: 0.5 % of a zero fit's 13 GB peak (what the
+#: earlier fits left was 512 B at ZeRO-1/2, 4.0 GB per ZeRO-3 fit before :func:`release_deepspeed_models`)
+CLEAN_BYTES = 64 * 2**20
+#: set in the zero part's process from ``--stages`` and ``--rounds``
+STAGES, ROUNDS = (1, 2, 3), ZERO_ROUNDS
 #: group: (description, parts); part: weight (its share of the budget), seconds a unit of it needs to be started
 GROUPS = {
-    "zero": ("MemOptStrategy(zero=s) vs DeepSpeedStrategy(stage=s), s = 1-3, 0.50B Llama: step time, peak", ["zero"]),
+    "zero": ("MemOptStrategy(zero=s) vs DeepSpeedStrategy(stage=s) (+ expandable segments), s = 1-3, 0.50B Llama,"
+             " interleaved rounds: step-time ratios with 95 % CI and verdict, peak", ["zero"]),
     "llama1b": ("Llama-3.2-1B shape at 1 x 4096: eager, sdpa, liger, sdpa+liger, checkpointing (full, budget)",
                 ["hf", "liger"]),
     "monitor": ("MemoryMonitor() on the 1B (sdpa): step time without / with / without history / without",
@@ -87,8 +120,7 @@ GROUPS = {
 PARTS = {"zero": 130, "hf": 55, "liger": 45, "monitor": 45}
 #: seconds one unit (a fit, a variant) of a part needs on the GPU; a unit is not started with less left
 UNIT_SECONDS = {"zero": 8, "hf": 9, "liger": 9, "monitor": 6}
-SMOKE_SKIP = {"lightning": "Lightning's DeepSpeedStrategy refuses CPU (--smoke)",
-              "liger": "Liger's Triton kernels need CUDA (--smoke)"}
+SMOKE_SKIP = {"liger": "Liger's Triton kernels need CUDA (--smoke)"}
 #: at least this many seconds for a part to be started (GPU: process start, imports, CUDA context, first unit)
 MIN_PART_SECONDS = 15
 RESERVE_SECONDS = 3  # the parent's own end: files and tables
@@ -171,6 +203,100 @@ def free_memory() -> None:
     if not SMOKE:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+
+
+#: weak references to the DeepSpeed engines of the fits so far: none may be alive when a fit starts
+ENGINES: "list[weakref.ref]" = []
+
+
+def release_deepspeed_models() -> dict:
+    """Drop what DeepSpeed 0.19.8 keeps of a ZeRO-3 model after its fit, ``engine.destroy()`` included: the module
+    that ``DeepSpeedZeRoOffload.__init__`` appends to ``zero/parameter_offload.py``'s ``FWD_MODULE_STACK`` and never
+    pops, and the ``functools.lru_cache`` of ``PartitionedParameterCoordinator.__params_to_release`` (keyed by the
+    coordinator and its sub-modules). Either keeps the model, its fp32 partitions and optimizer states alive: 4.0 GB
+    per fit of the 0.50B model (``allocated_before_bytes`` in ``rerun/speed_zero.json``, 2026-12-04). Call it between
+    fits only. Returns what was dropped (``None``: not found in this DeepSpeed)."""
+    from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator
+
+    stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
+    out: dict[str, int | None] = {"fwd_module_stack": None if stack is None else len(stack)}
+    if stack is not None:
+        stack.clear()
+    method = getattr(partitioned_param_coordinator.PartitionedParameterCoordinator,
+                     "_PartitionedParameterCoordinator__params_to_release", None)  # fmt: skip
+    cells = [c.cell_contents for c in getattr(method, "__closure__", None) or ()]  # under ``instrument_w_nvtx``
+    cache = next((f for f in [method, *cells] if hasattr(f, "cache_clear")), None)
+    out["params_to_release_cache"] = None if cache is None else cache.cache_info().currsize
+    if cache is not None:
+        cache.cache_clear()
+    return out
+
+
+def live_bytes() -> "tuple[int, int | None]":
+    """(allocated, reserved) bytes now: the CUDA caching allocator's; with ``--smoke`` the CPU tensors alive
+    (storages counted once) and ``None``."""
+    import torch
+
+    if not SMOKE:
+        return int(torch.cuda.memory_allocated()), int(torch.cuda.memory_reserved())
+    storages = {}
+    for obj in gc.get_objects():
+        if torch.is_tensor(obj) and obj.device.type == "cpu":
+            with_storage = obj.untyped_storage()
+            storages[with_storage.data_ptr()] = with_storage.nbytes()
+    return sum(storages.values()), None
+
+
+def clean_state() -> dict:
+    """Make the state a fit starts from, and check it: DeepSpeed's leftovers released, garbage collected, the CUDA
+    cache emptied; clean when no DeepSpeed engine of an earlier fit is alive and at most ``CLEAN_BYTES`` are
+    allocated and reserved."""
+    import torch
+
+    released = release_deepspeed_models()
+    if not SMOKE and hasattr(torch._C, "_cuda_clearCublasWorkspaces"):  # private; empty_cache also does it (2.11)
+        torch._C._cuda_clearCublasWorkspaces()
+    free_memory()
+    allocated, reserved = live_bytes()
+    engines = sum(ref() is not None for ref in ENGINES)
+    clean = engines == 0 and allocated <= CLEAN_BYTES and (reserved or 0) <= CLEAN_BYTES
+    return {"allocated_bytes": allocated, "reserved_bytes": reserved, "engines_alive": engines,
+            "deepspeed_released": released, "clean": clean}
+
+
+def expandable_segments_now() -> "bool | None":
+    """Whether the caching allocator makes expandable segments now (``None`` on the CPU)."""
+    if SMOKE:
+        return None
+    from lightning_memopt.core import compat
+
+    return compat.allocator_options().get("expandable_segments") == "true"
+
+
+def clock_mhz() -> "int | None":
+    """The GPU's SM clock now (``torch.cuda.clock_rate``, through NVML), or ``None`` where it cannot be read."""
+    if SMOKE:
+        return None
+    import torch
+
+    try:
+        return int(torch.cuda.clock_rate())
+    except Exception:  # no pynvml, or NVML refuses
+        return None
+
+
+def burn_in(seconds: float = BURN_IN_S) -> dict:
+    """bf16 matmuls for ``seconds``, untimed, so that the first fit does not meet the GPU's clocks still rising."""
+    import torch
+
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    before, start, n = clock_mhz(), time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
+        n += 20
+    return {"matmuls": n, "clock_mhz_before": before, "clock_mhz_after": clock_mhz()}
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -360,8 +486,8 @@ def part_liger(part: Part) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- Lightning fits
-def lightning_pieces() -> tuple[type, Callable[..., Any]]:
-    """A LightningModule around a Hugging Face causal LM, and a Timer callback factory (start first, end last)."""
+def lightning_pieces() -> tuple[type, type]:
+    """A LightningModule around a Hugging Face causal LM, and the step timer (a callback, to be the first one)."""
     import lightning.pytorch as pl
     import torch
 
@@ -377,76 +503,139 @@ def lightning_pieces() -> tuple[type, Callable[..., Any]]:
             return torch.optim.AdamW(self.parameters(), lr=1e-5)
 
     class Timer(pl.Callback):
-        """Synchronised ``perf_counter`` at batch start (as the first callback) and end (as the last); the peaks
-        of the timed steps (reset when the first timed step starts)."""
+        """A mark at every batch start (as the first callback): a CUDA event recorded on the current stream (CPU:
+        ``perf_counter``), no synchronisation between the timed steps; step ``i`` lasts from mark ``i`` to mark
+        ``i + 1``. Synchronised wall clock at the first timed mark and the one after the last (their sum's check); the
+        peaks from the first timed step on; what the fit ran with (engine, optimizer, allocator, clock)."""
 
-        def __init__(self, memory: Memory | None, role: str, shared: dict) -> None:
-            self.memory, self.role, self.s = memory, role, shared
+        def __init__(self, memory: Memory | None, warmup: int, timed: int) -> None:
+            self.memory, self.warmup, self.timed = memory, warmup, timed
+            self.marks: list[Any] = []
+            self.walls: list[float] = []
+            self.info: dict[str, Any] = {}
 
         def on_train_start(self, trainer: Any, *_: Any) -> None:
-            if self.role == "start":
-                engine = trainer.strategy.model
-                self.s["engine"] = type(engine).__name__
-                self.s["optimizer"] = type(getattr(engine, "optimizer", None)).__name__
-                self.s["basic_optimizer"] = type(getattr(engine, "basic_optimizer", None)).__name__
-                self.s["optimizer_module"] = type(trainer.optimizers[0]).__module__ if trainer.optimizers else None
+            engine = trainer.strategy.model
+            self.info.update(engine=type(engine).__name__, optimizer=type(getattr(engine, "optimizer", None)).__name__,
+                             basic_optimizer=type(getattr(engine, "basic_optimizer", None)).__name__,
+                             optimizer_module=type(trainer.optimizers[0]).__module__ if trainer.optimizers else None,
+                             expandable_segments=expandable_segments_now(), clock_mhz_start=clock_mhz())
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            if self.role != "start":
-                return
-            if batch_idx == WARMUP and self.memory is not None:
-                self.s["setup_peak_bytes"] = self.memory.read()[0]  # setup and warm-up steps
+            if batch_idx == self.warmup and self.memory is not None:
+                self.info["setup_peak_bytes"] = self.memory.read()[0]  # setup and warm-up steps
                 self.memory.reset()
-            sync()
-            self.s.setdefault("starts", []).append(time.perf_counter())
-
-        def on_train_batch_end(self, *_: Any) -> None:
-            if self.role == "end":
+            if batch_idx in (self.warmup, self.warmup + self.timed):
                 sync()
-                self.s.setdefault("ends", []).append(time.perf_counter())
+                self.walls.append(time.perf_counter())
+            if SMOKE:
+                self.marks.append(time.perf_counter())
+            else:
+                self.marks.append(torch.cuda.Event(enable_timing=True))
+                self.marks[-1].record()
 
-    def timers(memory: Memory | None) -> tuple[Any, Any, dict]:
-        shared: dict = {}
-        return Timer(memory, "start", shared), Timer(memory, "end", shared), shared
+        def on_train_end(self, *_: Any) -> None:
+            self.info["clock_mhz_end"] = clock_mhz()
 
-    return CausalLM, timers
+        def step_times(self) -> list[float]:
+            """The timed steps' durations, in seconds."""
+            marks = self.marks[self.warmup : self.warmup + self.timed + 1]
+            if SMOKE:
+                return [b - a for a, b in itertools.pairwise(marks)]
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in itertools.pairwise(marks)]
+
+    return CausalLM, Timer
 
 
-def fit(module: Any, strategy: Any, extra: list, memory: Memory | None, batch: int, seq: int, timed: int,
-        logger: Any = False) -> dict:
-    """One Lightning fit (bf16-mixed, 1 device) of ``WARMUP + timed`` steps; step-time statistics of the timed ones."""
+def fit(module: Any, strategy: Any, extra: list, memory: Memory | None, batch: int, seq: int, warmup: int,
+        timed: int, logger: Any = False) -> dict:
+    """One Lightning fit (bf16-mixed, 1 device) of ``warmup + timed + 1`` steps (the last one ends the timed ones);
+    the statistics of the timed steps, and the steps themselves (``step_times_s``)."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
-    _, timers = lightning_pieces()
-    first, last, shared = timers(memory)
-    steps = WARMUP + timed
+    _, timer_class = lightning_pieces()
+    timer = timer_class(memory, warmup, timed)
+    steps = warmup + timed + 1
     data = DataLoader(tokens(module.model.config.vocab_size, steps * batch, seq), batch_size=batch)
     trainer = pl.Trainer(accelerator=device(), devices=1, strategy=strategy, precision="bf16-mixed", max_steps=steps,
                          logger=logger, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                         callbacks=[first, *extra, last])
+                         callbacks=[timer, *extra])
     trainer.fit(module, data)
     engine = trainer.strategy.model
     if hasattr(engine, "destroy"):  # a DeepSpeed engine: its hooks keep its flat buffers alive after the fit
         engine.destroy()
-    starts, ends = shared["starts"][WARMUP:], shared["ends"][WARMUP:]
-    out = {"batch": batch, "seq_len": seq, **spread([e - s for s, e in zip(starts, ends)]),
-           "median_iteration_s": statistics.median(b - a for a, b in zip(shared["starts"][WARMUP:],
-                                                                         shared["starts"][WARMUP + 1:]))}
-    out.update({k: shared[k] for k in ("engine", "optimizer", "basic_optimizer", "optimizer_module",
-                                       "setup_peak_bytes") if k in shared})
+        ENGINES.append(weakref.ref(engine))
+    times = timer.step_times()
+    half = len(times) // 2
+    out = {"batch": batch, "seq_len": seq, "warmup_steps": warmup, **spread(times),
+           "timing": "perf_counter at batch starts" if SMOKE else "CUDA events at batch starts",
+           "step_times_s": [round(t, 7) for t in times], "wall_timed_s": timer.walls[1] - timer.walls[0],
+           "drift": statistics.median(times[half:]) / statistics.median(times[:half]) - 1 if half else 0.0}
+    out["events_over_wall"] = sum(times) / out["wall_timed_s"]
+    out.update(timer.info)
     zero = getattr(trainer.strategy, "config", None)
     if isinstance(zero, dict) and "zero_optimization" in zero:
         out["zero_optimization"] = json.loads(json.dumps(zero["zero_optimization"], default=str))
     return out
 
 
-def zero_fit(strategy_name: str, stage: int, **options: Any) -> dict:
+def lightning_strategy(stage: int, expandable: bool) -> Any:
+    """Lightning's own ``DeepSpeedStrategy(stage=stage)``. ``expandable``: with the allocator's expandable segments for
+    the fit, turned on and off where and as ``MemOptStrategy`` does (``setup_environment``, ``teardown``; the same
+    helpers). With ``--smoke``, on a CPU stand-in: Lightning's class with DDP's environment setup in place of its CUDA
+    check and a device rank for DeepSpeed (what ``MemOptStrategy`` does on CPU)."""
+    from lightning.fabric.utilities.seed import reset_seed
     from lightning.pytorch.strategies import DeepSpeedStrategy
+    from lightning.pytorch.strategies.ddp import DDPStrategy
 
+    from lightning_memopt.lightning.strategies._deepspeed_compat import device_rank_for_deepspeed
+    from lightning_memopt.lightning.strategies.allocator import expandable_segments_for_fit, restore_allocator
+
+    if not SMOKE and not expandable:
+        return DeepSpeedStrategy(stage=stage)
+
+    class Lightning(DeepSpeedStrategy):
+        restore: str | None = None
+
+        def setup_environment(self) -> None:
+            if SMOKE:
+                DDPStrategy.setup_environment(self)
+                return
+            self.restore = expandable_segments_for_fit(True)  # before the model moves to the device
+            super().setup_environment()
+
+        def setup_distributed(self) -> None:
+            if not SMOKE:
+                super().setup_distributed()
+                return
+            reset_seed()
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+
+        def _setup_model_and_optimizer(self, *args: Any) -> Any:
+            if not SMOKE:
+                return super()._setup_model_and_optimizer(*args)
+            with device_rank_for_deepspeed(self.local_rank):  # a CPU device has no index for DeepSpeed
+                return super()._setup_model_and_optimizer(*args)
+
+        def teardown(self) -> None:
+            super().teardown()
+            restore_allocator(self.restore)
+            self.restore = None
+
+    return Lightning(stage=stage)
+
+
+def zero_fit(arm: str, stage: int, warmup: int, timed: int) -> dict:
+    """One fit of the zero protocol, from a state made and checked clean (:func:`clean_state`): ``arm`` is
+    ``"memopt"`` (``MemOptStrategy(zero=stage)``, its defaults), ``"lightning"`` (``DeepSpeedStrategy(stage=stage)``)
+    or ``"lightning+es"`` (the same with expandable segments)."""
     from lightning_memopt import MemOptStrategy
 
+    state = clean_state()
     causal_lm, _ = lightning_pieces()
     memory = Memory()
     before = memory.current()
@@ -454,29 +643,48 @@ def zero_fit(strategy_name: str, stage: int, **options: Any) -> dict:
     n = sum(p.numel() for p in module.parameters())
     memory.track(module)
     memory.reset()
-    strategy = MemOptStrategy(zero=stage, **options) if strategy_name == "memopt" else DeepSpeedStrategy(stage=stage)
-    out = fit(module, strategy, [], memory, batch=size(4, 2), seq=size(1024, 64), timed=ZERO_TIMED)
+    strategy = MemOptStrategy(zero=stage) if arm == "memopt" else lightning_strategy(stage, arm == "lightning+es")
+    out = fit(module, strategy, [], memory, batch=size(4, 2), seq=size(1024, 64), warmup=warmup, timed=timed)
     allocated, reserved = memory.read()
     memory.close()
-    return {"strategy": strategy_name, "stage": stage, "options": options, "n_parameters": n, **out,
+    planned = None if SMOKE else arm != "lightning"  # MemOptStrategy turns expandable segments on by default
+    described = {"memopt": f"MemOptStrategy(zero={stage})", "lightning": f"DeepSpeedStrategy(stage={stage})",
+                 "lightning+es": f"DeepSpeedStrategy(stage={stage}) + expandable segments"}[arm]  # fmt: skip
+    described += " (CPU stand-in)" if SMOKE and arm != "memopt" else ""
+    return {"arm": arm, "stage": stage, "strategy": described, "n_parameters": n,
+            "state_before": state, "clean": state["clean"], **out,
+            "allocator_as_planned": None if planned is None else out["expandable_segments"] == planned,
             "peak_allocated_bytes": allocated, "peak_reserved_bytes": reserved, "allocated_before_bytes": before,
             "net_peak_allocated_bytes": allocated - before}
 
 
+def zero_fit_seconds(stage: int) -> float:
+    """The planned seconds of one zero fit at ``stage`` on the GPU (``ZERO_FIT_S`` + its steps)."""
+    return ZERO_FIT_S[stage] + (ZERO_WARMUP + ZERO_TIMED + 1) * ZERO_STEP_S[stage]
+
+
 def part_zero(part: Part) -> None:
-    for stage in (1, 2, 3):
-        for name in ("memopt", "lightning") if stage != 2 else ("lightning", "memopt"):  # alternate who goes first
-            if SMOKE and name == "lightning":
-                part.skip(f"{name}:{stage}", SMOKE_SKIP["lightning"])
-                continue
-            part.run(f"{name}:{stage}", lambda n=name, s=stage: zero_fit(n, s))
-        for i, (name, options) in enumerate(BISECT.get(stage, {}).items()):  # what makes MemOpt slower, if it is
-            if SMOKE and (options is None or i > 0 or stage != 2):
-                part.skip(name, SMOKE_SKIP["lightning"] if options is None else "the bisect's code path ran once")
-            elif options is None:
-                part.run(name, lambda s=stage: zero_fit("lightning", s))
-            else:
-                part.run(name, lambda s=stage, o=options: zero_fit("memopt", s, **o))
+    """The zero protocol's rounds: one fit per (stage, arm) in a balanced order, while the part's time allows a
+    whole round (the first round runs fit by fit as far as it can)."""
+    warmup, timed = ZERO_SMOKE_STEPS if SMOKE else (ZERO_WARMUP, ZERO_TIMED)
+    if not SMOKE:
+        part.run("burn-in", burn_in, seconds=BURN_IN_S + 1)
+    estimate = {s: zero_fit_seconds(s) for s in STAGES}
+    sequence = [(stage, arm) for stage in STAGES for arm in ZERO_ARMS]
+    first = True
+    for r, order in enumerate(balanced_orders(sequence, ZERO_SMOKE_ROUNDS if SMOKE else ROUNDS)):
+        need, left = sum(estimate[s] for s, _ in order), part.deadline - time.perf_counter()
+        if r and not SMOKE and left < 1.05 * need:
+            part.skip(f"round {r + 1}", f"a round needs ~{need:.0f} s, {left:.0f} s left")
+            break
+        walls: dict[int, list[float]] = {}
+        for position, (stage, arm) in enumerate(order):
+            record = part.run(f"r{r + 1} {arm}:{stage}", lambda a=arm, s=stage, p=position, n=r + 1: {
+                "round": n, "position": p, **zero_fit(a, s, warmup, timed)}, seconds=estimate[stage])
+            if record is not None and not first:  # the process's first fit pays its one-time costs
+                walls.setdefault(stage, []).append(record["wall_s"])
+            first = False
+        estimate.update({s: max(w) for s, w in walls.items()})
 
 
 def part_monitor(part: Part) -> None:
@@ -495,14 +703,22 @@ def part_monitor(part: Part) -> None:
 
         def one(k: dict | None = kwargs) -> dict:
             extra = [] if k is None else [MemoryMonitor(**k)]
-            out = fit(module, "auto", extra, None, batch=1, seq=size(4096, 256), timed=MONITOR_TIMED,
-                      logger=CSVLogger(log_dir))  # both with a logger (the monitor needs one)
+            out = fit(module, "auto", extra, None, batch=1, seq=size(4096, 256), warmup=WARMUP,
+                      timed=MONITOR_TIMED, logger=CSVLogger(log_dir))  # both with a logger (the monitor needs one)
             return {"monitor": k is not None, "monitor_kwargs": k, **out}
 
         part.run(f"{label} ({i + 1})", one)
 
 
 PART_RUNNERS = {"zero": part_zero, "hf": part_hf, "liger": part_liger, "monitor": part_monitor}
+
+
+def compat_allocator_variable() -> "list[str] | None":
+    """``PYTORCH_CUDA_ALLOC_CONF`` or ``PYTORCH_ALLOC_CONF`` as set for this process (name, value), if either is."""
+    from lightning_memopt.core import compat
+
+    found = compat.allocator_variable()
+    return None if found is None else list(found)
 
 
 def child(name: str, records: Path, seconds: float) -> None:
@@ -512,7 +728,8 @@ def child(name: str, records: Path, seconds: float) -> None:
     warnings.filterwarnings("ignore")
     part = Part(name, records, seconds - (time.perf_counter() - STARTED) - 2)  # 2 s to exit
     env = {"name": "env", "status": "ok", "device": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(0),
-           "torch": torch.__version__, "cuda": torch.version.cuda, "startup_s": round(time.perf_counter() - STARTED, 2)}
+           "torch": torch.__version__, "cuda": torch.version.cuda, "startup_s": round(time.perf_counter() - STARTED, 2),
+           "allocator_variable": compat_allocator_variable()}
     part.emit(env)
     PART_RUNNERS[name](part)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -525,6 +742,7 @@ def run_part(name: str, timeout: float, scratch: Path) -> dict:
     records = scratch / f"{name}.jsonl"
     cmd = [sys.executable, __file__, "--run", name, "--records", str(records), "--seconds", f"{timeout:.1f}"]
     cmd += ["--smoke"] if SMOKE else []
+    cmd += ["--stages", *map(str, STAGES), "--rounds", str(ROUNDS)] if name == "zero" else []
     start = time.perf_counter()
     status, tail = "ok", ""
     try:
@@ -574,15 +792,67 @@ def compare(results: dict, label: str, a: tuple[str, str], b: tuple[str, str], k
     return target(label, value, op, threshold, missing)
 
 
-def targets(results: dict) -> list[dict]:
-    """Issue 18's targets as ratios, with pass/fail; ``None`` (and why) where a side is missing."""
+def zero_fits(results: dict) -> "dict[int, dict[int, dict[str, dict]]]":
+    """The zero protocol's ok fits: ``{stage: {round: {arm: record}}}``."""
+    out: dict[int, dict[int, dict[str, dict]]] = {}
+    for u in results.get("zero", {}).get("units", []):
+        if u["status"] == "ok" and "arm" in u:
+            out.setdefault(u["stage"], {}).setdefault(u["round"], {})[u["arm"]] = u
+    return out
+
+
+def usable(record: dict) -> bool:
+    """A fit that started clean, with the allocator setting of its arm."""
+    return record["clean"] and record.get("allocator_as_planned") is not False
+
+
+def zero_comparisons(results: dict) -> list[dict]:
+    """Per stage and pair of arms (``COMPARISONS``): the rounds where both fits are usable, the ratio A / B with its
+    95 % interval, and the verdict against ``TOLERANCE`` at ``PRECISION`` (:mod:`_timing`)."""
     out = []
-    for s in (1, 2, 3):
-        sides = ("zero", f"memopt:{s}"), ("zero", f"lightning:{s}")
-        out.append(compare(results, f"ZeRO-{s}: MemOptStrategy / DeepSpeedStrategy median step time", *sides,
-                           "median_step_s", "<=", 1.02))
-        out.append(compare(results, f"ZeRO-{s}: MemOptStrategy / DeepSpeedStrategy peak allocated", *sides,
-                           "net_peak_allocated_bytes", "<=", 1.01))
+    for stage, rounds in sorted(zero_fits(results).items()):
+        for label, a, b in COMPARISONS:
+            paired = [fits for _, fits in sorted(rounds.items()) if a in fits and b in fits]
+            kept = [fits for fits in paired if usable(fits[a]) and usable(fits[b])]
+            entry: dict[str, Any] = {"stage": stage, "comparison": label, "a": a, "b": b, "rounds": len(kept),
+                                     "rounds_left_out": len(paired) - len(kept)}
+            if kept:
+                estimate = paired_ratio([f[a]["step_times_s"] for f in kept], [f[b]["step_times_s"] for f in kept])
+                entry["verdict"], entry["pass"] = verdict(estimate, TOLERANCE, PRECISION)
+                entry.update(estimate.to_dict())
+            else:
+                entry["verdict"], entry["pass"] = "not measured: no round with both fits usable", None
+            if len(kept) < len(paired):  # what the rounds left out would have said (never the verdict)
+                entry["ratio_all_rounds"] = paired_ratio([f[a]["step_times_s"] for f in paired],
+                                                         [f[b]["step_times_s"] for f in paired]).ratio
+            out.append(entry)
+    return out
+
+
+def targets(results: dict, comparisons: list[dict]) -> list[dict]:
+    """Issue 18's targets as ratios, with pass/fail; ``None`` (and why) where a side is missing or the zero protocol
+    is undecided."""
+    out = []
+    fits = zero_fits(results)
+    why_zero = "zero not run" if "zero" not in results else f"zero: {results['zero']['status']}"
+    for s in STAGES if "zero" in results else (1, 2, 3):
+        for label, a, b in COMPARISONS[:2]:
+            c = next((c for c in comparisons if c["stage"] == s and c["a"] == a and c["b"] == b), None)
+            goal = target(f"ZeRO-{s}: {label} step time", None if c is None else c.get("ratio"), "<=", 1 + TOLERANCE,
+                          [why_zero if c is None else c["verdict"]])
+            if c is not None and "ratio" in c:
+                goal.update({"pass": c["pass"], "ci": [c["low"], c["high"]], "rounds": c["rounds"],
+                             "verdict": c["verdict"]})
+                if c["pass"] is None:
+                    goal["missing"] = c["verdict"]
+            out.append(goal)
+        peaks = {arm: [f[arm]["net_peak_allocated_bytes"] for f in fits.get(s, {}).values() if arm in f]
+                 for arm in ("memopt", "lightning")}
+        value = (statistics.median(peaks["memopt"]) / statistics.median(peaks["lightning"])
+                 if peaks["memopt"] and peaks["lightning"] else None)
+        why = [f"no ok {arm} fit at ZeRO-{s}" for arm, p in peaks.items() if not p] if s in fits else [why_zero]
+        out.append(target(f"ZeRO-{s}: MemOptStrategy / DeepSpeedStrategy peak allocated (median over rounds)", value,
+                          "<=", 1.01, why))
     sides = ("liger", "sdpa+liger"), ("hf", "eager")
     out.append(compare(results, "1B at 4096: SDPA + Liger / HF eager tokens/s", *sides, "tokens_per_s", ">=", 1.2))
     out.append(compare(results, "1B at 4096: SDPA + Liger / HF eager peak allocated", *sides,
@@ -623,19 +893,54 @@ def _step(r: dict) -> str:
     return f"{r['median_step_s'] * 1e3:.1f} ms (IQR {100 * r['iqr_rel']:.1f} %)"
 
 
-def tables(results: dict, goals: list[dict]) -> str:
-    """Markdown tables of every unit run, skipped or failed, and of the targets."""
+def zero_tables(results: dict, comparisons: list[dict]) -> list[str]:
+    """The zero protocol's tables: each arm over its rounds, the comparisons, and the fits that failed or were
+    skipped."""
+    warmup, timed = ZERO_SMOKE_STEPS if SMOKE else (ZERO_WARMUP, ZERO_TIMED)
+    fits = zero_fits(results)
+    rounds = max((len(r) for r in fits.values()), default=0)
+    lines = [f"zero: 1 GPU, bf16-mixed, torch AdamW; {rounds} round(s) in balanced order; a fit: {warmup} warm-up +"
+             f" {timed} timed steps, batch start to batch start",
+             "| stage | arm | fits (clean) | median step: median of fits [range] | within-fit IQR | drift |"
+             " peak allocated (net) | peak reserved | expandable segments |", "|---|---|---|---|---|---|---|---|---|"]
+    for stage, by_round in sorted(fits.items()):
+        for arm in ZERO_ARMS:
+            rs = [f[arm] for f in by_round.values() if arm in f]
+            if not rs:
+                continue
+            med = [r["median_step_s"] * 1e3 for r in rs]
+
+            def mid(key: str, rs: list = rs) -> float:
+                return statistics.median(r[key] for r in rs)
+
+            lines.append(f"| {stage} | {arm} | {len(rs)} ({sum(r['clean'] for r in rs)}) |"
+                         f" {statistics.median(med):.1f} ms [{min(med):.1f}-{max(med):.1f}] |"
+                         f" {100 * mid('iqr_rel'):.1f} % | {100 * mid('drift'):+.1f} % |"
+                         f" {_gib(int(mid('net_peak_allocated_bytes')))} |"
+                         f" {_gib(None if rs[0]['peak_reserved_bytes'] is None else int(mid('peak_reserved_bytes')))} |"
+                         f" {'n/a' if rs[0]['expandable_segments'] is None else rs[0]['expandable_segments']} |")
+    lines += ["", "zero: step-time ratios, 95 % confidence interval (Student's t over rounds or the steps' bootstrap,"
+              " the wider)", "| stage | ratio | value | 95 % CI | rounds | per round | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        if "ratio" not in c:
+            lines.append(f"| {c['stage']} | {c['comparison']} | | | 0 | | {c['verdict']} |")
+            continue
+        per_round = ", ".join(f"{x:.3f}" for x in c["per_round"])
+        lines.append(f"| {c['stage']} | {c['comparison']} | {c['ratio']:.3f} | {c['low']:.3g}-{c['high']:.3g} |"
+                     f" {c['rounds']} | {per_round} | {c['verdict']} |")
+    others = [u for u in results["zero"]["units"][1:] if u["status"] != "ok"]
+    if others:
+        lines += ["", "| zero unit | status |", "|---|---|", *(f"| {u['name']} | {u['status']} |" for u in others)]
+    return lines
+
+
+def tables(results: dict, goals: list[dict], comparisons: list[dict]) -> str:
+    """Markdown tables of every unit run, skipped or failed, of the zero protocol's comparisons and of the
+    targets."""
     lines = []
     if "zero" in results:
-        lines += ["zero: 1 GPU, bf16-mixed, torch AdamW, median of the timed steps",
-                  "| strategy:stage | median step | peak allocated (net) | peak reserved | optimizer |",
-                  "|---|---|---|---|---|"]
-        for u in results["zero"]["units"][1:]:
-            if u["status"] != "ok":
-                lines.append(f"| {u['name']} | {u['status']} | | | |")
-                continue
-            lines.append(f"| {u['name']} | {_step(u)} | {_gib(u['net_peak_allocated_bytes'])} |"
-                         f" {_gib(u['peak_reserved_bytes'])} | {u.get('basic_optimizer')} in {u.get('optimizer')} |")
+        lines += zero_tables(results, comparisons)
     if "hf" in results or "liger" in results:
         lines += ["", "llama1b: Llama-3.2-1B shape, 1 x 4096, bf16 autocast, AdamW, plain loop",
                   "| variant | tokens/s | median step | peak allocated (net) | peak reserved | MFU | checkpointed |",
@@ -663,8 +968,9 @@ def tables(results: dict, goals: list[dict]) -> str:
     lines += ["", "targets (issue 18)", "| target | value | needs | pass |", "|---|---|---|---|"]
     for g in goals:
         value = "" if g["value"] is None else f"{g['value']:.3f}"
-        verdict = {True: "yes", False: "NO", None: g.get("missing", "")}[g["pass"]]
-        lines.append(f"| {g['target']} | {value} | {g['op']} {g['threshold']} | {verdict} |")
+        value += f" [{g['ci'][0]:.3g}, {g['ci'][1]:.3g}]" if "ci" in g else ""
+        mark = {True: "yes", False: "NO", None: g.get("missing", "")}[g["pass"]]
+        lines.append(f"| {g['target']} | {value} | {g['op']} {g['threshold']} | {mark} |")
     return "\n".join(lines)
 
 
@@ -675,6 +981,57 @@ def versions() -> dict:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
+    return out
+
+
+def protocol() -> dict:
+    """The zero protocol's settings, for the JSON."""
+    warmup, timed = ZERO_SMOKE_STEPS if SMOKE else (ZERO_WARMUP, ZERO_TIMED)
+    return {"stages": list(STAGES), "arms": list(ZERO_ARMS), "warmup_steps": warmup, "timed_steps": timed,
+            "rounds_max": ZERO_SMOKE_ROUNDS if SMOKE else ROUNDS, "order": "as listed, then reversed, per round",
+            "step": "batch start to the next batch start, CUDA events, no synchronisation between timed steps",
+            "ratio": "geometric mean over rounds of median(A) / median(B)",
+            "interval": "95 %, the wider of Student's t over rounds and a bootstrap of the steps within the fits",
+            "tolerance": TOLERANCE, "precision": PRECISION, "clean_bytes": CLEAN_BYTES,
+            "comparisons": [list(c) for c in COMPARISONS]}
+
+
+def plan(parts: list[str], budget: float) -> dict:
+    """The planned time: each part's share of ``budget`` (a later part gets more when an earlier one ends early) and
+    the zero protocol's rounds, from the planning figures of the 2026-12-04 H200 runs."""
+    left = budget - RESERVE_SECONDS
+    shares = {p: left * PARTS[p] / sum(PARTS[q] for q in parts) for p in parts}
+    out: dict[str, Any] = {"budget_seconds": budget, "shares_s": {p: round(v, 1) for p, v in shares.items()}}
+    lines = [f"plan: {budget:.0f} s in all ({RESERVE_SECONDS} s kept for the files); parts and their shares: "
+             + ", ".join(f"{p} {v:.0f} s" for p, v in shares.items())]
+    if "zero" in shares:
+        fit_s = {s: zero_fit_seconds(s) for s in STAGES}
+        round_s = len(ZERO_ARMS) * sum(fit_s.values())
+        fixed = ZERO_START_S + BURN_IN_S
+        rounds = ZERO_SMOKE_ROUNDS if SMOKE else min(ROUNDS, max(0, int((shares["zero"] - 2 - fixed) // round_s)))
+        for_4 = (fixed + 4 * round_s + 2) * sum(PARTS[p] for p in parts) / PARTS["zero"] + RESERVE_SECONDS
+        out["zero"] = {"fit_s": fit_s, "round_s": round_s, "fixed_s": fixed, "rounds": rounds,
+                       "seconds": fixed + rounds * round_s, "budget_for_4_rounds_s": round(for_4)}
+        fits = ", ".join(f"ZeRO-{s} ~{v:.1f} s" for s, v in fit_s.items())
+        if SMOKE:
+            warmup, timed = ZERO_SMOKE_STEPS
+            lines.append(f"  zero: --smoke: {rounds} rounds x {len(STAGES)} stage(s) x {len(ZERO_ARMS)} arms of toy"
+                         f" fits ({warmup} + {timed} + 1 steps) on the CPU, not timed to plan")
+        else:
+            lines.append(f"  zero: start and burn-in ~{fixed} s + {rounds} round(s) x ~{round_s:.0f} s = ~"
+                         f"{fixed + rounds * round_s:.0f} s of {shares['zero']:.0f} s ({len(STAGES)} stage(s) x"
+                         f" {len(ZERO_ARMS)} arms; a fit {ZERO_WARMUP} + {ZERO_TIMED} + 1 steps: {fits})")
+        if rounds == 0 and not SMOKE:
+            lines.append("  zero: no whole round fits: round 1 runs fit by fit as far as it can (no verdict)")
+        elif rounds < 4 and not SMOKE:
+            spread_ = 100 * PRECISION * math.sqrt(rounds) / t_quantile_975(rounds - 1) if rounds > 1 else 0
+            lines.append(f"  zero: with {rounds} round(s) a 2 % verdict needs the rounds' ratios to agree within a"
+                         f" standard deviation of {spread_:.2f} % (0.63 % with 4 rounds)")
+        if rounds < 4 and not SMOKE:
+            alone = ZERO_START_S + BURN_IN_S + 4 * round_s + 2 + RESERVE_SECONDS
+            lines.append(f"  zero: 4 rounds take --only zero --budget-seconds {math.ceil(alone)}"
+                         + (f" (--budget-seconds {for_4:.0f} with these parts)" if len(parts) > 1 else ""))
+    out["text"] = "\n".join(lines)
     return out
 
 
@@ -692,6 +1049,10 @@ def main() -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("gpu_speed"), help="where the JSON files go")
     parser.add_argument("--budget-seconds", type=float, default=240.0, help="wall time for everything, in seconds")
     parser.add_argument("--smoke", action="store_true", help="every part on the CPU at toy sizes (not measurements)")
+    parser.add_argument("--stages", nargs="+", type=int, choices=(1, 2, 3), default=[1, 2, 3],
+                        help="the ZeRO stages of the zero protocol (default: 1 2 3)")
+    parser.add_argument("--rounds", type=int, default=ZERO_ROUNDS,
+                        help=f"the zero protocol's most rounds (default {ZERO_ROUNDS}; fewer if the budget ends first)")
     parser.add_argument("--run", choices=sorted(PARTS), help=argparse.SUPPRESS)
     parser.add_argument("--records", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
@@ -704,8 +1065,8 @@ def main() -> int:
         return 0
     import torch
 
-    global SMOKE
-    SMOKE = args.smoke
+    global SMOKE, STAGES, ROUNDS
+    SMOKE, STAGES, ROUNDS = args.smoke, tuple(sorted(set(args.stages))), args.rounds
     if not SMOKE and not torch.cuda.is_available():
         print("gpu_speed.py: expected a CUDA GPU, got none (torch.cuda.is_available() is False). Fix: run it on a"
               " machine with a GPU, or with --smoke for its code paths on the CPU; --list shows the groups.",
@@ -720,6 +1081,8 @@ def main() -> int:
     parts = selected(args.only)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="gpu_speed_"))
+    planned = plan(parts, args.budget_seconds)
+    print(planned["text"], flush=True)
     results: dict[str, dict] = {}
     for i, name in enumerate(parts):
         left = args.budget_seconds - (time.perf_counter() - STARTED) - RESERVE_SECONDS
@@ -730,8 +1093,9 @@ def main() -> int:
             results[name] = run_part(name, share, scratch)
         print(f"{name}: {results[name]['status']} ({results[name].get('wall_s', 0):.0f} s of"
               f" {share:.0f} s; {time.perf_counter() - STARTED:.0f} s elapsed)", flush=True)
-    goals = targets(results)
-    text = tables(results, goals)
+    comparisons = zero_comparisons(results)
+    goals = targets(results, comparisons)
+    text = tables(results, goals, comparisons)
     groups = {}
     for group, (description, group_parts) in GROUPS.items():
         ran = [results[p] for p in group_parts if p in results]
@@ -743,14 +1107,16 @@ def main() -> int:
         groups[group] = "ok" if clean else "partly failed" if measured else "skipped" if skipped else "failed"
         payload = {"group": group, "description": description, "status": groups[group], "smoke": SMOKE,
                    "parts": ran}
+        if group == "zero":
+            payload.update(protocol=protocol(), comparisons=comparisons)
         (args.out_dir / f"{group}.json").write_text(json.dumps(payload, indent=1))
     env = next((u for r in results.values() for u in r["units"] if u["name"] == "env"), {})
     summary = {"device": env.get("device", "cpu (smoke)" if SMOKE else None), "smoke": SMOKE,
                "versions": {**versions(), "cuda": env.get("cuda")}, "budget_seconds": args.budget_seconds,
-               "elapsed_s": round(time.perf_counter() - STARTED, 1), "groups": groups,
+               "elapsed_s": round(time.perf_counter() - STARTED, 1), "plan": planned, "groups": groups,
                "parts": {n: {"status": r["status"], "wall_s": r.get("wall_s"), "timeout_s": r.get("timeout_s")}
                          for n, r in results.items()},
-               "targets": goals, "tables": text}
+               "targets": goals, "zero_comparisons": comparisons, "tables": text}
     (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"device: {summary['device']}; {summary['elapsed_s']:.0f} s in all\n{text}")
     return 0

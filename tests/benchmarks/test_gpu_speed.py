@@ -50,7 +50,8 @@ def test_a_spent_budget_skips_every_part_and_still_writes_the_files(tmp_path):
 @pytest.mark.slow
 def test_smoke_runs_every_group_on_cpu_and_computes_the_targets(tmp_path):
     """``--smoke``: every part's own code and the plumbing (children, shares of the budget, records, JSON, tables)
-    on the CPU at toy sizes; what needs CUDA is recorded as skipped, with the reason."""
+    on the CPU at toy sizes, the zero protocol with Lightning's strategy on a CPU stand-in; what needs CUDA is
+    recorded as skipped, with the reason."""
     proc = _run("--smoke", "--budget-seconds", "500", "--out-dir", str(tmp_path), timeout=560)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama1b.json", "monitor.json", "summary.json", "zero.json"]
@@ -64,22 +65,37 @@ def test_smoke_runs_every_group_on_cpu_and_computes_the_targets(tmp_path):
             assert part["status"] == "ok"
             units.update({(part["part"], u["name"]): u for u in part["units"]})
     timed = [u for u in units.values() if "median_step_s" in u]
-    assert len(timed) == 4 + 5 + 4 and all(u["timed_steps"] >= 10 and u["iqr_rel"] >= 0 for u in timed)
+    assert len(timed) == 18 + 5 + 4 and all(u["iqr_rel"] >= 0 for u in timed)
+    assert all(u["timed_steps"] >= 10 for u in timed if "arm" not in u)
 
-    # zero: MemOptStrategy fits in one process, with torch's AdamW inside DeepSpeed's ZeRO optimizer
-    for stage in (1, 2, 3):
-        memopt = units["zero", f"memopt:{stage}"]
-        assert memopt["status"] == "ok" and memopt["stage"] == stage
-        assert memopt["basic_optimizer"] == "AdamW" and memopt["optimizer"].startswith("DeepSpeedZeroOptimizer")
-        assert memopt["zero_optimization"]["stage"] == stage
+    # zero: 2 rounds of one fit per (stage, arm), the second round in the reverse order, each from a clean state
+    fits = [u for (part, _), u in units.items() if part == "zero" and "arm" in u]
+    assert len(fits) == 18 and all(u["status"] == "ok" for u in fits)
+    first, second = ([(u["stage"], u["arm"]) for u in fits if u["round"] == r] for r in (1, 2))
+    assert first == [(s, a) for s in (1, 2, 3) for a in ("memopt", "lightning", "lightning+es")]
+    assert second == first[::-1]
+    for u in fits:
+        assert u["clean"] and u["state_before"]["engines_alive"] == 0, u["state_before"]
+        assert u["state_before"]["allocated_bytes"] < 2**20  # a ZeRO-3 fit of the toy model held 3.1 MB
+        assert len(u["step_times_s"]) == u["timed_steps"] == 6 and u["warmup_steps"] == 2
+        assert u["events_over_wall"] == pytest.approx(1, abs=0.01)
+        assert u["basic_optimizer"] == "AdamW" and u["optimizer"].startswith("DeepSpeedZeroOptimizer")
+        assert u["zero_optimization"]["stage"] == u["stage"]
         # bf16-mixed AdamW keeps at least 16 bytes per parameter (bf16 weights and gradients, fp32 master, 2 states)
-        assert memopt["net_peak_allocated_bytes"] > 16 * memopt["n_parameters"]
-        assert units["zero", f"lightning:{stage}"]["status"] == "skipped: Lightning's DeepSpeedStrategy refuses CPU" \
-            " (--smoke)"  # fmt: skip
-    # the bisect: its code path once (MemOptStrategy with an option), the rest skipped with the reason
-    native = units["zero", "memopt:2 native"]
-    assert native["status"] == "ok" and native["options"] == {"expandable_segments": False}
-    assert units["zero", "memopt:2 as lightning"]["status"] == "skipped: the bisect's code path ran once"
+        assert u["net_peak_allocated_bytes"] > 16 * u["n_parameters"]
+    assert {u["strategy"] for u in fits if u["arm"] == "lightning+es" and u["stage"] == 2} == {
+        "DeepSpeedStrategy(stage=2) + expandable segments (CPU stand-in)"}
+    # a ZeRO-3 fit leaves its model to DeepSpeed's globals; the next fit starts clean only once they are released
+    released = [u["state_before"]["deepspeed_released"] for u in fits]
+    assert any(r["fwd_module_stack"] and r["params_to_release_cache"] for r in released)
+    zero = json.loads((tmp_path / "zero.json").read_text())
+    assert zero["protocol"]["warmup_steps"] == 2 and zero["protocol"]["rounds_max"] == 2
+    assert zero["comparisons"] == summary["zero_comparisons"] and len(zero["comparisons"]) == 9
+    for c in zero["comparisons"]:
+        assert c["rounds"] == 2 and c["rounds_left_out"] == 0 and len(c["per_round"]) == 2
+        assert c["low"] <= c["ratio"] <= c["high"] and c["half_width"] >= 0
+        assert c["verdict"].startswith(("within 2 %", "slower by", "undecided: ")) and c["pass"] in (True, False, None)
+    assert summary["plan"]["zero"]["rounds"] == 2
 
     # llama1b: the matmul peak, three variants and two budgets in one process; Liger skipped on the CPU
     assert units["hf", "matmul"]["tflops"] > 0
@@ -98,17 +114,20 @@ def test_smoke_runs_every_group_on_cpu_and_computes_the_targets(tmp_path):
              "without MemoryMonitor (4)")
     assert [units["monitor", n]["monitor_kwargs"] for n in names] == [None, {}, {"snapshot_on_oom": False}, None]
 
-    # the targets: computed where both sides ran, else the skip named
+    # the targets: computed where both sides ran, else the skip named; step time with its interval and verdict
     goals = {t["target"]: t for t in summary["targets"]}
-    assert len(goals) == 12
+    assert len(goals) == 15
     for label, goal in goals.items():
-        if label.startswith(("budget", "MemoryMonitor")):
-            assert isinstance(goal["value"], float) and isinstance(goal["pass"], bool), goal
+        if label.startswith(("budget", "MemoryMonitor", "ZeRO")):
+            assert isinstance(goal["value"], float) and goal["pass"] in (True, False, None), goal
         else:
             assert goal["value"] is None and goal["pass"] is None
-            assert "refuses CPU" in goal["missing"] or "Triton kernels need CUDA" in goal["missing"], goal
+            assert "Triton kernels need CUDA" in goal["missing"], goal
+        if label.startswith("ZeRO") and "step time" in label:
+            assert goal["ci"][0] <= goal["value"] <= goal["ci"][1] and goal["rounds"] == 2 and "verdict" in goal
     within = goals["budget checkpointing at 75 % of the eager peak: peak allocated / budget"]["value"]
     budget = units["hf", "eager+budget 75%"]
     assert within == pytest.approx(budget["net_peak_allocated_bytes"] / budget["budget_bytes"])
-    assert "| eager+budget 75% |" in summary["tables"] and "| memopt:3 |" in summary["tables"]
+    assert "| eager+budget 75% |" in summary["tables"] and "| 3 | lightning+es | 2 (2) |" in summary["tables"]
+    assert "| 2 | MemOptStrategy / DeepSpeedStrategy + expandable segments (same allocator) |" in summary["tables"]
     assert summary["tables"] in proc.stdout
