@@ -107,7 +107,7 @@ def deepspeed_events(
             parameters are allocated first and each cast frees one; ``False``: the module comes from the CPU and
             ``module.to(device)`` copies the cast parameters (a GPU fit under Lightning).
         workspace_bytes: a cuBLAS workspace allocated at the first forward op and at the first backward op (one
-            per thread, :mod:`.cuda_memory`); 0 for none.
+            per thread, :mod:`lightning_memopt.predictor.device`); 0 for none.
 
     Returns:
         ``("alloc", key, nbytes)`` and ``("free", key)`` in program order; ``key[0]`` is one of :data:`ORIGINS`.

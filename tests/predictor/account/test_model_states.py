@@ -2,7 +2,7 @@ import pytest
 
 from lightning_memopt.core.deepspeed_config import DEEPSPEED_DEFAULTS, zero_settings
 from lightning_memopt.planning import estimate_memory
-from lightning_memopt.predictor.account.model_states import resolve_optimizer
+from lightning_memopt.predictor.request import resolve_optimizer
 
 
 @pytest.mark.parametrize(("stage", "gb"), [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
