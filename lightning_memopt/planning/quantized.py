@@ -52,7 +52,7 @@ def estimate_quantized(
     Args:
         model: a preset, a Hugging Face config (object, dict or path), an ``nn.Module`` (inference only), or (inference
             without ``seq_len`` only) a parameter count.
-        quantization: a name in :data:`~lightning_memopt.predictor.quantization.QUANTIZATIONS`.
+        quantization: a name in :data:`~lightning_memopt.predictor.account.quantization.QUANTIZATIONS`.
         mode: ``"inference"`` or ``"qlora"``.
         micro_batch_size: sequences per forward.
         seq_len: tokens per sequence (KV cache length at inference; required for ``"qlora"``).

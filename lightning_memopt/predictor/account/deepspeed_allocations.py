@@ -93,12 +93,12 @@ def deepspeed_events(
     """Every allocation and free of a DeepSpeed fit on one rank, from process start (see the module docstring).
 
     Args:
-        trace: the step, a :class:`~lightning_memopt.predictor.trace.TraceResult` recorded with ``record=True``
+        trace: the step, a :class:`~lightning_memopt.predictor.trace.step.TraceResult` recorded with ``record=True``
             (engine ``"deepspeed"``; at ZeRO-3 with the :class:`~lightning_memopt.predictor.trace.zero3.Zero3Settings`).
         reading: the model's reading (parameters in registration order, buffers).
         zero: the ZeRO stage, 0-3.
         precision: the resolved precision (16 bits: DeepSpeed's bf16/fp16 sections).
-        optimizer: the optimizer's name (:data:`~lightning_memopt.predictor.account.model_states.OPTIMIZERS`): AdamW's
+        optimizer: the optimizer's name (:data:`~lightning_memopt.predictor.request.OPTIMIZERS`): AdamW's
             CUDA default is ``"adamw-foreach"``, its CPU default ``"adamw"``.
         deepspeed_config: the config the strategy runs with (bucket sizes resolved; ``None``: DeepSpeed's
             defaults).

@@ -61,7 +61,7 @@ class EngineMemory:
     ``base`` holds what is on the device for the whole step (steady state, after the first optimizer step);
     ``phases`` the moments without activations (end of backward, optimizer step). During forward/backward the
     engine adds ``backward_extra(grad_elements)`` on top of ``base`` + ``gathered`` + activations (ZeRO-3 parameters
-    gathered op by op are in the traced timeline, :mod:`.zero3`).
+    gathered op by op are in the traced timeline, :mod:`lightning_memopt.predictor.trace.zero3`).
     """
 
     base: Phase

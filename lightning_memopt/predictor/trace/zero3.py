@@ -52,7 +52,8 @@ from lightning_memopt.core.compat import full_shape
 
 @dataclass(frozen=True)
 class Zero3Settings:
-    """The coordinator's settings (``zero_optimization`` keys, DeepSpeed's defaults in :mod:`.model_states`).
+    """The coordinator's settings (``zero_optimization`` keys; DeepSpeed's defaults in
+    :mod:`lightning_memopt.core.deepspeed_config`).
 
     Attributes:
         persistence_threshold: ``stage3_param_persistence_threshold`` (elements).
