@@ -94,7 +94,7 @@ def workspace_bytes(capability: "tuple[int, int]", env: "dict[str, str] | None" 
 def expandable_from_env(env: "dict[str, str] | None" = None) -> bool:
     """Whether the CUDA caching allocator's settings turn on expandable segments: ``PYTORCH_CUDA_ALLOC_CONF`` (or
     ``PYTORCH_ALLOC_CONF``) of ``env``; ``None``: the settings torch holds now (the variable as read at start-up, or
-    what a strategy set since, e.g. :class:`~lightning_memopt.lightning.MemOptStrategy`).
+    what a strategy set since, e.g. :class:`~lightning_memopt.lightning.strategies.memopt.MemOptStrategy`).
 
     Example:
         >>> expandable_from_env({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128,expandable_segments:True"})

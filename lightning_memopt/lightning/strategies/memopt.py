@@ -98,7 +98,7 @@ class MemOptStrategy(DeepSpeedStrategy):
             fraction of them (see :func:`~lightning_memopt.transforms.apply_activation_checkpointing`); applied
             before DeepSpeed wraps the model, non-reentrant, and working under ZeRO-3. ``"budget"`` checkpoints
             the fewest leading blocks whose predicted peak fits ``memory_budget``
-            (see :func:`~lightning_memopt.transforms.checkpoint_to_fit`), planned at ``fit`` setup for the
+            (see :func:`~lightning_memopt.planning.budget.checkpoint_to_fit`), planned at ``fit`` setup for the
             micro-batch size and sequence length of the first batch of the training dataloader.
         checkpointing_policy: which blocks: ``"auto"`` (Hugging Face ``_no_split_modules``, else the largest
             ``ModuleList`` of same-class blocks) or class names.
