@@ -98,15 +98,15 @@ def account(reading: ModelReading, timeline: Timeline, request: Request) -> Acco
         for r in ranks
     }
     grad_bytes = request.precision.param_bytes(request.trace_engine)  # DeepSpeed: every trainable one in its dtype
+    accumulating = request.accumulate_grad_batches > 1
     per_rank, best = {}, None
     for r, em in engines.items():
-        moments = step_moments(em, timeline, grad_bytes, request.accumulate_grad_batches > 1)
+        moments = step_moments(em, timeline, grad_bytes, accumulating)
         top = max(moments, key=lambda m: m.total)
         per_rank[r] = top.total
         if best is None or top.total > best[0].total:
             best = top, moments
     em = engines[ranks[-1]]
-    accumulating = request.accumulate_grad_batches > 1
     cpu = em.cpu_offloaded + (em.details.get("cpu_accumulation_bytes", 0) if accumulating else 0)
     peak, moments = best
     cuda = _on_cuda(reading, timeline, request, peak.total)
