@@ -107,11 +107,63 @@ def test_with_accumulation_a_step_is_the_highest_of_its_micro_steps() -> None:
     assert (short["run_failed"], short["measured"]) == ("1 optimizer step(s) recorded, 2 needed", None)
 
 
+#: a row's identity across two runs of the subset
+_ROW_KEY = ("kind", "stage", "precision", "attention", "checkpointing", "accumulate", "offload", "world_size", "rank")
+
+
+def _suspect(row: dict) -> bool:
+    """A peak of a gloo launch that the race can move (``docs/predictor.md``, Accuracy: gloo's worker thread lets a
+    collective's tensor go a moment after the collective returns, and a rank that allocates before that holds both):
+    unsteady across the steady steps, or outside the claim from the module or the config."""
+    if row["world_size"] < 2 or row.get("measured") is None:
+        return False
+    scratch = scratch_allowance(row["precision"], convolutions=row["kind"] in CONVOLUTION_KINDS)
+    if row["steady_spread"] > 0.01 * row["measured"] + scratch:
+        return True
+    return any(row.get(m) is not None and not within_claim(row[m], row["measured"], row["precision"],
+                                                           row["kind"] in CONVOLUTION_KINDS)
+               for m in ("module", "config"))  # fmt: skip
+
+
+def remeasured(first: dict, second: "dict | None") -> dict:
+    """``first`` with each suspect row of a gloo launch (:func:`_suspect`) replaced by the same configuration's row of
+    ``second``, a run of its own: the re-take stands, whatever it says. A miss of the predictor is in both runs; the
+    race is in one or the other. ``remeasured`` lists the rows replaced."""
+    suspects = [r for r in first["rows"] if _suspect(r)]
+    if not suspects or second is None:
+        return {**first, "remeasured": []}
+    again = {tuple(r[k] for k in _ROW_KEY): r for r in second["rows"]}
+    keys = {tuple(r[k] for k in _ROW_KEY) for r in suspects}
+    rows = [again.get(tuple(r[k] for k in _ROW_KEY), r) if tuple(r[k] for k in _ROW_KEY) in keys else r
+            for r in first["rows"]]  # fmt: skip
+    return {**first, "rows": rows, "remeasured": sorted(keys, key=str)}
+
+
+def test_a_suspect_row_of_a_launch_is_measured_again_once_and_the_retake_stands() -> None:
+    def row(rank: int, measured: int, spread: int = 0, world_size: int = 2) -> dict:
+        return {"kind": "plain", "stage": "2", "precision": "32-true", "attention": "sdpa", "checkpointing": True,
+                "accumulate": 1, "offload": "none", "world_size": world_size, "rank": rank, "measured": measured,
+                "steady_spread": spread, "module": 1000, "config": None}  # fmt: skip
+
+    first = {"rows": [row(0, 1016), row(1, 1000), row(0, 1100, world_size=1)]}  # rank 0 1.6 % over the prediction
+    retake = {"rows": [row(0, 1020), row(1, 1002)]}  # the predictor misses again: the re-take stands and fails
+    merged = remeasured(first, retake)
+    assert [r["measured"] for r in merged["rows"]] == [1020, 1000, 1100]  # a single-device row is never re-taken
+    assert merged["remeasured"] == [("plain", "2", "32-true", "sdpa", True, 1, "none", 2, 0)]
+    assert remeasured({"rows": [row(1, 1000, spread=30)]}, {"rows": [row(1, 1001)]})["rows"][0]["measured"] == 1001
+    assert remeasured({"rows": [row(1, 1000)]}, None)["remeasured"] == []
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("predictor_accuracy") / "quick.json"
-    run_script(SCRIPT, "--quick", "--out", str(out), timeout=600)
-    return json.loads(out.read_text())
+    """The quick subset; a suspect row of a gloo launch is measured again once (:func:`remeasured`)."""
+    folder = tmp_path_factory.mktemp("predictor_accuracy")
+    run_script(SCRIPT, "--quick", "--out", str(folder / "quick.json"), timeout=600)
+    first = json.loads((folder / "quick.json").read_text())
+    if not any(_suspect(r) for r in first["rows"]):
+        return remeasured(first, None)
+    run_script(SCRIPT, "--quick", "--out", str(folder / "again.json"), timeout=600)
+    return remeasured(first, json.loads((folder / "again.json").read_text()))
 
 
 @pytest.mark.distributed
