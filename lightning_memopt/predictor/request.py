@@ -57,7 +57,8 @@ class Request:
     meaning). Built by :func:`make_request`; :meth:`on` resolves the target device once the model is read.
 
     Attributes:
-        rules: the target device's rules (``None``: the CPU), set by :meth:`on`.
+        rules: the target device's rules (``None``: the CPU): the ``device`` asked for, resolved when the request is
+            made, else set by :meth:`on` from where the module is.
         device: the ``device`` argument as given (``None``: where the module is).
     """
 
@@ -114,10 +115,9 @@ class Request:
         Raises:
             ValueError: a device that is neither the CPU, CUDA nor a known GPU, with the fix.
         """
-        if isinstance(self.device, CudaRules):
-            return dataclasses.replace(self, rules=self.device)
-        target = self.device if self.device is not None else module_device
-        return dataclasses.replace(self, rules=cuda_rules(target, expandable_segments=self.expandable_segments))
+        if self.device is not None:  # resolved when the request was made
+            return self
+        return dataclasses.replace(self, rules=cuda_rules(module_device, expandable_segments=self.expandable_segments))
 
 
 def make_request(**settings: Any) -> Request:
@@ -147,8 +147,10 @@ def make_request(**settings: Any) -> Request:
     resolve_optimizer(s["optimizer"])
     if not isinstance(s["precision"], Precision):
         s["precision"] = resolve_precision(s["precision"])
-    if s["device"] is not None and not isinstance(s["device"], CudaRules):
-        cuda_rules(s["device"])  # an unknown device is refused before the model is read
+    if isinstance(s["device"], CudaRules):
+        s["rules"] = s["device"]
+    elif s["device"] is not None:  # an unknown device is refused before the model is read
+        s["rules"] = cuda_rules(s["device"], expandable_segments=s["expandable_segments"])
     s["autocast_cache"] = bool(s["autocast_cache"])
     return Request(**s)
 

@@ -121,7 +121,8 @@ def step_timeline(source: Source, request: Request) -> Timeline:
     )  # fmt: skip
     if request.example_batch is not None or source.key is None:
         batch, shape = step_batch(module, request.example_batch, request.micro_batch_size, request.seq_len)
-        timeline = trace_timeline(module, batch, blocks=source.reading.blocks, **settings)
+        timeline = trace_timeline(module, batch, blocks=source.reading.blocks, record=request.replays_allocator,
+                                  **settings)  # fmt: skip
     else:
         micro = request.micro_batch_size or 1
         seq = batch_shape(synthetic_batch(module, 1, request.seq_len))[1]
@@ -129,8 +130,8 @@ def step_timeline(source: Source, request: Request) -> Timeline:
         key = (source.key, seq, request.precision.name, request.trace_engine, str(request.activation_checkpointing),
                request.attention, zero3, settings["cuda"], request.autocast_cache)  # fmt: skip
         timeline = _built_timeline(source, key, micro, request.seq_len, settings)
-    recorded = None
-    if request.replays_allocator:  # every storage of a full-depth step, in op order (the allocator's replay)
+    recorded = timeline.recorded
+    if request.replays_allocator and recorded is None:  # a full-depth step's every storage (the allocator's replay)
         batch, _ = step_batch(module, request.example_batch, request.micro_batch_size, request.seq_len)
         with kernel_twins():
             recorded = trace_step(module, batch, record=True, **{**settings, "cuda": True})
@@ -206,11 +207,12 @@ def trace_timeline(
     zero3: "bool | Zero3Settings",
     cuda: bool = False,
     autocast_cache: bool = False,
+    record: bool = False,
 ) -> Timeline:
     """Trace one step of ``module`` on ``batch``: at reduced depth with synthesis when it has at least
     :data:`SYNTHESIS_MIN_BLOCKS` blocks and synthesis holds (:mod:`.synthesis`), else every block. ``blocks``: the
     model's blocks as read (:attr:`~lightning_memopt.predictor.read.reading.ModelReading.blocks`; ``None``: found
-    here)."""
+    here). ``record``: a step traced at full depth keeps every storage's lifetime (:attr:`Timeline.recorded`)."""
     kwargs = dict(precision=precision, engine=engine, activation_checkpointing=activation_checkpointing,
                   attention=attention, zero3=zero3, cuda=cuda, autocast_cache=autocast_cache)  # fmt: skip
     names = list(blocks) if blocks is not None else auto_blocks(module)
@@ -232,13 +234,13 @@ def trace_timeline(
                                     grads_in_forward=1.0 - res.released_before_forward)  # fmt: skip
                 except SynthesisError as err:
                     details["synthesis"] = f"every block traced: {err}"
-        res = trace_step(module, batch, **kwargs)
+        res = trace_step(module, batch, record=record, **kwargs)
     details.update(traced_blocks=len(names), saved_bytes=res.saved_bytes)
     if res.depends_on_batch:  # the data-dependent ops the step ran, and where (see trace_step)
         details["depends_on_batch"] = list(res.depends_on_batch)
     _own_checkpointing(details, res, module)
     return Timeline(res.live, res.grads, res.logits, res.forward_end, details, res.gathered,
-                    1.0 - res.released_before_forward, res.grad_order)  # fmt: skip
+                    1.0 - res.released_before_forward, res.grad_order, recorded=res if record else None)  # fmt: skip
 
 
 def _own_checkpointing(details: "dict[str, Any]", res: Any, module: Any) -> None:
