@@ -33,7 +33,6 @@ Files written (at most 6): ``probe.json``, ``matrix.json`` (matrix + expandable 
 """
 
 import argparse
-import gc
 import gzip
 import json
 import os
@@ -232,7 +231,9 @@ def release() -> int:
     """Free what the last configuration left: collect, empty the cache; the bytes still allocated."""
     import torch
 
-    gc.collect()
+    from lightning_memopt.measuring.memory import collect_garbage
+
+    collect_garbage()
     if SMOKE:
         return 0
     torch.cuda.synchronize()

@@ -20,7 +20,6 @@ Usage::
 
 import argparse
 import contextlib
-import gc
 import itertools
 import json
 import os
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_memopt.measuring.memory import DeviceMemoryProbe
+from lightning_memopt.measuring.memory import DeviceMemoryProbe, collect_garbage
 
 VOCAB = 256
 
@@ -133,7 +132,7 @@ def run_config(rank: int, probe: DeviceMemoryProbe, cfg: dict, steps: int) -> di
     """Train one configuration for ``steps`` steps; memory relative to the bytes alive before the model."""
     import deepspeed
 
-    gc.collect()
+    collect_garbage()
     base = probe.current_bytes
     torch.manual_seed(0)
     model = build_model(cfg["model"], cfg["attention"], cfg["checkpointing"])
@@ -157,7 +156,7 @@ def run_config(rank: int, probe: DeviceMemoryProbe, cfg: dict, steps: int) -> di
         records.append({"peak": step.peak_bytes - base, "end": step.current_bytes - base, "rss": step.rss_bytes})
     engine.destroy()
     del engine, batch
-    gc.collect()
+    collect_garbage()
     return {**cfg, "rank": rank, "n_params": n_params, "built": built, "after_init": after_init,
             "steps": records, "leaked": probe.current_bytes - base}  # fmt: skip
 

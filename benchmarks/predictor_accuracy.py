@@ -16,17 +16,16 @@ Measuring: every process counts every CPU allocation with the counting allocator
 (:class:`~lightning_memopt.measuring.memory.DeviceMemoryProbe` ``cpu_mode="allocator"``, started before any model is
 built, kernel workspaces included): the judge, code the predictor does not share. Beside it the live tensor storages
 (``cpu_mode="dispatch"``) explain a gap (``scratch``), never judge. The claim is ``benchmarks/accuracy_targets.py``.
-The baseline of a
-configuration is taken right before its LightningModule is built (after ``gc.collect()``), so the model, DeepSpeed's
-flat buffers, fp32 partitions, Adam states, buckets, activations and the batch are all in the measured bytes. A
-callback resets the peak at ``on_train_batch_start`` and reads it at ``on_train_batch_end``; "measured" is the
-highest per-step peak of the steady state, steps 2..N (Adam states are created at step 1). Single-device runs
-(Lightning's single-device strategy, bf16-mixed = autocast, checkpointing by the ``ActivationCheckpointing``
-callback) run first in the main process; then each world size other than 2 runs in a launch of its own (this script
-re-run in a subprocess with ``--launch N``, whose Lightning starts ranks 1..N-1); then one 2-process launch holds
-every 2-rank ``MemOptStrategy`` configuration (Lightning starts the second process at the first 2-device fit; later
-Trainers find the process group up). With gradient accumulation the recorder reads one peak per micro-batch; a step's
-peak is the highest of its window's micro-steps and the first window is left out.
+The baseline of a configuration is taken right before its LightningModule is built (after ``collect_garbage()``), so
+the model, DeepSpeed's flat buffers, fp32 partitions, Adam states, buckets, activations and the batch are all in the
+measured bytes. A callback resets the peak at ``on_train_batch_start`` and reads it at ``on_train_batch_end``;
+"measured" is the highest per-step peak of the steady state, steps 2..N (Adam states are created at step 1).
+Single-device runs (Lightning's single-device strategy, bf16-mixed = autocast, checkpointing by the
+``ActivationCheckpointing`` callback) run first in the main process; then each world size other than 2 runs in a
+launch of its own (this script re-run in a subprocess with ``--launch N``, whose Lightning starts ranks 1..N-1);
+then one 2-process launch holds every 2-rank ``MemOptStrategy`` configuration (Lightning starts the second process
+at the first 2-device fit; later Trainers find the process group up). With gradient accumulation the recorder reads
+one peak per micro-batch; a step's peak is the highest of its window's micro-steps and the first window is left out.
 
 Predicting: before anything is measured, in a clean process (a ZeRO-3 engine leaves DeepSpeed's Linear patched in
 process-wide), each configuration is predicted on a freshly built copy of its model with the settings
@@ -54,7 +53,6 @@ Usage::
 """
 
 import argparse
-import gc
 import itertools
 import json
 import os
@@ -70,6 +68,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+
+from lightning_memopt.measuring.memory import collect_garbage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -273,7 +273,7 @@ class StepRecorder(pl.Callback):
 def run_config(probes: "dict[str, Any]", cfg: dict) -> dict:
     """Fit one configuration in a fresh Trainer; its memory relative to the bytes alive before the model."""
     loader = dataloader(cfg)  # the samples' source (the text): host data, not the step's
-    gc.collect()
+    collect_garbage()
     base = {name: probe.current_bytes for name, probe in probes.items()}
     start = time.perf_counter()
     module = build_module(cfg)
@@ -295,7 +295,7 @@ def run_config(probes: "dict[str, Any]", cfg: dict) -> dict:
               "after_setup": recorder.after_setup, "steps": recorder.steps,
               "run_settings": recorder.settings}  # fmt: skip
     del trainer, module, recorder, loader
-    gc.collect()
+    collect_garbage()
     result["leaked"] = probes["allocations"].current_bytes - base["allocations"]
     result["seconds"] = time.perf_counter() - start
     return result

@@ -1,12 +1,13 @@
 """Helpers for tests that launch real multi-process runs on CPU."""
 
 import contextlib
-import gc
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from lightning_memopt.measuring.memory import collect_garbage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +72,7 @@ def steady_peak(build, loss_of, micro: int, seq: int, vocab: int, steps: int = 3
 
     from lightning_memopt.measuring.cpu_allocator import CPUAllocationCounter
 
-    gc.collect()  # an earlier test's counted storages, freed later, would be taken off the shared count mid-step
+    collect_garbage()  # an earlier test's counted storages, freed later, would be taken off the shared count mid-step
     counter = CPUAllocationCounter()
     try:
         base = counter.current_bytes

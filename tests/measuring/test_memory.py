@@ -1,6 +1,5 @@
 """Tests for the CPU/CUDA memory measuring tools: known allocations must be counted exactly."""
 
-import gc
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ from lightning_memopt.measuring.cpu_allocator import CPUAllocationCounter
 from lightning_memopt.measuring.memory import (
     DeviceMemoryProbe,
     StepMemory,
+    collect_garbage,
     dump_cuda_memory_snapshot,
     record_cuda_memory_history,
 )
@@ -98,7 +98,7 @@ def test_tracking_preexisting_tensors_and_their_release(probe: DeviceMemoryProbe
         assert added == expected
         assert probe.track(model) == 0  # de-duplicated
         del model
-        gc.collect()
+        collect_garbage()
         assert probe.current_bytes == base
     else:  # the allocator counted it at creation already: registering adds nothing
         assert added == 0

@@ -1,6 +1,5 @@
 """Budget-driven checkpointing: the fewest blocks that fit, measured under the budget, and clear errors."""
 
-import gc
 import re
 import warnings
 
@@ -10,7 +9,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from transforms._models import hf_model
 
-from lightning_memopt.measuring.memory import DeviceMemoryProbe
+from lightning_memopt.measuring.memory import DeviceMemoryProbe, collect_garbage
 from lightning_memopt.planning import CheckpointPlan, checkpoint_to_fit, estimate_memory
 from lightning_memopt.transforms import applied_transforms, apply_activation_checkpointing, blocks_to_checkpoint
 
@@ -30,7 +29,7 @@ def _predicted(model, checkpointing, attention):
 
 def _measured_step_peak(build) -> int:
     """Peak live CPU bytes of building the model and one AdamW training step (counting allocator)."""
-    gc.collect()
+    collect_garbage()
     probe = DeviceMemoryProbe("cpu", cpu_mode="allocator")
     base = probe.current_bytes
     probe.start_step()
@@ -134,7 +133,7 @@ class _MeasureStep(pl.Callback):
     """The peak live CPU bytes of the first training step, the run's own storages only."""
 
     def setup(self, trainer, pl_module, stage):
-        gc.collect()
+        collect_garbage()
         self.probe = DeviceMemoryProbe("cpu", cpu_mode="allocator")
         self.probe.track(pl_module)
         own = sum(t.untyped_storage().nbytes() for t in pl_module.state_dict().values())

@@ -6,7 +6,6 @@ A thin callback, as Lightning's ``ThroughputMonitor``: it reads the run (the sha
 """
 
 import functools
-import gc
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from lightning_memopt.lightning.callbacks._memory_report import (
     summary_table,
     unit_for,
 )
+from lightning_memopt.measuring.memory import collect_garbage
 from lightning_memopt.measuring.memory_steps import FIELDS, MemoryStepAggregator, storage_bytes
 from lightning_memopt.predictor.report.estimate import CATEGORIES, MemoryEstimate
 
@@ -281,7 +281,7 @@ class MemoryMonitor(ReadsRun):
         # live bytes of the process that are not this run's (an earlier fit's objects): not the run's memory
         own = storage_bytes(pl_module, device.type)
         if self._probe.current_bytes > own:  # free an earlier run's unreachable objects before measuring
-            gc.collect()
+            collect_garbage()
         foreign = max(0, self._probe.current_bytes - own)
         self._agg = MemoryStepAggregator(foreign).to(device)
         if device.type == "cuda" and self.snapshot_on_oom:

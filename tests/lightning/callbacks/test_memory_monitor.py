@@ -9,7 +9,6 @@ states are created lazily at the first optimizer step, after that step's peak.
 """
 
 import csv
-import gc
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from tiny_llm import CausalLM, TextDataModule
 from lightning_memopt import MemOptStrategy
 from lightning_memopt.core.units import parse_bytes
 from lightning_memopt.lightning.callbacks.memory_monitor import MemoryDoesNotFitError, MemoryMonitor
+from lightning_memopt.measuring.memory import collect_garbage
 
 SCRIPT = Path(__file__).parent / "scripts" / "monitor_run.py"
 KEYS = ("memory/actual_peak_bytes", "memory/actual_peak_bytes_max", "memory/predicted_peak_bytes",
@@ -57,7 +57,7 @@ class AllocatorPeaks(pl.Callback):
     def __init__(self) -> None:
         from lightning_memopt.measuring.cpu_allocator import CPUAllocationCounter
 
-        gc.collect()  # an earlier fit's storages, freed now, would be taken off the shared count mid-run
+        collect_garbage()  # an earlier fit's storages, freed now, would be taken off the shared count mid-run
         self.counter = CPUAllocationCounter()
         self.base = self.counter.current_bytes
         self.peaks: list[int] = []

@@ -1,6 +1,5 @@
 import contextlib
 import copy
-import gc
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_memopt.measuring.cpu_allocator import CPUAllocationCounter
+from lightning_memopt.measuring.memory import collect_garbage
 from lightning_memopt.measuring.tensor_tracker import TensorMemoryTracker
 from lightning_memopt.predictor.precision import resolve_precision
 from lightning_memopt.predictor.trace.step import trace_step
@@ -73,7 +73,7 @@ def _real_peak(model: nn.Module, batch, mode: str) -> "tuple[int, int]":
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tree_flatten(batch)[0]
                 if isinstance(t, torch.Tensor)}  # fmt: skip
     batch_bytes = sum(storages.values())  # the batch is on the device through the step
-    gc.collect()  # an earlier test's counted storages, freed later, would be taken off the shared count mid-step
+    collect_garbage()  # an earlier test's counted storages, freed later, would be taken off the shared count mid-step
     counter = CPUAllocationCounter()
     try:
         base = counter.current_bytes
@@ -132,7 +132,7 @@ def test_plain_tensor_attributes_and_value_checks_are_traced():
     res = trace_step(model, batch, resolve_precision("32-true"), engine="torch")
     assert model.t.pos_encoder.pe is None  # the trace leaves no fake tensor behind
     predicted = max(live + grads for live, grads in zip(res.live, res.grads))
-    gc.collect()
+    collect_garbage()
     counter = CPUAllocationCounter()  # the model still trains: its first step (mask and encoding made), measured
     try:
         base = counter.current_bytes

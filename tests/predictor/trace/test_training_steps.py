@@ -8,13 +8,12 @@ optimization does (forward, ``zero_grad``, backward, optimizer step) or, for a m
 second step is measured (the optimizer states exist, the previous gradients are alive in the forward).
 """
 
-import gc
 
 import pytest
 import torch
 from torch import nn
 
-from lightning_memopt.measuring.memory import DeviceMemoryProbe
+from lightning_memopt.measuring.memory import DeviceMemoryProbe, collect_garbage
 from lightning_memopt.planning import estimate_memory
 from lightning_memopt.predictor.precision import resolve_precision
 from lightning_memopt.predictor.trace.step import trace_step
@@ -178,7 +177,7 @@ def _real_step(model: Tiny, batch: dict) -> None:
 def _measured_peak(model: Tiny, batch: dict) -> int:
     """Peak CPU bytes (counting allocator) of the second real step, model, gradients and optimizer states included."""
     _real_step(model, batch)  # the optimizer states are created in the first step
-    gc.collect()
+    collect_garbage()
     probe = DeviceMemoryProbe("cpu", cpu_mode="allocator")
     try:
         # the counter is process-wide: storages an earlier test counted and still holds are not this step's
