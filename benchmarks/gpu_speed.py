@@ -29,19 +29,20 @@ allocated that the targets compare is net of what was still allocated when the u
 (6 N + 12 L H Q T) / the measured matmul peak (PaLM, Chowdhery et al. 2022, appendix B: N parameters, L layers,
 H heads of size Q, T tokens of context; checkpointing's recomputation is not counted).
 
-The ``zero`` protocol. Rounds of one fit per (stage, arm) in one process, in a balanced order (as listed, then
-reversed: A B C ... C B A), as many rounds as the part's time allows (``--rounds`` at most). Each fit starts from a
-state made and checked clean: DeepSpeed's leftovers of earlier ZeRO-3 fits released (:func:`release_deepspeed_models`),
-garbage collected, the CUDA cache emptied, then no DeepSpeed engine alive and at most ``CLEAN_BYTES`` allocated and
-reserved; the allocator setting each arm runs with is read at the fit's start. A fit is ``ZERO_WARMUP`` untimed
-steps, then ``ZERO_TIMED`` timed ones: a step lasts from its batch start to the next one's, taken from CUDA events
-recorded on the current stream, with no synchronisation between the timed steps. Per stage and pair of arms, each
-round gives the ratio of the two fits' medians; :mod:`_timing` makes the ratio (the geometric mean over rounds), its
-95 % interval (the wider of Student's t over the rounds and a bootstrap of the steps within the fits) and the
-verdict: "within 2 %", "slower by X %", or "undecided" when the half-width is above 1 % (or the interval holds 1.02).
-Rounds with a fit that started unclean, or with another allocator setting than its arm's, are left out. The planned
-time (printed first) comes from the H200 runs of 2026-12-04: a fit costs ``ZERO_FIT_S`` plus its steps
-(``ZERO_STEP_S`` each); the part's process start and first fit's one-time costs ``ZERO_START_S``.
+The ``zero`` protocol. Rounds of one fit per (stage, arm) in one process, in a balanced order (as listed, then reversed:
+A B C ... C B A), as many rounds as the part's time allows (``--rounds`` at most). Each fit starts from a state made and
+checked clean: DeepSpeed's hold on the earlier fits' models released (``MemOptStrategy``'s teardown does it; after a
+``DeepSpeedStrategy`` fit the suite calls the same function), garbage collected, the CUDA cache emptied, then no
+DeepSpeed engine alive and at most ``CLEAN_BYTES`` allocated and reserved; the allocator setting each arm runs with is
+read at the fit's start. A fit is ``ZERO_WARMUP`` untimed steps, then ``ZERO_TIMED`` timed ones: a step lasts from its
+batch start to the next one's, taken from CUDA events recorded on the current stream, with no synchronisation between
+the timed steps. Per stage and pair of arms, each round gives the ratio of the two fits' medians; :mod:`_timing` makes
+the ratio (the geometric mean over rounds), its 95 % interval (the wider of Student's t over the rounds and a bootstrap
+of the steps within the fits) and the verdict: "within 2 %", "slower by X %", or "undecided" when the half-width is
+above 1 % (or the interval holds 1.02). Rounds with a fit that started unclean, or with another allocator setting than
+its arm's, are left out. The planned time (printed first) comes from the H200 runs of 2026-12-04: a fit costs
+``ZERO_FIT_S`` plus its steps (``ZERO_STEP_S`` each); the part's process start and first fit's one-time costs
+``ZERO_START_S``.
 
 Output (at most 4 files): ``<out-dir>/<group>.json`` for each group run and ``<out-dir>/summary.json`` (device,
 versions, the plan, statuses, the targets of issue 18 as ratios with pass/fail, the zero protocol's comparisons, the
@@ -104,7 +105,7 @@ ZERO_FIT_S = {1: 4.0, 2: 4.0, 3: 5.5}
 ZERO_START_S = 30
 BURN_IN_S = 3  # bf16 matmuls before the first fit, so that the GPU's clocks are up
 #: a fit starts clean with at most this much allocated and reserved: 0.5 % of a zero fit's 13 GB peak (what the
-#: earlier fits left was 512 B at ZeRO-1/2, 4.0 GB per ZeRO-3 fit before :func:`release_deepspeed_models`)
+#: earlier fits left was 512 B at ZeRO-1/2, 4.0 GB per ZeRO-3 fit before DeepSpeed's globals were released)
 CLEAN_BYTES = 64 * 2**20
 #: set in the zero part's process from ``--stages`` and ``--rounds``
 STAGES, ROUNDS = (1, 2, 3), ZERO_ROUNDS
@@ -199,7 +200,9 @@ def spread(times: list[float]) -> dict:
 def free_memory() -> None:
     import torch
 
-    gc.collect()
+    from lightning_memopt.measuring.memory import collect_garbage
+
+    collect_garbage()
     if not SMOKE:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -207,29 +210,6 @@ def free_memory() -> None:
 
 #: weak references to the DeepSpeed engines of the fits so far: none may be alive when a fit starts
 ENGINES: "list[weakref.ref]" = []
-
-
-def release_deepspeed_models() -> dict:
-    """Drop what DeepSpeed 0.19.8 keeps of a ZeRO-3 model after its fit, ``engine.destroy()`` included: the module
-    that ``DeepSpeedZeRoOffload.__init__`` appends to ``zero/parameter_offload.py``'s ``FWD_MODULE_STACK`` and never
-    pops, and the ``functools.lru_cache`` of ``PartitionedParameterCoordinator.__params_to_release`` (keyed by the
-    coordinator and its sub-modules). Either keeps the model, its fp32 partitions and optimizer states alive: 4.0 GB
-    per fit of the 0.50B model (``allocated_before_bytes`` in ``rerun/speed_zero.json``, 2026-12-04). Call it between
-    fits only. Returns what was dropped (``None``: not found in this DeepSpeed)."""
-    from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator
-
-    stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
-    out: dict[str, int | None] = {"fwd_module_stack": None if stack is None else len(stack)}
-    if stack is not None:
-        stack.clear()
-    method = getattr(partitioned_param_coordinator.PartitionedParameterCoordinator,
-                     "_PartitionedParameterCoordinator__params_to_release", None)  # fmt: skip
-    cells = [c.cell_contents for c in getattr(method, "__closure__", None) or ()]  # under ``instrument_w_nvtx``
-    cache = next((f for f in [method, *cells] if hasattr(f, "cache_clear")), None)
-    out["params_to_release_cache"] = None if cache is None else cache.cache_info().currsize
-    if cache is not None:
-        cache.cache_clear()
-    return out
 
 
 def live_bytes() -> "tuple[int, int | None]":
@@ -253,15 +233,13 @@ def clean_state() -> dict:
     allocated and reserved."""
     import torch
 
-    released = release_deepspeed_models()
     if not SMOKE and hasattr(torch._C, "_cuda_clearCublasWorkspaces"):  # private; empty_cache also does it (2.11)
         torch._C._cuda_clearCublasWorkspaces()
     free_memory()
     allocated, reserved = live_bytes()
     engines = sum(ref() is not None for ref in ENGINES)
     clean = engines == 0 and allocated <= CLEAN_BYTES and (reserved or 0) <= CLEAN_BYTES
-    return {"allocated_bytes": allocated, "reserved_bytes": reserved, "engines_alive": engines,
-            "deepspeed_released": released, "clean": clean}
+    return {"allocated_bytes": allocated, "reserved_bytes": reserved, "engines_alive": engines, "clean": clean}
 
 
 def expandable_segments_now() -> "bool | None":
@@ -565,8 +543,10 @@ def fit(module: Any, strategy: Any, extra: list, memory: Memory | None, batch: i
                          callbacks=[timer, *extra])
     trainer.fit(module, data)
     engine = trainer.strategy.model
-    if hasattr(engine, "destroy"):  # a DeepSpeed engine: its hooks keep its flat buffers alive after the fit
-        engine.destroy()
+    if hasattr(engine, "destroy"):  # a DeepSpeed engine: MemOptStrategy lets go of it at teardown, Lightning's not
+        from lightning_memopt.lightning.strategies._deepspeed_compat import release_engine
+
+        release_engine(engine)
         ENGINES.append(weakref.ref(engine))
     times = timer.step_times()
     half = len(times) // 2

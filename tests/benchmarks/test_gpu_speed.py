@@ -85,9 +85,6 @@ def test_smoke_runs_every_group_on_cpu_and_computes_the_targets(tmp_path):
         assert u["net_peak_allocated_bytes"] > 16 * u["n_parameters"]
     assert {u["strategy"] for u in fits if u["arm"] == "lightning+es" and u["stage"] == 2} == {
         "DeepSpeedStrategy(stage=2) + expandable segments (CPU stand-in)"}
-    # a ZeRO-3 fit leaves its model to DeepSpeed's globals; the next fit starts clean only once they are released
-    released = [u["state_before"]["deepspeed_released"] for u in fits]
-    assert any(r["fwd_module_stack"] and r["params_to_release_cache"] for r in released)
     zero = json.loads((tmp_path / "zero.json").read_text())
     assert zero["protocol"]["warmup_steps"] == 2 and zero["protocol"]["rounds_max"] == 2
     assert zero["comparisons"] == summary["zero_comparisons"] and len(zero["comparisons"]) == 9

@@ -390,7 +390,9 @@ class MemOptStrategy(DeepSpeedStrategy):
         from lightning_memopt.lightning._run_reader import forget_run
 
         trainer = getattr(self.lightning_module, "_trainer", None)
+        engine = self.model
         super().teardown()
+        compat.release_engine(engine)  # DeepSpeed's hooks and globals would keep the model alive after the fit
         forget_run(trainer)  # this fit's run reader, and a configure_optimizers result the fit did not take
         compat.restore_torch_linear()
         if self._restore_checkpointing is not None:
