@@ -6,6 +6,7 @@ can compute the same config the strategy will run with.
 
 import collections
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -31,6 +32,14 @@ DEEPSPEED_DEFAULTS = {
     "sub_group_size": 1_000_000_000,
     "contiguous_gradients": True,
 }
+#: DeepSpeed 0.19.8 ``runtime/zero/leaf_module_config.py`` ``DEFAULT_LEAF_MODULE_CLASSES``: every engine flags these
+#: as ZeRO-3 leaf modules unless its config's ``zero_optimization.leaf_module`` lists other classes (held equal to
+#: DeepSpeed's by the same test).
+DEEPSPEED_LEAF_MODULE_CLASSES = (
+    "transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock",
+    "transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock",
+    "transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock",
+)
 # ``engine.py`` ``MEMORY_OPT_ALLREDUCE_SIZE``: the stage-0 gradient all-reduce flattens this many elements at
 # once.
 ALLREDUCE_CHUNK = 500_000_000
@@ -341,3 +350,65 @@ def zero_settings(deepspeed_config: "dict[str, Any] | None") -> "dict[str, Any]"
             out[key] = bool(value) if key == "contiguous_gradients" else int(value)
     out["overlap_comm"] = zero.get("overlap_comm")
     return out
+
+
+@dataclass(frozen=True)
+class LeafModules:
+    """Which modules a DeepSpeed engine makes ZeRO-3 leaf modules: its config's ``zero_optimization.leaf_module``
+    (``runtime/zero/leaf_module_config.py``: ``classes``, ``names``, ``name_suffixes``), applied to the engine's
+    module by ``utils/z3_leaf_module.py`` ``apply_zero_leaf_module_config``. The default is DeepSpeed's.
+
+    Example:
+        >>> leaves = LeafModules.from_config({"zero_optimization": {"leaf_module": {"name_suffixes": "mlp"}}})
+        >>> leaves.matches("model.layers.0.mlp", nn.Linear(1, 1)), leaves.matches("model.layers.0", nn.Linear(1, 1))
+        (True, False)
+        >>> "MixtralSparseMoeBlock" in LeafModules().classes[0]
+        True
+    """
+
+    classes: "tuple[str, ...]" = DEEPSPEED_LEAF_MODULE_CLASSES
+    names: "tuple[str, ...]" = ()
+    name_suffixes: "tuple[str, ...]" = ()
+
+    @classmethod
+    def from_config(cls, deepspeed_config: "Mapping[str, Any] | None") -> "LeafModules":
+        """The leaf modules of a DeepSpeed config, DeepSpeed's defaults for the keys it does not set.
+
+        Raises:
+            ValueError: a ``leaf_module`` that is not a mapping of those three keys to a string or a list of strings.
+        """
+        section = ((deepspeed_config or {}).get("zero_optimization") or {}).get("leaf_module")
+        if section is None:
+            return cls()
+        fields = ("classes", "names", "name_suffixes")
+        unknown = set(section) - set(fields) if isinstance(section, Mapping) else None
+        if unknown is None or unknown:
+            raise ValueError(
+                f"Expected `zero_optimization.leaf_module` to be a mapping with keys {', '.join(fields)},"
+                f" got {section!r}. Fix: list the leaf modules' classes, names or name suffixes under those keys."
+            )
+        values = {}
+        for key in fields:
+            value = section.get(key, getattr(cls(), key))
+            value = [value] if isinstance(value, str) else value  # DeepSpeed takes one string as a list of one
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ValueError(
+                    f"Expected `zero_optimization.leaf_module.{key}` to be a string or a list of strings, got"
+                    f" {value!r}. Fix: give the {key.replace('_', ' ')} as strings."
+                )
+            values[key] = tuple(dict.fromkeys(value))  # DeepSpeed drops repeats
+        return cls(**values)
+
+    def matches(self, name: str, module: nn.Module) -> bool:
+        """Whether DeepSpeed flags ``module``, named ``name`` in the engine's ``named_modules()``, as a leaf: by its
+        class's name or qualified name (``_do_set_z3_leaf_modules``), its exact name or a suffix of it."""
+        cls = type(module)
+        return (
+            any(c in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}") for c in self.classes)
+            or name in self.names
+            or any(name.endswith(suffix) for suffix in self.name_suffixes)
+        )
+
+
+#: DeepSpeed's default leaf modules (a config without ``zero_optimization.leaf_module``)
+DEFAULT_LEAF_MODULES = LeafModules()

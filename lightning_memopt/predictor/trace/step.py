@@ -45,6 +45,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_memopt.core import compat as _compat
 from lightning_memopt.core.blocks import checkpointed_as, own_checkpoints
+from lightning_memopt.core.deepspeed_config import DEFAULT_LEAF_MODULES
 from lightning_memopt.core.modules import find_hf_model, tensor_attributes
 from lightning_memopt.predictor.precision import Precision
 from lightning_memopt.predictor.trace import step_context
@@ -351,7 +352,8 @@ def trace_step(
             exclude.update(t.untyped_storage()._cdata for _, t in fake_attributes)
             param_ids.update(id(t) for t in fakes.values())
             if zero3:  # a ZeRO-3 leaf module's gradients are reduced after its backward (MoE blocks)
-                leaf = stack.enter_context(LeafGradients(module, fakes, hand_over))
+                leaves = zero3.leaves if isinstance(zero3, Zero3Settings) else DEFAULT_LEAF_MODULES
+                leaf = stack.enter_context(LeafGradients(module, fakes, hand_over, leaves))
             handles += [p.register_post_accumulate_grad_hook(on_grad) for p in trainable]
             position.update((id(p), i) for i, p in enumerate(trainable))
             stack.enter_context(step_context.swapped_attributes(module, fake_attributes))

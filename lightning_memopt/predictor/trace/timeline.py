@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_memopt.core.blocks import auto_blocks, checkpoint_flags
-from lightning_memopt.core.deepspeed_config import zero_settings
+from lightning_memopt.core.deepspeed_config import LeafModules, zero_settings
 from lightning_memopt.predictor.precision import Precision
 from lightning_memopt.predictor.read.reading import ModelReading
 from lightning_memopt.predictor.read.sources import Source
@@ -153,6 +153,7 @@ def zero3_settings(reading: ModelReading, request: Request) -> "Zero3Settings | 
         max_live_parameters=int(cfg["stage3_max_live_parameters"]),
         complete_trace=not reading.step_calls_root,
         partitioned=request.world_size > 1,
+        leaves=LeafModules.from_config(request.deepspeed_config),
     )
 
 

@@ -24,8 +24,9 @@ the same points) and replays the coordinator on them afterwards, when the whole 
 at or below ``stage3_param_persistence_threshold`` elements stay whole on every rank: they are model states
 (:mod:`lightning_memopt.predictor.account.model_states`), not gathered here. NVMe prefetching is not modelled.
 
-ZeRO-3 leaf modules (:func:`leaf_modules`; DeepSpeed 0.19.8 makes Mixtral's, Qwen2-MoE's and Qwen3-MoE's sparse
-MoE blocks leaves by default, :data:`LEAF_MODULE_CLASSES`) are hooked as one module: the leaf fetches and releases
+ZeRO-3 leaf modules (:func:`leaf_modules`: those of the config's ``zero_optimization.leaf_module``, by default
+DeepSpeed 0.19.8's Mixtral, Qwen2-MoE and Qwen3-MoE sparse MoE blocks;
+:class:`~lightning_memopt.core.deepspeed_config.LeafModules`) are hooked as one module: the leaf fetches and releases
 its whole subtree's parameters and the modules inside it get no hook (``_register_deepspeed_module`` stops there),
 and its parameters' gradients wait for the end of its backward (:class:`LeafGradients`).
 
@@ -48,6 +49,7 @@ from torch.utils._pytree import tree_map
 from typing_extensions import Self
 
 from lightning_memopt.core.compat import full_shape
+from lightning_memopt.core.deepspeed_config import DEFAULT_LEAF_MODULES, LeafModules
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Zero3Settings:
             nothing: a parameter's data is its partition (``runtime/zero/partition_parameters.py``
             ``all_gather_coalesced`` and ``_allgather_params_coalesced`` take ``_no_gather_coalesced`` when every
             partition world size is 1), so :func:`replay` finds no gathered bytes.
+        leaves: which modules the config makes leaf modules (``zero_optimization.leaf_module``).
     """
 
     persistence_threshold: int
@@ -73,6 +76,7 @@ class Zero3Settings:
     max_live_parameters: int
     complete_trace: bool = True
     partitioned: bool = True
+    leaves: LeafModules = DEFAULT_LEAF_MODULES
 
 
 @dataclass(frozen=True)
@@ -174,7 +178,7 @@ class Zero3Gathering:
                 if p is not None:
                     order.setdefault(id(p), len(order))
         self.names: dict[int, str] = {}  # parameter key -> qualified name
-        leaves = [prefix for prefix, _ in leaf_modules(named)]
+        leaves = [prefix for prefix, _ in leaf_modules(named, settings.leaves)]
         self._hooked: list[nn.Module] = []  # DeepSpeed hooks no module inside a leaf module
         for name, m in named:
             keys = []
@@ -414,25 +418,16 @@ class _Hook(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------- leaf modules
-#: the classes every DeepSpeed 0.19.8 engine flags as ZeRO-3 leaf modules unless its config's
-#: ``zero_optimization.leaf_module`` names others (``runtime/zero/leaf_module_config.py``
-#: ``DEFAULT_LEAF_MODULE_CLASSES``, applied by ``utils/z3_leaf_module.py`` ``apply_zero_leaf_module_config`` from
-#: ``runtime/engine.py`` ``_configure_distributed_model``)
-LEAF_MODULE_CLASSES = (
-    "transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock",
-    "transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock",
-    "transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock",
-)
-
-
-def leaf_modules(named: "Iterable[tuple[str, nn.Module]]") -> "list[tuple[str, nn.Module]]":
+def leaf_modules(
+    named: "Iterable[tuple[str, nn.Module]]", leaves: LeafModules = DEFAULT_LEAF_MODULES
+) -> "list[tuple[str, nn.Module]]":
     """The outermost ZeRO-3 leaf modules among ``named`` (a model's ``named_modules()``, the root first), as
     (qualified name, module) pairs in module order.
 
-    A module is a leaf when its class is one of :data:`LEAF_MODULE_CLASSES` (matched by its name or its qualified
-    name, as ``utils/z3_leaf_module.py`` ``_do_set_z3_leaf_modules`` does) or it carries DeepSpeed's ``_z3_leaf``
-    flag (``set_z3_leaf_modules``, or a module inside a running engine). DeepSpeed's registration stops at a leaf
-    (``runtime/zero/parameter_offload.py`` ``_register_deepspeed_module``): a leaf inside a leaf is none.
+    A module is a leaf when the config's ``leaf_module`` section matches it (``leaves``, DeepSpeed's default
+    classes unless given: :class:`~lightning_memopt.core.deepspeed_config.LeafModules`) or it carries DeepSpeed's
+    ``_z3_leaf`` flag (``set_z3_leaf_modules``, or a module inside a running engine). DeepSpeed's registration stops
+    at a leaf (``runtime/zero/parameter_offload.py`` ``_register_deepspeed_module``): a leaf inside a leaf is none.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)))
@@ -444,10 +439,7 @@ def leaf_modules(named: "Iterable[tuple[str, nn.Module]]") -> "list[tuple[str, n
     for name, m in named:
         if not name or any(name.startswith(f"{outer}.") for outer, _ in found):  # the root is never one
             continue
-        cls = type(m)
-        if getattr(m, "_z3_leaf", False) or any(
-            c in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}") for c in LEAF_MODULE_CLASSES
-        ):
+        if getattr(m, "_z3_leaf", False) or leaves.matches(name, m):
             found.append((name, m))
     return found
 
@@ -483,9 +475,15 @@ class LeafGradients:
         ([(3, 2), (3,)], True, False, False)
     """
 
-    def __init__(self, module: nn.Module, params: "dict[str, torch.Tensor]", hand_over: Any) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        params: "dict[str, torch.Tensor]",
+        hand_over: Any,
+        leaves: LeafModules = DEFAULT_LEAF_MODULES,
+    ) -> None:
         self.leaves: list[tuple[nn.Module, list[torch.Tensor]]] = []
-        for name, m in leaf_modules(module.named_modules()):
+        for name, m in leaf_modules(module.named_modules(), leaves):
             held = {id(t): t for pname, _ in m.named_parameters() if (t := params.get(f"{name}.{pname}")) is not None}
             trainable = [t for t in held.values() if t.requires_grad]
             if trainable:

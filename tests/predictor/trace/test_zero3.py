@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_memopt.core.deepspeed_config import LeafModules
 from lightning_memopt.predictor.precision import resolve_precision
 from lightning_memopt.predictor.trace.step import trace_step
 from lightning_memopt.predictor.trace.zero3 import Zero3Settings
@@ -142,6 +143,37 @@ def test_a_leaf_modules_gradients_are_taken_together_once_its_backward_ends():
     leaf_bytes = _bytes(net[1])
     assert res.grads[k + 3] - res.grads[k - 1] == leaf_bytes
     assert res.live[k - 1] - res.live[k + 3] == leaf_bytes
+
+
+@pytest.mark.parametrize("leaves", [LeafModules(names=("1",)), LeafModules(classes=("_Plain",)),
+                                    LeafModules(classes=(), name_suffixes=("1",))])  # fmt: skip
+def test_a_leaf_module_named_by_the_config_is_one_like_a_flagged_one(leaves):
+    """``zero_optimization.leaf_module`` (by class, name or name suffix) makes the same leaf as DeepSpeed's
+    ``_z3_leaf`` flag: its gradients are taken together and it fetches its whole subtree; without it they are not."""
+    flagged, _, _ = _trace(_with_leaf(), _settings(complete=False))
+
+    def unflagged() -> nn.Sequential:
+        net = _with_leaf()
+        net[1]._z3_leaf = False
+        net[1].__class__ = type("_Plain", (_Leaf,), {})
+        return net
+
+    configured, _, _ = _trace(unflagged(), dataclasses.replace(_settings(complete=False), leaves=leaves))
+    plain, _, _ = _trace(unflagged(), _settings(complete=False))
+    assert configured.grad_order == flagged.grad_order != plain.grad_order
+    assert configured.gathered == flagged.gathered != plain.gathered
+    assert configured.grads == flagged.grads
+
+
+def test_the_timeline_reads_the_leaf_modules_of_the_deepspeed_config():
+    from lightning_memopt.predictor.read.sources import resolve_source
+    from lightning_memopt.predictor.request import make_request
+    from lightning_memopt.predictor.trace.timeline import zero3_settings
+
+    config = {"zero_optimization": {"stage": 3, "leaf_module": {"name_suffixes": ["mlp"]}}}
+    request = make_request(engine="deepspeed", zero=3, world_size=2, deepspeed_config=config, micro_batch_size=4)
+    reading = resolve_source(_with_leaf()).reading
+    assert zero3_settings(reading, request).leaves == LeafModules(name_suffixes=("mlp",))
 
 
 def test_a_leaf_module_fetches_and_releases_its_whole_subtree():
