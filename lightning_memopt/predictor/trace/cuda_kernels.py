@@ -1,5 +1,6 @@
 """CUDA's kernels in a trace run on the CPU: where CUDA's kernels keep other tensors than the CPU's (fused dropout,
-the fused attention backends, autocast's fp32 softmax), the trace calls what CUDA runs (:func:`cuda_kernels`)."""
+the fused attention backends, autocast's fp32 softmax and its cross-entropy), the trace calls what CUDA runs
+(:func:`cuda_kernels`)."""
 
 import contextlib
 from collections.abc import Iterator
@@ -25,7 +26,13 @@ def cuda_kernels() -> "Iterator[None]":
       gradient (T5's learned position bias) takes the math path, computed in fp32 as CUDA's math backend does;
     * ``softmax`` and ``log_softmax`` under autocast: CUDA's autocast runs them in fp32 (its ``fp32_set_opt_dtype``
       list, ``aten/src/ATen/autocast_mode.cpp``: a 16-bit input without ``dtype`` gets ``dtype=torch.float32``, so the
-      probabilities an eager attention keeps are fp32), where the CPU's autocast leaves them in the input's dtype.
+      probabilities an eager attention keeps are fp32), where the CPU's autocast leaves them in the input's dtype;
+    * ``cross_entropy`` of 16-bit logits under autocast: the CPU's autocast lists ``cross_entropy_loss`` as fp32 and
+      casts the logits to fp32 before the log-softmax (an fp32 copy next to the fp32 log-probabilities); CUDA's lists
+      it nowhere, so its composite runs (``aten/src/ATen/native/LossNLL.cpp`` ``cross_entropy_loss``:
+      ``log_softmax(self, class_dim, self.scalar_type())``, then ``nll_loss``, which CUDA's autocast runs in fp32):
+      16-bit log-probabilities, and their fp32 copy kept by ``nll_loss``. Label smoothing and probability targets
+      take other composites and keep the CPU's path.
 
     These functions of ``torch.nn.functional`` are swapped for the trace's duration (models look them up at call
     time, also when a checkpointed block is recomputed in backward) and put back on exit.
@@ -34,6 +41,7 @@ def cuda_kernels() -> "Iterator[None]":
     import torch.nn.functional as F
 
     dropout, sdpa, softmax, log_softmax = F.dropout, F.scaled_dot_product_attention, F.softmax, F.log_softmax
+    cross_entropy = F.cross_entropy
     low = (torch.bfloat16, torch.float16)
 
     def fp32_under_autocast(fn: Any) -> Any:
@@ -57,12 +65,23 @@ def cuda_kernels() -> "Iterator[None]":
             return _math_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         return _efficient_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
-    F.dropout, F.scaled_dot_product_attention = cuda_dropout, cuda_sdpa
+    def cuda_cross_entropy(input: "torch.Tensor", target: "torch.Tensor", weight: Any = None, size_average: Any = None,
+                           ignore_index: int = -100, reduce: Any = None, reduction: str = "mean",
+                           label_smoothing: float = 0.0) -> Any:  # fmt: skip
+        plain = label_smoothing == 0.0 and size_average is None and reduce is None and not target.is_floating_point()
+        if plain and input.dtype in low and torch.is_autocast_enabled("cpu"):
+            class_dim = 0 if input.dim() == 1 else 1
+            log_probs = torch.log_softmax(input, class_dim, dtype=input.dtype)
+            return F.nll_loss(log_probs, target, weight, ignore_index=ignore_index, reduction=reduction)
+        return cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+
+    F.dropout, F.scaled_dot_product_attention, F.cross_entropy = cuda_dropout, cuda_sdpa, cuda_cross_entropy
     F.softmax, F.log_softmax = fp32_under_autocast(softmax), fp32_under_autocast(log_softmax)
     try:
         yield
     finally:
         F.dropout, F.scaled_dot_product_attention, F.softmax, F.log_softmax = dropout, sdpa, softmax, log_softmax
+        F.cross_entropy = cross_entropy
 
 
 def _math_attention(
