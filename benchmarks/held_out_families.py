@@ -409,7 +409,7 @@ def main(argv: "list[str] | None" = None) -> None:
     summ = summarize(families)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *argv])
     print(f"\n{summ['configurations']} configurations of {summ['families']} families, {summ['compared']} compared:"
-          f" median |error| {_pct(summ['median_abs_error_pct'])} %, worst {_pct(summ['worst_abs_error_pct'])} %,"
+          f" median |error| {summ['median_abs_error_pct']:.2f} %, worst {summ['worst_abs_error_pct']:.2f} %,"
           f" {summ['over_1pct']} over 1 %, {summ['outside_claim']} outside the claim, {summ['refusals']} refusals,"
           f" {summ['crashes']} crashes, {summ['runs_failed']} runs failed; {seconds:.0f} s.")  # fmt: skip
     print(f"Command: {command}")
