@@ -105,6 +105,29 @@ def no_packed_sequence_detection() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def fake_tensors_run_eagerly() -> Iterator[None]:
+    """Let transformers' value checks run in a fake-tensor trace as they run in the eager step it stands for.
+
+    ``transformers.utils.import_utils.is_tracing(tensor)`` is true for any ``FakeTensor`` (``is_fake_tensor``,
+    transformers >= 4.5x), and the mask code then skips the checks that read values: ``_ignore_causal_mask_sdpa``
+    (``masking_utils``) builds a 4-D causal mask where the eager step sees an all-ones padding mask and calls SDPA
+    with ``is_causal=True`` (no mask at all); BART's decoder makes such a padding mask itself (``torch.ones``), a
+    Llama gets one from a tokenizer's batch. The trace answers those values from its shadows (the batch, factory
+    outputs), so inside it a fake tensor is not "tracing". ``is_tracing`` looks ``is_fake_tensor`` up in its own
+    module at every call, so every importer of ``is_tracing`` sees the change; a no-op where it does not exist."""
+    iu = sys.modules.get("transformers.utils.import_utils")
+    original = getattr(iu, "is_fake_tensor", None)
+    if original is None:
+        yield
+        return
+    iu.is_fake_tensor = lambda x: False
+    try:
+        yield
+    finally:
+        iu.is_fake_tensor = original
+
+
+@contextlib.contextmanager
 def checkpoint_regions(on_region: "Callable[[], None]") -> Iterator[None]:
     """Call ``on_region()`` as every ``torch.utils.checkpoint.checkpoint`` region starts (``checkpoint_sequential``'s
     too), reentrant or not, from inside ``checkpoint`` (its caller's frame is up the stack): torch's private

@@ -341,6 +341,7 @@ def trace_step(
             stack.enter_context(_compat.deepspeed_hooks_suspended(module))  # a module inside a running engine
             stack.enter_context(_compat.linear_of_the_run(zero3))
             stack.enter_context(_compat.no_packed_sequence_detection())
+            stack.enter_context(_compat.fake_tensors_run_eagerly())
             stack.enter_context(step_context.attention(module, attention))
             wrapped = stack.enter_context(checkpointed_as(module, activation_checkpointing))
             own = stack.enter_context(own_checkpoints())

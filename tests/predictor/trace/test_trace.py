@@ -125,6 +125,26 @@ def test_the_trace_is_the_eager_step_to_the_byte(kind, mode):
     assert predicted == live  # the explanation: the live storages, to the byte
 
 
+@pytest.mark.parametrize("kind", ["bart", "llama"])
+def test_an_all_ones_padding_mask_takes_sdpas_causal_path_as_in_the_eager_step(kind):
+    """transformers skips a 4-D causal mask when the padding mask is all ones (``is_causal=True`` in SDPA), but not
+    for a tensor it takes for a traced one (a ``FakeTensor``): BART's decoder makes that padding mask itself, a Llama
+    gets it from the batch (a tokenizer's ``attention_mask``). The trace reads the mask's values as the eager step
+    does, so it takes the same path: no mask is built or saved for backward (before: 9 KiB over for BART, 33 KiB
+    for the Llama at this size)."""
+    model = hf_from_config(kind)
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(1, 300, (2, 24))
+    batch = {"input_ids": ids, "labels": ids}
+    if kind == "llama":
+        batch["attention_mask"] = torch.ones_like(ids)
+    res = trace_step(model, batch, resolve_precision("32-true"), engine="torch")
+    predicted = max(live + grads for live, grads in zip(res.live, res.grads))
+    allocated, live = _real_peak(model, batch, "fp32")
+    assert 0 <= allocated - predicted <= SMALL_ALLOCATIONS, (allocated, predicted)
+    assert predicted == live
+
+
 def test_plain_tensor_attributes_and_value_checks_are_traced():
     """Lightning's demo Transformer keeps its mask and positional encoding as plain attributes, made in forward,
     and ``nn.Transformer`` inspects the mask's values (is it causal?): the values come from the shadows."""
