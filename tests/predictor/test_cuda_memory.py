@@ -158,12 +158,20 @@ def test_cuda_kernels_save_what_cuda_saves_where_the_cpu_takes_another_path():
     assert nn.functional.dropout.__name__ == "dropout" and nn.functional.cross_entropy.__name__ == "cross_entropy"
 
 
-@pytest.mark.parametrize("row", ["bert:eager:0:4", "bert:sdpa:1:4"])
-def test_bert_from_its_config_allocates_what_the_h200_allocated(row):
-    """BERT's masked-LM loss takes 16-bit logits: CUDA's autocast runs cross-entropy's composite (16-bit
-    log-probabilities, an fp32 copy for nll_loss) where the CPU's casts the logits to fp32 first. Traced the CPU's way
-    the config path was +1.5 % (eager) and +4.6 % (SDPA with checkpointing) over the H200's ``max_memory_allocated``
-    (``benchmarks/results/gpu_2026-12-04/accuracy_matrix.json``, 1024 tokens a sample)."""
+@pytest.mark.parametrize("row", ["bert:eager:0:4", "bert:sdpa:1:4", "t5:sdpa:0:4", "gemma3:sdpa:0:4"])
+def test_a_config_allocates_what_the_h200_allocated_where_cuda_runs_other_kernels(row):
+    """From the config alone, on a CPU, within 1 % of the H200's ``max_memory_allocated`` (issue 16: never more than
+    1 % under)
+    (``benchmarks/results/gpu_2026-12-04/accuracy_matrix.json``, 1024 tokens a sample), where CUDA's kernels keep
+    other tensors than the CPU's:
+
+    * BERT's masked-LM loss takes 16-bit logits: CUDA's autocast runs cross-entropy's composite (16-bit
+      log-probabilities, an fp32 copy for nll_loss) where the CPU's casts the logits to fp32 first (was +1.5 % and
+      +4.6 %);
+    * SDPA with a mask (T5's position bias, which needs a gradient; Gemma 3's sliding window) runs CUDA's backend on
+      the arguments autocast cast to 16 bits, and the backend's own computation outside autocast (was -13.1 % and
+      +3.5 %: fp32 queries handed to the memory-efficient kernel, the math path's fp32 products cast back to 16 bits).
+    """
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -172,10 +180,10 @@ def test_bert_from_its_config_allocates_what_the_h200_allocated(row):
     matrix = json.loads((Path(gpu_accuracy.__file__).parent / "results" / "gpu_2026-12-04" / "accuracy_matrix.json")
                         .read_text())["matrix"]  # fmt: skip
     run = next(r for r in matrix if r["name"] == row)
-    config, _ = gpu_accuracy.KINDS["bert"]
+    config, _ = gpu_accuracy.KINDS[run["kind"]]
     est = estimate_memory(config, micro_batch_size=run["micro_batch"], seq_len=gpu_accuracy.SEQ_LEN,
                           attention=run["attention"], activation_checkpointing=run["checkpointing"], engine="torch",
                           precision="bf16-mixed", optimizer="adamw-foreach", device="NVIDIA H200",
                           expandable_segments=False)  # fmt: skip
     allocated = run["steps"][-1]["allocated"]
-    assert abs(est.total - allocated) / allocated < 0.005
+    assert abs(est.total - allocated) / allocated < 0.01

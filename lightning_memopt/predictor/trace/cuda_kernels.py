@@ -61,9 +61,12 @@ def cuda_kernels() -> "Iterator[None]":
                   is_causal: bool = False, scale: Any = None, enable_gqa: bool = False) -> Any:  # fmt: skip
         if attn_mask is None:  # a fused kernel (cuDNN or flash): the CPU's flash kernel saves what they save
             return sdpa(query, key, value, None, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa)
-        if attn_mask.requires_grad:  # no fused kernel computes a mask's gradient: the math path
-            return _math_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-        return _efficient_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        # autocast's lower-precision policy (both devices list ``scaled_dot_product_attention``) casts the floating
+        # arguments, then runs the backend without autocast: its own computation is not autocast's
+        query, key, value, attn_mask = _autocast_arguments(query, key, value, attn_mask)
+        backend = _math_attention if attn_mask.requires_grad else _efficient_attention  # no fused mask gradient
+        with torch.autocast("cpu", enabled=False):
+            return backend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
     def cuda_cross_entropy(input: "torch.Tensor", target: "torch.Tensor", weight: Any = None, size_average: Any = None,
                            ignore_index: int = -100, reduce: Any = None, reduction: str = "mean",
@@ -82,6 +85,17 @@ def cuda_kernels() -> "Iterator[None]":
     finally:
         F.dropout, F.scaled_dot_product_attention, F.softmax, F.log_softmax = dropout, sdpa, softmax, log_softmax
         F.cross_entropy = cross_entropy
+
+
+def _autocast_arguments(*tensors: Any) -> "tuple[Any, ...]":
+    """``scaled_dot_product_attention``'s arguments as autocast hands them to the backend (``autocast_mode.cpp``,
+    ``lower_precision_fp``: every floating tensor cast to the autocast dtype; a boolean mask is left alone)."""
+    import torch
+
+    if not torch.is_autocast_enabled("cpu"):
+        return tensors
+    dtype = torch.get_autocast_dtype("cpu")
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for t in tensors)
 
 
 def _math_attention(
