@@ -23,7 +23,9 @@ def cuda_kernels() -> "Iterator[None]":
       flash's do. With a mask (a padding mask) CUDA runs the memory-efficient kernel, which takes the mask as a bias
       in the query's dtype and saves it for backward (``attention.cu``, ``_scaled_dot_product_efficient_attention``);
       the trace calls that op, whose fake kernel and autograd formula are device-independent. A mask that needs a
-      gradient (T5's learned position bias) takes the math path, computed in fp32 as CUDA's math backend does;
+      gradient (T5's learned position bias) takes the math path, computed in fp32 as CUDA's math backend does. Either
+      backend gets its arguments as autocast hands them over (every floating one cast to 16 bits: Gemma 3's queries
+      come in fp32) and computes outside autocast, as the dispatcher runs a kernel;
     * ``softmax`` and ``log_softmax`` under autocast: CUDA's autocast runs them in fp32 (its ``fp32_set_opt_dtype``
       list, ``aten/src/ATen/autocast_mode.cpp``: a 16-bit input without ``dtype`` gets ``dtype=torch.float32``, so the
       probabilities an eager attention keeps are fp32), where the CPU's autocast leaves them in the input's dtype;
