@@ -93,15 +93,8 @@ def no_packed_sequence_detection() -> Iterator[None]:
             import transformers.masking_utils as mu  # optional, only when transformers is there
         except ImportError:
             mu = None
-    original = getattr(mu, "find_packed_sequence_indices", None)
-    if original is None:
+    with _swapped(mu, "find_packed_sequence_indices", lambda position_ids: None):
         yield
-        return
-    mu.find_packed_sequence_indices = lambda position_ids: None
-    try:
-        yield
-    finally:
-        mu.find_packed_sequence_indices = original
 
 
 @contextlib.contextmanager
@@ -115,16 +108,22 @@ def fake_tensors_run_eagerly() -> Iterator[None]:
     Llama gets one from a tokenizer's batch. The trace answers those values from its shadows (the batch, factory
     outputs), so inside it a fake tensor is not "tracing". ``is_tracing`` looks ``is_fake_tensor`` up in its own
     module at every call, so every importer of ``is_tracing`` sees the change; a no-op where it does not exist."""
-    iu = sys.modules.get("transformers.utils.import_utils")
-    original = getattr(iu, "is_fake_tensor", None)
+    with _swapped(sys.modules.get("transformers.utils.import_utils"), "is_fake_tensor", lambda x: False):
+        yield
+
+
+@contextlib.contextmanager
+def _swapped(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.<name>`` set to ``value`` for the duration and put back after; a no-op where it does not exist."""
+    original = getattr(owner, name, None)
     if original is None:
         yield
         return
-    iu.is_fake_tensor = lambda x: False
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        iu.is_fake_tensor = original
+        setattr(owner, name, original)
 
 
 @contextlib.contextmanager
