@@ -5,6 +5,7 @@ itself off when the library no longer needs it (checked by feature, not by versi
 """
 
 import argparse
+import types
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -117,12 +118,13 @@ def release_engine(engine: Any) -> None:
       at ZeRO-3, also the module hooks that fetch the partitioned parameters, without which the trained model
       cannot run outside the Trainer: only the gradient hooks (and ZeRO-3's leaf-module hooks) are removed here.
     * **``FWD_MODULE_STACK``** (ZeRO-3, ``zero/parameter_offload.py``): ``DeepSpeedZeRoOffload.__init__`` appends
-      the engine's module to this module-level list and nothing pops it. The module's own forward pre-hook pushes it
-      again for each forward, so the entry is not needed.
+      the engine's module to this module-level list and nothing pops it, and a checkpointed block's recomputation in
+      backward leaves the sub-modules it pushed there. Each module's forward pre-hook pushes it again for each
+      forward, so at teardown (no forward running) no entry of the engine's modules is needed.
     * **The coordinator's cache** (ZeRO-3, ``zero/partitioned_param_coordinator.py``): ``__params_to_release`` is a
-      ``functools.lru_cache`` on a method, keyed by the coordinator and its sub-modules; it is only a cache and is
-      cleared for every coordinator (a ZeRO-3 model run again after its fit fills it again, until the next
-      teardown).
+      ``functools.lru_cache`` on a method, keyed by the coordinator and its sub-modules. It is only a cache: it is
+      cleared (for every coordinator), and this engine's coordinator gets the uncached function as an attribute of
+      its own, so that the model run again after its fit (generation, say) does not fill it again.
 
     A later fit, validate or test on the same model builds a new engine (Lightning's ``DeepSpeedStrategy.setup``),
     which registers its own hooks.
@@ -142,10 +144,17 @@ def release_engine(engine: Any) -> None:
 
     stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
     if isinstance(stack, list):
-        stack[:] = [module for module in stack if module is not engine.module]
+        owned = {id(module) for module in engine.module.modules()}
+        stack[:] = [module for module in stack if id(module) not in owned]
     method = getattr(partitioned_param_coordinator.PartitionedParameterCoordinator,
                      "_PartitionedParameterCoordinator__params_to_release", None)  # fmt: skip
     cells = [cell.cell_contents for cell in getattr(method, "__closure__", None) or ()]  # under ``instrument_w_nvtx``
     cache = next((f for f in [method, *cells] if hasattr(f, "cache_clear")), None)
-    if cache is not None:
-        cache.cache_clear()
+    if cache is None:
+        return
+    cache.cache_clear()
+    offload = getattr(optimizer, "parameter_offload", optimizer)  # a training engine's, or an inference engine's
+    coordinator = offload.get_param_coordinator() if hasattr(offload, "get_param_coordinator") else None
+    if coordinator is not None and hasattr(cache, "__wrapped__"):
+        uncached = types.MethodType(cache.__wrapped__, coordinator)
+        coordinator._PartitionedParameterCoordinator__params_to_release = uncached

@@ -72,8 +72,9 @@ def test_config_path_is_loaded_and_its_stage_used(tmp_path):
 
 
 def _fit(strategy, tmp_path, model=None, **trainer_kwargs):
+    trainer_kwargs = {"max_steps": 1, **trainer_kwargs}
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, strategy=strategy, max_steps=1, logger=False, enable_checkpointing=False,
+        accelerator="cpu", devices=1, strategy=strategy, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **trainer_kwargs,
     )
     trainer.fit(model or CausalLM(num_layers=1, hidden_size=32), TextDataModule(batch_size=2, seq_len=16))
@@ -181,17 +182,19 @@ def test_zero3_leaves_the_process_as_it_found_it(tmp_path, fails):
     assert (torch.nn.functional.linear, deepspeed.initialize) == before
 
 
-@pytest.mark.parametrize("zero", [1, 2, 3])
-def test_a_fitted_model_runs_and_is_freed_once_the_user_drops_it(tmp_path, zero):
-    """DeepSpeed's gradient hooks (ZeRO 1-3), its ``FWD_MODULE_STACK`` and its coordinator's cache (ZeRO-3) kept every
-    fitted model, its partitions and optimizer states alive for the rest of the process; the teardown lets go of
-    them, and the model still runs after the fit and still saves."""
+@pytest.mark.parametrize(("zero", "checkpointing"), [(1, False), (2, False), (3, False), (3, True)])
+def test_a_fitted_model_runs_and_is_freed_once_the_user_drops_it(tmp_path, zero, checkpointing):
+    """DeepSpeed's gradient hooks (ZeRO 1-3), its ``FWD_MODULE_STACK`` (the engine's module, and with checkpointing
+    the sub-modules a recomputation pushed) and its coordinator's cache (ZeRO-3) kept every fitted model, its
+    partitions and optimizer states alive for the rest of the process; the teardown lets go of them, and the model
+    still runs after the fit and still saves."""
     import gc
     import weakref
 
     def fit_and_use() -> tuple:
         model = CausalLM(num_layers=1, hidden_size=32)
-        trainer = _fit(MemOptStrategy(zero=zero), tmp_path, model, precision="32-true")
+        strategy = MemOptStrategy(zero=zero, activation_checkpointing=checkpointing)
+        trainer = _fit(strategy, tmp_path, model, precision="32-true", max_steps=3)
         with torch.no_grad():  # at ZeRO-3 DeepSpeed's module hooks still fetch the partitioned parameters
             logits = model(torch.randint(0, 256, (2, 16)))
         assert logits.shape == (2, 16, 256) and torch.isfinite(logits).all()
