@@ -387,9 +387,9 @@ class LeafModules:
                 f"Expected `zero_optimization.leaf_module` to be a mapping with keys {', '.join(fields)},"
                 f" got {section!r}. Fix: list the leaf modules' classes, names or name suffixes under those keys."
             )
-        values = {}
+        values, defaults = {}, cls()
         for key in fields:
-            value = section.get(key, getattr(cls(), key))
+            value = section.get(key, getattr(defaults, key))
             value = [value] if isinstance(value, str) else value  # DeepSpeed takes one string as a list of one
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise ValueError(
