@@ -281,7 +281,11 @@ def run_probe() -> dict:
     torch.cuda.init()
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()
-    out: dict[str, Any] = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0),
+    import transformers
+
+    # the model code decides the traced step: a replay on another machine (gpu_replay.py) needs the same version
+    out: dict[str, Any] = {"torch": torch.__version__, "transformers": transformers.__version__,
+                           "device": torch.cuda.get_device_name(0),
                            "capability": list(torch.cuda.get_device_capability(0)), "total_bytes": int(total),
                            "context_bytes": int(total - free)}  # fmt: skip
     for name in ("cublas_workspace_size", "cublaslt_workspace_size"):

@@ -6,6 +6,15 @@ config alone, against what the H200 measured (``benchmarks/results/gpu_2026-12-0
     python benchmarks/gpu_replay.py --kinds bert t5 --out replay.json
 
 Prints a table (predicted vs measured ``max_memory_allocated`` and ``max_memory_reserved``) and writes JSON.
+
+The traced step is the model code's: run it with the transformers version the GPU ran (``probe.json``'s
+``transformers``; the 2026-12-04 run had 5.17.0, which its probe did not record), e.g. from a side install::
+
+    pip install --target /tmp/tf517 transformers==5.17.0 "huggingface-hub>=1.5,<2" httpx
+    PYTHONPATH=/tmp/tf517 python benchmarks/gpu_replay.py --out replay.json
+
+Another version changes the model's tensors, not the predictor (Llama and Gemma 3 SDPA at micro-batch 4: -0.6 %
+under 5.25, +0.2 % under 5.17).
 """
 
 import argparse
@@ -17,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "gpu_2026-12-04" / "accuracy_matrix.json"
+#: the transformers version of a GPU run whose probe did not record it (the 2026-12-04 H200 run)
+GPU_TRANSFORMERS = "5.17.0"
 
 
 def replay(row: dict, device: str, expandable: bool) -> dict:
@@ -52,6 +63,12 @@ def main() -> int:
     data = json.loads(args.results.read_text())
     probe = json.loads((args.results.parent / "probe.json").read_text())[0]
     device = probe["device"]
+    import transformers
+
+    ran = probe.get("transformers", GPU_TRANSFORMERS)
+    if transformers.__version__ != ran:
+        print(f"warning: transformers {transformers.__version__} here, {ran} on the GPU: the rows compare two model"
+              " codes (see the module docstring)", file=sys.stderr)
     rows = []
     for group, expandable in (("matrix", False), ("expandable", True)):
         for row in data[group]:
@@ -66,7 +83,9 @@ def main() -> int:
         values = [r[key] for r in rows if r[key] is not None]
         summary[key] = {"n": len(values), "median_abs": statistics.median(map(abs, values)),
                         "worst_abs": max(map(abs, values)), "most_under": min(values)}  # fmt: skip
-    args.out.write_text(json.dumps({"device": device, "summary": summary, "rows": rows}, indent=1))
+    out = {"device": device, "transformers": transformers.__version__, "gpu_transformers": ran, "summary": summary,
+           "rows": rows}  # fmt: skip
+    args.out.write_text(json.dumps(out, indent=1))
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -67,7 +67,7 @@ from typing import Any
 
 from lightning_memopt.core.deepspeed_config import ALLREDUCE_CHUNK, zero_settings
 from lightning_memopt.predictor.account.cuda_allocator import AllocatorResult, simulate
-from lightning_memopt.predictor.account.cuda_replay import allocator_settings, grad_records
+from lightning_memopt.predictor.account.cuda_replay import allocator_settings, grad_records, op_order
 from lightning_memopt.predictor.account.model_states import engine_memory
 from lightning_memopt.predictor.device import CudaRules
 from lightning_memopt.predictor.precision import Precision
@@ -296,25 +296,21 @@ class _Run:
         else:
             keep = list(range(len(records)))
         gradient_records = grad_records(records, trace.grad_keys)
-        born, freed = defaultdict(list), defaultdict(list)
-        for i in keep:
-            born[records[i][0]].append(i)
-            freed[records[i][1]].append(i)
         self._gip, self._last_bucket = False, (0, 0)
         at_handover = self._handover_events(trace, step)
         held: list[tuple] = []  # ZeRO-0: param.grad until the step
         grad_of = _grad_params(records, gradient_records, trace, self.trained)
         events: list[tuple] = []
-        for t in range(len(trace.live) + 1):
-            if workspace and t in (0, trace.forward_end + 1):
-                events.append(("alloc", ("workspace", t), workspace))
-            events += [("alloc", ("step", step, i), records[i][2]) for i in born[t]]
-            events += at_handover.get(t, [])
-            for i in freed[t]:
+        for t, freed, born in op_order(trace, keep):
+            for i in freed:
                 if i in gradient_records and self.zero == 0:
                     held.append((grad_of.get(i, len(self.trained)), ("step", step, i)))
                 else:
                     events.append(("free", ("step", step, i)))
+            if workspace and t in (0, trace.forward_end + 1):
+                events.append(("alloc", ("workspace", t), workspace))
+            events += [("alloc", ("step", step, i), records[i][2]) for i in born]
+            events += at_handover.get(t, [])
         events += self._end_of_backward(step, bool(trace.grad_keys))
         events += self._optimizer_step(step, [key for _, key in sorted(held)])
         return events

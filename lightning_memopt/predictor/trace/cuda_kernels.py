@@ -1,6 +1,7 @@
 """CUDA's kernels in a trace run on the CPU: where CUDA's kernels keep other tensors than the CPU's (fused dropout,
 the fused attention backends, autocast's fp32 softmax and its cross-entropy), the trace calls what CUDA runs
-(:func:`cuda_kernels`)."""
+(:func:`cuda_kernels`); where a CUDA kernel allocates a temporary of its own and frees it before it returns, the
+trace counts it at that op (:func:`kernel_scratch`)."""
 
 import contextlib
 from collections.abc import Iterator
@@ -87,6 +88,32 @@ def cuda_kernels() -> "Iterator[None]":
     finally:
         F.dropout, F.scaled_dot_product_attention, F.softmax, F.log_softmax = dropout, sdpa, softmax, log_softmax
         F.cross_entropy = cross_entropy
+
+
+def kernel_scratch(func: Any, args: "tuple[Any, ...]") -> int:
+    """The bytes CUDA's kernel for ``func`` allocates through the caching allocator and frees before it returns, on
+    top of its outputs: memory no tensor of the trace holds, which ``max_memory_allocated`` counts at that op.
+
+    * ``_softmax_backward_data``: ``Tensor tmp = grad * output;`` before the reduction (``aten/src/ATen/native/cuda/
+      SoftMax.cu``, ``softmax_backward_cuda_out``; the CPU's kernel has no such tensor). The gradient's size in the
+      promoted dtype: in an eager attention's backward, one more score-sized tensor next to the gradient, the saved
+      probabilities and the new gradient (a recorded H200 step allocates it, then frees it before the saved
+      probabilities go).
+
+    Example:
+        >>> import torch
+        >>> grad = torch.zeros(2, 4, 8, 8)
+        >>> kernel_scratch(torch.ops.aten._softmax_backward_data.default, (grad, grad, -1, torch.float32))
+        2048
+        >>> kernel_scratch(torch.ops.aten._log_softmax_backward_data.default, (grad, grad, -1, torch.float32))
+        0
+    """
+    import torch
+
+    if func is torch.ops.aten._softmax_backward_data.default:
+        grad, output = args[0], args[1]
+        return grad.numel() * torch.promote_types(grad.dtype, output.dtype).itemsize
+    return 0
 
 
 def _autocast_arguments(*tensors: Any) -> "tuple[Any, ...]":

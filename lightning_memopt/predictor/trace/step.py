@@ -49,6 +49,7 @@ from lightning_memopt.core.deepspeed_config import DEFAULT_LEAF_MODULES
 from lightning_memopt.core.modules import find_hf_model, tensor_attributes
 from lightning_memopt.predictor.precision import Precision
 from lightning_memopt.predictor.trace import step_context
+from lightning_memopt.predictor.trace.cuda_kernels import cuda_kernels, kernel_scratch
 from lightning_memopt.predictor.trace.tracker import SHADOW_LIMIT, LiveTensorTracker
 from lightning_memopt.predictor.trace.zero3 import LeafGradients, Zero3Gathering, Zero3Settings, gathered_bytes
 
@@ -213,7 +214,8 @@ def trace_step(
             backward itself (manual optimization) may return anything.
         blocks: a :class:`~lightning_memopt.predictor.trace.synthesis.Replica` that marks blocks and skips some of them.
         cuda: trace a step that runs on a CUDA device: on the CPU, with CUDA's kernels where the CPU's take another
-            path (:func:`~lightning_memopt.predictor.trace.cuda_kernels.cuda_kernels`).
+            path (:func:`~lightning_memopt.predictor.trace.cuda_kernels.cuda_kernels`), and with the temporaries
+            CUDA's kernels allocate inside an op (:func:`~.cuda_kernels.kernel_scratch`).
         autocast_cache: run the step's autocast with its weight-cast cache (``torch.autocast``'s default, a plain
             loop's and Lightning Fabric's), which keeps every weight's 16-bit copy until the step's autocast exits;
             ``False``: as Lightning's ``*-mixed`` precision plugin runs it.
@@ -236,7 +238,8 @@ def trace_step(
     device = trace_device(module, example_batch)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     exclude: set[int] = set()  # the model states' fake storages: not the step's
-    tracker = LiveTensorTracker(exclude, _vocab_size(module), blocks is not None or record, fake_mode)
+    scratch = kernel_scratch if cuda else None
+    tracker = LiveTensorTracker(exclude, _vocab_size(module), blocks is not None or record, fake_mode, scratch)
     grad_keys: list[tuple[int, int]] = []  # (storage, op index) of each gradient handed to the engine, in order
     saved: dict[int, int] = {}
     pinned: dict[int, int] = {}  # parameter storage -> live saved views of it (ZeRO-3 keeps it gathered)
@@ -371,8 +374,6 @@ def trace_step(
                     blocks.sequence = sequence  # block's output runs in the block
                     blocks.leave_last()
             if cuda and device.type == "cpu":
-                from lightning_memopt.predictor.trace.cuda_kernels import cuda_kernels
-
                 stack.enter_context(cuda_kernels())
             stack.enter_context(fake_mode)
             stack.enter_context(step_context.optimizers_stepped_over(on_release))
