@@ -190,6 +190,41 @@ def test_cuda_softmax_backward_holds_its_temporary_inside_the_op():
     assert sorted(r[:3] for r in gpu.storages) == sorted([r[:3] for r in cpu.storages] + [(at, at + 1, probabilities)])
 
 
+def test_a_step_allocates_and_frees_its_large_tensors_in_the_order_the_h200_did():
+    """The predicted run's second step against a step recorded on the H200 (the 0.25B Llama, eager, checkpointing,
+    4 x 1,024 tokens; ``cuda_allocator_eager_ckpt_b4``): every allocation and free of 64 MiB or more (the attention
+    scores, their fp32 copies and gradients, the softmax backward's temporary, the logits), in the order the allocator
+    saw them, from the second step's first storage to its optimizer step. The same 532 events, in the same order but
+    for one swap: the H200's loop drops the logits before ``zero_grad`` frees the last step's vocabulary-sized
+    gradients, the replay frees the gradients first (both before the backward). Before an op's outputs came after
+    the frees ahead of it and the softmax backward's temporary was counted, 59 % of the sequence matched."""
+    from collections import Counter
+    from difflib import SequenceMatcher
+
+    from lightning_memopt.predictor.account.cuda_replay import model_events
+    from lightning_memopt.predictor.read.sources import resolve_source
+    from lightning_memopt.predictor.request import make_request
+    from lightning_memopt.predictor.trace.timeline import step_timeline
+
+    source = resolve_source(LLAMA)
+    request = make_request(micro_batch_size=4, seq_len=1024, attention="eager", activation_checkpointing=True,
+                           engine="torch", optimizer="adamw-foreach", device="NVIDIA H200",
+                           expandable_segments=False).on(source.device)  # fmt: skip
+    recorded = step_timeline(source, request).recorded
+    events = model_events(recorded, source.reading, request.precision.param_bytes(request.trace_engine),
+                          request.optimizer, request.rules)  # fmt: skip
+    sizes = {e[1]: e[2] for e in events if e[0] == "alloc"}
+    second = next(i for i, e in enumerate(events) if e[1][0] == 1)  # the second step: its first storage onwards
+    large = 64 * 2**20
+    predicted = [(e[0], sizes[e[1]]) for e in events[second:] if sizes[e[1]] >= large]
+    with gzip.open(FIXTURES / "cuda_allocator_eager_ckpt_b4.json.gz", "rt") as f:
+        trace = json.load(f)["device_traces"][0]
+    names = {"alloc": "alloc", "free_completed": "free"}
+    h200 = [(names[e["action"]], e["size"]) for e in trace if e["action"] in names and e["size"] >= large]
+    assert len(h200) > 500 and Counter(predicted) == Counter(h200)
+    assert SequenceMatcher(None, predicted, h200, autojunk=False).ratio() > 0.99
+
+
 @pytest.mark.parametrize("row", ["t5:eager:1:4", "vit:eager:1:4"])
 def test_a_checkpointed_eager_attention_allocates_and_reserves_what_the_h200_did(row):
     """From the config alone, the rows whose peak is an eager attention's backward under checkpointing, against the

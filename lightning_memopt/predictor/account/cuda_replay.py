@@ -2,9 +2,9 @@
 
 ``max_memory_allocated`` counts whole blocks (a request is rounded up to 512 bytes, and a large block is handed out
 unsplit when less than 1 MiB would remain), and ``max_memory_reserved`` counts the segments behind them.
-:func:`replay_run` turns a recorded trace into the whole run's allocation sequence (the parameters, two training steps
-in Lightning's order, the optimizer's states and temporaries) and replays it through :mod:`.cuda_allocator`, natively
-or with ``expandable_segments:True``.
+:func:`run_events` turns a recorded trace into the whole run's allocation sequence (the parameters, two training
+steps in Lightning's order, the optimizer's states and temporaries) and :func:`replay_run` replays it through
+:mod:`.cuda_allocator`, natively or with ``expandable_segments:True``.
 """
 
 from collections import defaultdict
@@ -26,7 +26,34 @@ def replay_run(
     rules: CudaRules,
     steps: int = 2,
 ) -> AllocatorResult:
-    """The caching allocator's peaks over a run of ``steps`` training steps of a recorded trace.
+    """The caching allocator's peaks over a run of ``steps`` training steps of a recorded trace: :func:`run_events`
+    simulated with the device's allocator settings.
+
+    Example:
+        >>> from lightning_memopt.predictor.device import cuda_rules
+        >>> from lightning_memopt.predictor.trace.step import TraceResult
+        >>> step = TraceResult((4096,), (0,), (0,), 0, 0, 0, storages=((0, 1, 4096, 7),), grad_keys=())
+        >>> r = replay_run(step, [1000], [True], [], "none", 0, cuda_rules("h100"))
+        >>> r.peak_allocated == 1024 + 4096 + 2 * 32 * 2**20  # blocks of 512-byte multiples, two workspaces
+        True
+    """
+    events = run_events(trace, param_bytes, trainable, buffer_bytes, optimizer_kind, state_tensors, rules, steps)
+    return simulate(events, allocator_settings(rules))
+
+
+def run_events(
+    trace: Any,
+    param_bytes: "list[int]",
+    trainable: "list[bool]",
+    buffer_bytes: "list[int]",
+    optimizer_kind: str,
+    state_tensors: int,
+    rules: CudaRules,
+    steps: int = 2,
+) -> "list[tuple]":
+    """The allocations and frees of a run of ``steps`` training steps of a recorded trace, in the order the caching
+    allocator sees them (the event format of :func:`~.cuda_allocator.simulate`; a step's storages are keyed
+    ``(step, record index)``).
 
     The sequence (the order the allocator sees, which decides best fit): the parameters and buffers, one block each,
     as ``model.to(device)`` makes them; per step, every storage of the traced step in op order (the batch and the
@@ -46,14 +73,6 @@ def replay_run(
         state_tensors: optimizer state tensors per trainable parameter (AdamW: 2; SGD with momentum: 1).
         rules: the device's rules.
         steps: training steps replayed (the second one is the steady state).
-
-    Example:
-        >>> from lightning_memopt.predictor.device import cuda_rules
-        >>> from lightning_memopt.predictor.trace.step import TraceResult
-        >>> step = TraceResult((4096,), (0,), (0,), 0, 0, 0, storages=((0, 1, 4096, 7),), grad_keys=())
-        >>> r = replay_run(step, [1000], [True], [], "none", 0, cuda_rules("h100"))
-        >>> r.peak_allocated == 1024 + 4096 + 2 * 32 * 2**20  # blocks of 512-byte multiples, two workspaces
-        True
     """
     records = list(trace.storages)
     gradient_records = grad_records(records, trace.grad_keys)
@@ -86,18 +105,23 @@ def replay_run(
                 first, second = ("tmp", step, i, 0), ("tmp", step, i, 1)  # sqrt, then the division; then addcdiv
                 events += [("alloc", first, param_bytes[i]), ("alloc", second, param_bytes[i]), ("free", first),
                            ("free", second)]  # fmt: skip
-    return simulate(events, allocator_settings(rules))
+    return events
 
 
 def replay_model(trace: Any, reading: Any, param_bytes: int, optimizer: str, rules: CudaRules) -> AllocatorResult:
-    """:func:`replay_run` for a model as the predictor reads it: every parameter in the engine's dtype
+    """The caching allocator's peaks over :func:`model_events`."""
+    return simulate(model_events(trace, reading, param_bytes, optimizer, rules), allocator_settings(rules))
+
+
+def model_events(trace: Any, reading: Any, param_bytes: int, optimizer: str, rules: CudaRules) -> "list[tuple]":
+    """:func:`run_events` for a model as the predictor reads it: every parameter in the engine's dtype
     (``param_bytes`` per element; integer weights keep theirs), its registered buffers, and the optimizer's states
     and temporaries (:func:`~lightning_memopt.predictor.request.resolve_optimizer`)."""
     sizes = [p.numel * (param_bytes if p.floating else p.dtype.itemsize) for p in reading.params]
     buffers = [b.numel * b.dtype.itemsize for b in reading.buffers if not b.attribute]
     state_bytes, kind = resolve_optimizer(optimizer)
     # AdamW: m and v, each shaped as the parameter (fp32 here); SGD with momentum: one buffer
-    return replay_run(trace, sizes, [p.trainable for p in reading.params], buffers, kind, state_bytes // 4, rules)
+    return run_events(trace, sizes, [p.trainable for p in reading.params], buffers, kind, state_bytes // 4, rules)
 
 
 def allocator_settings(rules: CudaRules) -> AllocatorSettings:
