@@ -3,6 +3,7 @@
 Issue 17's targets (a warm process on 2 cores): a config-only estimate of each large config (llama-3-70b, a 72B
 dense Qwen2, a ~400B MoE with 128 experts top-8, Qwen3-235B-A22B, DeepSeek-V3 671B) on 64 GPUs under ZeRO-3 at
 1 x 4096 under 2 s each, and a ``plan`` over micro-batch x ZeRO x checkpointing x offload for the 70B under 10 s.
+The 70B is also estimated for one H100 (the CUDA caching allocator replayed on the step's storages), under 2 s.
 "Warm" means the imports are done and transformers' modeling code of each family is loaded: the script first
 estimates a 2-layer model of each family (not timed). Each case's *first* call is what a user waits for (the model
 is built on the meta device and traced at reduced depth: a few blocks, the others written out, DeepSpeed's ZeRO-3
@@ -39,6 +40,9 @@ CASES = (  # name, model, keyword arguments (estimate) or None (plan)
     (f"deepseek-v3 (671B MoE) {ESTIMATE}", "deepseek-v3", RUN),
     ("llama-3-70b plan: micro-batch x ZeRO 0-3 x checkpointing x offload, 64 GPUs, 80 GiB, 4M tokens",
      "llama-3-70b", None),
+    # the CUDA answer: the caching allocator replayed on every storage of the step, written out at full depth
+    ("llama-3-70b estimate for one H100, plain torch, 1 x 4096 (allocator replayed)", "llama-3-70b",
+     {"engine": "torch", "micro_batch_size": 1, "seq_len": 4096, "precision": "bf16-mixed", "device": "NVIDIA H100"}),
 )
 PLAN = {"device_memory": "80GiB", "world_size": 64, "seq_len": 4096, "global_batch_tokens": 4_000_000}
 #: a 2-layer model of each family (warm-up): the fields that shrink it

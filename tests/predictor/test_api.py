@@ -206,8 +206,8 @@ _STAGES = {
 }
 #: the typed objects a stage hands on: the next stages read them (their methods and properties) and call nothing else
 #: of the stage that made them
-_HANDED_ON = {"Source", "ModelReading", "ParamInfo", "BufferInfo", "Timeline", "Accounting", "Moment", "Phase",
-              "EngineMemory", "MemoryEstimate"}  # fmt: skip
+_HANDED_ON = {"Source", "ModelReading", "ParamInfo", "BufferInfo", "Timeline", "TraceResult", "Accounting", "Moment",
+              "Phase", "EngineMemory", "MemoryEstimate"}  # fmt: skip
 
 
 def _stages_visited(run) -> "list[tuple[str, str]]":

@@ -75,7 +75,7 @@ def run_events(
         steps: training steps replayed (the second one is the steady state).
     """
     records = list(trace.storages)
-    gradient_records = grad_records(records, trace.grad_keys)
+    gradient_records = trace.gradient_records()
     events: list[tuple] = [("alloc", ("param", i), n) for i, n in enumerate(param_bytes)]
     events += [("alloc", ("buffer", i), n) for i, n in enumerate(buffer_bytes)]
     held: list[tuple] = []  # the gradients of the last backward, freed at the next zero_grad
@@ -153,20 +153,3 @@ def op_order(trace: Any, keep: "Iterable[int] | None" = None) -> "Iterator[tuple
     for t in range(len(trace.live) + 1):
         yield t, freed.get(t, []), born.get(t, [])
 
-
-def grad_records(
-    records: "list[tuple[int, int, int, int]]", grad_keys: "tuple[tuple[int, int], ...]"
-) -> "set[int]":
-    """The records that are gradients: the storage handed to the engine (``key``) at op ``at`` (storage keys are
-    reused after a storage dies, so the record must span the hand-over)."""
-    by_key: dict[int, list[int]] = defaultdict(list)
-    for i, (_, _, _, key) in enumerate(records):
-        by_key[key].append(i)
-    out = set()
-    for key, at in grad_keys:
-        for i in by_key.get(key, ()):
-            b, f = records[i][0], records[i][1]
-            if b <= at <= f <= at + 2:
-                out.add(i)
-                break
-    return out

@@ -67,7 +67,7 @@ from typing import Any
 
 from lightning_memopt.core.deepspeed_config import ALLREDUCE_CHUNK, zero_settings
 from lightning_memopt.predictor.account.cuda_allocator import AllocatorResult, simulate
-from lightning_memopt.predictor.account.cuda_replay import allocator_settings, grad_records, op_order
+from lightning_memopt.predictor.account.cuda_replay import allocator_settings, op_order
 from lightning_memopt.predictor.account.model_states import engine_memory
 from lightning_memopt.predictor.device import CudaRules
 from lightning_memopt.predictor.precision import Precision
@@ -295,7 +295,7 @@ class _Run:
             keep = [i for i, r in enumerate(records) if r[3] >= 0]
         else:
             keep = list(range(len(records)))
-        gradient_records = grad_records(records, trace.grad_keys)
+        gradient_records = trace.gradient_records()
         self._gip, self._last_bucket = False, (0, 0)
         at_handover = self._handover_events(trace, step)
         held: list[tuple] = []  # ZeRO-0: param.grad until the step

@@ -25,12 +25,38 @@ class _Block:
     grads: "tuple[list[int], list[int]]"  # gradient bytes handed over per op of each segment
 
 
-def synthesize(res: Any, replica: Replica) -> "tuple[list[int], list[int], list[int], int, list[int]]":
-    """The full-depth ``(live, grads, logits, forward_end, gathered)`` of a reduced-depth trace ``res``.
+@dataclass(frozen=True)
+class FullDepth:
+    """A reduced-depth trace written out at full depth.
+
+    Attributes:
+        live, grads, logits, forward_end: as :class:`~lightning_memopt.predictor.trace.step.TraceResult`'s, for the
+            whole model.
+        gathered: of ``live``, the ZeRO-3 parameters gathered after every op (empty without ZeRO-3 events).
+        storages: with ``record``, every storage of the full-depth step as ``(allocated at, freed at, bytes, key)``,
+            the key its index (empty otherwise).
+        grad_keys: with ``record``, ``(key, freed at)`` of each gradient handed to the engine, in storage order (its
+            hand-over is where the trace let it go).
+    """
+
+    live: "list[int]"
+    grads: "list[int]"
+    logits: "list[int]"
+    forward_end: int
+    gathered: "list[int]"
+    storages: "tuple[Record, ...]" = ()
+    grad_keys: "tuple[tuple[int, int], ...]" = ()
+
+
+def synthesize(res: Any, replica: Replica, record: bool = False) -> FullDepth:
+    """The full-depth timeline of a reduced-depth trace ``res``.
 
     Under ZeRO-3 settings (``res.zero3_events``), DeepSpeed's fetch and release events are written out at full depth
     too (:func:`_gathering`) and the coordinator replayed on them: ``gathered`` holds the parameters gathered after
-    every op, included in ``live`` (else it is empty).
+    every op, included in ``live`` (else it is empty). With ``record`` (a trace recorded with its gradients' keys,
+    without ZeRO-3 events), every storage is written out too, where it lies at full depth: the replica's own, each
+    skipped block's copied from its representative, the hidden states handed between blocks; the gradients among
+    them are the replica's and their copies. They add up to ``live`` (checked).
 
     Raises:
         SynthesisError: when the trace is not fully accounted, or blocks couple in ways synthesis does not model.
@@ -40,6 +66,9 @@ def synthesize(res: Any, replica: Replica) -> "tuple[list[int], list[int], list[
     records = list(res.storages)
     if _replay(records, n) != list(res.live):
         raise SynthesisError("the trace's storages do not add up to its live bytes")
+    if record and res.zero3_events is not None:
+        raise SynthesisError("ZeRO-3's gathered parameters are not written out as storages")
+    gradients = res.gradient_records() if record else set()
     by_key: "dict[int, list[Record]]" = {}
     for rec in records:
         by_key.setdefault(rec[3], []).append(rec)
@@ -74,10 +103,14 @@ def synthesize(res: Any, replica: Replica) -> "tuple[list[int], list[int], list[
         fwd_start[j] = new_index[blocks[j].fwd[0]] if blocks[j].fwd[0] >= 0 else -1
         bwd_start[j] = new_index[blocks[j].bwd[0]] if blocks[j].bwd[0] >= 0 else -1
     diff = [0] * (length + 1)
+    written: "list[tuple[int, int, int, bool]]" = []  # (allocated at, freed at, bytes, gradient)
 
-    def put(born: int, dies: int, size: int) -> None:
+    def put(born: int, dies: int, size: int, gradient: bool = False) -> None:
+        dies = min(max(dies, born), length)
         diff[born] += size
-        diff[min(max(dies, born), length)] -= size
+        diff[dies] -= size
+        if record:
+            written.append((born, dies, size, gradient))
 
     def freed_at(position: int, dies: int) -> int:
         """Where a replica storage freed before op ``dies`` goes; one freed before a skipped block passed is freed
@@ -109,18 +142,24 @@ def synthesize(res: Any, replica: Replica) -> "tuple[list[int], list[int], list[
 
     for position, (born, dies, size, key) in enumerate(records):  # the replica's own storages, where they are
         if (born, dies, size, key) not in handed:
-            put(new_index[born], freed_at(position, dies), size)
+            put(new_index[born], freed_at(position, dies), size, position in gradients)
     for block, where, start in inserted:  # the skipped blocks' own storages, copied
         rep = blocks[replica.representative(block)]
         for born_in, offset, freed_in, at, size, position in rep.own:
             if born_in == ("f" if where == "forward" else "b"):
-                put(start + offset, place(freed_in, at, block, position), size)
+                put(start + offset, place(freed_in, at, block, position), size, position in gradients)
+    def handed_gradient(p: int) -> bool:
+        """Whether run block ``p``'s returned gradient is a parameter's too (at micro-batch 1 the embedding's
+        gradient can be that very storage: ``sum_to_size`` of a batch of one is the tensor itself)."""
+        watch = replica.watch[p].returned if gradients and p in replica.run else None
+        return watch is not None and records.index(_find(by_key, *watch)) in gradients
+
     for p in range(len(replica.names)):  # hidden states and their gradients, handed between neighbours
         rep = blocks[p] if p in replica.run else blocks[replica.representative(p)]
         if rep.output is not None and fwd_start.get(p, -1) >= 0:
             put(fwd_start[p] + rep.output[0], handover(p, +1), rep.output[1])
         if rep.returned is not None and bwd_start.get(p, -1) >= 0:
-            put(bwd_start[p] + rep.returned[0], handover(p, -1), rep.returned[1])
+            put(bwd_start[p] + rep.returned[0], handover(p, -1), rep.returned[1], handed_gradient(p))
     live = list(accumulate(diff[:length]))
     deltas = [res.grads[0]] + [b - a for a, b in zip(res.grads, res.grads[1:])]
     grad_steps, logits = [], []
@@ -138,7 +177,15 @@ def synthesize(res: Any, replica: Replica) -> "tuple[list[int], list[int], list[
     if res.zero3_events is not None:
         gathered = _gathering(res, replica, blocks, new_index, fwd_start, bwd_start, length)
         live = [a + b for a, b in zip(live, gathered)]
-    return live, list(accumulate(grad_steps)), logits, new_index[res.forward_end + 1] - 1, gathered
+    # in the order a trace records them, by the op before which they are freed (the allocator's replay hands an
+    # op's outputs out, and takes frees back, in this order)
+    written.sort(key=lambda w: w[1])
+    storages = tuple((born, dies, size, key) for key, (born, dies, size, _) in enumerate(written))
+    if record and _replay(list(storages), length) != live:
+        raise SynthesisError("the written-out storages do not add up to the synthesised live bytes")
+    grad_keys = tuple((key, dies) for key, (_, dies, _, gradient) in enumerate(written) if gradient)
+    end = new_index[res.forward_end + 1] - 1
+    return FullDepth(live, list(accumulate(grad_steps)), logits, end, gathered, storages, grad_keys)
 
 
 def _gathering(

@@ -112,6 +112,21 @@ class TraceResult:
     checkpointed_as_is: bool = False
     zero3_events: Any = None
 
+    def gradient_records(self) -> "set[int]":
+        """Indices into ``storages`` of the gradients handed to the engine: for each ``(key, at)`` of ``grad_keys``,
+        the storage with that key alive across the hand-over (keys are reused once a storage is freed)."""
+        by_key: "dict[int, list[int]]" = {}
+        for i, (_, _, _, key) in enumerate(self.storages):
+            by_key.setdefault(key, []).append(i)
+        out = set()
+        for key, at in self.grad_keys:
+            for i in by_key.get(key, ()):
+                b, f = self.storages[i][0], self.storages[i][1]
+                if b <= at <= f <= at + 2:
+                    out.add(i)
+                    break
+        return out
+
     @property
     def peak(self) -> int:
         """Highest live bytes of the step (gradients excluded).

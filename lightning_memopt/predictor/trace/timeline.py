@@ -21,9 +21,9 @@ from lightning_memopt.predictor.read.reading import ModelReading
 from lightning_memopt.predictor.read.sources import Source
 from lightning_memopt.predictor.request import Request
 from lightning_memopt.predictor.trace.batch import batch_shape, step_batch, synthetic_batch
-from lightning_memopt.predictor.trace.expand import synthesize
+from lightning_memopt.predictor.trace.expand import FullDepth, synthesize
 from lightning_memopt.predictor.trace.kernels import kernel_twins
-from lightning_memopt.predictor.trace.step import trace_step
+from lightning_memopt.predictor.trace.step import TraceResult, trace_step
 from lightning_memopt.predictor.trace.synthesis import Replica, SynthesisError, block_classes, choose_run
 from lightning_memopt.predictor.trace.zero3 import Zero3Settings
 
@@ -119,10 +119,12 @@ def step_timeline(source: Source, request: Request) -> Timeline:
         activation_checkpointing=request.activation_checkpointing, attention=request.attention,
         autocast_cache=request.autocast_cache,
     )  # fmt: skip
+    # DeepSpeed's replay follows the gradients in the engine's order, which only a full-depth trace has
+    written_out = request.engine != "deepspeed"
     if request.example_batch is not None or source.key is None:
         batch, shape = step_batch(module, request.example_batch, request.micro_batch_size, request.seq_len)
         timeline = trace_timeline(module, batch, blocks=source.reading.blocks, record=request.replays_allocator,
-                                  **settings)  # fmt: skip
+                                  written_out=written_out, **settings)  # fmt: skip
     else:
         micro = request.micro_batch_size or 1
         seq = batch_shape(synthetic_batch(module, 1, request.seq_len))[1]
@@ -131,10 +133,13 @@ def step_timeline(source: Source, request: Request) -> Timeline:
                request.attention, zero3, settings["cuda"], request.autocast_cache)  # fmt: skip
         timeline = _built_timeline(source, key, micro, request.seq_len, settings)
     recorded = timeline.recorded
-    if request.replays_allocator and recorded is None:  # a full-depth step's every storage (the allocator's replay)
+    if request.replays_allocator and recorded is None:  # every storage of the step (the allocator's replay)
         batch, _ = step_batch(module, request.example_batch, request.micro_batch_size, request.seq_len)
-        with kernel_twins():
-            recorded = trace_step(module, batch, record=True, **{**settings, "cuda": True})
+        if written_out:  # at reduced depth where synthesis holds, written out
+            recorded = trace_timeline(module, batch, blocks=source.reading.blocks, record=True, **settings).recorded
+        else:
+            with kernel_twins():
+                recorded = trace_step(module, batch, record=True, **settings)
     checkpointed = sum(checkpoint_flags(module, request.activation_checkpointing, source.reading.blocks))
     details = {"checkpointed_blocks": checkpointed, **timeline.details}
     return dataclasses.replace(timeline, details=details, shape=shape, recorded=recorded)
@@ -209,11 +214,14 @@ def trace_timeline(
     cuda: bool = False,
     autocast_cache: bool = False,
     record: bool = False,
+    written_out: bool = True,
 ) -> Timeline:
     """Trace one step of ``module`` on ``batch``: at reduced depth with synthesis when it has at least
     :data:`SYNTHESIS_MIN_BLOCKS` blocks and synthesis holds (:mod:`.synthesis`), else every block. ``blocks``: the
     model's blocks as read (:attr:`~lightning_memopt.predictor.read.reading.ModelReading.blocks`; ``None``: found
-    here). ``record``: a step traced at full depth keeps every storage's lifetime (:attr:`Timeline.recorded`)."""
+    here). ``record``: keep every storage's lifetime at full depth (:attr:`Timeline.recorded`): a reduced-depth
+    trace writes its storages out (:func:`~.expand.synthesize`; no gradient order), unless ``written_out`` is
+    ``False``, when only a full-depth trace records and a reduced-depth one leaves ``recorded`` ``None``."""
     kwargs = dict(precision=precision, engine=engine, activation_checkpointing=activation_checkpointing,
                   attention=attention, zero3=zero3, cuda=cuda, autocast_cache=autocast_cache)  # fmt: skip
     names = list(blocks) if blocks is not None else auto_blocks(module)
@@ -224,15 +232,17 @@ def trace_timeline(
             run = choose_run(classes, [name.rpartition(".")[0] for name in names])
             if len(run) < len(names):
                 replica = Replica(names, classes, run)
+                write = record and written_out and not isinstance(zero3, Zero3Settings)
                 try:
-                    res = trace_step(module, batch, blocks=replica, **kwargs)
-                    live, grads, logits, end, gathered = synthesize(res, replica)
+                    res = trace_step(module, batch, blocks=replica, record=write, **kwargs)
+                    full = synthesize(res, replica, record=write)
                     details.update(traced_blocks=len(run), saved_bytes=None)
                     if res.depends_on_batch:
                         details["depends_on_batch"] = list(res.depends_on_batch)
                     _own_checkpointing(details, res, module)
-                    return Timeline(tuple(live), tuple(grads), tuple(logits), end, details, tuple(gathered),
-                                    grads_in_forward=1.0 - res.released_before_forward)  # fmt: skip
+                    return Timeline(tuple(full.live), tuple(full.grads), tuple(full.logits), full.forward_end, details,
+                                    tuple(full.gathered), grads_in_forward=1.0 - res.released_before_forward,
+                                    recorded=_recorded(res, full) if write else None)  # fmt: skip
                 except SynthesisError as err:
                     details["synthesis"] = f"every block traced: {err}"
         res = trace_step(module, batch, record=record, **kwargs)
@@ -242,6 +252,13 @@ def trace_timeline(
     _own_checkpointing(details, res, module)
     return Timeline(res.live, res.grads, res.logits, res.forward_end, details, res.gathered,
                     1.0 - res.released_before_forward, res.grad_order, recorded=res if record else None)  # fmt: skip
+
+
+def _recorded(res: TraceResult, full: FullDepth) -> TraceResult:
+    """The full-depth step the allocator's replay reads (:attr:`Timeline.recorded`), from a reduced-depth trace
+    ``res`` written out (``full``)."""
+    return TraceResult(tuple(full.live), tuple(full.grads), tuple(full.logits), full.forward_end, 0, res.grad_bytes,
+                       storages=full.storages, grad_keys=full.grad_keys)  # fmt: skip
 
 
 def _own_checkpointing(details: "dict[str, Any]", res: Any, module: Any) -> None:

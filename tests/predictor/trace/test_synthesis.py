@@ -52,6 +52,56 @@ def test_a_reduced_depth_trace_writes_out_the_full_trace_op_for_op(model_type, s
     )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("model_type", "setting", "micro_batch"),
+    [("llama", "torch autocast, checkpointing", 2), ("gemma3_text", "fp32 eager, half checkpointed", 2),
+     ("qwen3_moe", "torch autocast, checkpointing", 2), ("vit", "fp32 eager, half checkpointed", 2),
+     ("vit", "torch autocast, checkpointing", 1)],
+)  # fmt: skip
+def test_a_reduced_depth_trace_writes_out_the_storages_the_allocator_replays(model_type, setting, micro_batch,
+                                                                             monkeypatch):  # fmt: skip
+    """The storages of a reduced-depth trace written out at full depth (``record=True``) replay through the caching
+    allocator as the full trace's do: the same ``max_memory_allocated`` and ``max_memory_reserved`` on an H100, and
+    the same gradients kept for the optimizer (ViT at micro-batch 1: the position embedding's gradient is the
+    storage the first block returns, ``sum_to_size`` of a batch of one being the tensor itself). A CUDA prediction
+    of a deep model then traces it once, at reduced depth."""
+    from collections import Counter
+
+    from lightning_memopt.predictor.account.cuda_replay import replay_run
+    from lightning_memopt.predictor.device import cuda_rules
+
+    config = tiny_config(model_type, layers=9)
+    module = resolve_source(config).module
+    batch = synthetic_batch(module, micro_batch, None if model_type == "vit" else 24)
+    settings = {**SETTINGS[setting], "cuda": True, "record": True}
+    synthesized, full = _both(module, settings, monkeypatch, batch=batch)
+    assert synthesized.details["traced_blocks"] < synthesized.details["blocks"], synthesized.details
+    written, traced = synthesized.recorded, full.recorded
+    assert written is not None and traced is not None and written.live == traced.live
+    assert Counter(r[:3] for r in written.storages) == Counter(r[:3] for r in traced.storages)
+    gradients = [Counter(t.storages[i][:3] for i in t.gradient_records()) for t in (written, traced)]
+    assert gradients[0] == gradients[1] and gradients[0]
+    rules = cuda_rules("NVIDIA H100")
+    results = [replay_run(t, [4096] * 7, [True] * 7, [], "foreach", 2, rules) for t in (written, traced)]
+    assert (results[0].peak_allocated, results[0].peak_reserved) == (results[1].peak_allocated,
+                                                                       results[1].peak_reserved)  # fmt: skip
+
+
+def test_deepspeed_replays_a_full_depth_trace_in_the_engine_order():
+    """DeepSpeed's replay reads the gradients in the order the engine receives them, which only a full-depth trace
+    has: a reduced-depth trace asked with ``written_out=False`` records nothing, and a full one records its order."""
+    module = resolve_source(tiny_config("llama", layers=9)).module
+    batch = synthetic_batch(module, 2, 24)
+    kwargs = dict(precision=resolve_precision("bf16-mixed"), engine="deepspeed", activation_checkpointing=False,
+                  attention=None, zero3=False, cuda=True, record=True)  # fmt: skip
+    assert trace_timeline(module, batch, written_out=False, **kwargs).recorded is None
+    assert trace_timeline(module, batch, **kwargs).recorded.grad_order == ()  # written out: no order
+    from lightning_memopt import estimate_memory
+
+    est = estimate_memory(tiny_config("llama", layers=9), micro_batch_size=2, seq_len=24, zero=2, device="h100")
+    assert est.reserved is not None and est.details["traced_blocks"] < est.details["blocks"]
+
+
 @pytest.mark.parametrize("model_type", ["t5", "bart"])
 def test_blocks_that_share_a_tensor_are_traced_in_full(model_type):
     """T5's first block computes the position bias every later block reuses; every decoder block of an
