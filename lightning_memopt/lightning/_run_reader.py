@@ -185,10 +185,13 @@ class RunReader:
             settings["seq_len"] = int(shape[1])
         device = trainer.strategy.root_device
         if device.type == "cuda":  # this GPU's rules: its workspaces, context and the allocator's mode
-            from lightning_memopt.predictor.device import cuda_rules
+            from lightning_memopt.predictor.device import KernelDevice, cuda_rules
 
-            settings["device"] = cuda_rules(torch.cuda.get_device_name(device),
-                                            capability=tuple(torch.cuda.get_device_capability(device)))  # fmt: skip
+            props = torch.cuda.get_device_properties(device)
+            threads = getattr(props, "max_threads_per_multi_processor", KernelDevice.threads_per_multiprocessor)
+            kernels = KernelDevice(props.multi_processor_count, threads)
+            settings["device"] = cuda_rules(torch.cuda.get_device_name(device), capability=(props.major, props.minor),
+                                            kernels=kernels)  # fmt: skip
         return settings
 
 

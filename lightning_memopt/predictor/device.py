@@ -26,18 +26,35 @@ WORKSPACE_BYTES = {9: 4096 * 1024 * 8, 10: 4096 * 1024 * 8}
 DEFAULT_WORKSPACE_BYTES = 4096 * 1024 * 2 + 16 * 1024 * 8
 #: the threads that run matmuls in a training step: the Python thread (forward) and autograd's device thread
 BLAS_THREADS = 2
-#: named GPUs -> (compute capability, memory in bytes)
+#: named GPUs -> (compute capability, memory in bytes, streaming multiprocessors, threads per multiprocessor), as
+#: ``cudaGetDeviceProperties`` reports them (``multiProcessorCount``, ``maxThreadsPerMultiProcessor``; the H100 is the
+#: SXM part)
 DEVICES = {
-    "h100": ((9, 0), 80 * 2**30),
-    "h200": ((9, 0), 141 * 10**9),
-    "a100": ((8, 0), 80 * 2**30),
-    "l40s": ((8, 9), 48 * 2**30),
-    "l4": ((8, 9), 24 * 2**30),
+    "h100": ((9, 0), 80 * 2**30, 132, 2048),
+    "h200": ((9, 0), 141 * 10**9, 132, 2048),
+    "a100": ((8, 0), 80 * 2**30, 108, 2048),
+    "l40s": ((8, 9), 48 * 2**30, 142, 1536),
+    "l4": ((8, 9), 24 * 2**30, 58, 1536),
 }
 #: the CUDA context by device kind: ``mem_get_info``'s used bytes minus ``memory_reserved`` after a training step,
 #: measured (device name as torch reports it, lower case -> bytes). H200: torch 2.11 + CUDA 13.0, driver's lazy
 #: module loading, cuBLAS and cuDNN loaded (``benchmarks/gpu_accuracy.py``, 2026-12-04).
 CONTEXT_BYTES = {"nvidia h200": 804_061_184}
+
+
+@dataclass(frozen=True)
+class KernelDevice:
+    """What CUDA's kernels size their launches, and with them their own temporaries, by (``cudaDeviceProp``).
+
+    Attributes:
+        multiprocessors: ``multiProcessorCount``.
+        threads_per_multiprocessor: ``maxThreadsPerMultiProcessor``.
+
+    The defaults are the H100 SXM's (the GPU a plain ``"cuda"`` target stands for).
+    """
+
+    multiprocessors: int = 132
+    threads_per_multiprocessor: int = 2048
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,7 @@ class CudaRules:
         workspace_bytes: one cuBLAS handle's workspace.
         context_bytes: the CUDA context (``None``: not measured for this kind).
         expandable_segments: the allocator runs with ``expandable_segments:True``.
+        kernels: what the device's kernels size their temporaries by.
 
     Example:
         >>> rules = cuda_rules("h100")
@@ -62,6 +80,7 @@ class CudaRules:
     workspace_bytes: int
     context_bytes: "int | None" = None
     expandable_segments: bool = False
+    kernels: KernelDevice = KernelDevice()
 
     @property
     def workspaces(self) -> int:
@@ -109,6 +128,7 @@ def cuda_rules(
     *,
     capability: "tuple[int, int] | None" = None,
     expandable_segments: "bool | None" = None,
+    kernels: "KernelDevice | None" = None,
 ) -> "CudaRules | None":
     """The rules of a target device: ``None`` or ``"cpu"`` (none), ``"cuda"`` (the process's GPU when its
     capability is given, else a compute-capability 9.0 GPU such as the H100/H200), a named GPU
@@ -118,6 +138,8 @@ def cuda_rules(
         device: the target.
         capability: the compute capability (read from the live device by the caller that has one).
         expandable_segments: the allocator's mode; ``None``: as ``PYTORCH_CUDA_ALLOC_CONF`` says.
+        kernels: the multiprocessors (read from the live device by the caller that has one); else the named GPU's,
+            else an H100's.
 
     Raises:
         ValueError: a device that is neither the CPU, CUDA nor a known GPU, with the fix.
@@ -125,6 +147,8 @@ def cuda_rules(
     Example:
         >>> cuda_rules("cpu") is None, cuda_rules("NVIDIA H200").context_bytes > 0, cuda_rules("a100").context_bytes
         (True, True, None)
+        >>> cuda_rules("a100").kernels.multiprocessors, cuda_rules("cuda").kernels.multiprocessors
+        (108, 132)
     """
     if device is None or str(device).lower() in ("cpu", "meta"):
         return None
@@ -141,4 +165,6 @@ def cuda_rules(
         )
     context = CONTEXT_BYTES.get(name) or next((v for k, v in CONTEXT_BYTES.items() if name in k.split()), None)
     expandable = expandable_from_env() if expandable_segments is None else bool(expandable_segments)
-    return CudaRules(name, cap, workspace_bytes(cap), context, expandable)
+    if kernels is None:
+        kernels = KernelDevice(*known[2:]) if known is not None and name != "cuda" else KernelDevice()
+    return CudaRules(name, cap, workspace_bytes(cap), context, expandable, kernels)

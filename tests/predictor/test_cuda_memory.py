@@ -190,17 +190,10 @@ def test_cuda_softmax_backward_holds_its_temporary_inside_the_op():
     assert sorted(r[:3] for r in gpu.storages) == sorted([r[:3] for r in cpu.storages] + [(at, at + 1, probabilities)])
 
 
-def test_a_step_allocates_and_frees_its_large_tensors_in_the_order_the_h200_did():
-    """The predicted run's second step against a step recorded on the H200 (the 0.25B Llama, eager, checkpointing,
-    4 x 1,024 tokens; ``cuda_allocator_eager_ckpt_b4``): every allocation and free of 64 MiB or more (the attention
-    scores, their fp32 copies and gradients, the softmax backward's temporary, the logits), in the order the allocator
-    saw them, from the second step's first storage to its optimizer step. The same 532 events, in the same order but
-    for one swap: the H200's loop drops the logits before ``zero_grad`` frees the last step's vocabulary-sized
-    gradients, the replay frees the gradients first (both before the backward). Before an op's outputs came after
-    the frees ahead of it and the softmax backward's temporary was counted, 59 % of the sequence matched."""
-    from collections import Counter
-    from difflib import SequenceMatcher
-
+def _recorded_and_predicted_step() -> "tuple[list[tuple[str, int]], list[tuple[str, int]]]":
+    """The H200's recorded step (the 0.25B Llama, eager, checkpointing, 4 x 1,024 tokens;
+    ``cuda_allocator_eager_ckpt_b4``) and the predicted run's second step, from its first storage to its optimizer
+    step: ``(alloc | free, bytes)`` in the order the allocator saw them."""
     from lightning_memopt.predictor.account.cuda_replay import model_events
     from lightning_memopt.predictor.read.sources import resolve_source
     from lightning_memopt.predictor.request import make_request
@@ -214,15 +207,45 @@ def test_a_step_allocates_and_frees_its_large_tensors_in_the_order_the_h200_did(
     events = model_events(recorded, source.reading, request.precision.param_bytes(request.trace_engine),
                           request.optimizer, request.rules)  # fmt: skip
     sizes = {e[1]: e[2] for e in events if e[0] == "alloc"}
-    second = next(i for i, e in enumerate(events) if e[1][0] == 1)  # the second step: its first storage onwards
-    large = 64 * 2**20
-    predicted = [(e[0], sizes[e[1]]) for e in events[second:] if sizes[e[1]] >= large]
+    second = next(i for i, e in enumerate(events) if e[1][0] == 1)
+    predicted = [(e[0], sizes[e[1]]) for e in events[second:]]
     with gzip.open(FIXTURES / "cuda_allocator_eager_ckpt_b4.json.gz", "rt") as f:
         trace = json.load(f)["device_traces"][0]
     names = {"alloc": "alloc", "free_completed": "free"}
-    h200 = [(names[e["action"]], e["size"]) for e in trace if e["action"] in names and e["size"] >= large]
+    return [(names[e["action"]], e["size"]) for e in trace if e["action"] in names], predicted
+
+
+def test_a_step_allocates_and_frees_its_large_tensors_in_the_order_the_h200_did():
+    """Every allocation and free of 64 MiB or more of the recorded H200 step (the attention scores, their fp32
+    copies and gradients, the softmax backward's temporary, the logits) against the predicted second step: the same
+    532 events, in the same order but for one swap: the H200's loop drops the logits before ``zero_grad`` frees the
+    last step's vocabulary-sized gradients, the replay frees the gradients first (both before the backward). Before
+    an op's outputs came after the frees ahead of it and the softmax backward's temporary was counted, 59 % of the
+    sequence matched."""
+    from collections import Counter
+    from difflib import SequenceMatcher
+
+    h200, predicted = _recorded_and_predicted_step()
+    large = 64 * 2**20
+    h200, predicted = [e for e in h200 if e[1] >= large], [e for e in predicted if e[1] >= large]
     assert len(h200) > 500 and Counter(predicted) == Counter(h200)
     assert SequenceMatcher(None, predicted, h200, autojunk=False).ratio() > 0.99
+
+
+def test_a_step_stages_its_reductions_where_the_h200_did():
+    """CUDA's ``sum`` of a norm's weight gradient over 4 x 1,024 tokens stages its blocks' partial sums in a 32 MiB
+    buffer, with 32 bytes of semaphores (``Reduce.cuh``; :func:`~.cuda_kernels.reduce_buffers`): the recorded step
+    allocates 33 such buffers, two RMSNorms a layer and the final one, and the predicted step the same 33, each
+    freed before the next allocation of the step (none before the port)."""
+    h200, predicted = _recorded_and_predicted_step()
+    buffer = 32 * 2**20
+
+    def staged(events: "list[tuple[str, int]]") -> int:
+        return sum(1 for i, e in enumerate(events) if e == ("alloc", buffer) and ("alloc", 32) in events[i + 1:i + 3])
+
+    assert staged(h200) == staged(predicted) == 33
+    at = [i for i, e in enumerate(predicted) if e == ("alloc", buffer)]
+    assert all(("free", buffer) in predicted[i + 1:i + 4] and predicted[i + 1][0] == "alloc" for i in at)
 
 
 @pytest.mark.parametrize("row", ["t5:eager:1:4", "vit:eager:1:4"])

@@ -32,6 +32,7 @@ op's name, the user's line and what to do instead.
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import warnings
 import weakref
@@ -47,6 +48,7 @@ from lightning_memopt.core import compat as _compat
 from lightning_memopt.core.blocks import checkpointed_as, own_checkpoints
 from lightning_memopt.core.deepspeed_config import DEFAULT_LEAF_MODULES
 from lightning_memopt.core.modules import find_hf_model, tensor_attributes
+from lightning_memopt.predictor.device import KernelDevice
 from lightning_memopt.predictor.precision import Precision
 from lightning_memopt.predictor.trace import step_context
 from lightning_memopt.predictor.trace.cuda_kernels import cuda_kernels, kernel_scratch
@@ -197,7 +199,7 @@ def trace_step(
     step: "StepFn | None" = None,
     blocks: "Any" = None,
     record: bool = False,
-    cuda: bool = False,
+    cuda: "bool | KernelDevice" = False,
     autocast_cache: bool = False,
 ) -> TraceResult:
     """Trace forward + backward of ``module`` on ``example_batch`` with fake tensors.
@@ -230,7 +232,8 @@ def trace_step(
         blocks: a :class:`~lightning_memopt.predictor.trace.synthesis.Replica` that marks blocks and skips some of them.
         cuda: trace a step that runs on a CUDA device: on the CPU, with CUDA's kernels where the CPU's take another
             path (:func:`~lightning_memopt.predictor.trace.cuda_kernels.cuda_kernels`), and with the temporaries
-            CUDA's kernels allocate inside an op (:func:`~.cuda_kernels.kernel_scratch`).
+            CUDA's kernels allocate inside an op (:func:`~.cuda_kernels.kernel_scratch`), sized for this
+            :class:`~lightning_memopt.predictor.device.KernelDevice` (``True``: an H100).
         autocast_cache: run the step's autocast with its weight-cast cache (``torch.autocast``'s default, a plain
             loop's and Lightning Fabric's), which keeps every weight's 16-bit copy until the step's autocast exits;
             ``False``: as Lightning's ``*-mixed`` precision plugin runs it.
@@ -253,7 +256,8 @@ def trace_step(
     device = trace_device(module, example_batch)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     exclude: set[int] = set()  # the model states' fake storages: not the step's
-    scratch = kernel_scratch if cuda else None
+    kernels = cuda if isinstance(cuda, KernelDevice) else KernelDevice()
+    scratch = functools.partial(kernel_scratch, device=kernels) if cuda else None
     tracker = LiveTensorTracker(exclude, _vocab_size(module), blocks is not None or record, fake_mode, scratch)
     grad_keys: list[tuple[int, int]] = []  # (storage, op index) of each gradient handed to the engine, in order
     saved: dict[int, int] = {}

@@ -16,6 +16,7 @@ from typing import Any
 
 from lightning_memopt.core.blocks import auto_blocks, checkpoint_flags
 from lightning_memopt.core.deepspeed_config import LeafModules, zero_settings
+from lightning_memopt.predictor.device import KernelDevice
 from lightning_memopt.predictor.precision import Precision
 from lightning_memopt.predictor.read.reading import ModelReading
 from lightning_memopt.predictor.read.sources import Source
@@ -115,7 +116,8 @@ def step_timeline(source: Source, request: Request) -> Timeline:
     module = source.module
     zero3 = zero3_settings(source.reading, request)
     settings = dict(
-        precision=request.precision, engine=request.trace_engine, zero3=zero3, cuda=request.rules is not None,
+        precision=request.precision, engine=request.trace_engine, zero3=zero3,
+        cuda=request.rules.kernels if request.rules is not None else False,
         activation_checkpointing=request.activation_checkpointing, attention=request.attention,
         autocast_cache=request.autocast_cache,
     )  # fmt: skip
@@ -211,7 +213,7 @@ def trace_timeline(
     activation_checkpointing: "bool | float | int | None",
     attention: "str | None",
     zero3: "bool | Zero3Settings",
-    cuda: bool = False,
+    cuda: "bool | KernelDevice" = False,
     autocast_cache: bool = False,
     record: bool = False,
     written_out: bool = True,

@@ -66,9 +66,9 @@ class LiveTensorTracker(TorchDispatchMode):
         vocab: the vocabulary size; tensors whose last dimension equals it count as logits too.
         record: keep ``(allocated at, freed at, bytes)`` of every storage (for synthesis).
         fake_mode: the ``FakeTensorMode`` the step runs under (turns stray real tensors into shadowed fakes).
-        scratch: the bytes the target device's kernel for an op allocates and frees inside it, from the op and its
+        scratch: the blocks the target device's kernel for an op allocates and frees inside it, from the op and its
             arguments (:func:`~lightning_memopt.predictor.trace.cuda_kernels.kernel_scratch`); counted in the live
-            bytes after that op, and recorded as a storage freed before the next one. ``None``: none.
+            bytes after that op, and recorded as storages freed before the next one. ``None``: none.
 
     Example:
         >>> from torch._subclasses.fake_tensor import FakeTensorMode
@@ -88,7 +88,7 @@ class LiveTensorTracker(TorchDispatchMode):
         vocab: "int | None",
         record: bool,
         fake_mode: Any,
-        scratch: "Callable[[Any, tuple[Any, ...]], int] | None" = None,
+        scratch: "Callable[[Any, tuple[Any, ...]], tuple[int, ...]] | None" = None,
     ) -> None:
         super().__init__()
         self.exclude = exclude
@@ -242,14 +242,13 @@ class LiveTensorTracker(TorchDispatchMode):
                 self._assume(func, args, kwargs, out)
         for t in outputs:
             self.add(t)
-        scratch = self.scratch(func, args) if self.scratch is not None else 0
-        if scratch:  # the kernel's own temporary, alive with its outputs, freed as it returns
-            token = object()
-            self.hold(id(token), scratch)
-            self.mark()
+        scratch = [n for n in self.scratch(func, args) if n] if self.scratch is not None else []
+        tokens = [object() for _ in scratch]  # the kernel's own temporaries, alive with its outputs
+        for token, nbytes in zip(tokens, scratch):
+            self.hold(id(token), nbytes)
+        self.mark()
+        for token in tokens:  # freed as it returns
             self.release(id(token))
-        else:
-            self.mark()
         return out
 
     # ------------------------------------------------------------------ data-dependent ops
