@@ -160,6 +160,8 @@ def reduce_buffers(input: Any, dims: "Sequence[int] | None", device: KernelDevic
     import math
 
     ndim = input.dim()
+    if ndim == 0:
+        return ()
     reduced = set(range(ndim)) if not dims else {d % ndim for d in dims}
     size, stride, item = list(input.shape), list(input.stride()), input.element_size()
 
