@@ -10,7 +10,7 @@ hold, each size is traced.
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,8 @@ from lightning_memopt.predictor.trace.zero3 import Zero3Settings
 #: models with at least this many blocks are traced at reduced depth
 SYNTHESIS_MIN_BLOCKS = 8
 _CACHE: "OrderedDict[tuple, Timeline]" = OrderedDict()
+#: a config-built model's recorded steps (the allocator's replay) by setting and micro-batch
+_RECORDED: "OrderedDict[tuple, TraceResult]" = OrderedDict()
 _CACHE_MAX = 64
 _AFFINE: "dict[tuple, bool]" = {}
 
@@ -123,6 +125,7 @@ def step_timeline(source: Source, request: Request) -> Timeline:
     )  # fmt: skip
     # DeepSpeed's replay follows the gradients in the engine's order, which only a full-depth trace has
     written_out = request.engine != "deepspeed"
+    key = None
     if request.example_batch is not None or source.key is None:
         batch, shape = step_batch(module, request.example_batch, request.micro_batch_size, request.seq_len)
         timeline = trace_timeline(module, batch, blocks=source.reading.blocks, record=request.replays_allocator,
@@ -136,12 +139,15 @@ def step_timeline(source: Source, request: Request) -> Timeline:
         timeline = _built_timeline(source, key, micro, request.seq_len, settings)
     recorded = timeline.recorded
     if request.replays_allocator and recorded is None:  # every storage of the step (the allocator's replay)
-        batch, _ = step_batch(module, request.example_batch, request.micro_batch_size, request.seq_len)
-        if written_out:  # at reduced depth where synthesis holds, written out
-            recorded = trace_timeline(module, batch, blocks=source.reading.blocks, record=True, **settings).recorded
-        else:
+
+        def record() -> TraceResult:
+            batch, _ = step_batch(module, request.example_batch, request.micro_batch_size, request.seq_len)
+            if written_out:  # at reduced depth where synthesis holds, written out
+                return trace_timeline(module, batch, blocks=source.reading.blocks, record=True, **settings).recorded
             with kernel_twins():
-                recorded = trace_step(module, batch, record=True, **settings)
+                return trace_step(module, batch, record=True, **settings)
+
+        recorded = record() if key is None else _cached(_RECORDED, (key, shape[0], written_out), record)
     checkpointed = sum(checkpoint_flags(module, request.activation_checkpointing, source.reading.blocks))
     details = {"checkpointed_blocks": checkpointed, **timeline.details}
     return dataclasses.replace(timeline, details=details, shape=shape, recorded=recorded)
@@ -168,12 +174,10 @@ def _built_timeline(source: Source, key: tuple, micro: int, seq_len: "int | None
     """A config-built model's timeline at ``micro``, from cached traces (see the module docstring)."""
 
     def traced(b: int) -> Timeline:
-        if (key, b) not in _CACHE:
-            _CACHE[(key, b)] = trace_timeline(source.module, synthetic_batch(source.module, b, seq_len), **settings)
-            while len(_CACHE) > _CACHE_MAX:
-                _CACHE.popitem(last=False)
-        _CACHE.move_to_end((key, b))
-        return _CACHE[(key, b)]
+        def trace() -> Timeline:
+            return trace_timeline(source.module, synthetic_batch(source.module, b, seq_len), **settings)
+
+        return _cached(_CACHE, (key, b), trace)
 
     if micro <= 3 or (key, micro) in _CACHE:  # a single sample may take other paths (squeezed shapes)
         return traced(micro)
@@ -184,6 +188,17 @@ def _built_timeline(source: Source, key: tuple, micro: int, seq_len: "int | None
                                                                                          four.logits)  # fmt: skip
     guess = _affine(two, three, micro) if _AFFINE[key] else None
     return guess if guess is not None else traced(micro)
+
+
+def _cached(cache: "OrderedDict[tuple, Any]", key: tuple, make: "Callable[[], Any]") -> Any:
+    """``cache[key]``, made by ``make()`` when missing; the least recently used of more than :data:`_CACHE_MAX`
+    entries go."""
+    if key not in cache:
+        cache[key] = make()
+        while len(cache) > _CACHE_MAX:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return cache[key]
 
 
 def _affine(two: Timeline, three: Timeline, micro: int) -> "Timeline | None":

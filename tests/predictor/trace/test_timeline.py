@@ -25,6 +25,26 @@ def test_micro_batches_come_from_two_traces_and_match_a_direct_trace(monkeypatch
     assert direct.total == interpolated.total and direct.activations == interpolated.activations
 
 
+def test_a_configs_recorded_step_is_reused_by_the_next_cuda_estimate(monkeypatch):
+    """The caching allocator's replay reads every storage of the step at the asked micro-batch: a config's is
+    recorded once per setting and micro-batch (a planner asks again and again), like its timelines."""
+    config = tiny_config("llama", layers=9)
+    kwargs = dict(seq_len=32, engine="torch", device="h100")
+    first = estimate_memory(config, micro_batch_size=5, **kwargs)
+    traced = []
+    real_trace = timeline.trace_timeline
+
+    def counted(*args, **kwargs):
+        traced.append(kwargs.get("record"))
+        return real_trace(*args, **kwargs)
+
+    monkeypatch.setattr(timeline, "trace_timeline", counted)
+    again = estimate_memory(config, micro_batch_size=5, **kwargs)
+    assert traced == [] and (again.total, again.reserved) == (first.total, first.reserved)
+    estimate_memory(config, micro_batch_size=6, **kwargs)
+    assert traced == [True]  # the timeline from the traces at 2 and 3, the recorded step at 6
+
+
 def test_an_example_batch_is_resized_to_the_micro_batch():
     batch = {"input_ids": torch.arange(6).view(2, 3), "labels": torch.arange(6).view(2, 3), "flag": 1}
     resized = resize_batch(batch, 2, 5)
