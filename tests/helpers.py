@@ -35,6 +35,20 @@ def run_script(
     return proc
 
 
+def end_distributed_run() -> None:
+    """The end of a script that ran in several processes: destroy the process group (gloo's threads abort a process
+    that exits with it, pytorch#190489), flush, and leave without the interpreter's teardown, where a C++ thread
+    still alive can abort the process after all ("terminate called without an active exception", once on a loaded
+    CI machine, after a fit that had written its results). Call it only after the script did its work."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def listed_names(script: Path) -> "list[str]":
     """The first word of each line a GPU script's ``--list`` prints (its checks or groups); runs without a GPU."""
     out = subprocess.run([sys.executable, str(script), "--list"], capture_output=True, text=True, check=True).stdout

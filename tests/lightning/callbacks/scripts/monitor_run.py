@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.loggers import CSVLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "examples"))
@@ -81,5 +80,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # gloo's threads abort a process that exits with it (pytorch#190489)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+    from helpers import end_distributed_run
+
+    end_distributed_run()

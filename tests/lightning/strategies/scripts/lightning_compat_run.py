@@ -75,5 +75,7 @@ def main() -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # gloo's threads abort a process that exits with it (pytorch#190489)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+    from helpers import end_distributed_run
+
+    end_distributed_run()
