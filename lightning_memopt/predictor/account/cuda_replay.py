@@ -3,8 +3,8 @@
 ``max_memory_allocated`` counts whole blocks (a request is rounded up to 512 bytes, and a large block is handed out
 unsplit when less than 1 MiB would remain), and ``max_memory_reserved`` counts the segments behind them.
 :func:`run_events` turns a recorded trace into the whole run's allocation sequence (the parameters, two training
-steps in Lightning's order, the optimizer's states and temporaries) and :func:`replay_run` replays it through
-:mod:`.cuda_allocator`, natively or with ``expandable_segments:True``.
+steps in Lightning's order, the optimizer's states and temporaries), which :mod:`.cuda_allocator` replays, natively
+or with ``expandable_segments:True`` (:func:`replay_model`).
 """
 
 from collections import defaultdict
@@ -14,31 +14,6 @@ from typing import Any
 from lightning_memopt.predictor.account.cuda_allocator import AllocatorResult, AllocatorSettings, simulate
 from lightning_memopt.predictor.device import CudaRules
 from lightning_memopt.predictor.request import resolve_optimizer
-
-
-def replay_run(
-    trace: Any,
-    param_bytes: "list[int]",
-    trainable: "list[bool]",
-    buffer_bytes: "list[int]",
-    optimizer_kind: str,
-    state_tensors: int,
-    rules: CudaRules,
-    steps: int = 2,
-) -> AllocatorResult:
-    """The caching allocator's peaks over a run of ``steps`` training steps of a recorded trace: :func:`run_events`
-    simulated with the device's allocator settings.
-
-    Example:
-        >>> from lightning_memopt.predictor.device import cuda_rules
-        >>> from lightning_memopt.predictor.trace.step import TraceResult
-        >>> step = TraceResult((4096,), (0,), (0,), 0, 0, 0, storages=((0, 1, 4096, 7),), grad_keys=())
-        >>> r = replay_run(step, [1000], [True], [], "none", 0, cuda_rules("h100"))
-        >>> r.peak_allocated == 1024 + 4096 + 2 * 32 * 2**20  # blocks of 512-byte multiples, two workspaces
-        True
-    """
-    events = run_events(trace, param_bytes, trainable, buffer_bytes, optimizer_kind, state_tensors, rules, steps)
-    return simulate(events, allocator_settings(rules))
 
 
 def run_events(
@@ -53,7 +28,7 @@ def run_events(
 ) -> "list[tuple]":
     """The allocations and frees of a run of ``steps`` training steps of a recorded trace, in the order the caching
     allocator sees them (the event format of :func:`~.cuda_allocator.simulate`; a step's storages are keyed
-    ``(step, record index)``).
+    ``(step, record index)``); :func:`replay_model` simulates a model's.
 
     The sequence (the order the allocator sees, which decides best fit): the parameters and buffers, one block each,
     as ``model.to(device)`` makes them; per step, every storage of the traced step in op order (the batch and the
@@ -73,6 +48,15 @@ def run_events(
         state_tensors: optimizer state tensors per trainable parameter (AdamW: 2; SGD with momentum: 1).
         rules: the device's rules.
         steps: training steps replayed (the second one is the steady state).
+
+    Example:
+        >>> from lightning_memopt.predictor.device import cuda_rules
+        >>> from lightning_memopt.predictor.trace.step import TraceResult
+        >>> step = TraceResult((4096,), (0,), (0,), 0, 0, 0, storages=((0, 1, 4096, 7),), grad_keys=())
+        >>> rules = cuda_rules("h100")
+        >>> r = simulate(run_events(step, [1000], [True], [], "none", 0, rules), allocator_settings(rules))
+        >>> r.peak_allocated == 1024 + 4096 + 2 * 32 * 2**20  # blocks of 512-byte multiples, two workspaces
+        True
     """
     records = list(trace.storages)
     gradient_records = trace.gradient_records()

@@ -1,6 +1,7 @@
 """The order a traced step's storages reach the caching allocator in (:func:`op_order`), and what it decides."""
 
-from lightning_memopt.predictor.account.cuda_replay import op_order, replay_run
+from lightning_memopt.predictor.account.cuda_allocator import simulate
+from lightning_memopt.predictor.account.cuda_replay import allocator_settings, op_order, run_events
 from lightning_memopt.predictor.device import cuda_rules
 from lightning_memopt.predictor.trace.step import TraceResult
 
@@ -17,7 +18,7 @@ def test_an_op_gets_the_blocks_freed_before_it_ran():
     step = TraceResult((size, 2 * size, 2 * size), (0, 0, 0), (0, 0, 0), 0, 0, 0, storages=storages)
     assert list(op_order(step)) == [(0, [], [0]), (1, [], [1]), (2, [0], [2]), (3, [1, 2], [])]
     rules = cuda_rules("NVIDIA H200")
-    result = replay_run(step, [], [], [], "none", 0, rules, steps=1)
+    result = simulate(run_events(step, [], [], [], "none", 0, rules, steps=1), allocator_settings(rules))
     workspaces = 2 * rules.workspace_bytes  # cuBLAS's, at the first op and the first op after the forward (op 0)
     assert result.peak_allocated == 2 * size + workspaces
     assert result.peak_reserved == 2 * size + workspaces

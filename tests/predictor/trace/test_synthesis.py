@@ -67,7 +67,8 @@ def test_a_reduced_depth_trace_writes_out_the_storages_the_allocator_replays(mod
     of a deep model then traces it once, at reduced depth."""
     from collections import Counter
 
-    from lightning_memopt.predictor.account.cuda_replay import replay_run
+    from lightning_memopt.predictor.account.cuda_allocator import simulate
+    from lightning_memopt.predictor.account.cuda_replay import allocator_settings, run_events
     from lightning_memopt.predictor.device import cuda_rules
 
     config = tiny_config(model_type, layers=9)
@@ -82,7 +83,8 @@ def test_a_reduced_depth_trace_writes_out_the_storages_the_allocator_replays(mod
     gradients = [Counter(t.storages[i][:3] for i in t.gradient_records()) for t in (written, traced)]
     assert gradients[0] == gradients[1] and gradients[0]
     rules = cuda_rules("NVIDIA H100")
-    results = [replay_run(t, [4096] * 7, [True] * 7, [], "foreach", 2, rules) for t in (written, traced)]
+    results = [simulate(run_events(t, [4096] * 7, [True] * 7, [], "foreach", 2, rules), allocator_settings(rules))
+               for t in (written, traced)]  # fmt: skip
     assert (results[0].peak_allocated, results[0].peak_reserved) == (results[1].peak_allocated,
                                                                        results[1].peak_reserved)  # fmt: skip
 
