@@ -16,8 +16,6 @@ import logging
 import os
 import warnings
 
-import torch
-
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed: no "unable to detect a GPU" warning on CPU
 
 import lightning.pytorch as pl
@@ -113,5 +111,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # gloo's threads abort a process that exits with it (pytorch#190489)

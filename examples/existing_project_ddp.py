@@ -106,6 +106,10 @@ def main() -> None:
     )
     data = DataLoader(ByteWindows(seq_len=args.seq_len, stride=16), batch_size=args.batch_size)
     trainer.fit(ByteLM(), data)
+    if torch.distributed.is_initialized():
+        # Lightning destroys only NCCL groups at exit; a gloo group left to the interpreter's teardown can abort the
+        # finished run (pytorch#190489). MemOptStrategy destroys the group it makes; plain DDP leaves it to you.
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -108,3 +108,28 @@ def init_optimizers_and_lr_schedulers(pl_module: "pl.LightningModule") -> "tuple
     from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 
     return _init_optimizers_and_lr_schedulers(pl_module)
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits, before its teardown.
+
+    Lightning's ``_init_dist_connection`` registers ``_destroy_dist_connection`` (private) at exit for NCCL groups
+    only, and DeepSpeed's ``init_distributed``, which DeepSpeed strategies call instead, registers nothing. A gloo
+    group left to the interpreter's teardown can abort a finished run ("terminate called without an active
+    exception": gloo's threads still hold work whose tensors need the interpreter, pytorch#190489). Registering the
+    same handler again replaces it, so a process that fits several times runs it once.
+    """
+    import atexit
+
+    from lightning.fabric.utilities import distributed
+
+    handler = getattr(distributed, "_destroy_dist_connection", None) or _destroy_default_group
+    atexit.unregister(handler)
+    atexit.register(handler)
+
+
+def _destroy_default_group() -> None:
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -56,3 +56,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+    from helpers import end_distributed_run
+
+    end_distributed_run()

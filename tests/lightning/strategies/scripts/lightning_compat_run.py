@@ -3,11 +3,14 @@
 The DeepSpeed config comes from ``PL_DEEPSPEED_CONFIG_PATH`` (ZeRO-3, ``train_micro_batch_size_per_gpu`` 2 while
 the DataLoader's batch size is 4). Fit 3 steps with a checkpoint, then validate/test/predict from that checkpoint
 with the same Trainer (after fit) and with a new Trainer and a new, differently initialised model (without fit).
-Each rank writes what it saw to ``OUT/rank{r}.json``.
+Each rank writes what it saw to ``OUT/rank{r}.json``, and at exit whether the process group still exists (the
+strategy's own exit handler, registered later, runs first) to ``OUT/exit_rank{r}.json``.
 """
 
 import argparse
+import atexit
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -44,6 +47,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     data = TextDataModule(batch_size=4, seq_len=32)
+    exit_file = args.out / f"exit_rank{os.environ.get('LOCAL_RANK', '0')}.json"
+    atexit.register(lambda: exit_file.write_text(json.dumps({"group_at_exit": torch.distributed.is_initialized()})))
 
     pl.seed_everything(0)
     checkpoint = ModelCheckpoint(dirpath=args.out / "ckpt", filename="{step}")
@@ -75,6 +80,7 @@ def main() -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main()
+    atexit._run_exitfuncs()  # what the interpreter runs at exit; then leave without its teardown
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
     from helpers import end_distributed_run
 

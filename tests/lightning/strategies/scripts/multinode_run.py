@@ -40,3 +40,7 @@ if __name__ == "__main__":
         "node_rank": trainer.node_rank, "world_size": trainer.world_size, "environment": type(env).__name__,
         "probe": probe.losses,
     }))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+    from helpers import end_distributed_run
+
+    end_distributed_run()
