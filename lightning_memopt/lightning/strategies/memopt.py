@@ -301,16 +301,18 @@ class MemOptStrategy(DeepSpeedStrategy):
         from lightning_memopt.lightning._compat import destroy_process_group_at_exit
 
         created = not torch.distributed.is_initialized()  # a group the user made is theirs to destroy
-        if self.root_device.type == "cuda":
-            super().setup_distributed()
-        else:
+        try:
+            if self.root_device.type == "cuda":
+                super().setup_distributed()
+                return
             # Lightning validates CUDA device indices here, which CPU devices do not have.
             reset_seed()
             self.set_world_ranks()
             self._init_deepspeed_distributed()
             check_deepspeed_cpu_accelerator()
-        if created and torch.distributed.is_initialized():
-            destroy_process_group_at_exit()
+        finally:
+            if created and torch.distributed.is_initialized():
+                destroy_process_group_at_exit()
 
     # ------------------------------------------------------------------ transforms
     @override
