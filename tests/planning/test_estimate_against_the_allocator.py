@@ -126,3 +126,62 @@ def test_pytorchs_own_memory_tracker_agrees_as_a_second_opinion():
                           example_batch=torch.randint(0, VOCAB, (2, 128)))  # fmt: skip
     for name, measured in (("MemTracker", max(peaks[1:])), ("allocator", measured_peak(TableLM, 2, 128))):
         assert within_claim(est.total, measured, "32-true"), (name, error_pct(est.total, measured))
+
+
+class UnusedBranchLM(TableLM):
+    """TableLM with blocks that carry a projection their forward never runs (as Longformer's global-attention
+    projections without global tokens), and a second such projection outside the blocks: their ``.grad`` stays
+    ``None``, so AdamW makes no states for them. ``depth`` 8 is traced at reduced depth (synthesis)."""
+
+    def __init__(self, depth: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([UnusedBranchBlock(HIDDEN, 4) for _ in range(depth)])
+        self.global_head = nn.Linear(HIDDEN, 8 * HIDDEN)
+
+
+class UnusedBranchBlock(PlainBlock):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__(d, heads, attention="eager")
+        self.global_query = nn.Linear(d, 4 * d)
+
+
+@pytest.mark.parametrize("depth", [2, 8])
+def test_parameters_that_get_no_gradient_get_no_optimizer_states(depth):
+    """A trainable parameter the step never reaches keeps ``.grad = None`` and torch's AdamW skips it: counted as
+    held only, at full depth and written out from a reduced-depth trace (its copies in the skipped blocks too)."""
+    measured = measured_peak(lambda: UnusedBranchLM(depth), 2, 128)
+    torch.manual_seed(0)
+    model = UnusedBranchLM(depth)
+    est = estimate_memory(model, engine="torch", precision="32-true",
+                          example_batch=torch.randint(0, VOCAB, (2, 128)))  # fmt: skip
+    unused = sum(p.numel() for name, p in model.named_parameters() if "global_" in name)
+    graded = sum(p.numel() for name, p in model.named_parameters() if "global_" not in name)
+    assert 12 * unused > 0.05 * est.total  # with a gradient and AdamW's two states they would break the claim
+    assert (est.gradients, est.optimizer_states) == (4 * graded, 8 * graded)
+    assert est.parameters == 4 * (unused + graded)
+    if depth == 8:
+        assert est.details["traced_blocks"] < est.details["blocks"] == 8
+    assert est.details["without_gradient"].startswith(f"{2 * depth + 2} trainable parameter(s)")  # weights, biases
+    assert within_claim(est.total, measured, "32-true"), f"{error_pct(est.total, measured):+.3f} % (> {WORST_PCT} %)"
+
+
+class PixelMLP(nn.Module):
+    """A wide first layer on a large input (an image model's shape): the optimizer step is the peak, and the batch,
+    which the loop holds until the step is done, is a sixth of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.out = nn.Linear(3072, 64), nn.Linear(64, 10)
+
+    def training_step(self, ids: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        logits = self.out(torch.relu(self.hidden(ids.float() / VOCAB)))
+        return nn.functional.cross_entropy(logits, ids[:, 0] % 10)
+
+
+def test_the_batch_is_alive_at_the_optimizer_step():
+    measured = measured_peak(PixelMLP, 32, 3072)
+    batch = torch.randint(0, VOCAB, (32, 3072))
+    est = estimate_memory(PixelMLP(), engine="torch", precision="32-true", example_batch=batch)
+    assert est.details["peak_phase"] == "step"
+    assert est.activations == batch.numel() * batch.element_size() > 0.1 * est.total
+    assert within_claim(est.total, measured, "32-true"), f"{error_pct(est.total, measured):+.3f} % (> {WORST_PCT} %)"

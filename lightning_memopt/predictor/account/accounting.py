@@ -80,6 +80,8 @@ def account(reading: ModelReading, timeline: Timeline, request: Request) -> Acco
         >>> acc.total / 1e9  # the ZeRO paper's 2 + 2 + 12 / 64 bytes per parameter
         31.40625
     """
+    if request.engine == "torch" and request.world_size == 1:  # torch's optimizers skip a parameter without .grad
+        reading = reading.without_gradients(timeline.ungraded)  # (DDP's buckets hold it all the same)
     ranks = _ranks(request)
     engines = {
         r: engine_memory(
@@ -123,9 +125,10 @@ def _ranks(request: Request) -> "list[int | None]":
 
 
 def step_moments(em: EngineMemory, timeline: Timeline, grad_bytes: int, accumulating: bool = False) -> "list[Moment]":
-    """Every moment of one rank: the step's highest moment of forward and backward, then the engine's moments without
-    activations (gradient reduction, optimizer step). ZeRO-3 parameters gathered at a moment (in the traced timeline)
-    count as parameters.
+    """Every moment of one rank: the step's highest moment of forward and backward, then the engine's moments
+    (gradient reduction, optimizer step) with what the step leaves alive after its backward (the batch, which
+    Lightning's loop holds until the optimizer step is done, and whatever the ``training_step`` kept). ZeRO-3
+    parameters gathered at a moment (in the traced timeline) count as parameters.
 
     ``accumulating``: the moments of a micro-step that follows another one (gradient accumulation), when what the
     engine holds between micro-steps is there from the start and the new gradients are added into it.
@@ -150,7 +153,9 @@ def step_moments(em: EngineMemory, timeline: Timeline, grad_bytes: int, accumula
         moment = Moment(phase, live - logits - gathered, logits)
         if best is None or moment.total > best.total:
             best = moment
-    return [best, *(Moment(p, 0, 0) for p in em.phases)]
+    gathered = timeline.gathered[-1] if timeline.gathered else 0
+    left = (timeline.live[-1] - timeline.logits[-1] - gathered, timeline.logits[-1])  # after the backward
+    return [best, *(Moment(p, *left) for p in em.phases)]
 
 
 def _on_cuda(reading: ModelReading, timeline: Timeline, request: Request, total: int) -> "dict[str, Any]":

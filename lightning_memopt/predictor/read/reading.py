@@ -6,7 +6,9 @@ computed from this reading, the activations from a traced step (:mod:`lightning_
 frozen base, a LoRA adapter, an int8 weight or a BatchNorm running statistic counts exactly as the model holds it.
 """
 
+import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -118,6 +120,21 @@ class ModelReading:
     def buffer_bytes(self, dtype: "torch.dtype | None" = None) -> int:
         """Bytes of the buffers with floating ones in ``dtype`` (``None``: as held); plain attributes as held."""
         return sum(b.numel * (dtype if dtype is not None and b.floating else b.dtype).itemsize for b in self.buffers)
+
+    def without_gradients(self, names: "Iterable[str]") -> "ModelReading":
+        """This reading with the parameters ``names`` frozen: held, without a gradient or optimizer states (what a
+        torch optimizer makes of a trainable parameter whose ``.grad`` stays ``None``). Unknown names are ignored.
+
+        Example:
+            >>> reading = read_model(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
+            >>> reading.without_gradients(["1.weight", "1.bias"]).trainable_parameters
+            20
+        """
+        names = set(names)
+        if not names:
+            return self
+        params = tuple(p._replace(trainable=False) if p.name in names else p for p in self.params)
+        return dataclasses.replace(self, params=params)
 
     def module_params(self) -> "list[tuple[str, list[ParamInfo]]]":
         """``(module name, its own parameters)`` for every module that registers parameters, in order."""

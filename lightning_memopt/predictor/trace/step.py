@@ -89,6 +89,10 @@ class TraceResult:
         grad_order: the trainable parameters (their indices in registration order, the order of
             :meth:`~lightning_memopt.predictor.read.reading.ModelReading.trainable`) in the order their gradients
             reached the engine (ZeRO-1/2's reduce buckets fill in it); empty for a reduced-depth trace (``blocks``).
+        ungraded: the names (as :func:`~lightning_memopt.predictor.read.reading.read_model` gives them) of the
+            trainable parameters the step ran without a gradient reaching them (a module the step does not use:
+            Longformer's global-attention projections without global tokens); empty when no gradient reached any.
+            Torch's optimizers skip a parameter whose ``.grad`` is ``None``: it gets no optimizer states.
         checkpointed_as_is: the ``activation_checkpointing`` setting was set aside: it would have wrapped blocks of a
             model that checkpoints itself (``own_checkpoints``), which is traced as it is.
         zero3_events: a reduced-depth trace under ZeRO-3 settings: DeepSpeed's events as recorded, not replayed
@@ -111,6 +115,7 @@ class TraceResult:
     released_before_forward: float = 0.0
     own_checkpoints: "tuple[str, ...]" = ()
     grad_order: "tuple[int, ...]" = ()
+    ungraded: "tuple[str, ...]" = ()
     checkpointed_as_is: bool = False
     zero3_events: Any = None
 
@@ -342,6 +347,8 @@ def trace_step(
     )
     released: dict[int, int] = {}  # real parameter -> elements whose gradients the step freed before its forward
     real_trainable = {id(p): p.numel() for p in module.parameters() if p.requires_grad}
+    real_names = {id(p): name for name, p in module.named_parameters()}  # each tensor once, under its first name
+    fake_names: dict[int, str] = {}  # trainable fake parameter -> its real parameter's name
 
     def on_release(params: Any) -> None:
         if len(tracker.live) == step_start:  # no op of the step ran yet
@@ -370,6 +377,8 @@ def trace_step(
             if blocks is not None:  # the skipped blocks leave the module: their states need no fakes
                 stack.enter_context(blocks.installed(module, tracker))
             fakes, trainable = _fake_states(module, fake_mode, dtype, device)
+            every = module.named_parameters(remove_duplicate=False)
+            fake_names.update((id(fakes[n]), real_names[id(p)]) for n, p in every if id(p) in real_names)
             fake_attributes = _fake_attributes(module, fake_mode, tracker, device)
             exclude.update(t.untyped_storage()._cdata for t in fakes.values())
             exclude.update(t.untyped_storage()._cdata for _, t in fake_attributes)
@@ -459,6 +468,7 @@ def trace_step(
         released_before_forward=sum(released.values()) / max(1, sum(real_trainable.values())),
         own_checkpoints=tuple(dict.fromkeys(own)),
         grad_order=tuple(grad_order) if blocks is None else (),
+        ungraded=tuple(fake_names[id(p)] for p in trainable if id(p) not in graded) if graded else (),
         zero3_events=events,
     )
 

@@ -24,7 +24,7 @@ the skipped blocks' events can be written out too (:mod:`.expand`).
 import bisect
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,6 +179,26 @@ class Replica:
             before = [j for j in same if j < i]
             self._reps[i] = before[-1] if before else same[0]
         return self._reps[i]
+
+    def full_depth_names(self, names: "Iterable[str]") -> "tuple[str, ...]":
+        """Qualified names of a reduced-depth trace (its run blocks' and the rest of the model's) at full depth: a
+        name inside a run block stands for the same name in every skipped block that copies it.
+
+        Example:
+            >>> r = Replica(["h.0", "h.1", "h.2"], [("A",), ("A",), ("A",)], {0})
+            >>> r.full_depth_names(["h.0.g.weight", "head.weight"])
+            ('h.0.g.weight', 'h.1.g.weight', 'h.2.g.weight', 'head.weight')
+        """
+        out = []
+        for name in names:
+            out.append(name)
+            for j in self.run:
+                prefix = self.names[j] + "."
+                if name.startswith(prefix):
+                    rest = name[len(prefix) :]
+                    copies = (i for i in range(len(self.names)) if i not in self.run and self.representative(i) == j)
+                    out += [f"{self.names[i]}.{rest}" for i in copies]
+        return tuple(dict.fromkeys(out))
 
     def neighbour(self, i: int, step: int) -> "int | None":
         """The block ``step`` places after ``i`` in the same block list (``None`` past its ends)."""

@@ -53,6 +53,8 @@ class Timeline:
             The moments count the engine's forward gradients whole while any is alive (an upper bound).
         grad_order: the trainable parameters (indices in registration order) in the order their gradients reach
             the engine (empty: not traced, e.g. at reduced depth; the engine then takes reverse registration order).
+        ungraded: the trainable parameters (their names) no gradient reached in the step (see
+            :attr:`~lightning_memopt.predictor.trace.step.TraceResult.ungraded`), at full depth.
         shape: ``(micro-batch, seq_len)`` of the traced batch (``seq_len`` ``None``: the batch has none).
         recorded: one step of every block traced with each storage's lifetime (a
             :class:`~lightning_memopt.predictor.trace.step.TraceResult` recorded with ``record=True``), where the
@@ -67,6 +69,7 @@ class Timeline:
     gathered: "tuple[int, ...]" = ()
     grads_in_forward: float = 1.0
     grad_order: "tuple[int, ...]" = ()
+    ungraded: "tuple[str, ...]" = ()
     shape: "tuple[int, int | None]" = (1, None)
     recorded: Any = field(default=None, compare=False)
 
@@ -215,6 +218,7 @@ def _affine(two: Timeline, three: Timeline, micro: int) -> "Timeline | None":
         tuple(a + k * (b - a) for a, b in zip(two.gathered, three.gathered)),
         two.grads_in_forward,
         two.grad_order,
+        two.ungraded,
     )
 
 
@@ -257,8 +261,11 @@ def trace_timeline(
                     if res.depends_on_batch:
                         details["depends_on_batch"] = list(res.depends_on_batch)
                     _own_checkpointing(details, res, module)
+                    ungraded = replica.full_depth_names(res.ungraded)
+                    _without_gradient(details, ungraded)
                     return Timeline(tuple(full.live), tuple(full.grads), tuple(full.logits), full.forward_end, details,
                                     tuple(full.gathered), grads_in_forward=1.0 - res.released_before_forward,
+                                    ungraded=ungraded,
                                     recorded=_recorded(res, full) if write else None)  # fmt: skip
                 except SynthesisError as err:
                     details["synthesis"] = f"every block traced: {err}"
@@ -267,8 +274,10 @@ def trace_timeline(
     if res.depends_on_batch:  # the data-dependent ops the step ran, and where (see trace_step)
         details["depends_on_batch"] = list(res.depends_on_batch)
     _own_checkpointing(details, res, module)
+    _without_gradient(details, res.ungraded)
     return Timeline(res.live, res.grads, res.logits, res.forward_end, details, res.gathered,
-                    1.0 - res.released_before_forward, res.grad_order, recorded=res if record else None)  # fmt: skip
+                    1.0 - res.released_before_forward, res.grad_order, res.ungraded,
+                    recorded=res if record else None)  # fmt: skip
 
 
 def _recorded(res: TraceResult, full: FullDepth) -> TraceResult:
@@ -276,6 +285,16 @@ def _recorded(res: TraceResult, full: FullDepth) -> TraceResult:
     ``res`` written out (``full``)."""
     return TraceResult(tuple(full.live), tuple(full.grads), tuple(full.logits), full.forward_end, 0, res.grad_bytes,
                        storages=full.storages, grad_keys=full.grad_keys)  # fmt: skip
+
+
+def _without_gradient(details: "dict[str, Any]", ungraded: "tuple[str, ...]") -> None:
+    """Say which trainable parameters the step left without a gradient (the plain engine gives them no gradient and
+    no optimizer states)."""
+    if ungraded:
+        details["without_gradient"] = (
+            f"{len(ungraded)} trainable parameter(s) get no gradient in the traced step (e.g. {ungraded[0]}): the"
+            " plain engine on one device counts neither a gradient nor optimizer states for them"
+        )
 
 
 def _own_checkpointing(details: "dict[str, Any]", res: Any, module: Any) -> None:
