@@ -115,7 +115,15 @@ def synthetic_batch(module: nn.Module, micro_batch_size: int, seq_len: "int | No
             f"Expected a text or image model for a config-only prediction, got {task} (inputs"
             f" {hf.main_input_name!r}). Fix: build the model and pass it with example_batch=one real micro-batch."
         )
-    S = seq_len or _default_seq_len(config)
+    rows = _learned_positions(hf)
+    S = seq_len or min([_default_seq_len(config), *rows.values()])
+    for name, n in rows.items():
+        if n < S:
+            raise ValueError(
+                f"Expected seq_len <= {n} for {task}, whose learned position embeddings ({name}) have {n} positions,"
+                f" got seq_len={S}. Fix: seq_len={n} or less, or a config with more positions"
+                " (max_position_embeddings)."
+            )
     vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
     ids = torch.randint(0, vocab, (B, S), generator=gen)
     if task.endswith("ForSequenceClassification"):
@@ -123,6 +131,22 @@ def synthetic_batch(module: nn.Module, micro_batch_size: int, seq_len: "int | No
     if task.endswith("ForTokenClassification"):
         return {"input_ids": ids, "labels": torch.randint(0, max(1, config.num_labels), (B, S), generator=gen)}
     return {"input_ids": ids, "labels": torch.randint(0, vocab, (B, S), generator=gen)}
+
+
+def _learned_positions(hf: nn.Module) -> "dict[str, int]":
+    """The positions each learned table of absolute positions has (GPT-2's ``wpe``, BERT's and OPT's position
+    embeddings), by module name. A longer sequence has no row for its last positions in the real step (an index
+    error on the CPU, a device-side assert on CUDA), while fake tensors would trace it. Rotary, ALiBi and relative
+    positions have no such table and take any length."""
+    out = {}
+    for name, sub in hf.named_modules():
+        leaf = name.rpartition(".")[2]
+        if isinstance(sub, nn.Embedding) and ("position" in leaf or leaf == "wpe"):
+            offset = getattr(sub, "offset", None)  # BART's and OPT's learned positions start at row 2
+            if offset is None:  # RoBERTa's after the padding row
+                offset = sub.padding_idx + 1 if sub.padding_idx is not None else 0
+            out[name] = sub.num_embeddings - offset
+    return out
 
 
 def _default_seq_len(config: Any) -> int:
