@@ -91,7 +91,8 @@ class TraceResult:
             reached the engine (ZeRO-1/2's reduce buckets fill in it); empty for a reduced-depth trace (``blocks``).
         ungraded: the names (as :func:`~lightning_memopt.predictor.read.reading.read_model` gives them) of the
             trainable parameters the step ran without a gradient reaching them (a module the step does not use:
-            Longformer's global-attention projections without global tokens); empty when no gradient reached any.
+            Longformer's global-attention projections without global tokens); empty when no gradient reached any,
+            or when the step's path rests on assumed values (balanced routing: the run routes to other experts).
             Torch's optimizers skip a parameter whose ``.grad`` is ``None``: it gets no optimizer states.
         checkpointed_as_is: the ``activation_checkpointing`` setting was set aside: it would have wrapped blocks of a
             model that checkpoints itself (``own_checkpoints``), which is traced as it is.
@@ -468,7 +469,10 @@ def trace_step(
         released_before_forward=sum(released.values()) / max(1, sum(real_trainable.values())),
         own_checkpoints=tuple(dict.fromkeys(own)),
         grad_order=tuple(grad_order) if blocks is None else (),
-        ungraded=tuple(fake_names[id(p)] for p in trainable if id(p) not in graded) if graded else (),
+        # which parameters a step reaches is known when its path was read from the batch, not assumed (an expert
+        # balanced routing skipped gets tokens in the run's other steps, and its states with them)
+        ungraded=tuple(fake_names[id(p)] for p in trainable if id(p) not in graded)
+        if graded and not tracker.assumed else (),
         zero3_events=events,
     )
 

@@ -43,6 +43,8 @@ from lightning_memopt.predictor.trace.step_context import call_site
 
 #: the largest tensor (elements) whose real value is computed alongside its fake
 SHADOW_LIMIT = 1 << 24
+#: how a data-dependent value read from the batch itself is described (``LiveTensorTracker.depends``)
+FROM_THE_BATCH = "from the batch's values"
 #: outputs this large (elements) or larger get their real value when an op first reads it, not when made: CPU's
 #: math attention builds a 4096 x 4096 causal mask in every layer that no op of the step ever reads
 DEFER_FROM = 1 << 16
@@ -115,6 +117,12 @@ class LiveTensorTracker(TorchDispatchMode):
         self.backward_at: int | None = None
         #: called once when the first backward op runs (the step called ``backward`` itself)
         self.on_backward: Callable[[], Any] | None = None
+
+    @property
+    def assumed(self) -> bool:
+        """Whether a data-dependent value of the step was assumed (balanced routing, a stand-in for a value of the
+        weights) rather than read from the batch: the run's steps may then take other paths (other experts)."""
+        return any(how != FROM_THE_BATCH for _, _, how in self.depends)
 
     # ------------------------------------------------------------------ accounting
     def add(self, t: Any) -> None:
@@ -273,7 +281,7 @@ class LiveTensorTracker(TorchDispatchMode):
                 out = tree_map(lambda r: self._fake_of(r, notes), real_out)
         except Exception:
             raise err from None
-        how = "; ".join(sorted(notes)) if notes else "from the batch's values"
+        how = "; ".join(sorted(notes)) if notes else FROM_THE_BATCH
         self.depends.setdefault((op, call_site(), how), None)
         return out
 
