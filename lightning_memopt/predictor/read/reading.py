@@ -6,10 +6,9 @@ computed from this reading, the activations from a traced step (:mod:`lightning_
 frozen base, a LoRA adapter, an int8 weight or a BatchNorm running statistic counts exactly as the model holds it.
 """
 
-import dataclasses
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -134,7 +133,7 @@ class ModelReading:
         if not names:
             return self
         params = tuple(p._replace(trainable=False) if p.name in names else p for p in self.params)
-        return dataclasses.replace(self, params=params)
+        return replace(self, params=params)
 
     def module_params(self) -> "list[tuple[str, list[ParamInfo]]]":
         """``(module name, its own parameters)`` for every module that registers parameters, in order."""

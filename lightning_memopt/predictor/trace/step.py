@@ -453,6 +453,9 @@ def trace_step(
         if tracker.record:
             tracker.storages += [(born, freed, nbytes, -key) for born, freed, nbytes, key in intervals]
         live = [a + b for a, b in zip(live, gathered)]
+    # which parameters a step reaches is known where its path was read from the batch, not assumed (an expert that
+    # balanced routing skipped gets tokens in the run's other steps, and its states with them)
+    reached = bool(graded) and not tracker.assumed
     return TraceResult(
         live=tuple(live),
         grads=tuple(tracker.grad_log),
@@ -469,10 +472,7 @@ def trace_step(
         released_before_forward=sum(released.values()) / max(1, sum(real_trainable.values())),
         own_checkpoints=tuple(dict.fromkeys(own)),
         grad_order=tuple(grad_order) if blocks is None else (),
-        # which parameters a step reaches is known when its path was read from the batch, not assumed (an expert
-        # balanced routing skipped gets tokens in the run's other steps, and its states with them)
-        ungraded=tuple(fake_names[id(p)] for p in trainable if id(p) not in graded)
-        if graded and not tracker.assumed else (),
+        ungraded=tuple(fake_names[id(p)] for p in trainable if id(p) not in graded) if reached else (),
         zero3_events=events,
     )
 
