@@ -2,10 +2,11 @@
 
 The matrix of ``benchmarks/predictor_accuracy.py`` has 11 kinds (Llama, Qwen2, plain PyTorch, T5, BERT, Mixtral,
 ViT, a CNN, LoRA, a partly frozen Llama, GPT-NeoX). This script takes other families (decoders, encoder-decoders,
-masked LMs, speech, vision), each a tiny model from its config with random weights (2 blocks or stages, hidden 64,
-vocabulary 256, :data:`FAMILIES`), and runs the matrix's single-device configurations on them: Lightning's
-single-device strategy (engine ``"torch"``), {32-true, bf16-mixed} x {eager, sdpa where the family has SDPA} x
-checkpointing off/on (the package's ``ActivationCheckpointing`` callback; ``activation_checkpointing=True`` predicted).
+masked LMs, speech, vision; 80 since the second sweep: SSMs and hybrids, more MoE, CTC speech), each a tiny model
+from its config with random weights (2 blocks or stages, hidden 64, vocabulary 256, :data:`FAMILIES`), and runs the
+matrix's single-device configurations on them: Lightning's single-device strategy (engine ``"torch"``),
+{32-true, bf16-mixed} x {eager, sdpa where the family has SDPA} x checkpointing off/on (the package's
+``ActivationCheckpointing`` callback; ``activation_checkpointing=True`` predicted).
 
 Fair by construction: a family plugs its module and data into ``predictor_accuracy``'s own ``predict`` and
 ``run_config`` (the same LightningModule, ``HFModule``, with its own loss; the same Trainer, the same counting
@@ -185,8 +186,141 @@ FAMILIES: "dict[str, tuple[str, str, dict, str]]" = {
         "image",
     ),
 }
-#: families whose kernels include convolutions (oneDNN's workspace: ``accuracy_targets.scratch_allowance``)
-CONVOLUTIONS = ("whisper", "swin", "convnext")
+
+# ---------------------------------------------------------------- the second sweep (2026-12-05): 55 more families
+CTC_VOCAB = 32
+_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+_ENC_DEC = dict(_SEQ2SEQ, decoder_start_token_id=1, **_IDS)
+_T5 = {"vocab_size": VOCAB, "d_model": HIDDEN, "d_ff": 2 * HIDDEN, "d_kv": 16, "num_layers": LAYERS,
+       "num_decoder_layers": LAYERS, "num_heads": 4, "decoder_start_token_id": 0, "pad_token_id": 0}  # fmt: skip
+_MOE = dict(_LM, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=HIDDEN)
+_VIT = {"image_size": IMAGE_SIZE, "patch_size": 4, "hidden_size": HIDDEN, "num_hidden_layers": LAYERS,
+        "num_attention_heads": 4, "intermediate_size": 2 * HIDDEN, "num_labels": CLASSES}  # fmt: skip
+_CTC = {"vocab_size": CTC_VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
+        "intermediate_size": 2 * HIDDEN, "conv_dim": [32, 32], "conv_stride": [5, 2], "conv_kernel": [10, 3],
+        "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 4, "pad_token_id": 0,
+        "ctc_loss_reduction": "mean", "mask_time_prob": 0.0}  # fmt: skip
+_GEMMA2 = dict(_LM, head_dim=16, sliding_window=16, **_IDS)
+FAMILIES.update({
+    # decoders without attention, recurrent or hybrid (SSM, convolutions)
+    "mamba": ("MambaForCausalLM", "mamba", {"vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": LAYERS,
+              "state_size": 8, "expand": 2, "conv_kernel": 4}, "causal"),
+    "mamba2": ("Mamba2ForCausalLM", "mamba2", {"vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": LAYERS,
+               "state_size": 16, "expand": 2, "conv_kernel": 4, "num_heads": 8, "head_dim": 16, "n_groups": 1,
+               "chunk_size": 16}, "causal"),
+    "rwkv": ("RwkvForCausalLM", "rwkv", {"vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": LAYERS,
+             "attention_hidden_size": HIDDEN, "intermediate_size": 2 * HIDDEN, "context_length": 256}, "causal"),
+    "recurrent_gemma": ("RecurrentGemmaForCausalLM", "recurrent_gemma", dict(
+        _LM, num_key_value_heads=1, lru_width=HIDDEN, attention_window_size=16,
+        block_types=["recurrent", "attention"], conv1d_width=4), "causal"),
+    "jamba": ("JambaForCausalLM", "jamba", dict(
+        _LM, num_experts=2, num_experts_per_tok=1, expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2,
+        attn_layer_offset=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8,
+        use_mamba_kernels=False), "causal"),
+    "falcon_h1": ("FalconH1ForCausalLM", "falcon_h1", dict(
+        _LM, head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8,
+        mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16), "causal"),
+    "bamba": ("BambaForCausalLM", "bamba", dict(
+        _LM, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=16,
+        mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16, **_IDS), "causal"),
+    "zamba2": ("Zamba2ForCausalLM", "zamba2", {
+        "vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": LAYERS,
+        "layers_block_type": ["mamba", "hybrid"], "mamba_d_state": 16, "mamba_expand": 2, "n_mamba_heads": 4,
+        "chunk_size": 16, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 2 * HIDDEN,
+        "adapter_rank": 8, "use_mamba_kernels": False, "max_position_embeddings": 256, **_IDS}, "causal"),
+    "lfm2": ("Lfm2ForCausalLM", "lfm2", dict(_LM, layer_types=["conv", "full_attention"],
+                                              block_auto_adjust_ff_dim=False, **_IDS), "causal"),
+    # decoders: mixtures of experts, multi-head latent attention
+    "olmoe": ("OlmoeForCausalLM", "olmoe", dict(_LM, num_experts=4, num_experts_per_tok=2), "causal"),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "qwen2_moe", dict(_MOE, shared_expert_intermediate_size=HIDDEN), "causal"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe", dict(_MOE, head_dim=16), "causal"),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "deepseek_v3", dict(
+        _LM, num_key_value_heads=4, moe_intermediate_size=HIDDEN, n_routed_experts=4, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=32,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, rope_scaling=None), "causal"),
+    "granitemoe": ("GraniteMoeForCausalLM", "granitemoe", dict(_LM, num_local_experts=4, num_experts_per_tok=2),
+                   "causal"),
+    "jetmoe": ("JetMoeForCausalLM", "jetmoe", {
+        "vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_key_value_heads": 2,
+        "kv_channels": 16, "intermediate_size": 2 * HIDDEN, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "max_position_embeddings": 256, **_IDS}, "causal"),
+    "dbrx": ("DbrxForCausalLM", "dbrx", {
+        "vocab_size": VOCAB, "d_model": HIDDEN, "n_heads": 4, "n_layers": LAYERS, "max_seq_len": 256,
+        "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        "ffn_config": {"ffn_hidden_size": 2 * HIDDEN, "moe_num_experts": 4, "moe_top_k": 2}, "pad_token_id": 0},
+        "causal"),
+    "ernie4_5_moe": ("Ernie4_5_MoeForCausalLM", "ernie4_5_moe", dict(
+        _LM, head_dim=16, moe_num_experts=4, moe_k=2, moe_intermediate_size=HIDDEN, moe_layer_start_index=1,
+        moe_num_shared_experts=1, **_IDS), "causal"),
+    # decoders: attention variants (multi-query, sliding windows, learned positions)
+    "gpt_bigcode": ("GPTBigCodeForCausalLM", "gpt_bigcode", {"vocab_size": VOCAB, "n_embd": HIDDEN, "n_layer": LAYERS,
+                    "n_head": 4, "n_positions": 256, "multi_query": True}, "causal"),
+    "biogpt": ("BioGptForCausalLM", "biogpt", dict(_ENCODER), "causal"),
+    "xglm": ("XGLMForCausalLM", "xglm", {"vocab_size": VOCAB, "d_model": HIDDEN, "num_layers": LAYERS,
+             "attention_heads": 4, "ffn_dim": 2 * HIDDEN, "max_position_embeddings": 256}, "causal"),
+    "persimmon": ("PersimmonForCausalLM", "persimmon", dict(_LM, num_key_value_heads=4), "causal"),
+    "nemotron": ("NemotronForCausalLM", "nemotron", dict(_LM, head_dim=16), "causal"),
+    "glm4": ("Glm4ForCausalLM", "glm4", dict(_LM, head_dim=16, pad_token_id=0, eos_token_id=2), "causal"),
+    "helium": ("HeliumForCausalLM", "helium", dict(_LM, head_dim=16), "causal"),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2", dict(_LM, head_dim=16, sliding_window=16), "causal"),
+    "phi3": ("Phi3ForCausalLM", "phi3", dict(_LM, **_IDS), "causal"),
+    "mistral": ("MistralForCausalLM", "mistral", dict(_LM, head_dim=16, sliding_window=16), "causal"),
+    "exaone4": ("Exaone4ForCausalLM", "exaone4", dict(_LM, head_dim=16, sliding_window=16, **_IDS), "causal"),
+    "smollm3": ("SmolLM3ForCausalLM", "smollm3", dict(_LM, **_IDS), "causal"),
+    "arcee": ("ArceeForCausalLM", "arcee", dict(_LM, **_IDS), "causal"),
+    "seed_oss": ("SeedOssForCausalLM", "seed_oss", dict(_LM, head_dim=16, **_IDS), "causal"),
+    "hunyuan_v1_dense": ("HunYuanDenseV1ForCausalLM", "hunyuan_v1_dense", dict(_LM, head_dim=16, **_IDS), "causal"),
+    # encoder-decoders
+    "mt5": ("MT5ForConditionalGeneration", "mt5", dict(_T5), "seq2seq"),
+    "umt5": ("UMT5ForConditionalGeneration", "umt5", dict(_T5), "seq2seq"),
+    "longt5": ("LongT5ForConditionalGeneration", "longt5", dict(_T5, local_radius=8, encoder_attention_type="local"),
+               "seq2seq"),
+    "t5gemma": ("T5GemmaForConditionalGeneration", "t5gemma", {"encoder": dict(_GEMMA2), "decoder": dict(_GEMMA2),
+                "vocab_size": VOCAB, **_IDS, "decoder_start_token_id": 1}, "seq2seq"),
+    "marian": ("MarianMTModel", "marian", dict(_ENC_DEC, decoder_vocab_size=VOCAB), "seq2seq"),
+    "blenderbot": ("BlenderbotForConditionalGeneration", "blenderbot", dict(_ENC_DEC), "seq2seq"),
+    "m2m_100": ("M2M100ForConditionalGeneration", "m2m_100", dict(_ENC_DEC), "seq2seq"),
+    # Longformer's global-attention projections get no gradient without global tokens
+    "led": ("LEDForConditionalGeneration", "led", dict(_ENC_DEC, attention_window=[16, 16],
+            max_encoder_position_embeddings=256, max_decoder_position_embeddings=256), "seq2seq"),
+    # masked LMs (ALBERT shares one layer's weights; MobileBERT ties its output embedding)
+    "albert": ("AlbertForMaskedLM", "albert", dict(_ENCODER, embedding_size=32), "masked"),
+    "modernbert": ("ModernBertForMaskedLM", "modernbert", dict(_ENCODER, global_attn_every_n_layers=2,
+                   local_attention=16, pad_token_id=0), "masked"),
+    "funnel": ("FunnelForMaskedLM", "funnel", {"vocab_size": VOCAB, "d_model": HIDDEN, "n_head": 4, "d_head": 16,
+               "d_inner": 2 * HIDDEN, "block_sizes": [1, 1], "num_decoder_layers": 1}, "masked"),
+    "mobilebert": ("MobileBertForMaskedLM", "mobilebert", dict(_ENCODER, embedding_size=32, true_hidden_size=32,
+                   intra_bottleneck_size=32, num_feedforward_networks=2), "masked"),
+    "xlm_roberta": ("XLMRobertaForMaskedLM", "xlm-roberta", dict(_ENCODER, max_position_embeddings=258), "masked"),
+    # vision
+    "dinov2": ("Dinov2ForImageClassification", "dinov2", dict(_VIT, mlp_ratio=2), "image"),
+    "deit": ("DeiTForImageClassification", "deit", dict(_VIT), "image"),
+    "beit": ("BeitForImageClassification", "beit", dict(_VIT, use_mean_pooling=True), "image"),
+    "resnet": ("ResNetForImageClassification", "resnet", {"num_channels": 3, "embedding_size": 16,
+               "hidden_sizes": [32, HIDDEN], "depths": [1, 1], "layer_type": "basic", "num_labels": CLASSES}, "image"),
+    "swinv2": ("Swinv2ForImageClassification", "swinv2", {"image_size": IMAGE_SIZE, "patch_size": 2, "embed_dim": 32,
+               "depths": [2, 2], "num_heads": [2, 4], "window_size": 4, "num_labels": CLASSES}, "image"),
+    "levit": ("LevitForImageClassification", "levit", {
+        "image_size": IMAGE_SIZE, "patch_size": 16, "hidden_sizes": [32, 64], "num_attention_heads": [2, 4],
+        "depths": [1, 1], "key_dim": [8, 8], "mlp_ratio": [2, 2], "attention_ratio": [2, 2],
+        "down_ops": [["Subsample", 8, 4, 4, 2, 2]], "num_labels": CLASSES}, "image"),
+    "mobilevit": ("MobileViTForImageClassification", "mobilevit", {
+        "image_size": IMAGE_SIZE, "patch_size": 2, "hidden_sizes": [32, 48, 64],
+        "neck_hidden_sizes": [8, 16, 24, 32, 40, 48, 96], "num_attention_heads": 4, "mlp_ratio": 2.0,
+        "num_labels": CLASSES}, "image"),
+    "segformer": ("SegformerForImageClassification", "segformer", {
+        "image_size": IMAGE_SIZE, "num_encoder_blocks": 2, "depths": [1, 1], "sr_ratios": [2, 1],
+        "hidden_sizes": [32, 64], "patch_sizes": [7, 3], "strides": [4, 2], "num_attention_heads": [1, 2],
+        "mlp_ratios": [2, 2], "decoder_hidden_size": 64, "num_labels": CLASSES}, "image"),
+    # speech: raw audio and CTC labels
+    "wav2vec2": ("Wav2Vec2ForCTC", "wav2vec2", dict(_CTC), "ctc"),
+    "hubert": ("HubertForCTC", "hubert", dict(_CTC), "ctc"),
+})  # fmt: skip
+#: families whose kernels include convolutions (oneDNN's workspace: ``accuracy_targets.scratch_allowance``): conv
+#: layers, patch embeddings and the SSMs' causal conv1d
+CONVOLUTIONS = ("whisper", "swin", "convnext", "mamba", "mamba2", "jamba", "falcon_h1", "recurrent_gemma", "bamba",
+                "zamba2", "lfm2", "dinov2", "deit", "beit", "resnet", "swinv2", "levit", "mobilevit", "segformer",
+                "wav2vec2", "hubert")  # fmt: skip
 PRECISIONS = ("32-true", "bf16-mixed")
 
 
@@ -230,6 +364,9 @@ class FamilyData(torch.utils.data.Dataset):
             return {"input_ids": ids.masked_fill(masked, 0), "labels": ids.masked_fill(~masked, -100)}
         if self.data == "seq2seq":
             return {"input_ids": ids, "labels": self.text[index + 1]}
+        if self.data == "ctc":  # raw audio (10 x seq_len samples) and CTC labels (token ids 1..CTC_VOCAB-1)
+            return {"input_values": torch.randn(10 * self.seq_len, generator=gen),
+                    "labels": ids[: self.seq_len // 4] % (CTC_VOCAB - 1) + 1}  # fmt: skip
         if self.data == "speech":  # Whisper's encoder takes 2 x max_source_positions frames
             return {"input_features": torch.randn(MEL_BINS, self.seq_len, generator=gen), "labels": ids}
         return {"input_ids": ids, "labels": ids.clone()}
