@@ -304,12 +304,11 @@ class MemOptStrategy(DeepSpeedStrategy):
         try:
             if self.root_device.type == "cuda":
                 super().setup_distributed()
-                return
-            # Lightning validates CUDA device indices here, which CPU devices do not have.
-            reset_seed()
-            self.set_world_ranks()
-            self._init_deepspeed_distributed()
-            check_deepspeed_cpu_accelerator()
+            else:  # Lightning validates CUDA device indices here, which CPU devices do not have
+                reset_seed()
+                self.set_world_ranks()
+                self._init_deepspeed_distributed()
+                check_deepspeed_cpu_accelerator()
         finally:
             if created and torch.distributed.is_initialized():
                 destroy_process_group_at_exit()

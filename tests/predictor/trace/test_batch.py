@@ -18,8 +18,8 @@ LEARNED = {
 
 def _real_step(model_type: str, fields: dict, seq_len: int) -> None:
     config = transformers.AutoConfig.for_model(model_type, **fields)
-    model = transformers.AutoModelForMaskedLM.from_config(config) if model_type in ("bert", "roberta") else \
-        transformers.AutoModelForCausalLM.from_config(config)  # fmt: skip
+    masked = model_type in ("bert", "roberta")
+    model = (transformers.AutoModelForMaskedLM if masked else transformers.AutoModelForCausalLM).from_config(config)
     ids = torch.randint(3, 256, (1, seq_len))
     model(input_ids=ids, labels=ids).loss.backward()
 
